@@ -1,0 +1,104 @@
+"""Defaults shared by every experiment config; each file in configs/ starts from `base_config()`.
+
+Every field is documented here once. Experiment configs override what they need and add a
+`smoke` variant that runs in seconds on a CPU.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "ppdm"            # ppdm | full3d | wdm | regression
+  c.compute_dtype = "auto"     # auto: bfloat16 on GPU/TPU, float32 on CPU; or float32 / bfloat16
+  c.seed = 0
+
+  c.data = d = ml_collections.ConfigDict()
+  d.store = ""                 # preconverted store (tools/convert.py); required
+  d.inputs = ("cond",)         # modalities stacked as the condition's channels (first = bridge end)
+  d.target = "target"          # modality to predict
+  d.crop_size = (32, 32, 32)   # training patch, a multiple of the method's spatial multiple
+  d.batch_size = 2             # global batch, divisible by the data-parallel device count
+  d.num_workers = 0            # Grain worker processes
+  d.flips = True               # random flips along each axis
+  d.train_region = ml_collections.FieldReference(None, field_type=dict)  # {axis: (lo, hi)} fractions
+  d.eval_region = ml_collections.FieldReference(None, field_type=dict)
+  d.train_split = "train"
+  d.eval_split = "test"
+
+  c.model = m = ml_collections.ConfigDict()
+  m.base_width = 32
+  m.channel_mults = (1, 2, 4)
+  m.num_res_blocks = 1
+  m.attention_levels = ()      # level indices (0 = full network resolution) with self-attention
+  m.num_heads = 4
+  m.groups = 8                 # GroupNorm groups (largest divisor of the width <= this)
+  m.dropout = 0.0
+  m.time_embed_dim = 128
+  m.remat = "none"             # none | full | dots: rematerialise ResBlock activations
+
+  c.ppdm = p = ml_collections.ConfigDict()
+  p.factor = 2                 # puzzle factor r: int or per-axis (rd, rh, rw)
+  p.num_steps = 1000           # bridge T
+  p.max_var = 1.0              # bridge s in delta_t = 2 s (m_t - m_t^2); 0 = plain interpolation
+  p.sample_steps = 10          # K skipped sampling steps from x_T = y
+  p.eta = 0.0                  # posterior noise scale while sampling (0 deterministic, 1 ancestral)
+  p.loss = "l1"                # l1 | l2 on the puzzled x0 estimate
+  p.grad_loss_weight = 0.5     # lambda of the puzzle-gradient loss
+
+  c.diffusion = g = ml_collections.ConfigDict()  # Gaussian DDPM for full3d and wdm
+  g.num_steps = 1000
+  g.beta_start = 1e-4
+  g.beta_end = 0.02
+  g.parameterization = "eps"   # eps | x0 | v
+  g.sample_steps = 50          # DDIM steps
+  g.eta = 0.0
+
+  c.regression = r = ml_collections.ConfigDict()
+  r.loss = "l1"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1             # -1: all devices not used by the other axes
+  c.mesh.spatial = 1           # shards the volume depth axis of activations and batches
+  c.mesh.model = 1
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10000
+  t.learning_rate = 1e-4
+  t.warmup_steps = 100
+  t.weight_decay = 1e-4
+  t.grad_clip = 1.0
+  t.ema_decay = 0.999
+  t.log_every = 50
+  t.checkpoint_every = 1000
+  t.keep_checkpoints = 3
+  t.time_limit_minutes = 0.0   # > 0: stop (with a checkpoint) after this much training time
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.checkpoint_step = -1       # -1: latest
+  e.use_ema = True
+  e.split = "test"
+  e.mask = "body"              # body | none: where metrics are computed
+  e.previews = True
+  e.input_baseline = False     # also score the condition as the prediction (same-scale tasks only)
+  e.seed = 0
+  return c
+
+
+def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config so one train/evaluate cycle runs in seconds on a CPU."""
+  c.model.base_width = 8
+  c.model.channel_mults = (1, 2)
+  c.model.num_res_blocks = 1
+  c.model.attention_levels = ()
+  c.model.groups = 4
+  c.model.time_embed_dim = 32
+  c.data.crop_size = (16, 16, 16)
+  c.data.batch_size = 2
+  c.train.steps = 4
+  c.train.warmup_steps = 1
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.ppdm.sample_steps = 3
+  c.diffusion.sample_steps = 3
+  return c

@@ -1,0 +1,206 @@
+"""Grain input pipeline: random paired crops from a converted store, batched per host.
+
+The pipeline is::
+
+  source (subjects of one split)
+    .shuffle(seed)           new permutation every epoch
+    .repeat(None)            endless
+    .random_map(crop, seed)  one random box + flips per element, same for every modality
+    [process_index::process_count]
+    .batch(batch_size // process_count, drop_remainder=True)
+    .to_iter_dataset()
+    .mp_prefetch(workers)    only when num_workers > 0
+
+Crops are drawn BEFORE the per-host slice (our choice; Grain's usual recipe slices first): Grain
+derives each element's random generator from (seed, element index), so drawing crops on the global
+stream makes step k's global batch the same set of crops whatever the number of hosts, and hosts
+never share crop positions. Grain's per-element generators also make the batches independent of
+the number of worker processes, and the iterator's `get_state()`/`set_state()` (or
+`grain.checkpoint`) resume at exactly the next batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from jaxvol.data.store import Store
+
+PAD_VALUE = -1.0  # The bottom of the network range: air for CT, background for PET/MRI presets.
+
+
+def region_box(shape: Sequence[int],
+               region: Mapping[int | str, Sequence[float]] | None) -> tuple[tuple[int, int], ...]:
+  """Voxel box of a region given as fractions of the volume along some axes.
+
+  Args:
+    shape: the volume's 3D shape.
+    region: {axis: (lo_frac, hi_frac)} with 0 <= lo < hi <= 1, e.g. {0: (0.0, 0.5)} for the first
+      half along axis 0 (the left hemisphere of a RAS volume). Axes not named are whole; None means
+      the whole volume. Keys may be strings (as configs loaded from JSON give them).
+
+  Returns:
+    3 (start, stop) pairs; bounds are rounded, so complementary regions ((0, .5) and (.5, 1)) tile
+    the axis without overlap.
+  """
+  box = [(0, int(s)) for s in shape]
+  if len(box) != 3:
+    raise ValueError(f"shape must be 3D, got {tuple(shape)}")
+  for axis, fracs in (region or {}).items():
+    axis = int(axis)
+    if axis not in (0, 1, 2):
+      raise ValueError(f"region axis must be 0, 1 or 2, got {axis}")
+    lo, hi = (float(f) for f in fracs)
+    if not 0.0 <= lo < hi <= 1.0:
+      raise ValueError(f"region for axis {axis} must satisfy 0 <= lo < hi <= 1, got ({lo}, {hi})")
+    n = box[axis][1]
+    start, stop = int(round(lo * n)), int(round(hi * n))
+    if stop <= start:
+      raise ValueError(f"region ({lo}, {hi}) of axis {axis} (length {n}) holds no voxel")
+    box[axis] = (start, stop)
+  return tuple(box)
+
+
+class CropSource(grain.sources.RandomAccessDataSource):
+  """The subjects of one split of a store; an element is {"subject": id, "index": i}."""
+
+  def __init__(self, store: Store | str, split: str):
+    self.store = store if isinstance(store, Store) else Store(store)
+    self.split = split
+    self.subject_ids = [s["id"] for s in self.store.subjects(split)]
+    if not self.subject_ids:
+      raise ValueError(f"{self.store.path}: split {split!r} has no subjects")
+
+  def __len__(self) -> int:
+    return len(self.subject_ids)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    return {"subject": self.subject_ids[index], "index": index}
+
+  def __repr__(self) -> str:
+    return f"CropSource(store={self.store.path!r}, split={self.split!r}, n={len(self)})"
+
+
+class CropAndFlip:
+  """Random crop (same box for all modalities) + random flips; a picklable Grain random map.
+
+  The crop corner is uniform over the positions that keep the crop inside the volume (or inside
+  `region`). Along an axis shorter than the crop, the whole extent is read and centred in the
+  crop, and the rest is filled with PAD_VALUE (-1, the minimum of the network range).
+  """
+
+  def __init__(self, store: Store, modalities: Mapping[str, str], crop_size: Sequence[int],
+               flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
+               with_meta: bool = False):
+    self.store = store
+    self.modalities = dict(modalities)
+    self.crop_size = tuple(int(c) for c in crop_size)
+    self.flips = bool(flips)
+    self.region = None if region is None else {int(k): tuple(v) for k, v in region.items()}
+    self.with_meta = with_meta
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    sid = record["subject"]
+    box = region_box(self.store.shape(sid), self.region)
+    read_box, offsets = [], []
+    for (lo, hi), c in zip(box, self.crop_size):
+      n = hi - lo
+      if n >= c:
+        start = lo + int(rng.integers(0, n - c + 1))
+        read_box.append((start, start + c))
+        offsets.append(0)
+      else:
+        read_box.append((lo, hi))
+        offsets.append((c - n) // 2)
+    flip_axes = [a for a, f in enumerate(rng.random(3) < 0.5) if f] if self.flips else []
+    out = {}
+    for key, modality in self.modalities.items():
+      x = self.store.read(sid, modality, read_box)
+      if x.shape != self.crop_size:
+        padded = np.full(self.crop_size, PAD_VALUE, dtype=np.float32)
+        padded[tuple(slice(o, o + s) for o, s in zip(offsets, x.shape))] = x
+        x = padded
+      if flip_axes:
+        x = np.flip(x, axis=flip_axes)
+      out[key] = np.ascontiguousarray(x, dtype=np.float32)[..., None]
+    if self.with_meta:
+      out["subject_index"] = np.int32(record["index"])
+      out["box_start"] = np.array([b[0] for b in read_box], dtype=np.int32)
+      out["flips"] = np.array([a in flip_axes for a in range(3)], dtype=bool)
+    return out
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # Grain's worker processes read absl flags; unparsed flags raise UnparsedFlagAccessError there.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping[str, str],
+                        crop_size: Sequence[int], batch_size: int, seed: int, num_workers: int = 0,
+                        flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
+                        process_index: int | None = None, process_count: int | None = None,
+                        with_meta: bool = False) -> grain.DatasetIterator:
+  """Endless iterator of this host's share of random paired crops.
+
+  Args:
+    store_path: a converted store (path or Store).
+    split: 'train', 'val' or 'test'.
+    modalities: output key -> store modality, e.g. {"cond": "pet_low", "target": "pet_full"}.
+    crop_size: 3 ints (D, H, W).
+    batch_size: GLOBAL batch size; each host yields batch_size // process_count.
+    seed: shuffling and augmentation seed.
+    num_workers: Grain worker processes (0: read in this process).
+    flips: random flips along each axis with probability 0.5.
+    region: {axis: (lo_frac, hi_frac)} keeping crops inside a slab (see `region_box`).
+    process_index: this host (default jax.process_index()).
+    process_count: number of hosts (default jax.process_count()).
+    with_meta: also yield "subject_index", "box_start" and "flips" per sample (for debugging).
+
+  Returns:
+    A grain.DatasetIterator of dicts {key: float32 (B, D, H, W, 1)}; it supports get_state() and
+    set_state() and can be saved with grain.checkpoint.
+  """
+  store = store_path if isinstance(store_path, Store) else Store(store_path)
+  crop_size = tuple(crop_size)
+  if len(crop_size) != 3 or not all(isinstance(c, (int, np.integer)) and c > 0 for c in crop_size):
+    raise ValueError(f"crop_size must be 3 positive ints, got {crop_size!r}")
+  if not modalities:
+    raise ValueError("modalities must map at least one output key to a store modality")
+  unknown = [m for m in modalities.values() if m not in store.modalities]
+  if unknown:
+    raise ValueError(f"{store.path}: no modalities {unknown}; the store has {store.modalities}")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if batch_size % process_count:
+    raise ValueError(f"global batch_size {batch_size} is not divisible by the {process_count} "
+                     "processes")
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  source = CropSource(store, split)
+  # Fail now, not in a worker, when a region is malformed or empty for some subject.
+  for sid in source.subject_ids:
+    region_box(store.shape(sid), region)
+
+  crop = CropAndFlip(store, modalities, crop_size, flips=flips, region=region,
+                     with_meta=with_meta)
+  ds = (grain.MapDataset.source(source)
+        .shuffle(seed=seed)
+        .repeat(None)
+        .random_map(crop, seed=seed))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset()
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)

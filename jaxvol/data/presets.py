@@ -1,0 +1,119 @@
+"""Intensity presets: raw scanner units <-> the network's [-1, 1] range, and back.
+
+A preset is two numbers and a kind, saved as JSON in the store manifest and in checkpoints, so
+that predictions are always mapped back to the units of the input (HU, SUV or counts, MRI
+intensity) with the exact scale they were trained with.
+
+Forward map: `y = 2 * (x - lo) / (hi - lo) - 1`, so `lo -> -1` and `hi -> 1`.
+  * 'ct': `lo`/`hi` are an HU window (default -1000..1000 HU: air to dense bone). Values outside the
+    window are clipped before scaling, because far-out HU (metal, outside-the-scanner padding)
+    would otherwise dominate the range; the inverse is therefore exact only inside the window.
+  * 'pet': `lo = 0`, `hi` = a cap on SUV or counts (given, or the 99.9th percentile). Linear and
+    not clipped, so hot lesions above the cap survive and the inverse is exact.
+  * 'mri': robust percentiles of the non-zero (non-background) voxels (0.5 and 99.5 by default),
+    linear and not clipped (MRI units are arbitrary; only the scale needs to be stable).
+  * 'identity': `lo = -1`, `hi = 1` (data already in network range).
+
+Forward and inverse accept numpy or JAX arrays (only arithmetic and `.clip` are used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+KINDS = ("ct", "pet", "mri", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A linear intensity map; see the module docstring for the kinds."""
+
+  name: str
+  lo: float
+  hi: float
+
+  def __post_init__(self):
+    if self.name not in KINDS:
+      raise ValueError(f"unknown preset kind {self.name!r}; expected one of {KINDS}")
+    lo, hi = float(self.lo), float(self.hi)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+      raise ValueError(f"preset {self.name!r} needs finite lo < hi, got lo={lo}, hi={hi}")
+    object.__setattr__(self, "lo", lo)
+    object.__setattr__(self, "hi", hi)
+
+  def forward(self, x):
+    """Raw units -> network range (CT is clipped to its window first)."""
+    if not hasattr(x, "clip"):
+      x = np.asarray(x, dtype=np.float32)
+    if self.name == "ct":
+      x = x.clip(self.lo, self.hi)
+    return (x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0
+
+  def inverse(self, y):
+    """Network range -> raw units."""
+    if not hasattr(y, "clip"):
+      y = np.asarray(y, dtype=np.float32)
+    return (y + 1.0) * ((self.hi - self.lo) / 2.0) + self.lo
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"name": self.name, "lo": self.lo, "hi": self.hi}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Preset":
+    return cls(name=d["name"], lo=float(d["lo"]), hi=float(d["hi"]))
+
+
+def fit_preset(kind: str, volume: np.ndarray | None = None, **kw) -> Preset:
+  """Chooses a preset's `lo`/`hi` for a volume in raw units.
+
+  Args:
+    kind: 'ct', 'pet', 'mri' or 'identity'.
+    volume: the raw volume (needed for 'pet' without a cap and for 'mri').
+    **kw: overrides. All kinds accept `lo` and `hi` directly. 'pet' accepts `cap` (SUV or counts
+      mapped to +1) and `percentile` (default 99.9). 'mri' accepts `lower`/`upper` percentiles of
+      the non-zero voxels (default 0.5/99.5).
+
+  Returns:
+    The fitted Preset.
+
+  Raises:
+    ValueError: unknown kind or keyword, or a volume that gives lo >= hi (e.g. all zeros).
+  """
+  kw = dict(kw)
+  allowed = {"ct": {"lo", "hi"}, "pet": {"lo", "hi", "cap", "percentile"},
+             "mri": {"lo", "hi", "lower", "upper"}, "identity": {"lo", "hi"}}
+  if kind not in allowed:
+    raise ValueError(f"unknown preset kind {kind!r}; expected one of {KINDS}")
+  unknown = set(kw) - allowed[kind]
+  if unknown:
+    raise ValueError(f"preset {kind!r} does not take {sorted(unknown)}; it takes {sorted(allowed[kind])}")
+
+  def need_volume():
+    if volume is None:
+      raise ValueError(f"preset {kind!r} needs a volume to fit lo/hi")
+    return np.asarray(volume)
+
+  if kind == "ct":
+    lo, hi = kw.get("lo", -1000.0), kw.get("hi", 1000.0)
+  elif kind == "identity":
+    lo, hi = kw.get("lo", -1.0), kw.get("hi", 1.0)
+  elif kind == "pet":
+    lo = kw.get("lo", 0.0)
+    if "hi" in kw or "cap" in kw:
+      hi = kw.get("cap", kw.get("hi"))
+    else:
+      hi = float(np.percentile(need_volume(), float(kw.get("percentile", 99.9))))
+  else:  # mri
+    lo, hi = kw.get("lo"), kw.get("hi")
+    if lo is None or hi is None:
+      v = need_volume()
+      fg = v[v != 0]
+      if fg.size == 0:
+        raise ValueError("preset 'mri' cannot fit an all-zero volume")
+      p_lo, p_hi = np.percentile(fg, [float(kw.get("lower", 0.5)), float(kw.get("upper", 99.5))])
+      lo = p_lo if lo is None else lo
+      hi = p_hi if hi is None else hi
+  return Preset(name=kind, lo=float(lo), hi=float(hi))

@@ -1,0 +1,443 @@
+"""The preconverted store: NIfTI volumes -> chunked zarr arrays + a JSON manifest.
+
+Training reads many small random crops; decoding whole .nii.gz files for each crop would dominate
+the step time. `convert` reads every NIfTI once, reorients it to RAS, maps it to the network range
+with an intensity preset and writes it as a chunked, compressed zarr array through tensorstore, so
+a crop read only touches the chunks it overlaps (the same code reads local disk or a bucket).
+
+Layout::
+
+  STORE/manifest.json                   written last; its presence means "complete"
+  STORE/manifest.partial.json           only while converting: subjects finished so far
+  STORE/volumes/{subject}/{modality}.zarr   float32, RAS, preset-normalised, chunks <= 32^3
+
+Manifest::
+
+  {"version": 1, "modalities": [...], "presets": {modality: spec},
+   "subjects": [{"id", "split", "shape" (RAS), "volumes": {modality: {
+       "path" (relative to STORE), "source" (the NIfTI), "geometry" (Geometry.to_dict()),
+       "preset" (Preset.to_dict()), "stats" (min, max, mean, std, p01, p99 of the raw volume)}}}]}
+
+Safety rules of `convert`:
+  * Every input is loaded and checked (readable, 3D, finite, paired volumes on one grid, presets
+    fit) BEFORE anything is written, so a bad input fails with nothing created. The price is that
+    each file is read twice (once to check, once to write).
+  * Each volume is written to a temporary name and renamed, so a volume is either complete or
+    absent; the manifest is written last the same way.
+  * Resume: after each subject, `manifest.partial.json` lists the finished subjects. If a
+    conversion is interrupted (Ctrl-C, killed, machine lost), calling `convert` again with the same
+    datalist and presets skips those subjects. If it fails with an error instead, everything this
+    call wrote is removed (the whole folder when this call created it); when it had resumed a
+    partial conversion, the subjects finished earlier are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from jaxvol.data import nifti
+from jaxvol.data import presets as presets_lib
+from jaxvol.data.nifti import VolumeError
+
+MANIFEST = "manifest.json"
+PARTIAL = "manifest.partial.json"
+VOLUMES = "volumes"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+CHUNK = 32
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # Used as folder and file names.
+_COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Datalists.
+
+
+def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads a datalist (JSON or CSV) naming the NIfTI files of each subject.
+
+  JSON: a list of objects, or {"subjects": [...]}; each object maps modality -> file, plus optional
+  "subject" (or "id") and "split". CSV: a header row, one row per subject, one column per modality,
+  plus optional "subject" and "split" columns. Missing ids become "sub-0000", "sub-0001", ... by
+  position; missing splits are "train". Relative paths are relative to the datalist's folder.
+
+  Returns:
+    [{"subject": id, "split": split, "volumes": {modality: absolute path}}], in datalist order.
+
+  Raises:
+    VolumeError: naming the datalist, when it is missing, unparsable, empty, or inconsistent.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isfile(path):
+    raise VolumeError(f"{path}: datalist not found")
+  base = os.path.dirname(path)
+  try:
+    with open(path, newline="") as f:
+      if path.lower().endswith(".csv"):
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+                for r in csv.DictReader(f)]
+      else:
+        obj = json.load(f)
+        rows = obj.get("subjects") if isinstance(obj, dict) else obj
+  except (OSError, ValueError, csv.Error) as e:
+    raise VolumeError(f"{path}: cannot parse datalist ({type(e).__name__}: {e})") from e
+  if not isinstance(rows, list):
+    raise VolumeError(f"{path}: datalist must be a list of subjects or {{\"subjects\": [...]}}")
+  if not rows:
+    raise VolumeError(f"{path}: datalist is empty (no subjects)")
+
+  out, seen, modalities = [], set(), None
+  for i, row in enumerate(rows):
+    if not isinstance(row, dict):
+      raise VolumeError(f"{path}: entry {i} is not an object")
+    row = dict(row)
+    sid = str(row.pop("subject", None) or row.pop("id", None) or f"sub-{i:04d}")
+    row.pop("id", None)
+    split = str(row.pop("split", None) or "train")
+    if not _SAFE_NAME.match(sid):
+      raise VolumeError(f"{path}: subject id {sid!r} must be letters, digits, '.', '_' or '-'")
+    if sid in seen:
+      raise VolumeError(f"{path}: subject id {sid!r} appears twice")
+    seen.add(sid)
+    if split not in SPLITS:
+      raise VolumeError(f"{path}: subject {sid!r} has split {split!r}; expected one of {SPLITS}")
+    if not row:
+      raise VolumeError(f"{path}: subject {sid!r} lists no volumes")
+    for mod, f in row.items():
+      if not _SAFE_NAME.match(mod):
+        raise VolumeError(f"{path}: modality name {mod!r} must be letters, digits, '.', '_' or '-'")
+      if not isinstance(f, str) or not f:
+        raise VolumeError(f"{path}: subject {sid!r} has no file for modality {mod!r}")
+    if modalities is None:
+      modalities = list(row)
+    elif set(row) != set(modalities):
+      raise VolumeError(f"{path}: subject {sid!r} has modalities {sorted(row)}, "
+                        f"the first subject has {sorted(modalities)}")
+    volumes = {m: os.path.normpath(os.path.join(base, row[m])) for m in modalities}
+    out.append({"subject": sid, "split": split, "volumes": volumes})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion.
+
+
+def _normalise_specs(presets: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, dict]:
+  """Preset specs as {modality: {"kind", "ref", **kw}}; a bare string is a kind."""
+  missing = [m for m in modalities if m not in presets]
+  if missing:
+    raise ValueError(f"no intensity preset for modalities {missing}; give one per modality "
+                     f"(kinds: {presets_lib.KINDS})")
+  extra = [m for m in presets if m not in modalities]
+  if extra:
+    raise ValueError(f"presets name modalities {extra} that the datalist does not have {list(modalities)}")
+  specs = {}
+  for mod in modalities:
+    spec = presets[mod]
+    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    if spec.get("kind") not in presets_lib.KINDS:
+      raise ValueError(f"preset for {mod!r}: kind must be one of {presets_lib.KINDS}, got {spec.get('kind')!r}")
+    ref = spec.get("ref")
+    if ref is not None and ref not in modalities:
+      raise ValueError(f"preset for {mod!r}: ref {ref!r} is not a modality of the datalist")
+    specs[mod] = spec
+  return specs
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+  p01, p99 = np.percentile(x, [1.0, 99.0])
+  return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean(dtype=np.float64)),
+          "std": float(x.std(dtype=np.float64)), "p01": float(p01), "p99": float(p99)}
+
+
+def _plan_subject(subject: dict, specs: dict[str, dict]) -> dict[str, Any]:
+  """Loads and checks one subject; returns its manifest entry (no arrays kept)."""
+  arrays, geoms = {}, {}
+  for mod, src in subject["volumes"].items():
+    arrays[mod], geoms[mod] = nifti.load_volume(src)
+  nifti.check_same_grid([(subject["volumes"][m], geoms[m]) for m in arrays])
+  entry = {"id": subject["subject"], "split": subject["split"],
+           "shape": list(next(iter(arrays.values())).shape), "volumes": {}}
+  for mod, spec in specs.items():
+    src = spec.get("ref") or mod
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "ref")}
+    try:
+      preset = presets_lib.fit_preset(spec["kind"], arrays[src], **kw)
+    except ValueError as e:
+      raise VolumeError(f"{subject['volumes'][src]}: cannot fit the {spec['kind']!r} preset for "
+                        f"{mod!r}: {e}") from e
+    entry["volumes"][mod] = {
+        "path": f"{VOLUMES}/{subject['subject']}/{mod}.zarr",
+        "source": subject["volumes"][mod],
+        "geometry": geoms[mod].to_dict(),
+        "preset": preset.to_dict(),
+        "stats": _stats(arrays[mod]),
+    }
+  return entry
+
+
+def _zarr_spec(path: str) -> dict[str, Any]:
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
+
+
+def _write_zarr(path: str, data: np.ndarray) -> None:
+  """Writes `data` as a zarr array at `path`, atomically (temporary folder, then rename)."""
+  folder, name = os.path.split(path)
+  os.makedirs(folder, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
+  try:
+    spec = _zarr_spec(tmp)
+    spec.update(create=True, delete_existing=True, metadata={
+        "dtype": "<f4", "shape": list(data.shape),
+        "chunks": [min(CHUNK, s) for s in data.shape], "compressor": _COMPRESSOR})
+    arr = ts.open(spec).result()
+    arr.write(data).result()
+    if os.path.exists(path):
+      # A rename landed but the crash came before the partial manifest recorded it.
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  folder = os.path.dirname(path)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
+            presets: Mapping[str, Any], overwrite: bool = False) -> dict[str, Any]:
+  """Converts the NIfTI volumes of a datalist into a store (see the module docstring for rules).
+
+  Args:
+    datalist_path: CSV or JSON datalist (`read_datalist`).
+    out_dir: the store folder.
+    presets: {modality: {"kind": 'ct'|'pet'|'mri'|'identity', "ref": other modality (optional),
+      **fit_preset keywords}} or {modality: kind}. With "ref", the preset is fitted on the ref
+      modality's volume, so e.g. low- and full-count PET of a subject share one scale.
+    overwrite: replace an existing store (its manifest, partial manifest and volumes folder; other
+      files in `out_dir` are left alone). Without it an existing complete store is an error.
+
+  Returns:
+    The manifest dict (also written to out_dir/manifest.json).
+
+  Raises:
+    VolumeError: a bad datalist or input volume (named in the message); nothing is written.
+    FileExistsError: `out_dir` already holds a store, or unrelated files, and overwrite is False.
+    ValueError: bad preset specs, or a partial conversion with different settings.
+  """
+  datalist_path = os.path.abspath(os.fspath(datalist_path))
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  subjects = read_datalist(datalist_path)
+  modalities = list(subjects[0]["volumes"])
+  specs = _normalise_specs(presets, modalities)
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  partial_path = os.path.join(out_dir, PARTIAL)
+  volumes_dir = os.path.join(out_dir, VOLUMES)
+
+  # Decide what to do with an existing out_dir before reading any volume.
+  done: dict[str, dict] = {}
+  if os.path.exists(out_dir) and not overwrite:
+    if not os.path.isdir(out_dir):
+      raise FileExistsError(f"{out_dir}: exists and is not a folder")
+    if os.path.exists(manifest_path):
+      raise FileExistsError(f"{out_dir}: already holds a converted store ({MANIFEST}); "
+                            "pass overwrite=True to replace it")
+    if os.path.exists(partial_path):
+      with open(partial_path) as f:
+        partial = json.load(f)
+      same_specs = partial.get("presets") == json.loads(json.dumps(specs))
+      if partial.get("modalities") != modalities or not same_specs:
+        raise ValueError(f"{partial_path}: an interrupted conversion with other modalities or "
+                         "presets; pass overwrite=True to start again")
+      by_id = {s["subject"]: s for s in subjects}
+      for entry in partial.get("subjects", []):
+        subj = by_id.get(entry["id"])
+        sources = {m: v["source"] for m, v in entry["volumes"].items()}
+        if subj is None or subj["volumes"] != sources or subj["split"] != entry["split"]:
+          raise ValueError(f"{partial_path}: finished subject {entry['id']!r} does not match the "
+                           "datalist; pass overwrite=True to start again")
+        done[entry["id"]] = entry
+    elif os.listdir(out_dir):
+      raise FileExistsError(f"{out_dir}: exists, is not empty and is not a store; "
+                            "choose a new folder or pass overwrite=True")
+
+  # Check every remaining input before the first write.
+  plans = [_plan_subject(s, specs) for s in subjects if s["subject"] not in done]
+
+  had_partial = bool(done)
+  created_dir = not os.path.exists(out_dir)
+  header = {"version": VERSION, "modalities": modalities, "presets": specs}
+  current = None  # The subject being written, whose volumes an error must remove.
+  try:
+    if overwrite and not created_dir:
+      for p in (manifest_path, partial_path):
+        if os.path.exists(p):
+          os.remove(p)
+      shutil.rmtree(volumes_dir, ignore_errors=True)
+    os.makedirs(volumes_dir, exist_ok=True)
+    finished = list(done.values())
+    _write_json(partial_path, dict(header, subjects=finished))
+    for entry in plans:
+      current = entry
+      for mod, vol in entry["volumes"].items():
+        arr, _ = nifti.load_volume(vol["source"])
+        preset = presets_lib.Preset.from_dict(vol["preset"])
+        _write_zarr(os.path.join(out_dir, vol["path"]),
+                    np.asarray(preset.forward(arr), dtype=np.float32))
+      finished.append(entry)
+      _write_json(partial_path, dict(header, subjects=finished))
+      current = None
+    by_id = {e["id"]: e for e in finished}
+    manifest = dict(header, subjects=[by_id[s["subject"]] for s in subjects])
+    _write_json(manifest_path, manifest)
+    os.remove(partial_path)
+  except Exception:
+    # An error (not an interrupt): remove what this call wrote, but keep the subjects an earlier,
+    # interrupted call finished (and those finished since, which the partial manifest lists).
+    if not had_partial:
+      if created_dir:
+        shutil.rmtree(out_dir, ignore_errors=True)
+      else:
+        shutil.rmtree(volumes_dir, ignore_errors=True)
+        for p in (partial_path, manifest_path):
+          if os.path.exists(p):
+            os.remove(p)
+    elif current is not None:
+      shutil.rmtree(os.path.join(volumes_dir, current["id"]), ignore_errors=True)
+    raise
+  return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+class Store:
+  """Read access to a converted store.
+
+  Picklable and cheap to pickle (only the path travels): Grain worker processes re-read the
+  manifest and open their own tensorstore handles on first use.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.path.abspath(os.fspath(path))
+    manifest_path = os.path.join(self.path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+      hint = " (conversion interrupted: run convert again to resume)" if os.path.exists(
+          os.path.join(self.path, PARTIAL)) else ""
+      raise VolumeError(f"{manifest_path}: not found, {self.path} is not a converted store{hint}")
+    try:
+      with open(manifest_path) as f:
+        self.manifest = json.load(f)
+    except ValueError as e:
+      raise VolumeError(f"{manifest_path}: not valid JSON ({e})") from e
+    if self.manifest.get("version") != VERSION:
+      raise VolumeError(f"{manifest_path}: manifest version {self.manifest.get('version')!r}, "
+                        f"this code reads version {VERSION}")
+    self._by_id = {s["id"]: s for s in self.manifest["subjects"]}
+    self._handles: dict[tuple[str, str], Any] = {}
+    self._pid = os.getpid()
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
+
+  def __repr__(self) -> str:
+    return f"Store({self.path!r})"
+
+  @property
+  def modalities(self) -> list[str]:
+    return list(self.manifest["modalities"])
+
+  def subjects(self, split: str | None = None) -> list[dict[str, Any]]:
+    """Manifest entries of all subjects, or of one split, in manifest order."""
+    if split is not None and split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    return [s for s in self.manifest["subjects"] if split is None or s["split"] == split]
+
+  def _entry(self, subject_id: str, modality: str) -> dict[str, Any]:
+    try:
+      subject = self._by_id[subject_id]
+    except KeyError:
+      raise KeyError(f"{self.path}: no subject {subject_id!r}") from None
+    try:
+      return subject["volumes"][modality]
+    except KeyError:
+      raise KeyError(f"{self.path}: subject {subject_id!r} has no modality {modality!r} "
+                     f"(has {sorted(subject['volumes'])})") from None
+
+  def shape(self, subject_id: str) -> tuple[int, int, int]:
+    """RAS shape of a subject's volumes."""
+    if subject_id not in self._by_id:
+      raise KeyError(f"{self.path}: no subject {subject_id!r}")
+    return tuple(self._by_id[subject_id]["shape"])
+
+  def preset(self, subject_id: str, modality: str) -> presets_lib.Preset:
+    return presets_lib.Preset.from_dict(self._entry(subject_id, modality)["preset"])
+
+  def geometry(self, subject_id: str, modality: str) -> nifti.Geometry:
+    return nifti.Geometry.from_dict(self._entry(subject_id, modality)["geometry"])
+
+  def _handle(self, subject_id: str, modality: str):
+    if self._pid != os.getpid():
+      # Handles opened before a fork belong to the parent's threads: reopen in this process.
+      self._handles, self._pid = {}, os.getpid()
+    key = (subject_id, modality)
+    if key not in self._handles:
+      path = os.path.join(self.path, self._entry(subject_id, modality)["path"])
+      self._handles[key] = ts.open(_zarr_spec(path), open=True, read=True).result()
+    return self._handles[key]
+
+  def read(self, subject_id: str, modality: str,
+           box: Sequence[tuple[int, int] | slice] | None = None) -> np.ndarray:
+    """Reads a volume (network range, RAS), or only the sub-box `box` of it.
+
+    Args:
+      subject_id: subject id.
+      modality: modality name.
+      box: 3 (start, stop) pairs or slices (step 1) inside the volume; only the chunks it
+        overlaps are read.
+
+    Returns:
+      float32 array.
+    """
+    handle = self._handle(subject_id, modality)
+    if box is None:
+      return np.asarray(handle.read().result())
+    shape = self.shape(subject_id)
+    if len(box) != 3:
+      raise ValueError(f"box must have 3 entries, got {box!r}")
+    slices = []
+    for axis, b in enumerate(box):
+      if isinstance(b, slice):
+        if b.step not in (None, 1):
+          raise ValueError(f"box slices must have step 1, got {b!r}")
+        start, stop = b.start or 0, shape[axis] if b.stop is None else b.stop
+      else:
+        start, stop = b
+      if not 0 <= start < stop <= shape[axis]:
+        raise ValueError(f"box axis {axis} = ({start}, {stop}) is outside the volume shape {shape}")
+      slices.append(slice(int(start), int(stop)))
+    return np.asarray(handle[tuple(slices)].read().result())

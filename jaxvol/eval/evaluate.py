@@ -1,0 +1,150 @@
+"""Checkpoint-based evaluation and sampling: predictions as NIfTI, metrics, previews.
+
+`evaluate(config, workdir)` restores a checkpoint (latest or `config.eval.checkpoint_step`), runs
+the method's sampler on every volume of the evaluation split (whole volume, or the held-out region
+of a region split) and writes, under WORKDIR/eval/:
+  summary.json   {"metrics": {name: {"model": mean, "input": mean}}, ...}; "input" (the condition
+                 used as the prediction) only where input and target share a scale
+  metrics.csv    one row per volume
+  nifti/         predictions on each input's own grid with its affine, in original intensities
+  previews/      PNG tri-planar views: input | prediction | target | error
+Metrics are on the original intensity scale (the store's intensity presets inverted), inside the
+body mask of the target when `config.eval.mask == "body"`. `sample(config, workdir)` writes
+predictions only (no target needed) under WORKDIR/samples/.
+Everything written is atomic (temp file + rename).
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvol import methods
+from jaxvol.data import nifti
+from jaxvol.data import pipeline
+from jaxvol.data import store as store_lib
+from jaxvol.eval import metrics as metrics_lib
+from jaxvol.eval import preview
+from jaxvol.train import checkpoint as ckpt_lib
+
+log = logging.getLogger("jaxvol")
+METRICS = ("psnr", "ssim", "nmse", "mae", "hfen")
+
+
+def _atomic_write(path: str, text: str):
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def load_params(config, workdir: str):
+  """Restores (params, step) from WORKDIR's checkpoints: EMA weights unless config.eval.use_ema is off."""
+  ckpt = ckpt_lib.Checkpointer(workdir, with_data=False, async_save=False)
+  try:
+    step = config.eval.checkpoint_step
+    step = ckpt.latest_step() if step is None or step < 0 else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint found under {ckpt.directory}: train first")
+    state, _ = ckpt.restore(None, step)
+  finally:
+    ckpt.close()
+  params = state["ema_params"] if config.eval.use_ema else state["params"]
+  return jax.tree.map(jnp.asarray, params), int(step)
+
+
+def _volume_inputs(store, subject_id: str, config, box):
+  chans = [store.read(subject_id, m, box) for m in config.data.inputs]
+  return np.stack(chans, axis=-1)[None].astype(np.float32)
+
+
+def _eval_box(store, subject, config):
+  shape = tuple(subject["shape"])
+  region = config.data.eval_region
+  return pipeline.region_box(shape, region) if region else tuple((0, s) for s in shape)
+
+
+def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool) -> dict:
+  """Runs the sampler over a split and writes NIfTI (+ metrics and previews if with_metrics)."""
+  method = methods.build(config, jax.devices()[0].platform)
+  params, step = load_params(config, workdir)
+  store = store_lib.Store(config.data.store)
+  subjects = store.subjects(split)
+  if not subjects:
+    raise ValueError(f"split {split!r} of store {config.data.store} has no subjects")
+  os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
+  if with_metrics and config.eval.previews:
+    os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
+  sample_fn = jax.jit(method.sample)
+  base_rng = jax.random.PRNGKey(config.eval.seed)
+  rows = []
+  first_input = config.data.inputs[0]
+  for idx, subject in enumerate(subjects):
+    sid = subject["id"]
+    box = _eval_box(store, subject, config)
+    cond = _volume_inputs(store, sid, config, box)
+    t0 = time.time()
+    pred = np.asarray(jax.block_until_ready(
+        sample_fn(params, jnp.asarray(cond), jax.random.fold_in(base_rng, idx))))[0, ..., 0]
+    seconds = time.time() - t0
+    # Without a target volume (pure sampling) the output uses the first input's intensity scale.
+    has_target = config.data.target in subject["volumes"]
+    target_preset = store.preset(sid, config.data.target if has_target else first_input)
+    pred_raw = target_preset.inverse(pred).astype(np.float32)
+    geometry = store.geometry(sid, first_input)
+    region = None if config.data.eval_region is None else box
+    nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), pred_raw,
+                      geometry=geometry, region=region)
+    row = {"subject": sid, "seconds": seconds}
+    if with_metrics:
+      target_raw = store.preset(sid, config.data.target).inverse(
+          store.read(sid, config.data.target, box)).astype(np.float32)
+      input_raw = store.preset(sid, first_input).inverse(cond[0, ..., 0]).astype(np.float32)
+      mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
+      data_range = float(target_raw.max() - target_raw.min())
+      for k, v in metrics_lib.compute_all(pred_raw, target_raw, mask, data_range).items():
+        row[f"model_{k}"] = v
+      if config.eval.input_baseline:
+        for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
+          row[f"input_{k}"] = v
+      if config.eval.previews:
+        preview.save_triplanar(
+            os.path.join(out_dir, "previews", f"{sid}.png"),
+            [(f"input ({first_input})", input_raw), ("prediction", pred_raw),
+             (f"target ({config.data.target})", target_raw)],
+            error_panel=("|prediction - target|", np.abs(pred_raw - target_raw)))
+      log.info("%s: %s", sid, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "subject"))
+    rows.append(row)
+  return {"rows": rows, "step": step}
+
+
+def evaluate(config, workdir: str) -> dict:
+  out_dir = os.path.join(workdir, "eval")
+  result = predict_split(config, workdir, config.eval.split, out_dir, with_metrics=True)
+  rows = result["rows"]
+  summary = {"method": config.method, "checkpoint_step": result["step"], "split": config.eval.split,
+             "n_volumes": len(rows), "mask": config.eval.mask, "region": config.data.eval_region,
+             "metrics": {}, "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
+  for k in METRICS:
+    entry = {"model": float(np.mean([r[f"model_{k}"] for r in rows]))}
+    if config.eval.input_baseline:
+      entry["input"] = float(np.mean([r[f"input_{k}"] for r in rows]))
+    summary["metrics"][k] = entry
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+  writer.writeheader()
+  writer.writerows(rows)
+  _atomic_write(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
+  _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+  return summary
+
+
+def sample(config, workdir: str) -> dict:
+  return predict_split(config, workdir, config.eval.split, os.path.join(workdir, "samples"),
+                       with_metrics=False)

@@ -1,0 +1,47 @@
+"""jaxvol's single entry point: parses flags and dispatches; the work lives in train/ and eval/.
+
+  python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:smoke --workdir=runs/pet \
+      --mode=train|evaluate|sample [--config.train.steps=200 ...]
+"""
+
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout,
+                      force=True)
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  config = FLAGS.config
+  if not config.data.store:
+    raise app.UsageError("config.data.store is empty: convert your data with tools/convert.py "
+                         "and pass --config.data.store=DIR")
+  # Imported here so --help stays fast and absl flags are parsed before Grain workers start.
+  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  if FLAGS.mode == "train":
+    result = loop.train(config, FLAGS.workdir)
+    logging.info("training finished at step %d", result["step"])
+  elif FLAGS.mode == "evaluate":
+    summary = evaluate_lib.evaluate(config, FLAGS.workdir)
+    for name, entry in summary["metrics"].items():
+      logging.info("%-5s model %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
+  else:
+    evaluate_lib.sample(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

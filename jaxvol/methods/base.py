@@ -1,0 +1,90 @@
+"""The small interface every method implements, and helpers they share.
+
+A method wires a network, a diffusion process, a loss and a sampler:
+  init(rng, batch) -> params
+  loss(params, batch, rng) -> (scalar loss, dict of scalar metrics)
+  sample(params, cond, rng) -> prediction with the target's channels, same spatial shape as cond
+Batches are dicts of (B, D, H, W, C) float arrays in network range: "cond" (the conditional input,
+channels = input modalities) and "target". Methods never read files; `sample` accepts any spatial
+shape and pads/crops internally to what the network needs.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from jaxvol.models import unet3d
+from jaxvol.ops import puzzle as puzzle_lib
+
+
+def resolve_dtype(name: str, platform: str):
+  """'auto' -> bfloat16 on accelerators, float32 on CPU; otherwise the named dtype."""
+  if name == "auto":
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+def build_unet(model_cfg: ml_collections.ConfigDict, out_channels: int, dtype) -> unet3d.UNet3D:
+  return unet3d.UNet3D(
+      out_channels=out_channels,
+      base_width=model_cfg.base_width,
+      channel_mults=tuple(model_cfg.channel_mults),
+      num_res_blocks=model_cfg.num_res_blocks,
+      attention_levels=tuple(model_cfg.attention_levels),
+      num_heads=model_cfg.num_heads,
+      groups=model_cfg.groups,
+      dropout=model_cfg.dropout,
+      time_embed_dim=model_cfg.time_embed_dim,
+      dtype=dtype,
+      remat=model_cfg.remat,
+  )
+
+
+def regression_loss(pred, target, kind: str):
+  if kind == "l1":
+    return jnp.mean(jnp.abs(pred - target))
+  if kind == "l2":
+    return jnp.mean(jnp.square(pred - target))
+  raise ValueError(f"unknown loss {kind!r}: use l1 or l2")
+
+
+def pad_spatial(x, multiple):
+  """Edge-pads (B, D, H, W, C) up to a per-axis multiple; returns the padded array and the crop."""
+  shape = x.shape[1:4]
+  return puzzle_lib.pad_to_multiple(x, multiple, "edge"), shape
+
+
+def crop_spatial(x, shape):
+  return x[:, :shape[0], :shape[1], :shape[2]]
+
+
+@dataclasses.dataclass
+class Method:
+  """Base class holding the config-derived pieces; subclasses define the three functions."""
+
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  @property
+  def cond_channels(self) -> int:
+    return len(self.config.data.inputs)
+
+  @property
+  def target_channels(self) -> int:
+    return 1
+
+  def spatial_multiple(self) -> tuple[int, int, int]:
+    """Crop sizes and padded sample shapes must be multiples of this per axis."""
+    d = 2 ** (len(self.config.model.channel_mults) - 1)
+    return (d, d, d)
+
+  def init(self, rng, batch):
+    raise NotImplementedError
+
+  def loss(self, params, batch, rng):
+    raise NotImplementedError
+
+  def sample(self, params, cond, rng):
+    raise NotImplementedError

@@ -1,0 +1,223 @@
+"""The training loop: data, state, compiled step, logging, checkpoints, clean stops.
+
+`train(config, workdir)` resumes automatically from the latest checkpoint in WORKDIR. SIGTERM and
+Ctrl-C finish the current step, save a checkpoint (state + data iterator) and return, so a
+preempted job resumes where it stopped. A non-finite loss raises before anything is saved.
+Summaries: clu metrics for averaging, TensorBoard event files written with tensorboardX (no
+TensorFlow needed), progress lines with steps/s and ETA; only process 0 writes.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import parameter_overview
+
+from jaxvol import methods
+from jaxvol.data import pipeline
+from jaxvol.data import store as store_lib
+from jaxvol.train import checkpoint as ckpt_lib
+from jaxvol.train import mesh as mesh_lib
+from jaxvol.train import state as state_lib
+from jaxvol.train import step as step_lib
+
+log = logging.getLogger("jaxvol")
+
+
+def modality_keys(config) -> dict:
+  """Pipeline output keys -> store modalities: in0, in1, ... for the inputs, and the target."""
+  keys = {f"in{i}": m for i, m in enumerate(config.data.inputs)}
+  keys["target"] = config.data.target
+  return keys
+
+
+def assemble_batch(raw: dict, n_inputs: int) -> dict:
+  """Stacks the input modalities into the condition's channels."""
+  cond = np.concatenate([raw[f"in{i}"] for i in range(n_inputs)], axis=-1)
+  return {"cond": cond, "target": raw["target"]}
+
+
+def presets_of(store) -> dict:
+  return {s["id"]: {m: v["preset"] for m, v in s["volumes"].items()} for s in store.subjects()}
+
+
+def run_meta(config, store_path: str) -> dict:
+  store = store_lib.Store(store_path)
+  return {"config": json.loads(config.to_json_best_effort()), "presets": presets_of(store),
+          "store": os.path.abspath(store_path)}
+
+
+class _StopFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop polls between steps."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.getsignal(sig)
+      signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class SummaryWriter:
+  """TensorBoard scalars via tensorboardX on process 0; a no-op elsewhere."""
+
+  def __init__(self, logdir: str):
+    self._w = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter as _W  # pylint: disable=g-import-not-at-top
+      self._w = _W(logdir)
+
+  def scalars(self, step: int, values: dict):
+    if self._w is not None:
+      for k, v in values.items():
+        self._w.add_scalar(k, float(v), step)
+
+  def close(self):
+    if self._w is not None:
+      self._w.flush()
+      self._w.close()
+
+
+def build_everything(config, workdir: str):
+  """Mesh, method, optimizer, abstract state and shardings: everything but data and values."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.check_batch(mesh, config.data.batch_size, config.data.crop_size)
+  method = methods.build(config, jax.devices()[0].platform)
+  mult = method.spatial_multiple()
+  if any(int(c) % m for c, m in zip(config.data.crop_size, mult)):
+    raise ValueError(f"crop_size {tuple(config.data.crop_size)} must be a multiple of {mult} "
+                     f"for method {config.method}")
+  optimizer = state_lib.make_optimizer(config.train)
+  example = state_lib.abstract_batch(method, config.data.batch_size, config.data.crop_size)
+  shapes = state_lib.state_shapes(method, optimizer, example)
+  repl = mesh_lib.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: repl, shapes)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, state_sharding)
+  return dict(mesh=mesh, method=method, optimizer=optimizer, example=example,
+              abstract_state=abstract, state_sharding=state_sharding)
+
+
+def compile_step(parts, config):
+  step_fn = step_lib.make_train_step(parts["method"], parts["optimizer"], config.train.ema_decay)
+  mesh = parts["mesh"]
+  bsh = mesh_lib.batch_sharding(mesh)
+  jitted = step_lib.jit_train_step(step_fn, parts["state_sharding"], bsh, mesh_lib.replicated(mesh))
+  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in parts["example"].items()}
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
+  compiled = jitted.lower(parts["abstract_state"], abatch, rng).compile()
+  return compiled, step_lib.compiled_cost(compiled)
+
+
+def train(config, workdir: str) -> dict:
+  """Trains until config.train.steps (or a signal / time limit); returns the last metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  parts = build_everything(config, workdir)
+  mesh = parts["mesh"]
+  is_main = jax.process_index() == 0
+
+  data_iter = pipeline.make_train_iterator(
+      config.data.store, config.data.train_split, modality_keys(config), tuple(config.data.crop_size),
+      config.data.batch_size, seed=config.seed, num_workers=config.data.num_workers,
+      flips=config.data.flips, region=config.data.train_region)
+  meta = run_meta(config, config.data.store)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+
+  start = ckpt.latest_step()
+  if start is not None:
+    state, _ = ckpt.restore(parts["abstract_state"], start, data_iter=data_iter)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    state = state_lib.create_state(parts["method"], parts["optimizer"],
+                                   jax.random.PRNGKey(config.seed), parts["example"],
+                                   parts["state_sharding"])
+    start = 0
+    if is_main:
+      log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
+
+  compiled, cost = compile_step(parts, config)
+  if is_main:
+    log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, mesh %s",
+             cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20, cost["flops"] / 1e9,
+             dict(mesh.shape))
+    with open(os.path.join(workdir, "train_step_cost.json"), "w") as f:
+      json.dump(cost, f)
+
+  bsh = mesh_lib.batch_sharding(mesh)
+  global_shapes = {k: v.shape for k, v in parts["example"].items()}
+  rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), mesh_lib.replicated(mesh))
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  total = int(config.train.steps)
+  time_limit = float(config.train.time_limit_minutes) * 60.0
+  history, last = [], {}
+  t_start = t_log = time.time()
+  steps_at_log = start
+  step = start
+
+  def save(step_now, force=False):
+    bad = [h for h in jax.device_get(history) if h["finite"] < 1.0]
+    if bad:
+      raise FloatingPointError(
+          f"non-finite loss or gradient before step {step_now} (loss={bad[0]['loss']}); "
+          f"training stopped, the last checkpoint ({ckpt.latest_step()}) is kept unchanged")
+    ckpt.save(step_now, state, meta, data_iter, force=force)
+
+  try:
+    with _StopFlag() as stop:
+      while step < total:
+        raw = assemble_batch(next(data_iter), len(config.data.inputs))
+        batch = {k: jax.make_array_from_process_local_data(bsh, raw[k], global_shapes[k])
+                 for k in ("cond", "target")}
+        state, metrics = compiled(state, batch, rng)
+        history.append(metrics)
+        step += 1
+        done = step == total or stop.signal is not None or (
+            time_limit > 0 and time.time() - t_start > time_limit)
+        if step % config.train.log_every == 0 or done:
+          fetched = jax.device_get(history)
+          last = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1]}
+          if min(h["finite"] for h in fetched) < 1.0:
+            save(step)  # raises with a clear message; nothing is written
+          now = time.time()
+          rate = (step - steps_at_log) / max(now - t_log, 1e-9)
+          eta = (total - step) / max(rate, 1e-9)
+          if is_main:
+            log.info("step %d/%d  loss %.4f  grad_norm %.3f  %.2f steps/s  ETA %s", step, total,
+                     last["loss"], last["grad_norm"], rate, _fmt_time(eta))
+          writer.scalars(step, {f"train/{k}": v for k, v in last.items()} | {"train/steps_per_s": rate})
+          t_log, steps_at_log, history = now, step, []
+        if step % config.train.checkpoint_every == 0 or done:
+          save(step, force=True)
+          history = []
+        if stop.signal is not None:
+          log.info("received signal %d: checkpoint saved at step %d, exiting", stop.signal, step)
+          break
+        if time_limit > 0 and time.time() - t_start > time_limit:
+          log.info("time limit of %.1f min reached at step %d: checkpoint saved", time_limit / 60, step)
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+    del data_iter
+  return {"step": step, **last}
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

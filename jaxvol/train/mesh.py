@@ -1,0 +1,45 @@
+"""Device mesh with ("data", "spatial", "model") axes and the shardings the train step uses.
+
+Batches (B, D, H, W, C) shard B on "data" and the depth axis D on "spatial" (XLA inserts the
+convolution halos). Parameters and optimizer state are replicated for the U-Net methods.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "spatial", "model")
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """Builds the mesh; mesh_cfg.data = -1 takes every device the other axes leave."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  spatial, model = int(mesh_cfg.spatial), int(mesh_cfg.model)
+  data = int(mesh_cfg.data)
+  if data == -1:
+    if n % (spatial * model):
+      raise ValueError(f"{n} devices cannot be split into spatial={spatial} x model={model}")
+    data = n // (spatial * model)
+  if data * spatial * model != n:
+    raise ValueError(f"mesh data={data} x spatial={spatial} x model={model} != {n} devices")
+  grid = np.asarray(devices, dtype=object).reshape(data, spatial, model)
+  return Mesh(grid, AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data", "spatial"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch(mesh: Mesh, batch_size: int, crop_size) -> None:
+  """Clear errors for batch/crop sizes the mesh cannot split evenly."""
+  if batch_size % mesh.shape["data"]:
+    raise ValueError(f"global batch {batch_size} is not divisible by the data axis "
+                     f"({mesh.shape['data']} devices)")
+  if crop_size[0] % mesh.shape["spatial"]:
+    raise ValueError(f"crop depth {crop_size[0]} is not divisible by the spatial axis "
+                     f"({mesh.shape['spatial']} devices)")
