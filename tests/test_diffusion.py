@@ -76,7 +76,9 @@ def test_parameterisations_are_consistent(param):
   np.testing.assert_allclose(np.asarray(eps_hat), np.asarray(eps), atol=2e-3)
 
 
-@pytest.mark.parametrize("eta,steps", [(0.0, 50), (1.0, 200)])
+# Like the bridge, a sampler fed E[x0 | x_t] alone is exact only as steps shrink: the variance
+# is 17% low at 50 DDIM steps and within 3% at the full 1000.
+@pytest.mark.parametrize("eta,steps", [(0.0, 1000), (1.0, 1000)])
 def test_ddim_recovers_gaussian_data(eta, steps):
   diff = gaussian.GaussianDiffusion(parameterization="x0")
   mu, var = 0.5, 0.09
@@ -88,4 +90,4 @@ def test_ddim_recovers_gaussian_data(eta, steps):
   x_T = jax.random.normal(jax.random.PRNGKey(4), (1, 50000))
   out = diff.ddim_sample(denoise, x_T, steps, jax.random.PRNGKey(5), eta=eta)
   assert abs(float(out.mean()) - mu) < 0.01
-  assert abs(float(out.var()) - var) / var < 0.06
+  assert abs(float(out.var()) - var) / var < 0.04

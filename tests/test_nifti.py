@@ -154,14 +154,17 @@ def test_bad_inputs_name_the_file(tmp_path):
 
 
 def test_check_same_grid(tmp_path):
-  g = nifti.Geometry(np.eye(4), (4, 5, 6), (1, 1, 1), "RAS")
-  nifti.check_same_grid([("a.nii", g), ("b.nii", nifti.Geometry(np.eye(4) + 1e-6, (4, 5, 6), (1, 1, 1), "RAS"))])
+  def geom(affine, shape=(4, 5, 6)):
+    return nifti.Geometry(affine, shape, (1, 1, 1), "RAS")
+
+  g = geom(np.eye(4))
+  nifti.check_same_grid([("a.nii", g), ("b.nii", geom(np.eye(4) + 1e-6))])
   with pytest.raises(VolumeError, match="b.nii.*shape.*a.nii"):
-    nifti.check_same_grid([("a.nii", g), ("b.nii", nifti.Geometry(np.eye(4), (4, 5, 7), (1, 1, 1), "RAS"))])
+    nifti.check_same_grid([("a.nii", g), ("b.nii", geom(np.eye(4), (4, 5, 7)))])
   shifted = np.eye(4)
   shifted[0, 3] = 2.0
   with pytest.raises(VolumeError, match="b.nii.*affine.*a.nii"):
-    nifti.check_same_grid([("a.nii", g), ("b.nii", nifti.Geometry(shifted, (4, 5, 6), (1, 1, 1), "RAS"))])
+    nifti.check_same_grid([("a.nii", g), ("b.nii", geom(shifted))])
 
 
 # Real volumes (skipped without ../shared/data).
@@ -172,7 +175,8 @@ def test_real_stroke_t2_scl_slope(shared_data):
   assert geom.shape == (124, 160, 140) and geom.orientation == "RAS"
   assert geom.spacing == (1.0, 1.0, 1.0)
   assert ras.min() == 0.0 and 500.0 < ras.max() < 506.0  # uint8 x slope ~2 -> 0..504
-  raw = np.asanyarray(nib.load(shared_data / "mri_stroke" / "stroke_T2.nii.gz").dataobj.get_unscaled())
+  img = nib.load(shared_data / "mri_stroke" / "stroke_T2.nii.gz")
+  raw = np.asanyarray(img.dataobj.get_unscaled())
   assert raw.max() <= 255 and ras.max() > 255
 
 

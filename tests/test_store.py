@@ -119,7 +119,8 @@ def test_convert_json_datalist_defaults(tmp_path):
 
 def test_store_pickles_cheaply(tmp_path):
   dl = _csv(tmp_path / "list.csv", _subjects(tmp_path, n=1))
-  store = store_lib.Store(store_lib.convert(dl, tmp_path / "store", PRESETS) and tmp_path / "store")
+  store_lib.convert(dl, tmp_path / "store", PRESETS)
+  store = store_lib.Store(tmp_path / "store")
   a = store.read("s0", "mr", ((0, 4), (0, 4), (0, 4)))
   blob = pickle.dumps(store)
   assert len(blob) < 300  # only the path travels, never tensorstore handles or the manifest
@@ -306,7 +307,8 @@ def test_presets_unit():
   assert presets_lib.fit_preset("pet", x, cap=8.0).hi == 8.0
   mr = np.concatenate([np.zeros(5000), x])
   p = presets_lib.fit_preset("mri", mr)
-  assert p.lo == pytest.approx(np.percentile(x, 0.5)) and p.hi == pytest.approx(np.percentile(x, 99.5))
+  assert p.lo == pytest.approx(np.percentile(x, 0.5))
+  assert p.hi == pytest.approx(np.percentile(x, 99.5))
   ident = presets_lib.fit_preset("identity")
   np.testing.assert_allclose(ident.forward(np.array([-1.0, 0.3, 1.0])), [-1.0, 0.3, 1.0])
   assert presets_lib.Preset.from_dict(json.loads(json.dumps(p.to_dict()))) == p
@@ -329,7 +331,8 @@ def test_cli(tmp_path):
   ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
   assert ok.returncode == 0, ok.stderr
   assert "2 subjects" in ok.stdout and "pet_low: pet" in ok.stdout
-  assert store_lib.Store(tmp_path / "store").manifest["presets"]["mr"] == {"kind": "mri", "upper": 99.0}
+  manifest = store_lib.Store(tmp_path / "store").manifest
+  assert manifest["presets"]["mr"] == {"kind": "mri", "upper": 99.0}
   # Bad input: exit 1, the message names the file, no traceback, nothing written.
   x = np.ones((20, 18, 16), np.float32)
   x[0, 0, 0] = np.inf
@@ -345,10 +348,12 @@ def test_cli(tmp_path):
 def test_real_stroke_store(shared_data, tmp_path):
   folder = shared_data / "mri_stroke"
   dl = tmp_path / "list.csv"
-  dl.write_text(f"subject,t1,t2\nstroke,{folder / 'stroke_T1.nii.gz'},{folder / 'stroke_T2.nii.gz'}\n")
+  t1, t2 = folder / "stroke_T1.nii.gz", folder / "stroke_T2.nii.gz"
+  dl.write_text(f"subject,t1,t2\nstroke,{t1},{t2}\n")
   store_lib.convert(dl, tmp_path / "store", {"t1": "mri", "t2": "mri"})
   store = store_lib.Store(tmp_path / "store")
   raw, _ = nifti.load_volume(folder / "stroke_T2.nii.gz")
-  t2 = store.preset("stroke", "t2").inverse(store.read("stroke", "t2", ((40, 72), (50, 82), (60, 92))))
+  box = ((40, 72), (50, 82), (60, 92))
+  t2 = store.preset("stroke", "t2").inverse(store.read("stroke", "t2", box))
   np.testing.assert_allclose(t2, raw[40:72, 50:82, 60:92], rtol=1e-5, atol=1e-3)
   assert store.subjects()[0]["volumes"]["t2"]["stats"]["max"] == pytest.approx(raw.max())

@@ -22,7 +22,10 @@ from jaxvol.data import store as store_lib
 
 
 def parse_preset(text: str) -> tuple[str, dict]:
-  """'pet_low=pet:ref=pet_full:cap=8' -> ('pet_low', {'kind': 'pet', 'ref': 'pet_full', 'cap': 8.0})."""
+  """Parses one --preset value.
+
+  'pet_low=pet:ref=pet_full:cap=8' -> ('pet_low', {'kind': 'pet', 'ref': 'pet_full', 'cap': 8.0}).
+  """
   modality, sep, rest = text.partition("=")
   if not sep or not modality or not rest:
     raise argparse.ArgumentTypeError(f"--preset {text!r}: expected MODALITY=KIND[:KEY=VALUE...]")

@@ -82,7 +82,8 @@ def mu_from_transmission(transm: np.ndarray, mu_water: float = MU_WATER_511KEV_P
   return (transm * (mu_water / np.median(tissue))).astype(np.float32)
 
 
-def _line_integrals(mu: np.ndarray, step_a: float, step_b: float, directions: int) -> list[np.ndarray]:
+def _line_integrals(mu: np.ndarray, step_a: float, step_b: float,
+                    directions: int) -> list[np.ndarray]:
   """Line integrals of `mu` over whole in-plane lines through each voxel.
 
   `mu` is (A, B, Z): planes are the first two axes. Returns one (A, B, Z) array per direction

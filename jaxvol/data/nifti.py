@@ -140,8 +140,8 @@ def load_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
   if len(shape) == 4 and shape[3] == 1:
     pass  # A single 3D volume stored with a trailing time axis: squeezed below.
   elif len(shape) != 3:
-    raise VolumeError(f"{path}: expected a 3D volume, got shape {shape} "
-                      f"({len(shape)}D{'; 4D files with more than one volume are not supported' if len(shape) == 4 else ''})")
+    why = "; 4D files with more than one volume are not supported" if len(shape) == 4 else ""
+    raise VolumeError(f"{path}: expected a 3D volume, got shape {shape} ({len(shape)}D{why})")
   if min(shape) == 0:
     raise VolumeError(f"{path}: zero-sized axis in shape {shape}")
   geometry = _geometry_of(img, path)
@@ -189,7 +189,8 @@ def _normalise_region(region, shape: Sequence[int], what: str) -> tuple[tuple[in
       start, stop = r
     start, stop = int(start), int(stop)
     if not 0 <= start < stop <= shape[axis]:
-      raise ValueError(f"{what}: region axis {axis} = ({start}, {stop}) is outside [0, {shape[axis]}]")
+      raise ValueError(f"{what}: region axis {axis} = ({start}, {stop}) is outside "
+                       f"[0, {shape[axis]}]")
     out.append((start, stop))
   return tuple(out)
 

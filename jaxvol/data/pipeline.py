@@ -187,6 +187,9 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
                      "processes")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  # Plain dicts (configs may hand over ConfigDicts with string keys) pickle cleanly to workers.
+  modalities = {str(k): str(v) for k, v in modalities.items()}
+  region = None if not region else {int(k): tuple(float(f) for f in v) for k, v in region.items()}
   source = CropSource(store, split)
   # Fail now, not in a worker, when a region is malformed or empty for some subject.
   for sid in source.subject_ids:

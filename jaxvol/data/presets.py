@@ -89,7 +89,8 @@ def fit_preset(kind: str, volume: np.ndarray | None = None, **kw) -> Preset:
     raise ValueError(f"unknown preset kind {kind!r}; expected one of {KINDS}")
   unknown = set(kw) - allowed[kind]
   if unknown:
-    raise ValueError(f"preset {kind!r} does not take {sorted(unknown)}; it takes {sorted(allowed[kind])}")
+    raise ValueError(f"preset {kind!r} does not take {sorted(unknown)}; "
+                     f"it takes {sorted(allowed[kind])}")
 
   def need_volume():
     if volume is None:

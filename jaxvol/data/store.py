@@ -139,13 +139,15 @@ def _normalise_specs(presets: Mapping[str, Any], modalities: Sequence[str]) -> d
                      f"(kinds: {presets_lib.KINDS})")
   extra = [m for m in presets if m not in modalities]
   if extra:
-    raise ValueError(f"presets name modalities {extra} that the datalist does not have {list(modalities)}")
+    raise ValueError(f"presets name modalities {extra} that the datalist does not have "
+                     f"(it has {list(modalities)})")
   specs = {}
   for mod in modalities:
     spec = presets[mod]
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
     if spec.get("kind") not in presets_lib.KINDS:
-      raise ValueError(f"preset for {mod!r}: kind must be one of {presets_lib.KINDS}, got {spec.get('kind')!r}")
+      raise ValueError(f"preset for {mod!r}: kind must be one of {presets_lib.KINDS}, "
+                       f"got {spec.get('kind')!r}")
     ref = spec.get("ref")
     if ref is not None and ref not in modalities:
       raise ValueError(f"preset for {mod!r}: ref {ref!r} is not a modality of the datalist")

@@ -67,6 +67,9 @@ class Method:
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    """Subclasses build their network and diffusion here (dataclass hook)."""
+
   @property
   def cond_channels(self) -> int:
     return len(self.config.data.inputs)

@@ -21,8 +21,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     if n % (spatial * model):
       raise ValueError(f"{n} devices cannot be split into spatial={spatial} x model={model}")
     data = n // (spatial * model)
-  if data * spatial * model != n:
-    raise ValueError(f"mesh data={data} x spatial={spatial} x model={model} != {n} devices")
+  if data * spatial * model > n:
+    raise ValueError(f"mesh data={data} x spatial={spatial} x model={model} needs more than the "
+                     f"{n} available devices")
+  devices = devices[: data * spatial * model]  # an explicit smaller mesh uses the first devices
   grid = np.asarray(devices, dtype=object).reshape(data, spatial, model)
   return Mesh(grid, AXES)
 

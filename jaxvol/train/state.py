@@ -22,7 +22,8 @@ def init_fn(method, optimizer, example_batch):
   """Returns rng -> state; used both with eval_shape (abstract) and jit (real)."""
 
   def init(rng):
-    params = method.init(rng, example_batch)
+    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_batch)
+    params = method.init(rng, batch)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,

@@ -21,7 +21,7 @@ def make_train_step(method, optimizer, ema_decay: float):
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(state["params"], batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -34,7 +34,7 @@ def make_train_step(method, optimizer, ema_decay: float):
         "ema_params": keep(ema, state["ema_params"]),
         "opt_state": keep(opt_state, state["opt_state"]),
     }
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "finite": finite.astype(jnp.float32), **aux}
     return new_state, metrics
 

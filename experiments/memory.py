@@ -1,0 +1,338 @@
+"""Compiled memory and FLOPs of PPDM against full-resolution 3D diffusion, without running anything.
+
+Usage::
+
+  python experiments/memory.py --out DIR [--sizes 64,128,256] [--methods ...] [--batch 1]
+
+For every volume size S, attention setting and method, the train step and the sampler are lowered
+with abstract inputs only (`jax.ShapeDtypeStruct` and `jax.eval_shape`: nothing is allocated) and
+compiled; XLA's `memory_analysis()` and `cost_analysis()` give the numbers (DESIGN.md section 6).
+Bytes are per device: temp + arguments + outputs - aliased (`jaxvol.train.step.compiled_cost`).
+
+Methods, all with the same U-Net:
+  full3d         full-resolution conditional DDPM (`jaxvol.methods.baselines.Full3D`), factor 1.
+  full3d_remat   the same with `config.model.remat = "full"` (every ResBlock's activations are
+                 recomputed in the backward pass): the fair baseline, since the obvious question is
+                 why not just rematerialise. Factor 1.
+  ppdm_r2        PPDM with puzzle factor 2: the U-Net runs on (S/2)^3 with 8x the end channels.
+  ppdm_r4        PPDM with puzzle factor 4: (S/4)^3, 64x the end channels.
+  wdm            wavelet diffusion on the 8 Haar sub-bands at (S/2)^3, factor 2.
+
+Benchmark U-Net (overridable with --width/--mults/--res-blocks/--groups/--time-embed, for tests):
+base width 32, channel multipliers (1, 2, 4, 4), 2 res blocks per level, GroupNorm groups 8,
+time embedding 128, 4 attention heads, compute dtype float32 (CPU), batch 1, one condition and one
+target channel, training crop = the whole volume S^3, AdamW state and EMA parameters included.
+
+Two attention settings are reported (the "attention" field), as DESIGN.md section 6 asks:
+  none     no self-attention anywhere. This is the honest ratio for the puzzle itself: every
+           feature map shrinks by r^3 while only the first and last convolutions widen, so PPDM's
+           train bytes approach 1/r^3 of full3d.
+  lowest   self-attention only at the lowest level (index len(mults) - 1: the down blocks there,
+           the middle block and the up blocks there), as in the usual 3D diffusion U-Net middle
+           block. Attention materialises heads x tokens^2 logits, and the token count differs:
+           full3d attends over (S/8)^3 tokens, PPDM r=2 over (S/16)^3, r=4 over (S/32)^3, so the
+           attention term shrinks by r^6 and the ratios grow with S.
+
+Sampling: `jax.jit(method.sample)` with abstract parameters, a (1, S, S, S, 1) condition and a raw
+PRNG key; 50 DDIM steps for full3d, full3d_remat and wdm (`config.diffusion.sample_steps`), 10 bridge
+steps for PPDM (`config.ppdm.sample_steps`). Each sampler is one `lax.scan`, so its memory hardly
+depends on the step count. Its FLOPs do, but XLA's cost analysis counts a loop body once: the
+compiled `sample_gflops` is about one network evaluation plus the work outside the loop, whatever
+the step count. Both numbers are reported as compiled; `sample_gflops_x_steps` (compiled FLOPs times
+the step count) is the estimate of a whole sampling run.
+
+Train step: `jaxvol.train.loop.build_everything` and `compile_step` on a one-device data axis. In a
+process with several devices (the test suite fakes four) the extra devices go on the unused model
+axis; parameters and batches are replicated over it, so the per-device program is the one-device
+program.
+
+Output: DIR/memory.json (a list of records, rewritten atomically after each record, so a partial
+run leaves valid JSON), DIR/memory.md (the table), and the same table and headline ratios at 128^3
+on stdout. A configuration that fails to compile keeps its error string in the record ("error")
+with null numbers, and the run goes on.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxvol import config as config_lib
+from jaxvol.train import loop
+from jaxvol.train import step as step_lib
+
+GIB = 2.0**30
+
+# name -> (config.method, puzzle/wavelet factor, remat policy)
+VARIANTS = {
+    "full3d": ("full3d", 1, "none"),
+    "full3d_remat": ("full3d", 1, "full"),
+    "ppdm_r2": ("ppdm", 2, "none"),
+    "ppdm_r4": ("ppdm", 4, "none"),
+    "wdm": ("wdm", 2, "none"),
+}
+ATTENTION = ("none", "lowest")
+FULL3D_SAMPLE_STEPS = 50
+PPDM_SAMPLE_STEPS = 10
+HEADLINE_SIZE = 128
+TARGETS = {2: 7, 4: 30}  # PPDM factor -> required train-memory reduction against full3d
+
+
+def _int_list(text: str) -> list[int]:
+  return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+  return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--out", required=True, help="output directory for memory.json and memory.md")
+  p.add_argument("--sizes", type=_int_list, default=[64, 128, 256], help="volume sides, e.g. 64,128")
+  p.add_argument("--methods", type=_str_list, default=list(VARIANTS),
+                 help=f"comma-separated subset of {','.join(VARIANTS)}")
+  p.add_argument("--attention", type=_str_list, default=list(ATTENTION),
+                 help="comma-separated subset of none,lowest")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--width", type=int, default=32, help="U-Net base width")
+  p.add_argument("--mults", type=_int_list, default=[1, 2, 4, 4], help="U-Net channel multipliers")
+  p.add_argument("--res-blocks", type=int, default=2)
+  p.add_argument("--groups", type=int, default=8)
+  p.add_argument("--time-embed", type=int, default=128)
+  args = p.parse_args(argv)
+  bad = [m for m in args.methods if m not in VARIANTS]
+  if bad:
+    p.error(f"unknown methods {bad}; choose from {list(VARIANTS)}")
+  bad = [a for a in args.attention if a not in ATTENTION]
+  if bad:
+    p.error(f"unknown attention settings {bad}; choose from {list(ATTENTION)}")
+  return args
+
+
+def make_config(variant: str, size: int, attention: str, args: argparse.Namespace):
+  """The experiment config for one record; only the method-specific fields differ between methods."""
+  method, factor, remat = VARIANTS[variant]
+  c = config_lib.base_config()
+  c.method = method
+  c.compute_dtype = "float32"
+  c.data.inputs = ("cond",)
+  c.data.batch_size = args.batch
+  c.data.crop_size = (size, size, size)
+  m = c.model
+  m.base_width = args.width
+  m.channel_mults = tuple(args.mults)
+  m.num_res_blocks = args.res_blocks
+  m.groups = args.groups
+  m.time_embed_dim = args.time_embed
+  m.attention_levels = (len(args.mults) - 1,) if attention == "lowest" else ()
+  m.remat = remat
+  if method == "ppdm":
+    c.ppdm.factor = factor
+  c.ppdm.sample_steps = PPDM_SAMPLE_STEPS
+  c.diffusion.sample_steps = FULL3D_SAMPLE_STEPS
+  c.mesh.data = 1
+  c.mesh.spatial = 1
+  c.mesh.model = jax.device_count()  # 1 in a normal run; see the module docstring
+  return c
+
+
+def sample_steps(config) -> int:
+  return int(config.ppdm.sample_steps if config.method == "ppdm" else config.diffusion.sample_steps)
+
+
+def _plain(tree):
+  """Abstract arrays without shardings, for a single-device compile."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
+
+
+def compile_sample(method, abstract_params, size: int, batch: int) -> dict:
+  cond = jax.ShapeDtypeStruct((batch, size, size, size, method.cond_channels), jnp.float32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  compiled = jax.jit(method.sample).lower(_plain(abstract_params), cond, key).compile()
+  return step_lib.compiled_cost(compiled)
+
+
+def _error(exc: BaseException) -> str:
+  text = f"{type(exc).__name__}: {exc}".strip()
+  return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def measure(variant: str, size: int, attention: str, args: argparse.Namespace) -> dict:
+  """Compiles one configuration's train step and sampler; errors go into the record."""
+  method_name, factor, _ = VARIANTS[variant]
+  config = make_config(variant, size, attention, args)
+  rec = {"method": variant if variant == "full3d_remat" else method_name, "variant": variant,
+         "size": size, "factor": factor, "attention": attention,
+         "train_bytes": None, "sample_bytes": None, "train_gflops": None, "sample_gflops": None,
+         "params": None, "train_temp_bytes": None, "sample_temp_bytes": None,
+         "sample_steps": sample_steps(config), "sample_gflops_x_steps": None,
+         "train_compile_s": None, "sample_compile_s": None, "error": None}
+  errors = []
+  try:
+    parts = loop.build_everything(config, args.out)
+  except Exception as exc:  # pylint: disable=broad-except
+    rec["error"] = f"build: {_error(exc)}"
+    return rec
+  params = parts["abstract_state"]["params"]
+  rec["params"] = int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
+
+  t0 = time.time()
+  try:
+    _, cost = loop.compile_step(parts, config)
+    rec.update(train_bytes=cost["bytes"], train_temp_bytes=cost["temp_bytes"],
+               train_gflops=cost["flops"] / 1e9)
+  except Exception as exc:  # pylint: disable=broad-except
+    errors.append(f"train: {_error(exc)}")
+  rec["train_compile_s"] = round(time.time() - t0, 1)
+
+  t0 = time.time()
+  try:
+    cost = compile_sample(parts["method"], params, size, args.batch)
+    rec.update(sample_bytes=cost["bytes"], sample_temp_bytes=cost["temp_bytes"],
+               sample_gflops=cost["flops"] / 1e9,
+               sample_gflops_x_steps=cost["flops"] / 1e9 * rec["sample_steps"])
+  except Exception as exc:  # pylint: disable=broad-except
+    errors.append(f"sample: {_error(exc)}")
+  rec["sample_compile_s"] = round(time.time() - t0, 1)
+  if errors:
+    rec["error"] = "; ".join(errors)
+  return rec
+
+
+def write_json_atomic(path: str, obj) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memory-", suffix=".json.tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _find(records, variant: str, size: int, attention: str):
+  for r in records:
+    if r["variant"] == variant and r["size"] == size and r["attention"] == attention:
+      return r
+  return None
+
+
+def ratio(records, rec, key: str, baseline: str = "full3d"):
+  """rec[key] / the baseline's rec[key] at the same size and attention; None if either is missing."""
+  base = _find(records, baseline, rec["size"], rec["attention"])
+  if base is None or not base.get(key) or rec.get(key) is None:
+    return None
+  return rec[key] / base[key]
+
+
+def _fmt_ratio(x) -> str:
+  if x is None:
+    return "-"
+  if x < 0.995:
+    return f"{x:.3f} (1/{1 / x:.1f})"
+  return f"{x:.2f}"
+
+
+def _fmt(x, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def unet_description(args: argparse.Namespace) -> str:
+  return (f"U-Net: base width {args.width}, mults {tuple(args.mults)}, {args.res_blocks} res blocks "
+          f"per level, groups {args.groups}, time embed {args.time_embed}, float32, batch "
+          f"{args.batch}, 1 cond + 1 target channel, crop = whole volume. Attention 'lowest' = "
+          f"self-attention at level {len(args.mults) - 1} only. Sampling: {FULL3D_SAMPLE_STEPS} DDIM "
+          f"steps (full3d, wdm), {PPDM_SAMPLE_STEPS} bridge steps (ppdm); sample GFLOPs as compiled "
+          f"count the scan body once (~ one network evaluation).")
+
+
+def table(records, args: argparse.Namespace) -> str:
+  """Markdown table; GiB per device and ratios to full3d at the same size and attention."""
+  lines = [
+      f"{unet_description(args)}",
+      "",
+      "| size | attention | method | r | params (M) | train GiB | train / full3d | train / full3d_remat "
+      "| sample GiB | sample / full3d | train GFLOPs | sample GFLOPs (compiled) | error |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in records:
+    lines.append(
+        f"| {r['size']}^3 | {r['attention']} | {r['variant']} | {r['factor']} "
+        f"| {_fmt(r['params'] and r['params'] / 1e6, '.2f')} "
+        f"| {_fmt(r['train_bytes'] and r['train_bytes'] / GIB, '.3f')} "
+        f"| {_fmt_ratio(ratio(records, r, 'train_bytes'))} "
+        f"| {_fmt_ratio(ratio(records, r, 'train_bytes', 'full3d_remat'))} "
+        f"| {_fmt(r['sample_bytes'] and r['sample_bytes'] / GIB, '.3f')} "
+        f"| {_fmt_ratio(ratio(records, r, 'sample_bytes'))} "
+        f"| {_fmt(r['train_gflops'], '.1f')} | {_fmt(r['sample_gflops'], '.1f')} "
+        f"| {(r['error'] or '')[:120].replace('|', '/')} |")
+  return "\n".join(lines)
+
+
+def headline(records, size: int = HEADLINE_SIZE) -> str:
+  """PPDM train bytes against full3d and full3d_remat at one size, with the issue's targets."""
+  lines = [f"Headline at {size}^3 (train bytes per device):"]
+  for attention in ATTENTION:
+    for variant, factor in (("ppdm_r2", 2), ("ppdm_r4", 4)):
+      rec = _find(records, variant, size, attention)
+      if rec is None:
+        continue
+      full = ratio(records, rec, "train_bytes")
+      remat = ratio(records, rec, "train_bytes", "full3d_remat")
+      target = TARGETS[factor]
+      verdict = "-" if full is None else ("meets" if full <= 1 / target else "misses")
+      lines.append(f"  attention={attention:6s} ppdm r={factor}: {_fmt_ratio(full)} of full3d "
+                   f"({verdict} target <= 1/{target}), {_fmt_ratio(remat)} of full3d_remat")
+  if len(lines) == 1:
+    lines.append("  (no PPDM records at this size)")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the benchmark; returns the records also written to OUT/memory.json."""
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  json_path = os.path.join(args.out, "memory.json")
+  md_path = os.path.join(args.out, "memory.md")
+  jobs = [(s, a, v) for s in args.sizes for a in args.attention for v in args.methods]
+  print(f"{len(jobs)} configurations on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"{unet_description(args)}", flush=True)
+  records = []
+  start = time.time()
+  for i, (size, attention, variant) in enumerate(jobs, 1):
+    t0 = time.time()
+    rec = measure(variant, size, attention, args)
+    records.append(rec)
+    write_json_atomic(json_path, records)
+    if rec["train_bytes"] is not None or rec["sample_bytes"] is not None:
+      summary = (f"train {_fmt(rec['train_bytes'] and rec['train_bytes'] / GIB, '.3f')} GiB, "
+                 f"sample {_fmt(rec['sample_bytes'] and rec['sample_bytes'] / GIB, '.3f')} GiB")
+    else:
+      summary = "no numbers"
+    if rec["error"]:
+      summary += f" [error: {rec['error'][:200]}]"
+    print(f"[{i}/{len(jobs)}] {variant} {size}^3 attention={attention}: {summary} "
+          f"({time.time() - t0:.1f} s, elapsed {time.time() - start:.1f} s)", flush=True)
+  md = table(records, args)
+  with open(md_path, "w") as f:
+    f.write(f"# Compiled memory and FLOPs per device\n\n{md}\n\n{headline(records)}\n")
+  print()
+  print(md)
+  print()
+  print(headline(records))
+  print(f"\ntotal {time.time() - start:.1f} s; wrote {json_path} and {md_path}", flush=True)
+  return records
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

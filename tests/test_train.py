@@ -1,0 +1,197 @@
+"""Training end to end on a tiny synthetic store: sharding, resume, clean stops, evaluation."""
+
+import csv
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxvol import config as base
+from jaxvol.data import store as store_lib
+from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.train import checkpoint as ckpt_lib
+from jaxvol.train import loop
+from jaxvol.train import mesh as mesh_lib
+from jaxvol.train import state as state_lib
+from jaxvol.train import step as step_lib
+
+AFFINE = np.array([[-2.0, 0, 0, 40], [0, 2.0, 0, -30], [0, 0, 2.0, -20], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+  """Three 20x18x16 'subjects' (smooth activity; noisy copy as the condition), LAS affine."""
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  rows = []
+  for i, split in enumerate(["train", "train", "test"]):
+    clean = ndimage.gaussian_filter(rng.gamma(2.0, 1.0, (20, 18, 16)), 2.0).astype(np.float32) * 10
+    noisy = np.maximum(clean + rng.normal(0, 1.0, clean.shape), 0).astype(np.float32)
+    for name, vol in (("low", noisy), ("full", clean)):
+      nib.save(nib.Nifti1Image(vol, AFFINE), root / f"s{i}_{name}.nii.gz")
+    rows.append(f"s{i},{split},s{i}_low.nii.gz,s{i}_full.nii.gz")
+  (root / "list.csv").write_text("subject,split,pet_low,pet_full\n" + "\n".join(rows) + "\n")
+  store_lib.convert(root / "list.csv", root / "store",
+                    {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}})
+  return root
+
+
+def smoke_config(store, method="ppdm", steps=4):
+  c = base.base_config()
+  c.method = method
+  c.data.store = str(store)
+  c.data.inputs = ("pet_low",)
+  c.data.target = "pet_full"
+  base.smoke_overrides(c)
+  c.train.steps = steps
+  c.eval.input_baseline = True
+  c.mesh.data = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def parts_and_batch(tiny_store):
+  c = smoke_config(tiny_store / "store")
+  c.data.batch_size = 4
+  rng = np.random.default_rng(1)
+  batch = {"cond": rng.normal(size=(4, 16, 16, 16, 1)).astype(np.float32),
+           "target": rng.normal(size=(4, 16, 16, 16, 1)).astype(np.float32)}
+  return c, batch
+
+
+def _run_steps(c, batch, devices, n=2):
+  mesh = mesh_lib.make_mesh(c.mesh, devices)
+  from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  method = methods.build(c, "cpu")
+  opt = state_lib.make_optimizer(c.train)
+  example = state_lib.abstract_batch(method, 4, (16, 16, 16))
+  repl = mesh_lib.replicated(mesh)
+  shapes = state_lib.state_shapes(method, opt, example)
+  shard = jax.tree.map(lambda _: repl, shapes)
+  state = state_lib.create_state(method, opt, jax.random.PRNGKey(0), example, shard)
+  fn = step_lib.jit_train_step(step_lib.make_train_step(method, opt, 0.99), shard,
+                               mesh_lib.batch_sharding(mesh), repl)
+  b = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in batch.items()}
+  rng = jax.device_put(jax.random.PRNGKey(3), repl)
+  for _ in range(n):
+    state, metrics = fn(state, b, rng)
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("layout", [(4, 1), (2, 2)])
+def test_sharded_step_equals_unsharded(parts_and_batch, layout):
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 (fake) devices")
+  c, batch = parts_and_batch
+  ref_state, ref_m = _run_steps(c, batch, jax.devices()[:1])
+  c4 = c.copy_and_resolve_references()
+  c4.mesh.data, c4.mesh.spatial = layout
+  state, m = _run_steps(c4, batch, jax.devices()[:4])
+  np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _params(workdir):
+  ck = ckpt_lib.Checkpointer(workdir, with_data=False, async_save=False)
+  state, _ = ck.restore(None)
+  step = ck.latest_step()
+  ck.close()
+  return state, step
+
+
+def _next_batch_after_restore(c, workdir):
+  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = pipeline.make_train_iterator(c.data.store, "train", loop.modality_keys(c),
+                                    tuple(c.data.crop_size), c.data.batch_size, seed=c.seed)
+  ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ck.restore(None, data_iter=it)
+  ck.close()
+  return next(it)
+
+
+def test_resumed_run_equals_uninterrupted(tiny_store, tmp_path):
+  c = smoke_config(tiny_store / "store", steps=6)
+  c.train.checkpoint_every = 3
+  loop.train(c, str(tmp_path / "a"))
+  c_short = smoke_config(tiny_store / "store", steps=3)
+  c_short.train.checkpoint_every = 3
+  loop.train(c_short, str(tmp_path / "b"))
+  loop.train(c, str(tmp_path / "b"))  # resumes at 3
+  (sa, step_a), (sb, step_b) = _params(str(tmp_path / "a")), _params(str(tmp_path / "b"))
+  assert step_a == step_b == 6
+  for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  na, nb = _next_batch_after_restore(c, str(tmp_path / "a")), _next_batch_after_restore(
+      c, str(tmp_path / "b"))
+  for k in na:
+    np.testing.assert_array_equal(na[k], nb[k])
+
+
+def test_non_finite_loss_stops_before_checkpoint(tiny_store, tmp_path, monkeypatch):
+  c = smoke_config(tiny_store / "store", steps=6)
+  c.train.checkpoint_every = 2
+  calls = {"n": 0}
+  real = loop.assemble_batch
+
+  def poisoned(raw, n):
+    calls["n"] += 1
+    out = real(raw, n)
+    if calls["n"] == 3:
+      out["target"] = out["target"] * np.nan
+    return out
+
+  monkeypatch.setattr(loop, "assemble_batch", poisoned)
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    loop.train(c, str(tmp_path / "w"))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "w"), async_save=False)
+  assert ck.all_steps() == [2]
+  ck.close()
+
+
+def test_sigterm_saves_and_resume_finishes(tiny_store, tmp_path, monkeypatch):
+  c = smoke_config(tiny_store / "store", steps=8)
+  c.train.checkpoint_every = 100
+  calls = {"n": 0}
+  real = loop.assemble_batch
+
+  def interrupt(raw, n):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(raw, n)
+
+  monkeypatch.setattr(loop, "assemble_batch", interrupt)
+  result = loop.train(c, str(tmp_path / "w"))
+  assert result["step"] == 3
+  monkeypatch.setattr(loop, "assemble_batch", real)
+  assert loop.train(c, str(tmp_path / "w"))["step"] == 8
+
+
+@pytest.mark.parametrize("method", ["ppdm", "full3d", "wdm", "regression"])
+def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
+  c = smoke_config(tiny_store / "store", method=method, steps=2)
+  workdir = str(tmp_path / method)
+  loop.train(c, workdir)
+  summary = evaluate_lib.evaluate(c, workdir)
+  out = os.path.join(workdir, "eval")
+  with open(os.path.join(out, "summary.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(summary))
+  for k in ("psnr", "ssim", "nmse", "mae", "hfen"):
+    assert np.isfinite(on_disk["metrics"][k]["model"]) and np.isfinite(on_disk["metrics"][k]["input"])
+  with open(os.path.join(out, "metrics.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["subject"] for r in rows] == ["s2"]
+  pred = nib.load(os.path.join(out, "nifti", "s2_pred.nii.gz"))
+  src = nib.load(str(tiny_store / "s2_full.nii.gz"))
+  assert pred.shape == src.shape
+  np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+  assert os.path.exists(os.path.join(out, "previews", "s2.png"))
+  assert not [f for f in os.listdir(out) if ".tmp" in f]
