@@ -31,7 +31,7 @@ def get_config(variant: str | None = None):
   if variant == "smoke":
     base.smoke_overrides(c)
   elif variant == "demo":
-    c.data.crop_size = (48, 48, 48)
+    c.data.crop_size = (32, 32, 32)
     c.data.batch_size = 2
     c.model.base_width = 16
     c.model.channel_mults = (1, 2, 4)
@@ -40,7 +40,7 @@ def get_config(variant: str | None = None):
     c.model.time_embed_dim = 64
     c.train.learning_rate = 5e-4
     c.train.warmup_steps = 20
-    c.train.steps = 1500
+    c.train.steps = 3000
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.time_limit_minutes = 10.0

@@ -41,10 +41,18 @@ compiled `sample_gflops` is about one network evaluation plus the work outside t
 the step count. Both numbers are reported as compiled; `sample_gflops_x_steps` (compiled FLOPs times
 the step count) is the estimate of a whole sampling run.
 
-Train step: `jaxvol.train.loop.build_everything` and `compile_step` on a one-device data axis. In a
-process with several devices (the test suite fakes four) the extra devices go on the unused model
-axis; parameters and batches are replicated over it, so the per-device program is the one-device
-program.
+XLA's CPU scheduler: by default it orders instructions for concurrency, not memory, and hoists the
+recomputation that `jax.checkpoint` asks for into the forward pass, so rematerialisation saves
+nothing and every peak is inflated. GPU and TPU compilers schedule to save memory, so when run as a
+script with --scheduler memory (the default) this adds
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` to XLA_FLAGS before anything compiles.
+XLA reads its flags once per process, so `main()` called in-process (the test) leaves XLA_FLAGS alone
+and measures with whatever scheduler the process has. A tiny remat probe, compiled first, tells
+which scheduler is in force; each record says so ("remat_effective").
+
+Train step: `jaxvol.train.loop.build_everything` and `compile_step` on a one-device mesh (data =
+spatial = model = 1; in a process with several devices, such as the test suite's fake ones, the mesh
+takes the first).
 
 Output: DIR/memory.json (a list of records, rewritten atomically after each record, so a partial
 run leaves valid JSON), DIR/memory.md (the table), and the same table and headline ratios at 128^3
@@ -68,6 +76,7 @@ from jaxvol.train import loop
 from jaxvol.train import step as step_lib
 
 GIB = 2.0**30
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 # name -> (config.method, puzzle/wavelet factor, remat policy)
 VARIANTS = {
@@ -101,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--attention", type=_str_list, default=list(ATTENTION),
                  help="comma-separated subset of none,lowest")
   p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--scheduler", choices=("memory", "default"), default="memory",
+                 help="XLA CPU scheduler when run as a script: memory-minimising (like GPU/TPU) "
+                 "or XLA's CPU default")
   p.add_argument("--width", type=int, default=32, help="U-Net base width")
   p.add_argument("--mults", type=_int_list, default=[1, 2, 4, 4], help="U-Net channel multipliers")
   p.add_argument("--res-blocks", type=int, default=2)
@@ -139,8 +151,42 @@ def make_config(variant: str, size: int, attention: str, args: argparse.Namespac
   c.diffusion.sample_steps = FULL3D_SAMPLE_STEPS
   c.mesh.data = 1
   c.mesh.spatial = 1
-  c.mesh.model = jax.device_count()  # 1 in a normal run; see the module docstring
+  c.mesh.model = 1
   return c
+
+
+def request_scheduler(kind: str) -> None:
+  """Asks XLA (through XLA_FLAGS) for the memory-minimising CPU scheduler unless told otherwise.
+
+  Only effective before the process's first compile; an explicit setting in XLA_FLAGS wins.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if kind == "memory" and SCHEDULER_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}=false".strip()
+
+
+def remat_probe() -> bool:
+  """True if `jax.checkpoint` lowers the compiled temp bytes of a tiny conv chain in this process."""
+
+  def block(x, w):
+    h = jax.lax.conv_general_dilated(jnp.tanh(x), w, (1, 1, 1), "SAME",
+                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return x + 2.0 * jnp.tanh(h)
+
+  temp = {}
+  for remat in (False, True):
+    f = jax.checkpoint(block) if remat else block
+
+    def loss(ws, x, f=f):
+      for w in ws:
+        x = f(x, w)
+      return jnp.sum(x * x)
+
+    ws = [jax.ShapeDtypeStruct((3, 3, 3, 4, 4), jnp.float32)] * 4
+    x = jax.ShapeDtypeStruct((1, 8, 8, 8, 4), jnp.float32)
+    compiled = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  return temp[True] < temp[False]
 
 
 def sample_steps(config) -> int:
@@ -164,7 +210,8 @@ def _error(exc: BaseException) -> str:
   return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
-def measure(variant: str, size: int, attention: str, args: argparse.Namespace) -> dict:
+def measure(variant: str, size: int, attention: str, args: argparse.Namespace,
+            remat_effective: bool | None = None) -> dict:
   """Compiles one configuration's train step and sampler; errors go into the record."""
   method_name, factor, _ = VARIANTS[variant]
   config = make_config(variant, size, attention, args)
@@ -173,7 +220,8 @@ def measure(variant: str, size: int, attention: str, args: argparse.Namespace) -
          "train_bytes": None, "sample_bytes": None, "train_gflops": None, "sample_gflops": None,
          "params": None, "train_temp_bytes": None, "sample_temp_bytes": None,
          "sample_steps": sample_steps(config), "sample_gflops_x_steps": None,
-         "train_compile_s": None, "sample_compile_s": None, "error": None}
+         "train_compile_s": None, "sample_compile_s": None, "remat_effective": remat_effective,
+         "error": None}
   errors = []
   try:
     parts = loop.build_everything(config, args.out)
@@ -258,8 +306,13 @@ def unet_description(args: argparse.Namespace) -> str:
 
 def table(records, args: argparse.Namespace) -> str:
   """Markdown table; GiB per device and ratios to full3d at the same size and attention."""
+  effective = {r.get("remat_effective") for r in records}
+  scheduler = ("memory-minimising (remat lowers memory)" if effective == {True} else
+               "XLA's CPU default (remat does not lower memory here)" if effective == {False} else
+               "unknown")
   lines = [
       f"{unet_description(args)}",
+      f"Bytes per device = temp + arguments + outputs - aliased; XLA CPU scheduler: {scheduler}.",
       "",
       "| size | attention | method | r | params (M) | train GiB | train / full3d | train / full3d_remat "
       "| sample GiB | sample / full3d | train GFLOPs | sample GFLOPs (compiled) | error |",
@@ -307,11 +360,17 @@ def main(argv=None) -> list[dict]:
   jobs = [(s, a, v) for s in args.sizes for a in args.attention for v in args.methods]
   print(f"{len(jobs)} configurations on {jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"{unet_description(args)}", flush=True)
+  remat_effective = remat_probe()
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; remat lowers memory in this process: "
+        f"{remat_effective}", flush=True)
+  if not remat_effective:
+    print("WARNING: XLA's CPU scheduler hoists recomputation into the forward pass here, so "
+          "full3d_remat will match full3d (see the module docstring)", flush=True)
   records = []
   start = time.time()
   for i, (size, attention, variant) in enumerate(jobs, 1):
     t0 = time.time()
-    rec = measure(variant, size, attention, args)
+    rec = measure(variant, size, attention, args, remat_effective)
     records.append(rec)
     write_json_atomic(json_path, records)
     if rec["train_bytes"] is not None or rec["sample_bytes"] is not None:
@@ -335,4 +394,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
+  request_scheduler(parse_args(sys.argv[1:]).scheduler)  # before the first compile
   main(sys.argv[1:])

@@ -124,12 +124,17 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   return {"rows": rows, "step": step}
 
 
+def _plain(region):
+  """A ConfigDict region as a JSON-friendly {axis: [lo, hi]} (or None)."""
+  return None if region is None else {str(k): list(v) for k, v in region.items()}
+
+
 def evaluate(config, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "eval")
   result = predict_split(config, workdir, config.eval.split, out_dir, with_metrics=True)
   rows = result["rows"]
   summary = {"method": config.method, "checkpoint_step": result["step"], "split": config.eval.split,
-             "n_volumes": len(rows), "mask": config.eval.mask, "region": config.data.eval_region,
+             "n_volumes": len(rows), "mask": config.eval.mask, "region": _plain(config.data.eval_region),
              "metrics": {}, "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
   for k in METRICS:
     entry = {"model": float(np.mean([r[f"model_{k}"] for r in rows]))}

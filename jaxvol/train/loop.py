@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from jaxvol import methods
@@ -191,8 +192,8 @@ def train(config, workdir: str) -> dict:
             time_limit > 0 and time.time() - t_start > time_limit)
         if step % config.train.log_every == 0 or done:
           fetched = jax.device_get(history)
-          last = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1]}
-          if min(h["finite"] for h in fetched) < 1.0:
+          last = average_metrics(fetched)
+          if last["finite"] < 1.0:
             save(step)  # raises with a clear message; nothing is written
           now = time.time()
           rate = (step - steps_at_log) / max(now - t_log, 1e-9)
@@ -216,6 +217,16 @@ def train(config, workdir: str) -> dict:
     writer.close()
     del data_iter
   return {"step": step, **last}
+
+
+def average_metrics(history: list[dict]) -> dict:
+  """Averages a logging window of per-step metrics with clu's mergeable Average metric."""
+  totals = {}
+  for h in history:
+    for k, v in h.items():
+      m = clu_metrics.Average.from_model_output(jnp.asarray(v, jnp.float32))
+      totals[k] = m if k not in totals else totals[k].merge(m)
+  return {k: float(m.compute()) for k, m in totals.items()}
 
 
 def _fmt_time(seconds: float) -> str:

@@ -1,0 +1,428 @@
+"""Quality and speed of PPDM against the baselines, every method trained with the same budget.
+
+Usage::
+
+  python experiments/quality.py --out DIR [--tasks mri_t1_t2,pet_denoise]
+      [--methods full3d,ppdm2,ppdm4,wdm,regression] [--steps N] [--crop S] [--width W]
+      [--batch B] [--lr LR] [--sample-steps K] [--ppdm-sample-steps K]
+
+Tasks (data built by tools/prepare_data.py into DIR/data/TASK unless already there):
+  mri_t1_t2    stroke T1 -> T2, ONE subject split by region: training crops come from RAS x in
+               [0, 0.5) (one hemisphere), evaluation is on x in [0.5, 1] (the other hemisphere).
+  pet_denoise  low-count (10% dose) -> full-count PET; train: noise realisations of the SPM PET
+               template and of a T1-derived FDG-like PET; test: new noise realisations of the SAME
+               two anatomies (this measures denoising, not generalisation to unseen anatomy).
+
+Methods, each configured from the repository's configs (configs/{full3d,ppdm,wdm,regression}_
+mri_t1_t2.py, configs/ppdm_pet_denoise.py with `method` switched for the baselines), loaded by
+path and then overridden so that every method gets THE SAME BUDGET: the same number of steps,
+batch, crop, learning rate and U-Net (base width W, channel multipliers (1, 2, 4), one res block
+per level, GroupNorm 8, no attention):
+  full3d       full-resolution conditional DDPM, DDIM sampling (--sample-steps, 50 by default).
+  ppdm2/ppdm4  PPDM with puzzle factor 2 / 4, bridge sampling (--ppdm-sample-steps, 10).
+  wdm          wavelet (Haar) diffusion, factor 2, DDIM sampling like full3d.
+  regression   the same U-Net as a one-pass L1 regressor.
+The parameterisation (eps/x0) and everything not listed above stay as in the configs. The learning
+rate (5e-4 by default, as in the ppdm_pet_denoise `demo` variant) replaces the configs' 1e-4, which
+is meant for runs 10-100x longer than this CPU budget; warm-up is 5% of the steps.
+
+Evaluation: `jaxvol.eval.evaluate.evaluate` from the final checkpoint (EMA weights) over the whole
+held-out region (MRI: 62x160x140 voxels) or every test volume (PET), metrics on the original
+intensity scale inside the target's body mask. For PET, the input-as-prediction floor is reported
+too.
+
+Timing (seconds, on whatever machine runs this; compare them as ratios within one run):
+  train_step_s  median seconds per step over the training run's logging windows, excluding the
+                first window (which pays for data-pipeline warm-up); the step is compiled ahead
+                of time before the loop, so no window includes compilation. Data loading is
+                included, as in real training.
+  sample_s      one warm sampling run of the first evaluation volume: the sampler is compiled
+                ahead of time (`jax.jit(...).lower(...).compile()`), then one call is timed.
+                evaluate()'s own `seconds_per_volume` includes compilation and is kept in the
+                record as `eval_seconds_per_volume`.
+
+Outputs: DIR/quality.json (a list of records {task, method, factor, psnr, ssim, train_step_s,
+sample_s, steps, split, ...}, rewritten atomically after each record), DIR/quality.md (the table,
+also printed) and DIR/runs/TASK/NAME_s{steps}_c{crop}_w{width}/ (checkpoints, eval outputs). A
+rerun skips records already in quality.json with the same budget, and training resumes from the
+latest checkpoint of its workdir.
+
+Targets (from the PPDM claims): PPDM r=2 within 0.5 dB PSNR of full3d, and above WDM. Checked per
+task and reported as met or not; nothing is tuned on the test data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TASKS = ("mri_t1_t2", "pet_denoise")
+# name -> (config.method, factor)
+METHODS = {
+    "full3d": ("full3d", 1),
+    "ppdm2": ("ppdm", 2),
+    "ppdm4": ("ppdm", 4),
+    "wdm": ("wdm", 2),
+    "regression": ("regression", 1),
+}
+SPLITS = {
+    "mri_t1_t2": ("one subject (stroke T1/T2, 1 mm): trained on RAS x in [0, 0.5) (one "
+                  "hemisphere), evaluated on x in [0.5, 1] (the other hemisphere)"),
+    "pet_denoise": ("train: 3 noise realisations of each of 2 anatomies (SPM PET template, T1-"
+                    "derived FDG-like PET; 10% dose -> full count); test: 1 new noise realisation "
+                    "of each SAME anatomy (denoising only, no unseen anatomy)"),
+}
+PSNR_MARGIN_DB = 0.5
+
+log = logging.getLogger("jaxvol")
+
+
+def _load_module(path: pathlib.Path, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def config_path(task: str, method: str) -> pathlib.Path:
+  """The repository config a (task, method) starts from."""
+  if task == "mri_t1_t2":
+    return ROOT / "configs" / f"{method}_mri_t1_t2.py"
+  if task == "pet_denoise":
+    return ROOT / "configs" / "ppdm_pet_denoise.py"
+  raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def make_config(task: str, name: str, store: str, args: argparse.Namespace):
+  """The repository config of (task, method), overridden to the shared budget."""
+  method, factor = METHODS[name]
+  module = _load_module(config_path(task, method), f"quality_config_{task}_{method}")
+  c = module.get_config()
+  c.method = method
+  c.data.store = store
+  c.data.crop_size = (args.crop,) * 3
+  c.data.batch_size = args.batch
+  c.data.num_workers = 0
+  m = c.model
+  m.base_width = args.width
+  m.channel_mults = (1, 2, 4)
+  m.num_res_blocks = 1
+  m.attention_levels = ()
+  m.groups = 8
+  m.dropout = 0.0
+  c.ppdm.factor = factor if method == "ppdm" else c.ppdm.factor
+  c.ppdm.sample_steps = args.ppdm_sample_steps
+  c.diffusion.sample_steps = args.sample_steps
+  t = c.train
+  t.steps = args.steps
+  t.learning_rate = args.lr
+  t.warmup_steps = max(1, args.steps // 20)
+  t.log_every = max(1, min(25, args.steps // 4))
+  t.checkpoint_every = max(1, args.steps // 4)
+  t.keep_checkpoints = 2
+  t.time_limit_minutes = 0.0
+  c.eval.checkpoint_step = args.steps
+  c.eval.previews = True
+  c.eval.input_baseline = task == "pet_denoise"
+  c.mesh.data = 1
+  c.mesh.spatial = 1
+  c.mesh.model = 1
+  return c
+
+
+def workdir_for(out: pathlib.Path, task: str, name: str, args: argparse.Namespace) -> pathlib.Path:
+  return out / "runs" / task / f"{name}_s{args.steps}_c{args.crop}_w{args.width}"
+
+
+class StepTimes(logging.Handler):
+  """Collects (time, step) of the training loop's progress lines ("step %d/%d ...")."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.points: list[tuple[float, int]] = []
+
+  def emit(self, record):
+    if isinstance(record.msg, str) and record.msg.startswith("step %d/%d") and record.args:
+      self.points.append((record.created, int(record.args[0])))
+
+
+def median_step_seconds(points: Sequence[tuple[float, int]]) -> float | None:
+  """Median seconds per step over logging windows, the first window excluded.
+
+  Args:
+    points: (wall time, step) at the end of each logging window, in order.
+
+  Returns:
+    The median of (t_i - t_{i-1}) / (s_i - s_{i-1}) over consecutive windows, or None with fewer
+    than two points.
+  """
+  rates = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(points, points[1:]) if s1 > s0]
+  return statistics.median(rates) if rates else None
+
+
+def warm_sample_seconds(config, workdir: str) -> tuple[float, list[int]]:
+  """Seconds of one sampling call on the first evaluation volume, compiled beforehand."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
+  method = methods.build(config, jax.devices()[0].platform)
+  params, _ = evaluate_lib.load_params(config, workdir)
+  store = store_lib.Store(config.data.store)
+  subject = store.subjects(config.eval.split)[0]
+  box = pipeline.region_box(subject["shape"], config.data.eval_region)
+  cond = np.stack([store.read(subject["id"], m, box) for m in config.data.inputs], -1)[None]
+  cond = jax.numpy.asarray(cond, jax.numpy.float32)
+  rng = jax.random.PRNGKey(config.eval.seed)
+  compiled = jax.jit(method.sample).lower(params, cond, rng).compile()
+  t0 = time.perf_counter()
+  jax.block_until_ready(compiled(params, cond, rng))
+  return time.perf_counter() - t0, list(cond.shape[1:4])
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".quality-",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".quality-",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def upsert(records: list[dict], rec: dict) -> list[dict]:
+  """Records with `rec` replacing any earlier one of the same (task, method, factor)."""
+  key = (rec["task"], rec["method"], rec["factor"])
+  return [r for r in records if (r["task"], r["method"], r["factor"]) != key] + [rec]
+
+
+def find(records: Sequence[dict], task: str, method: str, factor: int) -> dict | None:
+  for r in records:
+    if (r["task"], r["method"], r["factor"]) == (task, method, factor):
+      return r
+  return None
+
+
+def _fmt(x, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def _label(rec: dict) -> str:
+  return f"ppdm r={rec['factor']}" if rec["method"] == "ppdm" else rec["method"]
+
+
+def table(records: Sequence[dict]) -> str:
+  """Markdown table: one row per record, plus the input-as-prediction floor where recorded."""
+  lines = ["| task | method | PSNR (dB) | SSIM | train step (s) | sample (s/volume) | steps |",
+           "|---|---|---|---|---|---|---|"]
+  for task in dict.fromkeys(r["task"] for r in records):
+    rows = [r for r in records if r["task"] == task]
+    floor = next((r for r in rows if r.get("input_psnr") is not None), None)
+    if floor is not None:
+      lines.append(f"| {task} | input (no model) | {floor['input_psnr']:.2f} | "
+                   f"{floor['input_ssim']:.4f} | - | - | - |")
+    for r in rows:
+      lines.append(f"| {task} | {_label(r)} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} "
+                   f"| {_fmt(r['train_step_s'], '.3f')} | {_fmt(r['sample_s'], '.2f')} "
+                   f"| {r['steps']} |")
+  return "\n".join(lines)
+
+
+def targets(records: Sequence[dict]) -> list[str]:
+  """Verdicts on 'PPDM r=2 within 0.5 dB PSNR of full3d' and 'PPDM r=2 above WDM', per task."""
+  out = []
+  for task in dict.fromkeys(r["task"] for r in records):
+    ppdm, full, wdm = (find(records, task, m, f) for m, f in (("ppdm", 2), ("full3d", 1),
+                                                               ("wdm", 2)))
+    if ppdm is None:
+      continue
+    if full is not None:
+      gap = ppdm["psnr"] - full["psnr"]
+      ok = gap >= -PSNR_MARGIN_DB
+      out.append(f"{task}: ppdm r=2 vs full3d: {gap:+.2f} dB -> within {PSNR_MARGIN_DB} dB: "
+                 f"{'MET' if ok else 'NOT MET'}")
+    if wdm is not None:
+      gap = ppdm["psnr"] - wdm["psnr"]
+      out.append(f"{task}: ppdm r=2 vs wdm: {gap:+.2f} dB -> above wdm: "
+                 f"{'MET' if gap > 0 else 'NOT MET'}")
+  return out
+
+
+def markdown(records: Sequence[dict], args: argparse.Namespace) -> str:
+  budget = (f"Same budget for every method: {args.steps} steps, batch {args.batch}, crop "
+            f"{args.crop}^3, lr {args.lr:g}, U-Net base width {args.width}, channel multipliers "
+            f"(1, 2, 4), 1 res block per level, no attention; DDIM {args.sample_steps} steps "
+            f"(full3d, wdm), bridge {args.ppdm_sample_steps} steps (ppdm).")
+  splits = "\n".join(f"- {t}: {SPLITS[t]}" for t in dict.fromkeys(r["task"] for r in records))
+  timing = ("Train step: median seconds per step over logging windows (first excluded). Sample: "
+            "one warm (pre-compiled) sampling run of the first evaluation volume. Times are from "
+            "one CPU machine; compare them as ratios.")
+  verdicts = "\n".join(f"- {v}" for v in targets(records)) or "- (not enough methods to check)"
+  return (f"# Quality at equal training budget\n\n{budget}\n\nData splits:\n{splits}\n\n"
+          f"{table(records)}\n\n{timing}\n\nTargets:\n{verdicts}\n")
+
+
+def _str_list(text: str) -> list[str]:
+  return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--tasks", type=_str_list, default=list(TASKS))
+  p.add_argument("--methods", type=_str_list, default=list(METHODS))
+  p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")
+  p.add_argument("--crop", type=int, default=32, help="training crop side")
+  p.add_argument("--width", type=int, default=16, help="U-Net base width")
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--lr", type=float, default=5e-4)
+  p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of full3d and wdm")
+  p.add_argument("--ppdm-sample-steps", type=int, default=10, help="bridge steps of ppdm")
+  p.add_argument("--source", default=None, help="shared real volumes (default: prepare_data's)")
+  args = p.parse_args(argv)
+  bad = [t for t in args.tasks if t not in TASKS]
+  if bad:
+    p.error(f"unknown tasks {bad}; choose from {list(TASKS)}")
+  bad = [m for m in args.methods if m not in METHODS]
+  if bad:
+    p.error(f"unknown methods {bad}; choose from {list(METHODS)}")
+  if args.steps < 1 or args.crop < 1 or args.width < 1 or args.batch < 1:
+    p.error("--steps, --crop, --width and --batch must be positive")
+  if args.crop % 16:
+    p.error("--crop must be a multiple of 16 (ppdm r=4 with a 3-level U-Net)")
+  return args
+
+
+def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
+  """DIR/data/TASK/store, built with tools/prepare_data.py unless it exists already."""
+  store = out / "data" / task / "store"
+  if (store / "manifest.json").is_file():
+    return str(store)
+  prepare_data = _load_module(ROOT / "tools" / "prepare_data.py", "quality_prepare_data")
+  return prepare_data.prepare(task, out / "data" / task, source=source)
+
+
+def run_one(task: str, name: str, store: str, out: pathlib.Path,
+            args: argparse.Namespace) -> dict:
+  """Trains (or resumes) and evaluates one method on one task; returns its record."""
+  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+
+  method, factor = METHODS[name]
+  config = make_config(task, name, store, args)
+  workdir = workdir_for(out, task, name, args)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timing_path = workdir / "quality_train.json"
+
+  ckpt = ckpt_lib.Checkpointer(str(workdir), with_data=False, async_save=False)
+  try:
+    done = ckpt.latest_step() is not None and ckpt.latest_step() >= args.steps
+  finally:
+    ckpt.close()
+  if done and timing_path.is_file():
+    timing = json.loads(timing_path.read_text())
+    log.info("%s/%s: reusing the finished run in %s", task, name, workdir)
+  else:
+    handler = StepTimes()
+    log.addHandler(handler)
+    t0 = time.time()
+    try:
+      loop.train(config, str(workdir))
+    finally:
+      log.removeHandler(handler)
+    timing = {"train_step_s": median_step_seconds(handler.points),
+              "train_wall_s": time.time() - t0, "windows": handler.points}
+    write_json_atomic(timing_path, timing)
+
+  summary = evaluate_lib.evaluate(config, str(workdir))
+  sample_s, sample_shape = warm_sample_seconds(config, str(workdir))
+  metrics = summary["metrics"]
+  return {
+      "task": task, "method": method, "factor": factor,
+      "psnr": metrics["psnr"]["model"], "ssim": metrics["ssim"]["model"],
+      "train_step_s": timing["train_step_s"], "sample_s": sample_s,
+      "steps": args.steps, "split": SPLITS[task],
+      "input_psnr": metrics["psnr"].get("input"), "input_ssim": metrics["ssim"].get("input"),
+      "nmse": metrics["nmse"]["model"], "mae": metrics["mae"]["model"],
+      "eval_seconds_per_volume": summary["seconds_per_volume"],
+      "sample_shape": sample_shape, "n_eval_volumes": summary["n_volumes"],
+      "eval_region": summary["region"], "checkpoint_step": summary["checkpoint_step"],
+      "train_wall_s": timing.get("train_wall_s"),
+      "sample_steps": (args.ppdm_sample_steps if method == "ppdm" else
+                       None if method == "regression" else args.sample_steps),
+      "budget": {"crop": args.crop, "batch": args.batch, "width": args.width, "lr": args.lr},
+      "config": config_path(task, method).name, "workdir": str(workdir),
+  }
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout,
+                      force=True)
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  out = pathlib.Path(args.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  json_path, md_path = out / "quality.json", out / "quality.md"
+  records = json.loads(json_path.read_text()) if json_path.is_file() else []
+  start = time.time()
+  for task in args.tasks:
+    store = prepare_store(out, task, args.source)
+    print(f"== {task}: {SPLITS[task]}", flush=True)
+    for name in args.methods:
+      method, factor = METHODS[name]
+      old = find(records, task, method, factor)
+      budget = {"crop": args.crop, "batch": args.batch, "width": args.width, "lr": args.lr}
+      if old is not None and old["steps"] == args.steps and old.get("budget") == budget:
+        print(f"-- {task}/{name}: already in {json_path}, skipped", flush=True)
+        continue
+      t0 = time.time()
+      rec = run_one(task, name, store, out, args)
+      records = upsert(records, rec)
+      write_json_atomic(json_path, records)
+      print(f"-- {task}/{name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.4f}, "
+            f"{_fmt(rec['train_step_s'], '.3f')} s/step, sample {rec['sample_s']:.2f} s "
+            f"({time.time() - t0:.0f} s, elapsed {time.time() - start:.0f} s)", flush=True)
+  md = markdown([r for r in records if r["task"] in args.tasks], args)
+  write_text_atomic(md_path, md)
+  print(md)
+  print(f"wrote {json_path} and {md_path} in {time.time() - start:.0f} s")
+  return records
+
+
+if __name__ == "__main__":
+  main()

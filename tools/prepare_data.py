@@ -1,0 +1,345 @@
+"""Command line: build paired training data from the real volumes in ../shared/data, as a store.
+
+Usage::
+
+  python tools/prepare_data.py --task TASK --out DIR [--source ../shared/data] [--seed 0]
+      [--dose 0.1] [--counts 1e8] [--realisations 3] [--overwrite]
+
+Writes, under DIR:
+  nifti/*.nii.gz    the paired volumes (PET tasks only; MRI pairs are read from the source)
+  datalist.csv      one row per subject: subject, split, one column per modality
+  store/            the preconverted store (`jaxvol.data.store.convert`), path printed last
+
+Tasks:
+
+``mri_t1_t2``
+  stroke_T1 -> stroke_T2 of one subject (`mri_stroke/`), modalities ``t1`` and ``t2`` with MRI
+  percentile presets, one subject ``stroke`` in the ``train`` split. The region split (train on RAS
+  x in [0, 0.5), evaluate on [0.5, 1]: one hemisphere each) is made by the configs
+  (`jaxvol.config.mri_t1_t2_task`), not here.
+
+``pet_denoise``
+  Low-count -> full-count PET on two anatomies:
+    * ``tmpl``: the SPM H2-15O PET template (`templates_2mm/PET.nii.gz`, 2 mm) as activity.
+    * ``t1``: a harder, FDG-like PET simulated from the stroke T1 (`simulate_t1_pet`): inside the
+      brain (T1 > 0; the volume is brain-extracted) voxels are labelled by T1 intensity quantiles,
+      CSF below the 20th percentile, grey matter from the 20th to the 60th, white matter above
+      (in T1w images white matter is brightest and CSF darkest; the infarct is dark, so it gets
+      CSF-like, near-zero uptake, as a hypometabolic lesion would). Activity is GM 4 : WM 1 :
+      CSF 0.05 (`jaxvol.data.phantoms.FDG_RATIOS`), blurred with a 4 mm FWHM Gaussian (scanner
+      resolution) at 1 mm, then averaged over 2x2x2 blocks onto a 2 mm grid (62x80x70), the
+      voxel size of a clinical brain PET and of the template.
+  For each realisation, full-count = one Poisson realisation of the activity at ``--counts``
+  expected counts (`degrade.poisson_thinning` with dose 1), low-count = an independent one at
+  dose fraction ``--dose``, both rescaled so that their expectation is the activity. Modalities
+  ``pet_low`` and ``pet_full``, presets ``pet_low=pet``, ``pet_full=pet:ref=pet_low`` (one scale
+  for both). Subjects: ``pet_tmpl_0..N-1`` and ``pet_t1_0..N-1`` (train, N = ``--realisations``),
+  ``pet_tmpl_test`` and ``pet_t1_test`` (test, other noise seeds).
+  With only two anatomies, the TEST SUBJECTS SHARE THEIR ANATOMY WITH TRAINING SUBJECTS; only the
+  noise differs. This measures denoising, not generalisation to unseen anatomy.
+
+``pet_ac``
+  Joint denoising and attenuation correction from the SPM PET and transmission templates:
+  mu = `degrade.mu_from_transmission(Transm)` (1/cm at 511 keV), NAC = `degrade.simulate_nac_pet`
+  (PET, mu, spacing) with the scanner axis along RAS z (its docstring states the physics). Input
+  ``pet_nac_low`` = the NAC image Poisson-thinned at dose ``--dose``, with the count budget the
+  attenuation leaves (``--counts`` x sum(NAC) / sum(PET): the photons that reach the detector);
+  target ``pet_ac`` = a full-count realisation of the AC PET at ``--counts``. Presets
+  ``pet_nac_low=pet`` and ``pet_ac=pet``, fitted separately (the two images have different
+  scales), matching `configs/ppdm_pet_ac.py`. Subjects ``pet_ac_0..N-1`` (train) and
+  ``pet_ac_test`` (test): one anatomy, so again only the noise differs between train and test.
+
+Noise is drawn voxel by voxel in the image domain (no tomographic reconstruction), so it is white,
+not spatially correlated as in a reconstructed PET image. Every output is a deterministic function
+of the arguments (``--seed``). Files are written atomically (temporary name, then rename); the
+store conversion is atomic and resumable. An existing DIR/store is never replaced without
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Any, Sequence
+
+from nibabel import orientations as nio
+import numpy as np
+
+from jaxvol.data import degrade
+from jaxvol.data import nifti
+from jaxvol.data import phantoms
+from jaxvol.data import store as store_lib
+
+TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac")
+DEFAULT_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DOSE = 0.1
+# Expected counts of one full-count image, about a clinical brain scan (as in jaxvol.data.phantoms).
+DEFAULT_COUNTS = phantoms.DEFAULT_TOTAL_COUNTS
+DEFAULT_REALISATIONS = 3
+# T1 intensity quantiles (within the brain) separating CSF | GM | WM for `simulate_t1_pet`.
+T1_QUANTILES = (0.2, 0.6)
+PET_FWHM_MM = 4.0
+T1_PET_POOL = 2  # 1 mm T1 grid -> 2 mm PET grid
+
+SOURCES = {
+    "t1": "mri_stroke/stroke_T1.nii.gz",
+    "t2": "mri_stroke/stroke_T2.nii.gz",
+    "pet": "templates_2mm/PET.nii.gz",
+    "transm": "templates_2mm/Transm.nii.gz",
+}
+PRESETS = {
+    "mri_t1_t2": {"t1": {"kind": "mri"}, "t2": {"kind": "mri"}},
+    "pet_denoise": {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}},
+    "pet_ac": {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}},
+}
+TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (only the Poisson "
+                   "noise differs): this measures denoising, not generalisation to new anatomy")
+
+
+def source_dir(source: str | os.PathLike | None = None) -> pathlib.Path:
+  """The folder of real volumes; raises FileNotFoundError with a hint when it is absent."""
+  path = pathlib.Path(source) if source is not None else DEFAULT_SOURCE
+  missing = [rel for rel in SOURCES.values() if not (path / rel).is_file()]
+  if not path.is_dir() or missing:
+    what = "does not exist" if not path.is_dir() else f"lacks {', '.join(missing)}"
+    raise FileNotFoundError(
+        f"source folder {path} {what}: it must hold the shared real volumes "
+        "(mri_stroke/, templates_2mm/; see shared/data/README.md); pass --source")
+  return path
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed), *keys])
+
+
+def simulate_t1_pet(t1: np.ndarray, spacing: Sequence[float],
+                    quantiles: Sequence[float] = T1_QUANTILES,
+                    fwhm_mm: float = PET_FWHM_MM, pool: int = T1_PET_POOL) -> np.ndarray:
+  """An FDG-like activity map from a brain-extracted T1 (see the module docstring).
+
+  Args:
+    t1: brain-extracted T1 (zero outside the brain), RAS.
+    spacing: voxel size of `t1` in mm.
+    quantiles: T1 quantiles within the brain separating CSF | GM | WM.
+    fwhm_mm: Gaussian blur (scanner resolution) applied on the T1 grid.
+    pool: block size of the mean pooling onto the PET grid (1: keep the T1 grid). Trailing voxels
+      that do not fill a block are dropped.
+
+  Returns:
+    Non-negative float32 activity on the pooled grid.
+  """
+  t1 = np.asarray(t1, dtype=np.float32)
+  brain = t1 > 0
+  if not brain.any():
+    raise ValueError("T1 volume is empty: cannot derive a brain mask")
+  lo, hi = np.quantile(t1[brain], quantiles)
+  csf = (brain & (t1 < lo)).astype(np.float32)
+  gm = (brain & (t1 >= lo) & (t1 < hi)).astype(np.float32)
+  wm = (brain & (t1 >= hi)).astype(np.float32)
+  activity = phantoms.simulate_pet_activity(gm, wm, csf, smooth_fwhm_mm=fwhm_mm, spacing=spacing)
+  return _mean_pool(activity, pool)
+
+
+def _mean_pool(x: np.ndarray, pool: int) -> np.ndarray:
+  if pool == 1:
+    return x.astype(np.float32)
+  shape = [s // pool for s in x.shape]
+  x = x[:shape[0] * pool, :shape[1] * pool, :shape[2] * pool]
+  x = x.reshape(shape[0], pool, shape[1], pool, shape[2], pool)
+  return x.mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def _pooled_affine(affine_ras: np.ndarray, pool: int) -> np.ndarray:
+  """Affine of a `pool`-times coarser grid whose voxel 0 is the centre of the first block."""
+  out = np.asarray(affine_ras, dtype=np.float64).copy()
+  out[:3, 3] = affine_ras[:3, :3] @ np.full(3, (pool - 1) / 2.0) + affine_ras[:3, 3]
+  out[:3, :3] = affine_ras[:3, :3] * pool
+  return out
+
+
+def _write_datalist(path: pathlib.Path, modalities: Sequence[str], rows: Sequence[dict]) -> None:
+  """Writes the CSV datalist atomically (temporary file, then rename)."""
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=["subject", "split", *modalities])
+      writer.writeheader()
+      writer.writerows(rows)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _save_pair(folder: pathlib.Path, subject: str, split: str, volumes: dict[str, np.ndarray],
+               affine: np.ndarray) -> dict[str, str]:
+  row = {"subject": subject, "split": split}
+  for modality, array in volumes.items():
+    name = f"{subject}_{modality}.nii.gz"
+    nifti.save_volume(folder / name, array, affine=affine)
+    row[modality] = f"nifti/{name}"
+  return row
+
+
+def _mri_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
+  del out
+  return [{"subject": "stroke", "split": "train", "t1": str(src / SOURCES["t1"]),
+           "t2": str(src / SOURCES["t2"])}]
+
+
+def _realisation_ids(realisations: int) -> list[tuple[str, str, int]]:
+  """(suffix, split, noise index) of every realisation: N train ones, then one test one."""
+  ids = [(str(k), "train", k) for k in range(realisations)]
+  return ids + [("test", "test", 1000)]
+
+
+def _pet_denoise_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: float, counts: float,
+                      realisations: int) -> list[dict]:
+  pet, geom = nifti.load_volume(src / SOURCES["pet"])
+  t1, t1_geom = nifti.load_volume(src / SOURCES["t1"])
+  anatomies = [
+      ("tmpl", np.clip(pet, 0.0, None), nifti.ras_affine(geom)),
+      ("t1", simulate_t1_pet(t1, t1_geom.spacing),
+       _pooled_affine(nifti.ras_affine(t1_geom), T1_PET_POOL)),
+  ]
+  rows = []
+  for a, (name, activity, affine) in enumerate(anatomies):
+    for suffix, split, k in _realisation_ids(realisations):
+      rng = _rng(seed, a, k)
+      full = degrade.poisson_thinning(activity, 1.0, counts, rng)
+      low = degrade.poisson_thinning(activity, dose, counts, rng)
+      rows.append(_save_pair(out / "nifti", f"pet_{name}_{suffix}", split,
+                             {"pet_low": low, "pet_full": full}, affine))
+  return rows
+
+
+def _pet_ac_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: float, counts: float,
+                 realisations: int) -> list[dict]:
+  pet, geom = nifti.load_volume(src / SOURCES["pet"])
+  transm, transm_geom = nifti.load_volume(src / SOURCES["transm"])
+  nifti.check_same_grid([(str(src / SOURCES["pet"]), geom),
+                         (str(src / SOURCES["transm"]), transm_geom)])
+  pet = np.clip(pet, 0.0, None)
+  mu = degrade.mu_from_transmission(transm)
+  nac = degrade.simulate_nac_pet(pet, mu, _ras_spacing(geom), axis=2)
+  nac_counts = counts * float(nac.sum(dtype=np.float64) / pet.sum(dtype=np.float64))
+  affine = nifti.ras_affine(geom)
+  rows = []
+  for suffix, split, k in _realisation_ids(realisations):
+    rng = _rng(seed, 2, k)
+    target = degrade.poisson_thinning(pet, 1.0, counts, rng)
+    low_nac = degrade.poisson_thinning(nac, dose, nac_counts, rng)
+    rows.append(_save_pair(out / "nifti", f"pet_ac_{suffix}", split,
+                           {"pet_nac_low": low_nac, "pet_ac": target}, affine))
+  return rows
+
+
+def _ras_spacing(geometry: nifti.Geometry) -> tuple[float, float, float]:
+  """Voxel sizes along the RAS axes (the header zooms permuted like the array)."""
+  ornt = nio.io_orientation(geometry.affine)
+  out = [0.0, 0.0, 0.0]
+  for i, (axis, _) in enumerate(ornt):
+    out[int(axis)] = geometry.spacing[i]
+  return tuple(out)
+
+
+_BUILDERS = {"mri_t1_t2": _mri_rows, "pet_denoise": _pet_denoise_rows, "pet_ac": _pet_ac_rows}
+
+
+def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
+            seed: int = 0, dose: float = DEFAULT_DOSE, counts: float = DEFAULT_COUNTS,
+            realisations: int = DEFAULT_REALISATIONS, overwrite: bool = False) -> str:
+  """Builds the NIfTI pairs, the datalist and the store of one task (see the module docstring).
+
+  Args:
+    task: one of TASKS.
+    out_dir: output folder (created).
+    source: folder of the shared real volumes (default: shared/data beside the repository).
+    seed: noise seed.
+    dose: dose fraction of the low-count images, in (0, 1].
+    counts: expected counts of a full-count image.
+    realisations: training noise realisations per anatomy (PET tasks), >= 1.
+    overwrite: replace an existing out_dir/store.
+
+  Returns:
+    The store path (out_dir/store).
+
+  Raises:
+    FileNotFoundError: the source folder (or a file in it) is missing.
+    FileExistsError: out_dir/store exists and overwrite is False (checked before any work).
+    ValueError: a bad task or argument.
+  """
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  if not 0.0 < float(dose) <= 1.0:
+    raise ValueError(f"dose must be in (0, 1], got {dose}")
+  if not float(counts) > 0:
+    raise ValueError(f"counts must be positive, got {counts}")
+  if int(realisations) < 1:
+    raise ValueError(f"realisations must be >= 1, got {realisations}")
+  out = pathlib.Path(out_dir).resolve()
+  store_path = out / "store"
+  if (store_path / store_lib.MANIFEST).exists() and not overwrite:
+    raise FileExistsError(f"{store_path} already holds a store; pass --overwrite to rebuild it")
+  src = source_dir(source)
+  (out / "nifti").mkdir(parents=True, exist_ok=True)
+  rows = _BUILDERS[task](src, out, seed=int(seed), dose=float(dose), counts=float(counts),
+                         realisations=int(realisations))
+  modalities = list(PRESETS[task])
+  datalist = out / "datalist.csv"
+  _write_datalist(datalist, modalities, rows)
+  store_lib.convert(datalist, store_path, PRESETS[task], overwrite=overwrite)
+  return str(store_path)
+
+
+def describe(task: str, store_path: str) -> str:
+  """A short human summary of a prepared store: subjects per split, shapes, and the split caveat."""
+  store = store_lib.Store(store_path)
+  lines = [f"{task}: modalities {', '.join(store.modalities)}"]
+  for split in store_lib.SPLITS:
+    subjects = store.subjects(split)
+    if subjects:
+      lines.append(f"  {split}: " + ", ".join(
+          f"{s['id']} {'x'.join(map(str, s['shape']))}" for s in subjects))
+  if task == "mri_t1_t2":
+    lines.append("  one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
+                 "(one hemisphere each)")
+  else:
+    lines.append(f"  note: {TEST_SPLIT_NOTE}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--task", required=True, choices=TASKS)
+  parser.add_argument("--out", required=True, help="output folder (the store goes to OUT/store)")
+  parser.add_argument("--source", default=None,
+                      help=f"folder of the shared real volumes (default {DEFAULT_SOURCE})")
+  parser.add_argument("--seed", type=int, default=0, help="noise seed")
+  parser.add_argument("--dose", type=float, default=DEFAULT_DOSE,
+                      help="dose fraction of the low-count PET")
+  parser.add_argument("--counts", type=float, default=DEFAULT_COUNTS,
+                      help="expected counts of a full-count PET image")
+  parser.add_argument("--realisations", type=int, default=DEFAULT_REALISATIONS,
+                      help="training noise realisations per PET anatomy")
+  parser.add_argument("--overwrite", action="store_true", help="rebuild an existing OUT/store")
+  args = parser.parse_args(argv)
+  try:
+    path = prepare(args.task, args.out, source=args.source, seed=args.seed, dose=args.dose,
+                   counts=args.counts, realisations=args.realisations, overwrite=args.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:  # VolumeError is a ValueError.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(describe(args.task, path))
+  print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
