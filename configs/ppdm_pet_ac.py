@@ -23,7 +23,7 @@ def get_config(variant: str | None = None):
   c.model.base_width = 32
   c.model.channel_mults = (1, 2, 4)
   c.model.num_res_blocks = 2
-  c.ppdm.factor = 2
+  c.ppdm.factor = (2, 2, 2)
   c.eval.input_baseline = True  # the NAC input, on the AC target's scale, is the naive floor
   if variant == "smoke":
     base.smoke_overrides(c)

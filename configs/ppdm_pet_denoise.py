@@ -25,7 +25,7 @@ def get_config(variant: str | None = None):
   c.model.base_width = 32
   c.model.channel_mults = (1, 2, 4)
   c.model.num_res_blocks = 2
-  c.ppdm.factor = 2
+  c.ppdm.factor = (2, 2, 2)
   c.ppdm.sample_steps = 10
   c.eval.input_baseline = True
   if variant == "smoke":

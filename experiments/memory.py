@@ -26,12 +26,14 @@ target channel, training crop = the whole volume S^3, AdamW state and EMA parame
 Two attention settings are reported (the "attention" field), as DESIGN.md section 6 asks:
   none     no self-attention anywhere. This is the honest ratio for the puzzle itself: every
            feature map shrinks by r^3 while only the first and last convolutions widen, so PPDM's
-           train bytes approach 1/r^3 of full3d.
+           train bytes approach 1/r^3 of full3d, floored by what does not shrink (parameters,
+           AdamW moments, EMA, gradients: the same for every method).
   lowest   self-attention only at the lowest level (index len(mults) - 1: the down blocks there,
            the middle block and the up blocks there), as in the usual 3D diffusion U-Net middle
            block. Attention materialises heads x tokens^2 logits, and the token count differs:
            full3d attends over (S/8)^3 tokens, PPDM r=2 over (S/16)^3, r=4 over (S/32)^3, so the
-           attention term shrinks by r^6 and the ratios grow with S.
+           attention term shrinks by r^6 and, as it comes to dominate with growing S, so do the
+           reductions.
 
 Sampling: `jax.jit(method.sample)` with abstract parameters, a (1, S, S, S, 1) condition and a raw
 PRNG key; 50 DDIM steps for full3d, full3d_remat and wdm (`config.diffusion.sample_steps`), 10 bridge
@@ -102,6 +104,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """Parses the command line (`argv` without the program name); exits with usage on bad values."""
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output directory for memory.json and memory.md")
   p.add_argument("--sizes", type=_int_list, default=[64, 128, 256], help="volume sides, e.g. 64,128")
@@ -190,6 +193,7 @@ def remat_probe() -> bool:
 
 
 def sample_steps(config) -> int:
+  """Sampler steps the method's config asks for."""
   return int(config.ppdm.sample_steps if config.method == "ppdm" else config.diffusion.sample_steps)
 
 
@@ -199,6 +203,7 @@ def _plain(tree):
 
 
 def compile_sample(method, abstract_params, size: int, batch: int) -> dict:
+  """Compiles `method.sample` for a (batch, S, S, S, C) condition; returns `compiled_cost`."""
   cond = jax.ShapeDtypeStruct((batch, size, size, size, method.cond_channels), jnp.float32)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   compiled = jax.jit(method.sample).lower(_plain(abstract_params), cond, key).compile()
@@ -206,6 +211,7 @@ def compile_sample(method, abstract_params, size: int, batch: int) -> dict:
 
 
 def _error(exc: BaseException) -> str:
+  """One line naming the exception, capped so a giant XLA message stays readable in the JSON."""
   text = f"{type(exc).__name__}: {exc}".strip()
   return text if len(text) <= 2000 else text[:2000] + " ..."
 
@@ -255,6 +261,7 @@ def measure(variant: str, size: int, attention: str, args: argparse.Namespace,
 
 
 def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to a temporary file beside `path` and renames it over `path`."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memory-", suffix=".json.tmp")
   try:
@@ -284,6 +291,7 @@ def ratio(records, rec, key: str, baseline: str = "full3d"):
 
 
 def _fmt_ratio(x) -> str:
+  """0.125 -> '0.125 (1/8.0)'; ratios near or above 1 without the reciprocal."""
   if x is None:
     return "-"
   if x < 0.995:
@@ -296,6 +304,7 @@ def _fmt(x, spec: str) -> str:
 
 
 def unet_description(args: argparse.Namespace) -> str:
+  """One paragraph naming the U-Net and sampling settings, for the table header."""
   return (f"U-Net: base width {args.width}, mults {tuple(args.mults)}, {args.res_blocks} res blocks "
           f"per level, groups {args.groups}, time embed {args.time_embed}, float32, batch "
           f"{args.batch}, 1 cond + 1 target channel, crop = whole volume. Attention 'lowest' = "

@@ -120,7 +120,8 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   m.attention_levels = ()
   m.groups = 8
   m.dropout = 0.0
-  c.ppdm.factor = factor if method == "ppdm" else c.ppdm.factor
+  if method == "ppdm":
+    c.ppdm.factor = (factor,) * 3
   c.ppdm.sample_steps = args.ppdm_sample_steps
   c.diffusion.sample_steps = args.sample_steps
   t = c.train

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = "none"             # none | full | dots: rematerialise ResBlock activations
 
   c.ppdm = p = ml_collections.ConfigDict()
-  p.factor = 2                 # puzzle factor r: int or per-axis (rd, rh, rw)
+  p.factor = (2, 2, 2)         # puzzle factor r per axis (rd, rh, rw), e.g. (1, 2, 2) if anisotropic
   p.num_steps = 1000           # bridge T
   p.max_var = 1.0              # bridge s in delta_t = 2 s (m_t - m_t^2); 0 = plain interpolation
   p.sample_steps = 10          # K skipped sampling steps from x_T = y
@@ -127,5 +127,5 @@ def method_defaults(c: ml_collections.ConfigDict, method: str) -> ml_collections
   """Per-method choices so baselines differ from PPDM only where the method requires it."""
   c.method = method
   if method == "ppdm":
-    c.ppdm.factor = 2
+    c.ppdm.factor = (2, 2, 2)
   return c

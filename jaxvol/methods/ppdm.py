@@ -24,7 +24,7 @@ class PPDM(base.Method):
 
   def __post_init__(self):
     c = self.config.ppdm
-    self.factor = puzzle_lib.as_factor(tuple(c.factor) if not isinstance(c.factor, int) else c.factor)
+    self.factor = puzzle_lib.as_factor(c.factor if isinstance(c.factor, int) else tuple(c.factor))
     self.bridge = bridge_lib.BrownianBridge(num_steps=c.num_steps, max_var=c.max_var)
     n = self.factor[0] * self.factor[1] * self.factor[2]
     self.net = base.build_unet(self.config.model, self.target_channels * n, self.dtype)
