@@ -1,4 +1,5 @@
-"""Full-resolution conditional 3D DDPM (the reference baseline) for MRI T1 -> T2 translation (stroke volumes, hemisphere region split).
+"""Full-resolution conditional 3D DDPM (the reference baseline) for MRI T1 -> T2 translation
+(stroke volumes, hemisphere region split).
 
 Data: a store with modalities `t1` and `t2` of one co-registered subject, e.g.
   python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2
@@ -14,13 +15,4 @@ from jaxvol import config as base
 
 
 def get_config(variant: str | None = None):
-  c = base.method_defaults(base.mri_t1_t2_task(base.base_config()), "full3d")
-  c.data.crop_size = (64, 64, 64)
-  c.model.base_width = 32
-  c.model.channel_mults = (1, 2, 4)
-  c.model.num_res_blocks = 2
-  if variant == "smoke":
-    base.smoke_overrides(c)
-  elif variant not in (None, ""):
-    raise ValueError(f"unknown variant {variant!r}: use smoke")
-  return c
+  return base.mri_t1_t2_config("full3d", variant)

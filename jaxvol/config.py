@@ -123,9 +123,16 @@ def mri_t1_t2_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def method_defaults(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Per-method choices so baselines differ from PPDM only where the method requires it."""
+def mri_t1_t2_config(method: str, variant: str | None) -> ml_collections.ConfigDict:
+  """The T1 -> T2 experiment for one method; every method shares the same U-Net and budget."""
+  c = mri_t1_t2_task(base_config())
   c.method = method
-  if method == "ppdm":
-    c.ppdm.factor = (2, 2, 2)
+  c.data.crop_size = (64, 64, 64)
+  c.model.base_width = 32
+  c.model.channel_mults = (1, 2, 4)
+  c.model.num_res_blocks = 2
+  if variant == "smoke":
+    smoke_overrides(c)
+  elif variant not in (None, ""):
+    raise ValueError(f"unknown variant {variant!r}: use smoke")
   return c

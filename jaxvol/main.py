@@ -7,6 +7,7 @@
 import logging
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -35,6 +36,8 @@ def main(argv):
   if FLAGS.mode == "train":
     result = loop.train(config, FLAGS.workdir)
     logging.info("training finished at step %d", result["step"])
+  elif jax.process_index() != 0:
+    logging.info("evaluation and sampling run on process 0 only")
   elif FLAGS.mode == "evaluate":
     summary = evaluate_lib.evaluate(config, FLAGS.workdir)
     for name, entry in summary["metrics"].items():
