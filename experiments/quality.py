@@ -4,7 +4,7 @@ Usage::
 
   python experiments/quality.py --out DIR [--tasks mri_t1_t2,pet_denoise]
       [--methods full3d,ppdm2,ppdm4,wdm,regression] [--steps N] [--crop S] [--width W]
-      [--batch B] [--lr LR] [--sample-steps K] [--ppdm-sample-steps K]
+      [--batch B] [--lr LR] [--sample-steps K] [--ppdm-sample-steps K] [--eval-fraction F]
 
 Tasks (data built by tools/prepare_data.py into DIR/data/TASK unless already there):
   mri_t1_t2    stroke T1 -> T2, ONE subject split by region: training crops come from RAS x in
@@ -26,10 +26,20 @@ The parameterisation (eps/x0) and everything not listed above stay as in the con
 rate (5e-4 by default, as in the ppdm_pet_denoise `demo` variant) replaces the configs' 1e-4, which
 is meant for runs 10-100x longer than this CPU budget; warm-up is 5% of the steps.
 
-Evaluation: `jaxvol.eval.evaluate.evaluate` from the final checkpoint (EMA weights) over the whole
-held-out region (MRI: 62x160x140 voxels) or every test volume (PET), metrics on the original
-intensity scale inside the target's body mask. For PET, the input-as-prediction floor is reported
-too.
+Scale (defaults: 400 steps, batch 2, crop 16^3, width 8): the whole default run fits in about
+40 minutes on 2 CPU cores. XLA's CPU 3D convolutions run at only 3-6 GFLOP/s here, so the
+configs' network, or even width 16 at 32^3 crops (56 GFLOPs per full-resolution train step, about
+12 s per step measured), would allow only a few dozen steps; at width 8 and 16^3 a full3d or
+regression step takes about 0.45 s, PPDM r=2 0.12 s, r=4 0.03 s, WDM 0.1 s.
+
+Evaluation: `jaxvol.eval.evaluate.evaluate` from the final checkpoint (EMA weights), metrics on the
+original intensity scale inside the target's body mask; for PET the input-as-prediction floor too.
+Sampling full3d (50 network passes over the whole volume) takes about 4.5 s per pass over
+62x80x70 voxels on this CPU, so the evaluation box is a CENTRED SUB-BOX: along every axis that the
+task's own eval region leaves whole, only the central `--eval-fraction` (0.5 by default) is kept.
+MRI: the held-out hemisphere x in [0.5, 1] (62 voxels) times the central half in y and z (80x70);
+PET: the central half of each test volume along every axis (45x54x45 and 31x40x35 voxels).
+`--eval-fraction 1` evaluates the whole held-out region / whole test volumes.
 
 Timing (seconds, on whatever machine runs this; compare them as ratios within one run):
   train_step_s  median seconds per step over the training run's logging windows, excluding the
@@ -132,6 +142,7 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   t.checkpoint_every = max(1, args.steps // 4)
   t.keep_checkpoints = 2
   t.time_limit_minutes = 0.0
+  c.data.eval_region = eval_region(c.data.eval_region, args.eval_fraction)
   c.eval.checkpoint_step = args.steps
   c.eval.previews = True
   c.eval.input_baseline = task == "pet_denoise"
@@ -141,8 +152,27 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   return c
 
 
+def eval_region(region: dict | None, fraction: float) -> dict | None:
+  """`region` with the centred `fraction` of every axis it leaves whole (see the docstring).
+
+  Args:
+    region: {axis: (lo, hi)} fractions (string or int keys) or None (whole volume).
+    fraction: in (0, 1]; 1 returns `region` unchanged.
+
+  Returns:
+    {str(axis): (lo, hi)} for all three axes, or `region` itself when fraction is 1.
+  """
+  if fraction >= 1.0:
+    return region
+  out = {str(k): tuple(float(f) for f in v) for k, v in (region or {}).items()}
+  lo, hi = 0.5 - fraction / 2.0, 0.5 + fraction / 2.0
+  for axis in ("0", "1", "2"):
+    out.setdefault(axis, (lo, hi))
+  return dict(sorted(out.items()))
+
+
 def workdir_for(out: pathlib.Path, task: str, name: str, args: argparse.Namespace) -> pathlib.Path:
-  return out / "runs" / task / f"{name}_s{args.steps}_c{args.crop}_w{args.width}"
+  return out / "runs" / task / f"{name}_s{args.steps}_c{args.crop}_w{args.width}_lr{args.lr:g}"
 
 
 class StepTimes(logging.Handler):
@@ -288,6 +318,10 @@ def markdown(records: Sequence[dict], args: argparse.Namespace) -> str:
             f"(1, 2, 4), 1 res block per level, no attention; DDIM {args.sample_steps} steps "
             f"(full3d, wdm), bridge {args.ppdm_sample_steps} steps (ppdm).")
   splits = "\n".join(f"- {t}: {SPLITS[t]}" for t in dict.fromkeys(r["task"] for r in records))
+  if args.eval_fraction < 1.0:
+    splits += (f"\n- evaluation on a centred sub-box: the central {args.eval_fraction:g} of every "
+               "axis the split leaves whole (MRI: y and z of the held-out hemisphere; PET: all "
+               "three axes of each test volume)")
   timing = ("Train step: median seconds per step over logging windows (first excluded). Sample: "
             "one warm (pre-compiled) sampling run of the first evaluation volume. Times are from "
             "one CPU machine; compare them as ratios.")
@@ -306,12 +340,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--tasks", type=_str_list, default=list(TASKS))
   p.add_argument("--methods", type=_str_list, default=list(METHODS))
   p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")
-  p.add_argument("--crop", type=int, default=32, help="training crop side")
-  p.add_argument("--width", type=int, default=16, help="U-Net base width")
+  p.add_argument("--crop", type=int, default=16, help="training crop side")
+  p.add_argument("--width", type=int, default=8, help="U-Net base width")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--lr", type=float, default=5e-4)
   p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of full3d and wdm")
   p.add_argument("--ppdm-sample-steps", type=int, default=10, help="bridge steps of ppdm")
+  p.add_argument("--eval-fraction", type=float, default=0.5,
+                 help="centred fraction kept along axes the eval region leaves whole (1: all)")
   p.add_argument("--source", default=None, help="shared real volumes (default: prepare_data's)")
   args = p.parse_args(argv)
   bad = [t for t in args.tasks if t not in TASKS]
@@ -322,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"unknown methods {bad}; choose from {list(METHODS)}")
   if args.steps < 1 or args.crop < 1 or args.width < 1 or args.batch < 1:
     p.error("--steps, --crop, --width and --batch must be positive")
+  if not 0.0 < args.eval_fraction <= 1.0:
+    p.error("--eval-fraction must be in (0, 1]")
   if args.crop % 16:
     p.error("--crop must be a multiple of 16 (ppdm r=4 with a 3-level U-Net)")
   return args
@@ -334,6 +372,13 @@ def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
     return str(store)
   prepare_data = _load_module(ROOT / "tools" / "prepare_data.py", "quality_prepare_data")
   return prepare_data.prepare(task, out / "data" / task, source=source)
+
+
+def budget_of(args: argparse.Namespace) -> dict:
+  """Everything besides the step count that a reused record must share."""
+  return {"crop": args.crop, "batch": args.batch, "width": args.width, "lr": args.lr,
+          "sample_steps": args.sample_steps, "ppdm_sample_steps": args.ppdm_sample_steps,
+          "eval_fraction": args.eval_fraction}
 
 
 def run_one(task: str, name: str, store: str, out: pathlib.Path,
@@ -385,7 +430,7 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
       "train_wall_s": timing.get("train_wall_s"),
       "sample_steps": (args.ppdm_sample_steps if method == "ppdm" else
                        None if method == "regression" else args.sample_steps),
-      "budget": {"crop": args.crop, "batch": args.batch, "width": args.width, "lr": args.lr},
+      "budget": budget_of(args),
       "config": config_path(task, method).name, "workdir": str(workdir),
   }
 
@@ -398,6 +443,10 @@ def main(argv=None) -> list[dict]:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   out = pathlib.Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  # A rerun (and the warm sampling call after evaluate) reuse compiled programs from disk.
+  jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   json_path, md_path = out / "quality.json", out / "quality.md"
   records = json.loads(json_path.read_text()) if json_path.is_file() else []
   start = time.time()
@@ -407,7 +456,7 @@ def main(argv=None) -> list[dict]:
     for name in args.methods:
       method, factor = METHODS[name]
       old = find(records, task, method, factor)
-      budget = {"crop": args.crop, "batch": args.batch, "width": args.width, "lr": args.lr}
+      budget = budget_of(args)
       if old is not None and old["steps"] == args.steps and old.get("budget") == budget:
         print(f"-- {task}/{name}: already in {json_path}, skipped", flush=True)
         continue

@@ -33,6 +33,9 @@ class Full3D(base.Method):
   def _to_domain(self, x):
     return x
 
+  def _clip_bound(self, c):
+    return c
+
   def _from_domain(self, z, shape):
     return z
 
@@ -60,8 +63,9 @@ class Full3D(base.Method):
     zy = self._to_domain(y)
     k_init, k_loop = jax.random.split(rng)
     z_T = jax.random.normal(k_init, zy.shape[:4] + (self._out_channels(),), zy.dtype)
+    clip = self._clip_bound(c.clip_x0) if c.clip_x0 > 0 else None
     z0 = self.diffusion.ddim_sample(lambda z, t: self._apply(params, z, zy, t), z_T,
-                                    c.sample_steps, k_loop, eta=c.eta)
+                                    c.sample_steps, k_loop, eta=c.eta, clip_x0=clip)
     return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
 
 
@@ -77,6 +81,10 @@ class Wavelet(Full3D):
 
   def _to_domain(self, x):
     return haar.dwt3(x)
+
+  def _clip_bound(self, c):
+    # An image in [-c, c] has orthonormal Haar coefficients within [-sqrt(8) c, sqrt(8) c].
+    return c * 8 ** 0.5
 
   def _from_domain(self, z, shape):
     return haar.idwt3(z, shape)

@@ -1,0 +1,202 @@
+"""tools/prepare_data.py on the shared real volumes, and experiments/quality.py's pure helpers."""
+
+import csv
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from jaxvol.data import store as store_lib
+from jaxvol.eval import metrics as metrics_lib
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+prepare_data = _load(ROOT / "tools" / "prepare_data.py", "prepare_data_under_test")
+quality = _load(ROOT / "experiments" / "quality.py", "quality_under_test")
+
+
+def _raw(store, sid, modality):
+  return store.preset(sid, modality).inverse(store.read(sid, modality))
+
+
+def _datalist(folder):
+  with open(folder / "datalist.csv", newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_mri_t1_t2(shared_data, tmp_path, capsys):
+  assert prepare_data.main(["--task", "mri_t1_t2", "--out", str(tmp_path),
+                            "--source", str(shared_data)]) == 0
+  printed = capsys.readouterr().out.strip().splitlines()
+  assert printed[-1] == str(tmp_path / "store")
+  store = store_lib.Store(printed[-1])
+  assert store.modalities == ["t1", "t2"]
+  assert [(s["id"], s["split"]) for s in store.subjects()] == [("stroke", "train")]
+  assert store.manifest["presets"] == {"t1": {"kind": "mri"}, "t2": {"kind": "mri"}}
+  assert store.read("stroke", "t1").shape == store.read("stroke", "t2").shape == (124, 160, 140)
+  # A second run refuses to replace the store; --overwrite rebuilds it.
+  assert prepare_data.main(["--task", "mri_t1_t2", "--out", str(tmp_path),
+                            "--source", str(shared_data)]) == 1
+  assert "--overwrite" in capsys.readouterr().err
+  assert prepare_data.main(["--task", "mri_t1_t2", "--out", str(tmp_path),
+                            "--source", str(shared_data), "--overwrite"]) == 0
+
+
+def test_pet_denoise(shared_data, tmp_path):
+  path = prepare_data.prepare("pet_denoise", tmp_path, source=shared_data, realisations=1)
+  store = store_lib.Store(path)
+  assert store.modalities == ["pet_low", "pet_full"]
+  assert store.manifest["presets"]["pet_full"] == {"kind": "pet", "ref": "pet_low"}
+  splits = {s["id"]: s["split"] for s in store.subjects()}
+  assert splits == {"pet_tmpl_0": "train", "pet_tmpl_test": "test",
+                    "pet_t1_0": "train", "pet_t1_test": "test"}
+  assert [r["subject"] for r in _datalist(tmp_path)] == list(splits)
+  assert store.shape("pet_t1_0") == (62, 80, 70)  # the 1 mm stroke grid pooled to 2 mm
+  for sid in splits:
+    low, full = _raw(store, sid, "pet_low"), _raw(store, sid, "pet_full")
+    assert low.shape == full.shape == store.shape(sid)
+    assert store.preset(sid, "pet_low") == store.preset(sid, "pet_full")  # one shared scale
+    # Same expectation (the activity) at a tenth of the counts: similar means.
+    mask = metrics_lib.body_mask(full)
+    assert abs(low[mask].mean() / full[mask].mean() - 1.0) < 0.05
+  for anatomy in ("tmpl", "t1"):
+    # Train and test realisations of one anatomy differ by their noise only, so their difference
+    # measures it: Poisson variance scales with 1 / dose, about 10x more for the low-count image.
+    noise_var = {}
+    for modality in ("pet_low", "pet_full"):
+      a = _raw(store, f"pet_{anatomy}_0", modality)
+      b = _raw(store, f"pet_{anatomy}_test", modality)
+      assert not np.array_equal(a, b)
+      noise_var[modality] = float(np.var(a - b))
+    assert noise_var["pet_low"] > 5.0 * noise_var["pet_full"], (anatomy, noise_var)
+
+
+def test_simulated_t1_pet_grey_matter_hotter_than_white_matter():
+  rng = np.random.default_rng(0)
+  t1 = np.zeros((40, 40, 40), np.float32)
+  t1[8:32, 8:32, 8:32] = 200.0  # white matter (brightest in T1)
+  t1[8:32, 8:32, 8:14] = 120.0  # a grey-matter slab
+  t1[8:32, 8:32, 8:10] = 40.0   # CSF (darkest)
+  t1 += rng.normal(0, 1, t1.shape).astype(np.float32) * (t1 > 0)
+  act = prepare_data.simulate_t1_pet(t1, (1.0, 1.0, 1.0), quantiles=(0.05, 0.2), pool=2)
+  assert act.shape == (20, 20, 20) and act.min() >= 0
+  assert act[10, 10, 5] > 2.0 * act[10, 10, 12]  # GM slab vs WM core
+  assert act[1, 1, 1] < 1e-3  # outside the brain
+
+
+def test_pet_ac(shared_data, tmp_path):
+  path = prepare_data.prepare("pet_ac", tmp_path, source=shared_data, realisations=1)
+  store = store_lib.Store(path)
+  # The names configs/ppdm_pet_ac.py reads.
+  config = _load(ROOT / "configs" / "ppdm_pet_ac.py", "pet_ac_config").get_config()
+  assert store.modalities == list(config.data.inputs) + [config.data.target]
+  assert store.manifest["presets"] == {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}}
+  assert {s["id"]: s["split"] for s in store.subjects()} == {"pet_ac_0": "train",
+                                                             "pet_ac_test": "test"}
+  for sid in ("pet_ac_0", "pet_ac_test"):
+    nac, ac = _raw(store, sid, "pet_nac_low"), _raw(store, sid, "pet_ac")
+    assert nac.shape == ac.shape == (91, 109, 91)
+    head = metrics_lib.body_mask(ac)
+    assert nac[head].mean() < 0.6 * ac[head].mean()  # attenuation removes counts
+    centre = tuple(slice(s // 2 - 5, s // 2 + 5) for s in ac.shape)
+    assert nac[centre].mean() < ac[centre].mean()
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--source"):
+    prepare_data.prepare("pet_denoise", tmp_path / "out", source=tmp_path / "absent")
+  assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="task"):
+    prepare_data.prepare("ct", tmp_path)
+  with pytest.raises(ValueError, match="dose"):
+    prepare_data.prepare("pet_denoise", tmp_path, dose=1.5)
+
+
+# ---- experiments/quality.py helpers (no training here).
+
+
+def _rec(task, method, factor, psnr, **kw):
+  rec = {"task": task, "method": method, "factor": factor, "psnr": psnr, "ssim": 0.5,
+         "train_step_s": 0.1, "sample_s": 1.0, "steps": 10, "split": "s", "input_psnr": None,
+         "input_ssim": None}
+  rec.update(kw)
+  return rec
+
+
+def test_quality_table_and_targets():
+  records = [
+      _rec("pet_denoise", "full3d", 1, 30.0, input_psnr=21.0, input_ssim=0.4),
+      _rec("pet_denoise", "ppdm", 2, 29.7, input_psnr=21.0, input_ssim=0.4),
+      _rec("pet_denoise", "wdm", 2, 29.9, train_step_s=None),
+      _rec("mri_t1_t2", "ppdm", 4, 20.0),
+  ]
+  md = quality.table(records)
+  lines = md.splitlines()
+  assert lines[0].startswith("| task | method | PSNR")
+  assert "| pet_denoise | input (no model) | 21.00 | 0.4000 |" in md
+  assert "| pet_denoise | ppdm r=2 | 29.70 |" in md
+  assert "| mri_t1_t2 | ppdm r=4 | 20.00 |" in md
+  assert "| pet_denoise | wdm | 29.90 | 0.5000 | - |" in md
+  assert len(lines) == 2 + 1 + len(records)
+  verdicts = quality.targets(records)
+  assert any("full3d" in v and "-0.30 dB" in v and v.endswith("MET") and "NOT" not in v
+             for v in verdicts)
+  assert any("wdm" in v and "NOT MET" in v for v in verdicts)
+  assert not any(v.startswith("mri_t1_t2") for v in verdicts)  # no ppdm r=2 there
+
+
+def test_quality_records_upsert_and_atomic_json(tmp_path):
+  path = tmp_path / "quality.json"
+  records = quality.upsert([], _rec("mri_t1_t2", "ppdm", 2, 20.0))
+  records = quality.upsert(records, _rec("mri_t1_t2", "ppdm", 4, 19.0))
+  records = quality.upsert(records, _rec("mri_t1_t2", "ppdm", 2, 21.0))
+  quality.write_json_atomic(path, records)
+  loaded = json.loads(path.read_text())
+  assert [(r["factor"], r["psnr"]) for r in loaded] == [(4, 19.0), (2, 21.0)]
+  assert quality.find(loaded, "mri_t1_t2", "ppdm", 2)["psnr"] == 21.0
+  assert quality.find(loaded, "mri_t1_t2", "full3d", 1) is None
+  assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]  # no temporary file left
+
+
+def test_quality_step_time_and_eval_region():
+  points = [(100.0, 10), (102.0, 20), (103.0, 30), (106.0, 40)]
+  assert quality.median_step_seconds(points) == pytest.approx(0.2)  # of 0.2, 0.1, 0.3
+  assert quality.median_step_seconds(points[:1]) is None
+  assert quality.eval_region({"0": (0.5, 1.0)}, 1.0) == {"0": (0.5, 1.0)}
+  assert quality.eval_region({"0": (0.5, 1.0)}, 0.5) == {
+      "0": (0.5, 1.0), "1": (0.25, 0.75), "2": (0.25, 0.75)}
+  assert quality.eval_region(None, 0.4) == {a: pytest.approx((0.3, 0.7)) for a in "012"}
+
+
+def test_quality_configs_share_one_budget(tmp_path):
+  args = quality.parse_args(["--out", str(tmp_path), "--steps", "7", "--crop", "16",
+                             "--width", "8"])
+  for task in quality.TASKS:
+    configs = {name: quality.make_config(task, name, "STORE", args) for name in quality.METHODS}
+    for name, c in configs.items():
+      method, factor = quality.METHODS[name]
+      assert c.method == method and c.data.store == "STORE"
+      assert c.train.steps == 7 and tuple(c.data.crop_size) == (16, 16, 16)
+      assert c.model.base_width == 8 and tuple(c.model.channel_mults) == (1, 2, 4)
+      if method == "ppdm":
+        assert tuple(c.ppdm.factor) == (factor,) * 3
+    nets = {json.dumps(c.model.to_dict(), sort_keys=True) for c in configs.values()}
+    assert len(nets) == 1
+    c = configs["full3d"]
+    if task == "mri_t1_t2":
+      assert dict(c.data.train_region) == {"0": (0.0, 0.5)}
+      assert c.data.eval_region["0"] == (0.5, 1.0) and c.eval.input_baseline is False
+    else:
+      assert c.data.inputs == ("pet_low",) and c.data.target == "pet_full"
+      assert c.eval.input_baseline is True
