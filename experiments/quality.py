@@ -5,6 +5,7 @@ Usage::
   python experiments/quality.py --out DIR [--tasks mri_t1_t2,pet_denoise]
       [--methods full3d,ppdm2,ppdm4,wdm,regression] [--steps N] [--crop S] [--width W]
       [--batch B] [--lr LR] [--sample-steps K] [--ppdm-sample-steps K] [--eval-fraction F]
+      [--clip-x0 C]
 
 Tasks (data built by tools/prepare_data.py into DIR/data/TASK unless already there):
   mri_t1_t2    stroke T1 -> T2, ONE subject split by region: training crops come from RAS x in
@@ -22,15 +23,20 @@ per level, GroupNorm 8, no attention):
   ppdm2/ppdm4  PPDM with puzzle factor 2 / 4, bridge sampling (--ppdm-sample-steps, 10).
   wdm          wavelet (Haar) diffusion, factor 2, DDIM sampling like full3d.
   regression   the same U-Net as a one-pass L1 regressor.
-The parameterisation (eps/x0) and everything not listed above stay as in the configs. The learning
-rate (5e-4 by default, as in the ppdm_pet_denoise `demo` variant) replaces the configs' 1e-4, which
-is meant for runs 10-100x longer than this CPU budget; warm-up is 5% of the steps.
+The parameterisation (eps/x0), DDIM's x0 clipping (off in the configs) and everything not listed
+above stay as in the configs. `--clip-x0 C` evaluates full3d and wdm again with DDIM's x0 estimate
+clipped to [-C, C] (the usual DDPM practice; an eps-network trained briefly otherwise amplifies
+its error by 1/sqrt(abar) ~ 160 at the first step): a separate record (variant "x0 clip C") that
+reuses the same checkpoints; the targets are checked against each baseline's best variant. The
+learning rate (5e-4 by default, as in the ppdm_pet_denoise `demo` variant) replaces the configs'
+1e-4, which is meant for runs 10-100x longer than this CPU budget; warm-up is 5% of the steps.
 
 Scale (defaults: 400 steps, batch 2, crop 16^3, width 8): the whole default run fits in about
 40 minutes on 2 CPU cores. XLA's CPU 3D convolutions run at only 3-6 GFLOP/s here, so the
-configs' network, or even width 16 at 32^3 crops (56 GFLOPs per full-resolution train step, about
-12 s per step measured), would allow only a few dozen steps; at width 8 and 16^3 a full3d or
-regression step takes about 0.45 s, PPDM r=2 0.12 s, r=4 0.03 s, WDM 0.1 s.
+configs' network (width 32, 2 res blocks, 64^3 crops), or even width 16 at 32^3 crops (56 GFLOPs
+per full-resolution train step, about 12 s per step measured), would allow only a few dozen
+steps; at width 8 and 16^3 a full3d or regression step takes about 0.45 s, PPDM r=2 0.12 s,
+r=4 0.03 s, WDM 0.1 s.
 
 Evaluation: `jaxvol.eval.evaluate.evaluate` from the final checkpoint (EMA weights), metrics on the
 original intensity scale inside the target's body mask; for PET the input-as-prediction floor too.
@@ -53,9 +59,9 @@ Timing (seconds, on whatever machine runs this; compare them as ratios within on
 
 Outputs: DIR/quality.json (a list of records {task, method, factor, psnr, ssim, train_step_s,
 sample_s, steps, split, ...}, rewritten atomically after each record), DIR/quality.md (the table,
-also printed) and DIR/runs/TASK/NAME_s{steps}_c{crop}_w{width}/ (checkpoints, eval outputs). A
-rerun skips records already in quality.json with the same budget, and training resumes from the
-latest checkpoint of its workdir.
+also printed) and DIR/runs/TASK/NAME_s{steps}_c{crop}_w{width}_lr{lr}/ (checkpoints, eval
+outputs, previews). A rerun skips records already in quality.json with the same budget, and
+training resumes from the latest checkpoint of its workdir.
 
 Targets (from the PPDM claims): PPDM r=2 within 0.5 dB PSNR of full3d, and above WDM. Checked per
 task and reported as met or not; nothing is tuned on the test data.
@@ -134,6 +140,8 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
     c.ppdm.factor = (factor,) * 3
   c.ppdm.sample_steps = args.ppdm_sample_steps
   c.diffusion.sample_steps = args.sample_steps
+  if args.clip_x0 is not None:
+    c.diffusion.clip_x0 = args.clip_x0
   t = c.train
   t.steps = args.steps
   t.learning_rate = args.lr
@@ -254,17 +262,27 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     raise
 
 
+def _key(rec: dict) -> tuple:
+  return rec["task"], rec["method"], rec["factor"], rec.get("variant", "")
+
+
 def upsert(records: list[dict], rec: dict) -> list[dict]:
-  """Records with `rec` replacing any earlier one of the same (task, method, factor)."""
-  key = (rec["task"], rec["method"], rec["factor"])
-  return [r for r in records if (r["task"], r["method"], r["factor"]) != key] + [rec]
+  """Records with `rec` replacing any earlier one of the same (task, method, factor, variant)."""
+  return [r for r in records if _key(r) != _key(rec)] + [rec]
 
 
-def find(records: Sequence[dict], task: str, method: str, factor: int) -> dict | None:
+def find(records: Sequence[dict], task: str, method: str, factor: int,
+         variant: str = "") -> dict | None:
   for r in records:
-    if (r["task"], r["method"], r["factor"]) == (task, method, factor):
+    if _key(r) == (task, method, factor, variant):
       return r
   return None
+
+
+def best(records: Sequence[dict], task: str, method: str, factor: int) -> dict | None:
+  """The record of highest PSNR among the variants of one (task, method, factor)."""
+  rows = [r for r in records if _key(r)[:3] == (task, method, factor)]
+  return max(rows, key=lambda r: r["psnr"]) if rows else None
 
 
 def _fmt(x, spec: str) -> str:
@@ -272,7 +290,8 @@ def _fmt(x, spec: str) -> str:
 
 
 def _label(rec: dict) -> str:
-  return f"ppdm r={rec['factor']}" if rec["method"] == "ppdm" else rec["method"]
+  label = f"ppdm r={rec['factor']}" if rec["method"] == "ppdm" else rec["method"]
+  return f"{label} ({rec['variant']})" if rec.get("variant") else label
 
 
 def table(records: Sequence[dict]) -> str:
@@ -293,21 +312,24 @@ def table(records: Sequence[dict]) -> str:
 
 
 def targets(records: Sequence[dict]) -> list[str]:
-  """Verdicts on 'PPDM r=2 within 0.5 dB PSNR of full3d' and 'PPDM r=2 above WDM', per task."""
+  """Verdicts on 'PPDM r=2 within 0.5 dB PSNR of full3d' and 'PPDM r=2 above WDM', per task.
+
+  Against each baseline's best variant (e.g. with or without x0 clipping): the stronger baseline.
+  """
   out = []
   for task in dict.fromkeys(r["task"] for r in records):
-    ppdm, full, wdm = (find(records, task, m, f) for m, f in (("ppdm", 2), ("full3d", 1),
-                                                               ("wdm", 2)))
+    ppdm = find(records, task, "ppdm", 2)
+    full, wdm = best(records, task, "full3d", 1), best(records, task, "wdm", 2)
     if ppdm is None:
       continue
     if full is not None:
       gap = ppdm["psnr"] - full["psnr"]
       ok = gap >= -PSNR_MARGIN_DB
-      out.append(f"{task}: ppdm r=2 vs full3d: {gap:+.2f} dB -> within {PSNR_MARGIN_DB} dB: "
-                 f"{'MET' if ok else 'NOT MET'}")
+      out.append(f"{task}: ppdm r=2 vs {_label(full)}: {gap:+.2f} dB -> within "
+                 f"{PSNR_MARGIN_DB} dB: {'MET' if ok else 'NOT MET'}")
     if wdm is not None:
       gap = ppdm["psnr"] - wdm["psnr"]
-      out.append(f"{task}: ppdm r=2 vs wdm: {gap:+.2f} dB -> above wdm: "
+      out.append(f"{task}: ppdm r=2 vs {_label(wdm)}: {gap:+.2f} dB -> above wdm: "
                  f"{'MET' if gap > 0 else 'NOT MET'}")
   return out
 
@@ -346,6 +368,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", type=float, default=5e-4)
   p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of full3d and wdm")
   p.add_argument("--ppdm-sample-steps", type=int, default=10, help="bridge steps of ppdm")
+  p.add_argument("--clip-x0", type=float, default=None,
+                 help="full3d/wdm: clip DDIM's x0 estimate to [-C, C] (default: as in the config)")
   p.add_argument("--eval-fraction", type=float, default=0.5,
                  help="centred fraction kept along axes the eval region leaves whole (1: all)")
   p.add_argument("--source", default=None, help="shared real volumes (default: prepare_data's)")
@@ -372,6 +396,30 @@ def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
     return str(store)
   prepare_data = _load_module(ROOT / "tools" / "prepare_data.py", "quality_prepare_data")
   return prepare_data.prepare(task, out / "data" / task, source=source)
+
+
+def variant_of(method: str, args: argparse.Namespace) -> str:
+  """'' for the configs' sampler; 'x0 clip C' for full3d/wdm with --clip-x0 C > 0."""
+  if method in ("full3d", "wdm") and args.clip_x0:
+    return f"x0 clip {args.clip_x0:g}"
+  return ""
+
+
+def eval_workdir(train_dir: pathlib.Path, variant: str) -> pathlib.Path:
+  """The folder a sampling variant is evaluated in.
+
+  The training workdir itself for the configs' sampler; otherwise a sibling folder whose
+  `checkpoints` is a link to the training workdir's, since sampling options do not change
+  training (so no retraining, and each variant keeps its own eval outputs).
+  """
+  if not variant:
+    return train_dir
+  folder = train_dir.with_name(f"{train_dir.name}_{variant.replace(' ', '')}")
+  folder.mkdir(parents=True, exist_ok=True)
+  link = folder / "checkpoints"
+  if not link.exists():
+    link.symlink_to(train_dir / "checkpoints", target_is_directory=True)
+  return folder
 
 
 def budget_of(args: argparse.Namespace) -> dict:
@@ -414,11 +462,13 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
               "train_wall_s": time.time() - t0, "windows": handler.points}
     write_json_atomic(timing_path, timing)
 
-  summary = evaluate_lib.evaluate(config, str(workdir))
-  sample_s, sample_shape = warm_sample_seconds(config, str(workdir))
+  variant = variant_of(method, args)
+  eval_dir = eval_workdir(workdir, variant)
+  summary = evaluate_lib.evaluate(config, str(eval_dir))
+  sample_s, sample_shape = warm_sample_seconds(config, str(eval_dir))
   metrics = summary["metrics"]
   return {
-      "task": task, "method": method, "factor": factor,
+      "task": task, "method": method, "factor": factor, "variant": variant,
       "psnr": metrics["psnr"]["model"], "ssim": metrics["ssim"]["model"],
       "train_step_s": timing["train_step_s"], "sample_s": sample_s,
       "steps": args.steps, "split": SPLITS[task],
@@ -432,6 +482,8 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
                        None if method == "regression" else args.sample_steps),
       "budget": budget_of(args),
       "config": config_path(task, method).name, "workdir": str(workdir),
+      "eval_dir": str(eval_dir),
+      "clip_x0": float(config.diffusion.clip_x0) if method in ("full3d", "wdm") else None,
   }
 
 
@@ -455,7 +507,7 @@ def main(argv=None) -> list[dict]:
     print(f"== {task}: {SPLITS[task]}", flush=True)
     for name in args.methods:
       method, factor = METHODS[name]
-      old = find(records, task, method, factor)
+      old = find(records, task, method, factor, variant_of(method, args))
       budget = budget_of(args)
       if old is not None and old["steps"] == args.steps and old.get("budget") == budget:
         print(f"-- {task}/{name}: already in {json_path}, skipped", flush=True)

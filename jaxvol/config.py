@@ -26,7 +26,6 @@ def base_config() -> ml_collections.ConfigDict:
   d.train_region = None
   d.eval_region = None
   d.train_split = "train"
-  d.eval_split = "test"
 
   c.model = m = ml_collections.ConfigDict()
   m.base_width = 32
@@ -111,7 +110,7 @@ def mri_t1_t2_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """T1 -> T2 translation on one co-registered subject, split by hemisphere (RAS x axis).
 
   Store modalities `t1` and `t2` (MRI percentile presets). With one subject, training crops come
-  from the right half of the x axis and evaluation uses the other half; every reported number
+  from the low-index half of the RAS x axis (the subject's left) and evaluation uses the other; every reported number
   says so.
   """
   c.data.inputs = ("t1",)

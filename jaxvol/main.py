@@ -16,6 +16,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "What to run.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: it "
+                  "reads the cluster from SLURM, TPU or JAX_COORDINATOR_ADDRESS environments).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,6 +28,8 @@ def main(argv):
                       force=True)
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
   config = FLAGS.config
   if not config.data.store:
     raise app.UsageError("config.data.store is empty: convert your data with tools/convert.py "
@@ -36,8 +40,6 @@ def main(argv):
   if FLAGS.mode == "train":
     result = loop.train(config, FLAGS.workdir)
     logging.info("training finished at step %d", result["step"])
-  elif jax.process_index() != 0:
-    logging.info("evaluation and sampling run on process 0 only")
   elif FLAGS.mode == "evaluate":
     summary = evaluate_lib.evaluate(config, FLAGS.workdir)
     for name, entry in summary["metrics"].items():

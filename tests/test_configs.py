@@ -66,8 +66,9 @@ def test_cli_train_evaluate_sample(tmp_path):
   summary = json.load(open(tmp_path / "run" / "eval" / "summary.json"))
   assert set(summary["metrics"]["psnr"]) == {"model"}  # T1 is not a T2 prediction: no input row
   pred = nib.load(tmp_path / "run" / "eval" / "nifti" / "s0_pred.nii.gz")
-  assert pred.shape == (16, 16, 16)  # the held-out half along x, placed at its world position
-  np.testing.assert_allclose(pred.affine[:3, 3], [16, 0, 0])
+  assert pred.shape == (32, 16, 16) and np.allclose(pred.affine, np.eye(4))  # the input's grid
+  data = pred.get_fdata()
+  assert np.ptp(data[16:]) > 0 and np.ptp(data[:16]) == 0  # predicted half; background elsewhere
   assert os.path.exists(tmp_path / "run" / "samples" / "nifti" / "s0_pred.nii.gz")
   r = subprocess.run([sys.executable, "-m", "jaxvol.main", "--config=configs/ppdm_mri_t1_t2.py:smoke",
                       f"--workdir={tmp_path / 'run2'}"], cwd=ROOT, capture_output=True, text=True)

@@ -38,22 +38,28 @@ def _gaussian_bridge_denoiser(br, mu, var, y):
   return denoise
 
 
-def test_bridge_sampler_recovers_gaussian_data():
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_bridge_sampler_recovers_gaussian_data(eta):
   # A sampler fed only E[x0 | x_t] misses Var(x0 | x_t) in each move, an error that vanishes as
   # the steps shrink (about 4% of the variance at T = K = 1000), so test with fine steps.
   br = bridge_lib.BrownianBridge(num_steps=4000, max_var=1.0)
   mu, var = 0.7, 0.25
   y = jnp.full((1, 50000), -1.0)
-  out = br.sample(_gaussian_bridge_denoiser(br, mu, var, y), y, 4000, jax.random.PRNGKey(3), eta=1.0)
+  out = br.sample(_gaussian_bridge_denoiser(br, mu, var, y), y, 4000, jax.random.PRNGKey(3), eta=eta)
   assert abs(float(out.mean()) - mu) < 0.02
   assert abs(float(out.var()) - var) / var < 0.03
 
 
-def test_bridge_deterministic_sampler_returns_conditional_mean():
+def test_bridge_first_move_has_training_noise():
+  """From x_T = y the first move must land on the bridge marginal at s, noise included."""
   br = bridge_lib.BrownianBridge(num_steps=1000, max_var=1.0)
-  y = jnp.full((1, 16), -1.0)
-  out = br.sample(_gaussian_bridge_denoiser(br, 0.7, 0.25, y), y, 10, jax.random.PRNGKey(3), eta=0.0)
-  np.testing.assert_allclose(np.asarray(out), 0.7, atol=1e-5)
+  y = jnp.zeros((200000,))
+  x0_hat = jnp.ones_like(y)
+  noise = jax.random.normal(jax.random.PRNGKey(0), y.shape)
+  for eta in (0.0, 0.5, 1.0):
+    x_s = br.step(y, x0_hat, y, 1000, 900, noise, eta)
+    assert abs(float(x_s.mean()) - 0.1) < 0.01  # (1 - m_s) x0 + m_s y at m_s = 0.9
+    assert abs(float(x_s.var()) - float(br.delta(900))) < 0.01
 
 
 def test_bridge_schedule_validation():

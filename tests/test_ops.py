@@ -54,6 +54,7 @@ def test_non_divisible_is_padded_not_resized():
 
 
 def test_bad_factor_and_shapes():
+  assert puzzle.as_factor((4,)) == (4, 4, 4)
   with pytest.raises(ValueError, match="factor"):
     puzzle.as_factor((2, 2))
   with pytest.raises(ValueError, match="multiple"):

@@ -195,3 +195,28 @@ def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
   np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
   assert os.path.exists(os.path.join(out, "previews", "s2.png"))
   assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_checkpoint_from_a_4_device_mesh_restores_on_one_device(tmp_path):
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 (fake) devices")
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  value = np.arange(24, dtype=np.float32).reshape(4, 6)
+  state = {"w": jax.device_put(value, NamedSharding(mesh, P("data"))), "step": jnp.int32(7)}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False, with_data=False)
+  ck.save(7, state, {"config": {}})
+  ck.wait()
+  restored, _ = ck.restore(None)
+  ck.close()
+  assert restored["w"].sharding.device_set == {jax.local_devices()[0]}
+  np.testing.assert_array_equal(np.asarray(restored["w"]), value)
+
+
+def test_resume_with_another_network_is_a_clear_error(tiny_store, tmp_path):
+  c = smoke_config(tiny_store / "store", steps=2)
+  loop.train(c, str(tmp_path / "w"))
+  c.model.base_width = 16
+  c.train.steps = 4
+  with pytest.raises(ValueError, match="model.base_width"):
+    loop.train(c, str(tmp_path / "w"))

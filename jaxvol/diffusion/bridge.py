@@ -17,9 +17,11 @@ eps_hat = (x_t - mu_t) / sqrt(delta_t),
   x_s = mu_s + sqrt(delta_s - sigma_s^2) eps_hat + sigma_s z,
   sigma_s^2 = eta^2 * 2 s m_s (m_t - m_s) / m_t.
 
-Every eta keeps the bridge's marginals. eta = 1 is exactly the Markov posterior q(x_s | x_t, x0, y)
-(its x_t coefficient reduces to m_s / m_t, finite at m_t = 1); eta = 0 is deterministic, which
-for translation gives the conditional-mean-like output. At s = 0 both return x0_hat.
+At t = T the bridge has no noise (delta_T = 0, x_T = y), so eps_hat is undefined there and
+the first move draws fresh noise, x_s = mu_s + sqrt(delta_s) z, as training saw it. With that,
+every eta keeps the bridge's marginals: eta = 1 is exactly the Markov posterior q(x_s | x_t, x0, y)
+(its x_t coefficient reduces to m_s / m_t), eta = 0 is deterministic after the first move (the
+DDIM analogue). At s = 0 both return x0_hat.
 """
 
 import dataclasses
@@ -67,7 +69,8 @@ class BrownianBridge:
     mu_t = (1.0 - m_t) * x0_hat + m_t * y
     mu_s = (1.0 - m_s) * x0_hat + m_s * y
     var = (eta**2) * 2.0 * self.max_var * m_s * (m_t - m_s) / m_t
-    # At t = T, delta_t = 0 and x_t = mu_t = y: the eps term vanishes; guard the 0/0.
+    # Where delta_t = 0 (t = T: x_t = mu_t = y) there is no eps to carry over: draw it afresh.
+    var = jnp.where(d_t > 0, var, d_s)
     coef = jnp.where(d_t > 0, jnp.sqrt(jnp.maximum(d_s - var, 0.0) / jnp.maximum(d_t, 1e-20)), 0.0)
     return mu_s + coef * (x_t - mu_t) + jnp.sqrt(var) * noise
 

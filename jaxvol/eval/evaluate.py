@@ -9,7 +9,11 @@ of a region split) and writes, under WORKDIR/eval/:
   nifti/         predictions on each input's own grid with its affine, in original intensities
   previews/      PNG tri-planar views: input | prediction | target | error
 Metrics are on the original intensity scale (the store's intensity presets inverted), inside the
-body mask of the target when `config.eval.mask == "body"`. `sample(config, workdir)` writes
+body mask of the target when `config.eval.mask == "body"`; PSNR and SSIM use the target preset's
+range (hi - lo) as the data range, so volumes are scored on one fixed scale. With a region split,
+predictions cover the held-out region and the rest of the input's grid is filled with the
+preset's background value. Every process computes; process 0 writes.
+`sample(config, workdir)` writes
 predictions only (no target needed) under WORKDIR/samples/.
 Everything written is atomic (temp file + rename).
 """
@@ -52,7 +56,8 @@ def load_params(config, workdir: str):
     step = ckpt.latest_step() if step is None or step < 0 else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint found under {ckpt.directory}: train first")
-    state, _ = ckpt.restore(None, step)
+    ckpt_lib.check_same_model(ckpt.restore_meta(step), config, ckpt.directory)
+    state, _ = ckpt.restore(None, step)  # onto this process's first device, whatever mesh saved it
   finally:
     ckpt.close()
   params = state["ema_params"] if config.eval.use_ema else state["params"]
@@ -78,9 +83,11 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   subjects = store.subjects(split)
   if not subjects:
     raise ValueError(f"split {split!r} of store {config.data.store} has no subjects")
-  os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
-  if with_metrics and config.eval.previews:
-    os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
+  writes = jax.process_index() == 0
+  if writes:
+    os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
+    if with_metrics and config.eval.previews:
+      os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
   sample_fn = jax.jit(method.sample)
   base_rng = jax.random.PRNGKey(config.eval.seed)
   rows = []
@@ -98,22 +105,24 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     target_preset = store.preset(sid, config.data.target if has_target else first_input)
     pred_raw = target_preset.inverse(pred).astype(np.float32)
     geometry = store.geometry(sid, first_input)
-    region = None if config.data.eval_region is None else box
-    nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), pred_raw,
-                      geometry=geometry, region=region)
+    full = np.full(tuple(subject["shape"]), target_preset.inverse(-1.0), np.float32)
+    full[tuple(slice(a, b) for a, b in box)] = pred_raw
+    if writes:
+      nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), full, geometry=geometry)
     row = {"subject": sid, "seconds": seconds}
     if with_metrics:
       target_raw = store.preset(sid, config.data.target).inverse(
           store.read(sid, config.data.target, box)).astype(np.float32)
       input_raw = store.preset(sid, first_input).inverse(cond[0, ..., 0]).astype(np.float32)
       mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
-      data_range = float(target_raw.max() - target_raw.min())
+      data_range = float(target_preset.hi - target_preset.lo)
+      row["data_range"] = data_range
       for k, v in metrics_lib.compute_all(pred_raw, target_raw, mask, data_range).items():
         row[f"model_{k}"] = v
       if config.eval.input_baseline:
         for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
           row[f"input_{k}"] = v
-      if config.eval.previews:
+      if config.eval.previews and writes:
         preview.save_triplanar(
             os.path.join(out_dir, "previews", f"{sid}.png"),
             [(f"input ({first_input})", input_raw), ("prediction", pred_raw),
@@ -141,6 +150,9 @@ def evaluate(config, workdir: str) -> dict:
     if config.eval.input_baseline:
       entry["input"] = float(np.mean([r[f"input_{k}"] for r in rows]))
     summary["metrics"][k] = entry
+  summary["data_range"] = [r["data_range"] for r in rows]
+  if jax.process_index() != 0:
+    return summary
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
   writer.writeheader()

@@ -21,6 +21,8 @@ Factor = int | Sequence[int]
 def as_factor(factor: Factor) -> tuple[int, int, int]:
   """Normalises an int or a 3-sequence into a per-axis factor, validating it."""
   f = (factor,) * 3 if isinstance(factor, int) else tuple(int(v) for v in factor)
+  if len(f) == 1:  # "(4,)", as a command-line override gives it: isotropic
+    f = f * 3
   if len(f) != 3 or any(v < 1 for v in f):
     raise ValueError(f"puzzle factor must be a positive int or 3 positive ints, got {factor!r}")
   return f

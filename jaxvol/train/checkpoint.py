@@ -7,10 +7,39 @@ shardings wanted now, so a checkpoint restores onto any mesh. Evaluation reads c
 this module only.
 """
 
+import json
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+
+# Fields that define what a checkpoint's parameters mean; everything else (sampling steps, eta,
+# learning rate, remat, dropout, ...) may change between training, resumption and evaluation.
+MODEL_DEFINING = ("method", "compute_dtype", "model.base_width", "model.channel_mults",
+                  "model.num_res_blocks", "model.attention_levels", "model.num_heads", "model.groups",
+                  "model.time_embed_dim", "ppdm.factor", "ppdm.num_steps", "ppdm.max_var",
+                  "diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
+                  "diffusion.parameterization", "data.inputs", "data.target")
+
+
+def check_same_model(meta: dict, config, directory: str) -> None:
+  """A clear error when a checkpoint was trained with another method, network or diffusion."""
+  saved = (meta or {}).get("config", {})
+  now = json.loads(config.to_json_best_effort())
+
+  def get(tree, dotted):
+    for part in dotted.split("."):
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+  diff = {k: (get(saved, k), get(now, k)) for k in MODEL_DEFINING
+          if get(saved, k) is not None and get(saved, k) != get(now, k)}
+  if diff:
+    raise ValueError(f"the checkpoint in {directory} was trained with a different config: "
+                     + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                     + "; use the training config or another workdir")
 
 
 class Checkpointer:
@@ -48,12 +77,25 @@ class Checkpointer:
     if step not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                               f"(available: {self.all_steps()})")
-    # With abstract_state None the arrays come back as saved, on the default device.
+    if abstract_state is None:
+      abstract_state = self.local_target(step)
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if self.with_data and data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
+
+  def local_target(self, step: int, device=None):
+    """Abstract state placing every array on one local device, whatever mesh saved it.
+
+    Evaluation on a laptop of a model trained on a multi-GPU node restores through this.
+    """
+    device = device or jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    tree = self.manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                        tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
   def restore_meta(self, step=None) -> dict:
     step = self.latest_step() if step is None or step < 0 else int(step)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
 from clu import parameter_overview
 
 from jaxvol import methods
@@ -142,6 +143,7 @@ def train(config, workdir: str) -> dict:
 
   start = ckpt.latest_step()
   if start is not None:
+    ckpt_lib.check_same_model(ckpt.restore_meta(start), config, ckpt.directory)
     state, _ = ckpt.restore(parts["abstract_state"], start, data_iter=data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
@@ -157,8 +159,10 @@ def train(config, workdir: str) -> dict:
     log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, mesh %s",
              cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20, cost["flops"] / 1e9,
              dict(mesh.shape))
-    with open(os.path.join(workdir, "train_step_cost.json"), "w") as f:
+    tmp = os.path.join(workdir, f"train_step_cost.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
       json.dump(cost, f)
+    os.replace(tmp, os.path.join(workdir, "train_step_cost.json"))
 
   bsh = mesh_lib.batch_sharding(mesh)
   global_shapes = {k: v.shape for k, v in parts["example"].items()}
@@ -188,8 +192,9 @@ def train(config, workdir: str) -> dict:
         state, metrics = compiled(state, batch, rng)
         history.append(metrics)
         step += 1
-        done = step == total or stop.signal is not None or (
-            time_limit > 0 and time.time() - t_start > time_limit)
+        stopping = agree(stop.signal is not None or (
+            time_limit > 0 and time.time() - t_start > time_limit))
+        done = step == total or stopping
         if step % config.train.log_every == 0 or done:
           fetched = jax.device_get(history)
           last = average_metrics(fetched)
@@ -206,17 +211,23 @@ def train(config, workdir: str) -> dict:
         if step % config.train.checkpoint_every == 0 or done:
           save(step, force=True)
           history = []
-        if stop.signal is not None:
-          log.info("received signal %d: checkpoint saved at step %d, exiting", stop.signal, step)
-          break
-        if time_limit > 0 and time.time() - t_start > time_limit:
-          log.info("time limit of %.1f min reached at step %d: checkpoint saved", time_limit / 60, step)
+        if stopping:
+          why = f"signal {stop.signal}" if stop.signal is not None else (
+              f"time limit of {time_limit / 60:.1f} min" if time_limit > 0 else "another host's stop")
+          log.info("%s at step %d: checkpoint saved, exiting", why, step)
           break
   finally:
     ckpt.close()
     writer.close()
     del data_iter
   return {"step": step, **last}
+
+
+def agree(flag: bool) -> bool:
+  """True on every host if it is true on any: hosts must stop (and save) at the same step."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def average_metrics(history: list[dict]) -> dict:

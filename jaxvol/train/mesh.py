@@ -42,6 +42,9 @@ def check_batch(mesh: Mesh, batch_size: int, crop_size) -> None:
   if batch_size % mesh.shape["data"]:
     raise ValueError(f"global batch {batch_size} is not divisible by the data axis "
                      f"({mesh.shape['data']} devices)")
+  if mesh.shape["data"] % jax.process_count():
+    raise ValueError(f"the data axis ({mesh.shape['data']}) must be a multiple of the number of "
+                     f"hosts ({jax.process_count()}): each host feeds whole crops")
   if crop_size[0] % mesh.shape["spatial"]:
     raise ValueError(f"crop depth {crop_size[0]} is not divisible by the spatial axis "
                      f"({mesh.shape['spatial']} devices)")
