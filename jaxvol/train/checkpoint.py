@@ -32,6 +32,8 @@ def check_same_model(meta: dict, config, directory: str) -> None:
   def get(tree, dotted):
     for part in dotted.split("."):
       tree = tree.get(part) if isinstance(tree, dict) else None
+    if dotted == "ppdm.factor" and tree is not None:  # 2, [2] and [2, 2, 2] are one factor
+      tree = [tree] * 3 if isinstance(tree, int) else list(tree) * (3 if len(tree) == 1 else 1)
     return tree
 
   diff = {k: (get(saved, k), get(now, k)) for k in MODEL_DEFINING
