@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   g.parameterization = "eps"   # eps | x0 | v
   g.sample_steps = 50          # DDIM steps
   g.eta = 0.0
-  g.clip_x0 = 1.0              # > 0: clip the x0 estimate to [-c, c] while sampling (DDPM practice); 0: off
+  g.clip_x0 = 1.0              # clip the x0 estimate to [-c, c] while sampling (DDPM); 0: off
 
   c.regression = r = ml_collections.ConfigDict()
   r.loss = "l1"

@@ -48,9 +48,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, with_data: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    if with_data:
-      handlers["data"] = grain.checkpoint.CheckpointHandler()
+    # The data handler is always registered so that readers which skip the iterator (evaluation)
+    # still know the item; `with_data` decides whether it is saved and restored.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
     self.with_data = with_data
     self.manager = ocp.CheckpointManager(
         self.directory,
