@@ -63,17 +63,16 @@ with null numbers, and the run goes on.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
 from jaxvol import config as config_lib
+from jaxvol import fileio
 from jaxvol.train import loop
 from jaxvol.train import step as step_lib
 
@@ -261,18 +260,7 @@ def measure(variant: str, size: int, attention: str, args: argparse.Namespace,
 
 
 def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temporary file beside `path` and renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memory-", suffix=".json.tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.write_json_atomic(path, obj)
 
 
 def _find(records, variant: str, size: int, attention: str):

@@ -14,14 +14,15 @@ a reconstructed PET image; it is a controlled denoising benchmark, not a scanner
 from __future__ import annotations
 
 import csv
+import io
 import os
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from jaxvol import fileio
 from jaxvol.data import degrade
 from jaxvol.data import nifti
 
@@ -253,19 +254,11 @@ def crop_to_brain(arrays, affine, margin: int = 2, mask=None):
 
 
 def _write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      writer = csv.writer(f)
-      writer.writerow(header)
-      writer.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  buf = io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(header)
+  writer.writerows(rows)
+  fileio.write_text_atomic(path, buf.getvalue())
 
 
 def write_demo_pet_dataset(

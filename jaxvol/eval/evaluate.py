@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvol import fileio
 from jaxvol import methods
 from jaxvol.data import nifti
 from jaxvol.data import pipeline
@@ -39,13 +40,6 @@ from jaxvol.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("jaxvol")
 METRICS = ("psnr", "ssim", "nmse", "mae", "hfen")
-
-
-def _atomic_write(path: str, text: str):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def load_params(config, workdir: str):
@@ -157,8 +151,8 @@ def evaluate(config, workdir: str) -> dict:
   writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
   writer.writeheader()
   writer.writerows(rows)
-  _atomic_write(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
-  _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+  fileio.write_text_atomic(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
+  fileio.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
   return summary
 
 

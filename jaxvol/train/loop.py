@@ -20,6 +20,7 @@ from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 from clu import parameter_overview
 
+from jaxvol import fileio
 from jaxvol import methods
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
@@ -159,10 +160,7 @@ def train(config, workdir: str) -> dict:
     log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, mesh %s",
              cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20, cost["flops"] / 1e9,
              dict(mesh.shape))
-    tmp = os.path.join(workdir, f"train_step_cost.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-      json.dump(cost, f)
-    os.replace(tmp, os.path.join(workdir, "train_step_cost.json"))
+    fileio.write_json_atomic(os.path.join(workdir, "train_step_cost.json"), cost)
 
   bsh = mesh_lib.batch_sharding(mesh)
   global_shapes = {k: v.shape for k, v in parts["example"].items()}
@@ -175,13 +173,13 @@ def train(config, workdir: str) -> dict:
   steps_at_log = start
   step = start
 
-  def save(step_now, force=False):
+  def save(step_now, force=False, iterator=data_iter):
     bad = [h for h in jax.device_get(history) if h["finite"] < 1.0]
     if bad:
       raise FloatingPointError(
           f"non-finite loss or gradient before step {step_now} (loss={bad[0]['loss']}); "
           f"training stopped, the last checkpoint ({ckpt.latest_step()}) is kept unchanged")
-    ckpt.save(step_now, state, meta, data_iter, force=force)
+    ckpt.save(step_now, state, meta, iterator, force=force)
 
   try:
     with _StopFlag() as stop:
@@ -219,7 +217,7 @@ def train(config, workdir: str) -> dict:
   finally:
     ckpt.close()
     writer.close()
-    del data_iter
+    del data_iter  # stops Grain worker processes before interpreter shutdown
   return {"step": step, **last}
 
 

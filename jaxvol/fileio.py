@@ -1,0 +1,29 @@
+"""Atomic file writes: a temporary file beside the target, then one rename.
+
+Readers never see a half-written file, and a failure leaves the previous file (or none) in place.
+Imports nothing from jaxvol, so every layer may use it.
+"""
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      f.write(text)
+    os.chmod(tmp, mode)  # mkstemp creates owner-only files
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
