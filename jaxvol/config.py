@@ -9,7 +9,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "ppdm"            # ppdm | full3d | wdm | regression
+  c.method = "ppdm"            # ppdm | full3d | wdm | regression | sparse
   c.compute_dtype = "auto"     # auto: bfloat16 on GPU/TPU, float32 on CPU; or float32 / bfloat16
   c.seed = 0
 
@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout = 0.0
   m.time_embed_dim = 128
   m.remat = "none"             # none | full | dots: rematerialise ResBlock activations
+  m.stm = False                # STM: structure code of the condition modulates time embeddings
+  m.stm_dim = 128              # STM structure-code width
 
   c.ppdm = p = ml_collections.ConfigDict()
   p.factor = (2, 2, 2)         # puzzle factor r per axis (rd, rh, rw), e.g. (1, 2, 2) if anisotropic
@@ -55,6 +57,18 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_steps = 50          # DDIM steps
   g.eta = 0.0
   g.clip_x0 = 1.0              # clip the x0 estimate to [-c, c] while sampling (DDPM); 0: off
+
+  c.sparse = s = ml_collections.ConfigDict()  # sparse-timestep DDPM (uses c.diffusion's schedule)
+  s.f_steps = 5                # levels floor(linspace(0, T - 1, f_steps + 1)); 5 -> {0, 199, .., 999}
+  s.timesteps = ()             # explicit level set instead (ints in [0, T)); () = from f_steps
+  s.heun = True                # Heun correction of the DDIM moves while sampling
+
+  c.inference = i = ml_collections.ConfigDict()  # how samplers cover a volume (every method)
+  i.window = ()                # () = whole volume in one pass; (d, h, w) = sliding windows this big,
+  #                              e.g. the training crop; a multiple of the method's spatial multiple
+  i.overlap = 0.5              # window overlap fraction per axis
+  i.sigma_scale = 0.125        # Gaussian blending sigma / window size (<= 0: plain averaging)
+  i.batch = 2                  # windows per device per network call (spread over local devices)
 
   c.regression = r = ml_collections.ConfigDict()
   r.loss = "l1"
@@ -129,6 +143,10 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Conf
   if method == "wdm":
     # WDM (Friedrich et al., 2024) predicts the clean wavelet bands rather than the noise.
     c.diffusion.parameterization = "x0"
+  if method == "sparse":
+    # x0 prediction supervised in velocity space (see jaxvol.diffusion.sparse), STM on.
+    c.diffusion.parameterization = "x0"
+    c.model.stm = True
   return c
 
 

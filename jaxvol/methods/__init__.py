@@ -3,12 +3,14 @@
 from jaxvol.methods import base
 from jaxvol.methods import baselines
 from jaxvol.methods import ppdm
+from jaxvol.methods import sparse
 
 METHODS = {
     "ppdm": ppdm.PPDM,
     "full3d": baselines.Full3D,
     "wdm": baselines.Wavelet,
     "regression": baselines.Regression,
+    "sparse": sparse.Sparse,
 }
 
 

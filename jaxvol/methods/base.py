@@ -6,17 +6,21 @@ A method wires a network, a diffusion process, a loss and a sampler:
   sample(params, cond, rng) -> prediction with the target's channels, same spatial shape as cond
 Batches are dicts of (B, D, H, W, C) float arrays in network range: "cond" (the conditional input,
 channels = input modalities) and "target". Methods never read files; `sample` accepts any spatial
-shape and pads/crops internally to what the network needs.
+shape and pads/crops internally to what the network needs. With `config.inference.window` set,
+every sampler evaluates its network on overlapping Gaussian-blended windows of that size at each
+step (jaxvol.ops.windows), spread over this process's devices.
 """
 
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jaxvol.models import unet3d
 from jaxvol.ops import puzzle as puzzle_lib
+from jaxvol.ops import windows as windows_lib
 
 
 def resolve_dtype(name: str, platform: str):
@@ -39,6 +43,8 @@ def build_unet(model_cfg: ml_collections.ConfigDict, out_channels: int, dtype) -
       time_embed_dim=model_cfg.time_embed_dim,
       dtype=dtype,
       remat=model_cfg.remat,
+      stm=model_cfg.get("stm", False),
+      stm_dim=model_cfg.get("stm_dim", 128),
   )
 
 
@@ -91,3 +97,29 @@ class Method:
 
   def sample(self, params, cond, rng):
     raise NotImplementedError
+
+  def sliding_window(self, domain_scale: int = 1) -> windows_lib.SlidingWindow | None:
+    """The window evaluator from `config.inference`, or None for whole-volume passes.
+
+    `domain_scale` converts the configured window (image voxels) into the network domain's voxels
+    (2 for the half-resolution wavelet bands).
+    """
+    inf = self.config.get("inference")
+    if inf is None or not inf.window:
+      return None
+    window = windows_lib.as_triple(inf.window if isinstance(inf.window, int) else tuple(inf.window),
+                                   "inference.window")
+    mult = self.spatial_multiple()
+    if any(w % m for w, m in zip(window, mult)):
+      raise ValueError(f"inference.window {window} must be a multiple of {mult} per axis for "
+                       f"method {self.config.method!r}")
+    mesh = windows_lib.local_mesh() if jax.local_device_count() > 1 else None
+    return windows_lib.SlidingWindow(tuple(w // domain_scale for w in window), inf.overlap,
+                                     inf.sigma_scale, inf.batch, mesh=mesh)
+
+  def windowed(self, fn, inputs, extras=(), domain_scale: int = 1):
+    """fn(*inputs, *extras) over the whole volume, or blended over windows when configured."""
+    sw = self.sliding_window(domain_scale)
+    if sw is None:
+      return fn(*inputs, *extras)
+    return sw(fn, inputs, extras)

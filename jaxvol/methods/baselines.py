@@ -33,6 +33,10 @@ class Full3D(base.Method):
   def _to_domain(self, x):
     return x
 
+  def _domain_scale(self):
+    """Image voxels per network-domain voxel along each axis."""
+    return 1
+
   def _clip_bound(self, c):
     return c
 
@@ -41,12 +45,15 @@ class Full3D(base.Method):
 
   def _apply(self, params, z_t, zy, t, train=False, rng=None):
     rngs = {"dropout": rng} if train else None
-    return self.net.apply(params, jnp.concatenate([z_t, zy], -1), t, train=train, rngs=rngs)
+    structure = zy if self.net.stm else None
+    return self.net.apply(params, jnp.concatenate([z_t, zy], -1), t, train=train, rngs=rngs,
+                          structure=structure)
 
   def init(self, rng, batch):
     zy = self._to_domain(batch["cond"])
     z = jnp.zeros(zy.shape[:4] + (self._out_channels(),), zy.dtype)
-    return self.net.init(rng, jnp.concatenate([z, zy], -1), jnp.zeros((zy.shape[0],), jnp.int32))
+    return self.net.init(rng, jnp.concatenate([z, zy], -1), jnp.zeros((zy.shape[0],), jnp.int32),
+                         structure=zy if self.net.stm else None)
 
   def loss(self, params, batch, rng):
     z0, zy = self._to_domain(batch["target"]), self._to_domain(batch["cond"])
@@ -57,15 +64,25 @@ class Full3D(base.Method):
     loss = jnp.mean(jnp.square(out - self.diffusion.target(z0, eps, t)))
     return loss, {}
 
-  def sample(self, params, cond, rng):
-    c = self.config.diffusion
+  def _denoiser(self, params, zy):
+    """(z_t, t) -> network output over the whole volume (windowed when configured)."""
+    net = lambda z, zyw, t: self._apply(params, z, zyw, t)
+    return lambda z, t: self.windowed(net, (z, zy), (t,), self._domain_scale())
+
+  def _prepare(self, cond, rng):
+    """Padded condition in the network domain, starting noise and the sampling-loop key."""
     y, shape = base.pad_spatial(cond, self.spatial_multiple())
     zy = self._to_domain(y)
     k_init, k_loop = jax.random.split(rng)
     z_T = jax.random.normal(k_init, zy.shape[:4] + (self._out_channels(),), zy.dtype)
+    return y, shape, zy, z_T, k_loop
+
+  def sample(self, params, cond, rng):
+    c = self.config.diffusion
+    y, shape, zy, z_T, k_loop = self._prepare(cond, rng)
     clip = self._clip_bound(c.clip_x0) if c.clip_x0 > 0 else None
-    z0 = self.diffusion.ddim_sample(lambda z, t: self._apply(params, z, zy, t), z_T,
-                                    c.sample_steps, k_loop, eta=c.eta, clip_x0=clip)
+    z0 = self.diffusion.ddim_sample(self._denoiser(params, zy), z_T, c.sample_steps, k_loop,
+                                    eta=c.eta, clip_x0=clip)
     return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
 
 
@@ -81,6 +98,9 @@ class Wavelet(Full3D):
 
   def _to_domain(self, x):
     return haar.dwt3(x)
+
+  def _domain_scale(self):
+    return 2
 
   def _clip_bound(self, c):
     # An image in [-c, c] has orthonormal Haar coefficients within [-sqrt(8) c, sqrt(8) c].
@@ -110,4 +130,4 @@ class Regression(base.Method):
   def sample(self, params, cond, rng):
     del rng
     y, shape = base.pad_spatial(cond, self.spatial_multiple())
-    return base.crop_spatial(self._apply(params, y), shape)
+    return base.crop_spatial(self.windowed(lambda yw: self._apply(params, yw), (y,)), shape)

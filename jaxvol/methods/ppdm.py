@@ -66,8 +66,11 @@ class PPDM(base.Method):
     c = self.config.ppdm
     y, shape = base.pad_spatial(cond, self.spatial_multiple())
 
+    def net(x_t, yw, t):
+      return puzzle_lib.unpuzzle(self._denoise(params, x_t, yw, t), self.factor)
+
     def denoise(x_t, t):
-      return puzzle_lib.unpuzzle(self._denoise(params, x_t, y, t), self.factor)
+      return self.windowed(net, (x_t, y), (t,))
 
     x0 = self.bridge.sample(denoise, self._endpoint(y), c.sample_steps, rng, eta=c.eta)
     return base.crop_spatial(x0, shape)

@@ -26,8 +26,26 @@ def group_norm(channels: int, groups: int, dtype, name=None):
   return nn.GroupNorm(num_groups=g, dtype=dtype, name=name)
 
 
+class Modulation(nn.Module):
+  """STM's zero-initialised MLP (jaxvol.models.stm): code -> (gamma, beta); returns emb * (1 + gamma) + beta."""
+
+  hidden: int = 256
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb, code):
+    h = nn.silu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(code))
+    gb = nn.Dense(2 * emb.shape[-1], dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                  bias_init=nn.initializers.zeros, name="film")(h)
+    gamma, beta = jnp.split(gb, 2, axis=-1)
+    return emb * (1.0 + gamma) + beta
+
+
 class ResBlock(nn.Module):
-  """GN-SiLU-Conv, time-embedding scale/shift, GN-SiLU-Dropout-Conv, residual (1x1 when widths differ)."""
+  """GN-SiLU-Conv, time-embedding scale/shift, GN-SiLU-Dropout-Conv, residual (1x1 when widths differ).
+
+  With a `structure` code (B, code_dim), the time embedding is first modulated by STM.
+  """
 
   out_channels: int
   groups: int = 32
@@ -35,7 +53,9 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, emb, deterministic: bool):
+  def __call__(self, x, emb, deterministic: bool, structure=None):
+    if structure is not None:  # STM (jaxvol.models.stm): modulate the time embedding
+      emb = Modulation(dtype=self.dtype, name="stm")(emb, structure)
     conv = lambda c, k, name: nn.Conv(c, (k,) * 3, padding="SAME", dtype=self.dtype, name=name)
     h = nn.silu(group_norm(x.shape[-1], self.groups, self.dtype, "norm1")(x))
     h = conv(self.out_channels, 3, "conv1")(h)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvol.models import layers
+from jaxvol.models import stm as stm_lib
 
 REMAT_POLICIES = {
     "none": None,
@@ -25,7 +26,9 @@ REMAT_POLICIES = {
 class UNet3D(nn.Module):
   """(x: (B, D, H, W, C_in), t: (B,)) -> (B, D, H, W, out_channels).
 
-  Spatial sizes must be divisible by 2 ** (len(channel_mults) - 1); callers pad.
+  Spatial sizes must be divisible by 2 ** (len(channel_mults) - 1); callers pad. With `stm`, the
+  call also takes `structure`, the (B, D', H', W', C') degraded input the structure code is
+  computed from.
   """
 
   out_channels: int
@@ -39,13 +42,15 @@ class UNet3D(nn.Module):
   time_embed_dim: int = 128
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"  # none | full | dots: rematerialise each ResBlock's activations
+  stm: bool = False  # STM (jaxvol.models.stm): modulate every ResBlock's time embedding
+  stm_dim: int = 128
 
   @property
   def divisor(self) -> int:
     return 2 ** (len(self.channel_mults) - 1)
 
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
+  def __call__(self, x, t, train: bool = False, structure=None):
     if x.ndim != 5:
       raise ValueError(f"UNet3D expects (B, D, H, W, C), got {x.shape}")
     if any(s % self.divisor for s in x.shape[1:4]):
@@ -56,13 +61,18 @@ class UNet3D(nn.Module):
     if self.remat != "none":
       block_cls = nn.remat(layers.ResBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
     det = not train
+    code = None
+    if self.stm:
+      if structure is None:
+        raise ValueError("a UNet3D with stm=True needs the `structure` input")
+      code = stm_lib.StructureEncoder(self.stm_dim, self.dtype, name="stm_encoder")(structure)
     x = x.astype(self.dtype)
     emb = layers.timestep_embedding(t, self.base_width)
     emb = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="temb0")(emb)
     emb = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="temb1")(nn.silu(emb))
 
     def block(h, width, name):
-      return block_cls(width, self.groups, self.dropout, self.dtype, name=name)(h, emb, det)
+      return block_cls(width, self.groups, self.dropout, self.dtype, name=name)(h, emb, det, code)
 
     def attn(h, name):
       return layers.SpatialAttention(self.num_heads, self.groups, self.dtype, name=name)(h)
