@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from jaxvol.data import nifti
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
 
@@ -110,6 +111,69 @@ def test_pet_ac(shared_data, tmp_path):
     assert nac[centre].mean() < ac[centre].mean()
 
 
+def test_ct_denoise(shared_data, tmp_path, capsys):
+  assert prepare_data.main(["--task", "ct_denoise", "--out", str(tmp_path), "--source",
+                            str(shared_data), "--realisations", "1", "--dose", "0.1"]) == 0
+  printed = capsys.readouterr().out
+  assert "RAS z in [0, 0.6)" in printed and "[0.6, 1]" in printed
+  store = store_lib.Store(tmp_path / "store")
+  assert store.modalities == ["ct_low", "ct"]
+  window = {"kind": "ct", "lo": -1000.0, "hi": 1000.0}
+  assert store.manifest["presets"] == {"ct_low": window, "ct": dict(window, ref="ct_low")}
+  splits = {s["id"]: s["split"] for s in store.subjects()}
+  assert splits == {"ct_abdomen_0": "train", "ct_abdomen_test": "test"}
+  hu, geom = nifti.load_volume(shared_data / "ct_abdomen" / "example_ct.nii.gz")
+  low = {}
+  for sid in splits:
+    assert store.shape(sid) == (122, 101, 112)
+    for modality in store.modalities:
+      np.testing.assert_allclose(nifti.ras_affine(store.geometry(sid, modality)),
+                                 nifti.ras_affine(geom), atol=1e-4)
+    assert store.preset(sid, "ct_low") == store.preset(sid, "ct")  # one HU window for both
+    ct = _raw(store, sid, "ct")
+    np.testing.assert_allclose(ct, np.clip(hu, -1000, 1000), atol=0.05)  # the source, in HU
+    low[sid] = _raw(store, sid, "ct_low")
+    body = metrics_lib.body_mask(ct)
+    err = low[sid][body] - ct[body]
+    # Clearly visible noise (~35 HU at dose 0.1), unbiased up to the log bias of starved rays.
+    assert 15.0 < err.std() < 80.0, err.std()
+    assert abs(err.mean()) < 6.0, err.mean()
+  # The two realisations differ by independent noise only.
+  diff = low["ct_abdomen_0"] - low["ct_abdomen_test"]
+  assert 15.0 * np.sqrt(2) < diff[metrics_lib.body_mask(hu)].std()
+
+
+def test_mri_sr(shared_data, tmp_path, capsys):
+  assert prepare_data.main(["--task", "mri_sr", "--out", str(tmp_path),
+                            "--source", str(shared_data)]) == 0
+  assert "hemisphere" in capsys.readouterr().out
+  store = store_lib.Store(tmp_path / "store")
+  assert store.modalities == ["t1_x2", "t1_x4", "t1"]
+  assert store.manifest["presets"] == {"t1_x2": {"kind": "mri", "ref": "t1"},
+                                       "t1_x4": {"kind": "mri", "ref": "t1"},
+                                       "t1": {"kind": "mri"}}
+  assert [(s["id"], s["split"]) for s in store.subjects()] == [("stroke", "train")]
+  t1_src, geom = nifti.load_volume(shared_data / "mri_stroke" / "stroke_T1.nii.gz")
+  assert store.shape("stroke") == (124, 160, 140)
+  for modality in store.modalities:
+    np.testing.assert_allclose(nifti.ras_affine(store.geometry("stroke", modality)),
+                               nifti.ras_affine(geom), atol=1e-4)
+    assert store.preset("stroke", modality) == store.preset("stroke", "t1")  # the target's scale
+  t1 = _raw(store, "stroke", "t1")
+  np.testing.assert_allclose(t1, t1_src, atol=1e-3)
+  brain = t1_src > 0
+  errors = {}
+  for f in (2, 4):
+    x = _raw(store, "stroke", f"t1_x{f}")
+    errors[f] = float(np.sqrt(np.mean((x - t1)[brain] ** 2)))
+    assert x.mean() == pytest.approx(t1.mean(), rel=0.01)
+    # Blurred through-plane (RAS z) only: detail along z drops far more than along x.
+    loss_z = np.mean(np.diff(x, axis=2) ** 2) / np.mean(np.diff(t1, axis=2) ** 2)
+    loss_x = np.mean(np.diff(x, axis=0) ** 2) / np.mean(np.diff(t1, axis=0) ** 2)
+    assert loss_z < 0.6 and loss_z < loss_x - 0.2, (f, loss_z, loss_x)
+  assert 0 < errors[2] < errors[4]
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="--source"):
     prepare_data.prepare("pet_denoise", tmp_path / "out", source=tmp_path / "absent")
@@ -121,6 +185,9 @@ def test_bad_arguments(tmp_path):
     prepare_data.prepare("ct", tmp_path)
   with pytest.raises(ValueError, match="dose"):
     prepare_data.prepare("pet_denoise", tmp_path, dose=1.5)
+  with pytest.raises(ValueError, match="dose"):
+    prepare_data.prepare("ct_denoise", tmp_path, dose=0.0)
+  assert not (tmp_path / "store").exists()
 
 
 # ---- experiments/quality.py helpers (no training here).

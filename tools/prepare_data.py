@@ -6,7 +6,7 @@ Usage::
       [--dose 0.1] [--counts 1e8] [--realisations 3] [--overwrite]
 
 Writes, under DIR:
-  nifti/*.nii.gz    the paired volumes (PET tasks only; MRI pairs are read from the source)
+  nifti/*.nii.gz    the simulated volumes (clean MRI and CT targets are read from the source)
   datalist.csv      one row per subject: subject, split, one column per modality
   store/            the preconverted store (`jaxvol.data.store.convert`), path printed last
 
@@ -49,11 +49,36 @@ Tasks:
   scales), matching `configs/ppdm_pet_ac.py`. Subjects ``pet_ac_0..N-1`` (train) and
   ``pet_ac_test`` (test): one anatomy, so again only the noise differs between train and test.
 
-Noise is drawn voxel by voxel in the image domain (no tomographic reconstruction), so it is white,
-not spatially correlated as in a reconstructed PET image. Every output is a deterministic function
-of the arguments (``--seed``). Files are written atomically (temporary name, then rename); the
-store conversion is atomic and resumable. An existing DIR/store is never replaced without
-``--overwrite``.
+``ct_denoise``
+  Low-dose -> full-dose CT from the abdominal CT of `ct_abdomen/example_ct.nii.gz` (real HU,
+  122x101x112 at 3 mm). Target ``ct`` = the source HU (read from the source file); input
+  ``ct_low`` = `degrade.simulate_low_dose_ct` (projection-domain noise insertion, scanner axis
+  along RAS z; its docstring states the physics) at dose fraction ``--dose`` (default 0.1: about
+  35 HU of noise inside the body on top of the scan's own, clearly visible in an abdominal window
+  while the organs stay readable), ``degrade.DEFAULT_CT_I0`` = 1e5 photons per ray per view at full
+  dose, 360 views, Hann-apodised reconstruction of the noise. Presets ``ct_low=ct`` (HU window
+  -1000..1000 -> [-1, 1], clipped outside it) and ``ct=ct:ref=ct_low``: one fixed scale for both,
+  inverted by the evaluation so metrics are in HU. Subjects ``ct_abdomen_0..N-1`` (train, N noise
+  realisations) and ``ct_abdomen_test`` (test, another noise seed). One volume: the configs train
+  on RAS z in [0, 0.6) and evaluate on [0.6, 1] (``train_region {"2": (0.0, 0.6)}``,
+  ``eval_region {"2": (0.6, 1.0)}``), so evaluated anatomy is never trained on; the test subject
+  differs from the training ones by its noise only.
+
+``mri_sr``
+  Through-plane super-resolution of the stroke T1: target ``t1`` (read from the source, 1 mm),
+  inputs ``t1_x2`` and ``t1_x4`` = `degrade.simulate_low_resolution` along the RAS z axis (array
+  axis 2) with factors 2 and 4: slices 2 or 4 mm thick (box profile), interpolated back onto the
+  1 mm grid, so input and target share one grid and affine. Presets ``t1=mri`` and
+  ``t1_x2``/``t1_x4`` = ``mri:ref=t1`` (the target's scale). One subject ``stroke`` in ``train``;
+  the configs split it by hemisphere like ``mri_t1_t2`` (train on RAS x in [0, 0.5), evaluate on
+  [0.5, 1]).
+
+PET noise is drawn voxel by voxel in the image domain (no tomographic reconstruction), so it is
+white, not spatially correlated as in a reconstructed PET image; CT noise is reconstructed from
+projections, so it has the correlated, streaky texture of CT noise. Every output is a
+deterministic function of the arguments (``--seed``). Files are written atomically (temporary
+name, then rename); the store conversion is atomic and resumable. An existing DIR/store is never
+replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -74,9 +99,13 @@ from jaxvol.data import nifti
 from jaxvol.data import phantoms
 from jaxvol.data import store as store_lib
 
-TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac")
+TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "mri_sr")
 DEFAULT_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_DOSE = 0.1
+DEFAULT_DOSE = 0.1  # PET tasks
+DEFAULT_CT_DOSE = 0.1  # ct_denoise: ~35 HU of inserted noise in the body (see the docstring)
+DEFAULT_DOSES = {"pet_denoise": DEFAULT_DOSE, "pet_ac": DEFAULT_DOSE, "ct_denoise": DEFAULT_CT_DOSE}
+CT_WINDOW_HU = (-1000.0, 1000.0)  # air .. dense bone, mapped to [-1, 1]
+SR_FACTORS = (2, 4)  # mri_sr: slice thickness in voxels of the simulated inputs
 # Expected counts of one full-count image, about a clinical brain scan (as in jaxvol.data.phantoms).
 DEFAULT_COUNTS = phantoms.DEFAULT_TOTAL_COUNTS
 DEFAULT_REALISATIONS = 3
@@ -90,14 +119,27 @@ SOURCES = {
     "t2": "mri_stroke/stroke_T2.nii.gz",
     "pet": "templates_2mm/PET.nii.gz",
     "transm": "templates_2mm/Transm.nii.gz",
+    "ct": "ct_abdomen/example_ct.nii.gz",
 }
+_CT_PRESET = {"kind": "ct", "lo": CT_WINDOW_HU[0], "hi": CT_WINDOW_HU[1]}
 PRESETS = {
     "mri_t1_t2": {"t1": {"kind": "mri"}, "t2": {"kind": "mri"}},
     "pet_denoise": {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}},
     "pet_ac": {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}},
+    "ct_denoise": {"ct_low": dict(_CT_PRESET), "ct": dict(_CT_PRESET, ref="ct_low")},
+    "mri_sr": {**{f"t1_x{f}": {"kind": "mri", "ref": "t1"} for f in SR_FACTORS},
+               "t1": {"kind": "mri"}},
 }
 TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (only the Poisson "
                    "noise differs): this measures denoising, not generalisation to new anatomy")
+REGION_NOTES = {
+    "mri_t1_t2": "one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
+                 "(one hemisphere each)",
+    "mri_sr": "one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
+              "(one hemisphere each)",
+    "ct_denoise": "one volume: the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] "
+                  "(train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
+}
 
 
 def source_dir(source: str | os.PathLike | None = None) -> pathlib.Path:
@@ -108,7 +150,7 @@ def source_dir(source: str | os.PathLike | None = None) -> pathlib.Path:
     what = "does not exist" if not path.is_dir() else f"lacks {', '.join(missing)}"
     raise FileNotFoundError(
         f"source folder {path} {what}: it must hold the shared real volumes "
-        "(mri_stroke/, templates_2mm/; see shared/data/README.md); pass --source")
+        "(mri_stroke/, templates_2mm/, ct_abdomen/; see shared/data/README.md); pass --source")
   return path
 
 
@@ -178,11 +220,13 @@ def _write_datalist(path: pathlib.Path, modalities: Sequence[str], rows: Sequenc
 
 
 def _save_pair(folder: pathlib.Path, subject: str, split: str, volumes: dict[str, np.ndarray],
-               affine: np.ndarray) -> dict[str, str]:
+               affine: np.ndarray | None = None,
+               geometry: nifti.Geometry | None = None) -> dict[str, str]:
+  """Saves RAS arrays with `affine`, or back on the grid of a source file with `geometry`."""
   row = {"subject": subject, "split": split}
   for modality, array in volumes.items():
     name = f"{subject}_{modality}.nii.gz"
-    nifti.save_volume(folder / name, array, affine=affine)
+    nifti.save_volume(folder / name, array, affine=affine, geometry=geometry)
     row[modality] = f"nifti/{name}"
   return row
 
@@ -240,6 +284,29 @@ def _pet_ac_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: float, c
   return rows
 
 
+def _ct_denoise_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: float,
+                     realisations: int, **_) -> list[dict]:
+  path = src / SOURCES["ct"]
+  hu, geom = nifti.load_volume(path)
+  spacing = _ras_spacing(geom)
+  rows = []
+  for suffix, split, k in _realisation_ids(realisations):
+    low = degrade.simulate_low_dose_ct(hu, spacing, dose, _rng(seed, 3, k), axis=2)
+    # The input goes back onto the source's grid; the target is the source file itself.
+    row = _save_pair(out / "nifti", f"ct_abdomen_{suffix}", split, {"ct_low": low},
+                     geometry=geom)
+    rows.append(dict(row, ct=str(path)))
+  return rows
+
+
+def _mri_sr_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
+  path = src / SOURCES["t1"]
+  t1, geom = nifti.load_volume(path)
+  inputs = {f"t1_x{f}": degrade.simulate_low_resolution(t1, f, axes=(2,)) for f in SR_FACTORS}
+  row = _save_pair(out / "nifti", "stroke", "train", inputs, geometry=geom)
+  return [dict(row, t1=str(path))]
+
+
 def _ras_spacing(geometry: nifti.Geometry) -> tuple[float, float, float]:
   """Voxel sizes along the RAS axes (the header zooms permuted like the array)."""
   ornt = nio.io_orientation(geometry.affine)
@@ -249,11 +316,12 @@ def _ras_spacing(geometry: nifti.Geometry) -> tuple[float, float, float]:
   return tuple(out)
 
 
-_BUILDERS = {"mri_t1_t2": _mri_rows, "pet_denoise": _pet_denoise_rows, "pet_ac": _pet_ac_rows}
+_BUILDERS = {"mri_t1_t2": _mri_rows, "pet_denoise": _pet_denoise_rows, "pet_ac": _pet_ac_rows,
+             "ct_denoise": _ct_denoise_rows, "mri_sr": _mri_sr_rows}
 
 
 def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
-            seed: int = 0, dose: float = DEFAULT_DOSE, counts: float = DEFAULT_COUNTS,
+            seed: int = 0, dose: float | None = None, counts: float = DEFAULT_COUNTS,
             realisations: int = DEFAULT_REALISATIONS, overwrite: bool = False) -> str:
   """Builds the NIfTI pairs, the datalist and the store of one task (see the module docstring).
 
@@ -262,9 +330,10 @@ def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | N
     out_dir: output folder (created).
     source: folder of the shared real volumes (default: shared/data beside the repository).
     seed: noise seed.
-    dose: dose fraction of the low-count images, in (0, 1].
-    counts: expected counts of a full-count image.
-    realisations: training noise realisations per anatomy (PET tasks), >= 1.
+    dose: dose fraction of the low-count PET or low-dose CT, in (0, 1]; None: the task's default
+      (`DEFAULT_DOSES`: 0.1 for the PET tasks and for ct_denoise). Unused by the MRI tasks.
+    counts: expected counts of a full-count PET image.
+    realisations: training noise realisations per anatomy (PET and CT tasks), >= 1.
     overwrite: replace an existing out_dir/store.
 
   Returns:
@@ -277,6 +346,8 @@ def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | N
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  if dose is None:
+    dose = DEFAULT_DOSES.get(task, DEFAULT_DOSE)
   if not 0.0 < float(dose) <= 1.0:
     raise ValueError(f"dose must be in (0, 1], got {dose}")
   if not float(counts) > 0:
@@ -307,10 +378,9 @@ def describe(task: str, store_path: str) -> str:
     if subjects:
       lines.append(f"  {split}: " + ", ".join(
           f"{s['id']} {'x'.join(map(str, s['shape']))}" for s in subjects))
-  if task == "mri_t1_t2":
-    lines.append("  one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
-                 "(one hemisphere each)")
-  else:
+  if task in REGION_NOTES:
+    lines.append(f"  {REGION_NOTES[task]}")
+  if task not in ("mri_t1_t2", "mri_sr"):
     lines.append(f"  note: {TEST_SPLIT_NOTE}")
   return "\n".join(lines)
 
@@ -322,12 +392,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--source", default=None,
                       help=f"folder of the shared real volumes (default {DEFAULT_SOURCE})")
   parser.add_argument("--seed", type=int, default=0, help="noise seed")
-  parser.add_argument("--dose", type=float, default=DEFAULT_DOSE,
-                      help="dose fraction of the low-count PET")
+  parser.add_argument("--dose", type=float, default=None,
+                      help="dose fraction of the low-count PET or low-dose CT (default: "
+                      + ", ".join(f"{t} {d}" for t, d in DEFAULT_DOSES.items()) + ")")
   parser.add_argument("--counts", type=float, default=DEFAULT_COUNTS,
                       help="expected counts of a full-count PET image")
   parser.add_argument("--realisations", type=int, default=DEFAULT_REALISATIONS,
-                      help="training noise realisations per PET anatomy")
+                      help="training noise realisations per anatomy (PET and CT tasks)")
   parser.add_argument("--overwrite", action="store_true", help="rebuild an existing OUT/store")
   args = parser.parse_args(argv)
   try:
