@@ -25,7 +25,24 @@ def load(path, variant=None):
 def test_expected_configs_exist():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
   assert {"ppdm_pet_denoise", "ppdm_pet_ac", "ppdm_mri_t1_t2", "full3d_mri_t1_t2",
-          "wdm_mri_t1_t2"} <= names
+          "wdm_mri_t1_t2", "sparse_ct_denoise", "sparse_mri_sr", "sparse_pet_denoise"} <= names
+
+
+def test_sparse_config_variants():
+  for task in ("ct_denoise", "mri_sr", "pet_denoise"):
+    for variant in (None, "smoke", "cpu"):
+      c = load(os.path.join(ROOT, "configs", f"sparse_{task}.py"), variant)
+      assert c.method == "sparse" and c.model.stm and c.diffusion.parameterization == "x0"
+      assert tuple(c.inference.window) == tuple(c.data.crop_size)
+  paper = load(os.path.join(ROOT, "configs", "sparse_ct_denoise.py"))
+  assert (paper.model.base_width, tuple(paper.model.channel_mults)) == (64, (1, 1, 2, 2, 4))
+  assert tuple(paper.model.attention_levels) == (3,) and paper.train.ema_decay == 0.99
+  sr = os.path.join(ROOT, "configs", "sparse_mri_sr.py")
+  assert load(sr).data.inputs == ("t1_x2",) and load(sr, "x4,cpu").data.inputs == ("t1_x4",)
+  assert load(sr, "x4,smoke").model.base_width <= 16
+  for bad in ("x3", "smoke,cpu", "x2,x4"):
+    with pytest.raises(ValueError, match="variant"):
+      load(sr, bad)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))

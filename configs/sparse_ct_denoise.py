@@ -1,0 +1,21 @@
+"""Sparse voxel-space diffusion with STM for low-dose CT denoising (HU in, HU out).
+
+Data: one abdominal CT with simulated low-dose noise (see jaxvol.data.degrade.simulate_low_dose_ct):
+  python tools/prepare_data.py --task ct_denoise --out data/ct_denoise
+Training uses the lower 60% of the volume's z axis (3 noise realisations); evaluation the upper 40%
+of a new-noise realisation, in Gaussian-blended windows of the training patch, metrics in HU.
+
+Launch:
+  python -m jaxvol.main --config=configs/sparse_ct_denoise.py --workdir=runs/sparse_ct_denoise \
+      --config.data.store=data/ct_denoise/store
+  python -m jaxvol.main --config=configs/sparse_ct_denoise.py --workdir=runs/sparse_ct_denoise \
+      --config.data.store=data/ct_denoise/store --mode=evaluate
+Variants: `smoke` (seconds on CPU), `cpu` (a 16-wide U-Net, 32^3 patches, 10 minutes on 2 CPU
+cores); no variant is the paper's network (width 64, 5 levels, attention at 1/8) for accelerators.
+"""
+
+from jaxvol import config as base
+
+
+def get_config(variant: str | None = None):
+  return base.sparse_config("ct_denoise", variant)

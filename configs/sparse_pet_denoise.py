@@ -1,0 +1,19 @@
+"""Sparse voxel-space diffusion with STM for low-count PET denoising.
+
+Data: the PET phantom pairs (Poisson thinning; new noise on the test subject):
+  python tools/prepare_data.py --task pet_denoise --out data/pet_denoise
+
+Launch:
+  python -m jaxvol.main --config=configs/sparse_pet_denoise.py --workdir=runs/sparse_pet_denoise \
+      --config.data.store=data/pet_denoise/store
+  python -m jaxvol.main --config=configs/sparse_pet_denoise.py --workdir=runs/sparse_pet_denoise \
+      --config.data.store=data/pet_denoise/store --mode=evaluate
+Variants: `smoke` (seconds on CPU), `cpu` (a 16-wide U-Net, 32^3 patches, 10 minutes on 2 CPU
+cores); no variant is the paper's network (width 64, 5 levels, attention at 1/8) for accelerators.
+"""
+
+from jaxvol import config as base
+
+
+def get_config(variant: str | None = None):
+  return base.sparse_config("pet_denoise", variant)
