@@ -63,14 +63,15 @@ def velocity_loss(diffusion: gaussian.GaussianDiffusion, x0_hat, x0, eps, t):
   return jnp.mean(jnp.square(v_hat - v))
 
 
-def nfe(timesteps: Sequence[int], heun: bool = True) -> int:
+def nfe(timesteps: Sequence[int], heun: bool = True, final_denoise: bool = True) -> int:
   """Network evaluations of `heun_ddim_sample` over a level set."""
   moves = len(timesteps) - 1
-  return moves + (moves - 1 if heun else 0) + 1
+  return moves + (moves - 1 if heun else 0) + int(final_denoise)
 
 
 def heun_ddim_sample(diffusion: gaussian.GaussianDiffusion, denoise_fn: Callable, x_T,
-                     timesteps: Sequence[int], heun: bool = True, clip_x0: float | None = None):
+                     timesteps: Sequence[int], heun: bool = True, clip_x0: float | None = None,
+                     final_denoise: bool = True):
   """Deterministic DDIM over a sparse level set with Heun correction, as one compiled loop.
 
   Args:
@@ -80,6 +81,8 @@ def heun_ddim_sample(diffusion: gaussian.GaussianDiffusion, denoise_fn: Callable
     timesteps: the level set (any order; walked from the highest to 0's level).
     heun: apply the Heun correction on every move except the one to the lowest level.
     clip_x0: optional clip of the x0 estimates to [-c, c] (eps re-derived from the clipped x0).
+    final_denoise: end with the network's x0 estimate at the lowest level (one more evaluation);
+      False returns the sample reached at the lowest level itself.
 
   Returns:
     The x0 estimate at the lowest level.
@@ -114,5 +117,7 @@ def heun_ddim_sample(diffusion: gaussian.GaussianDiffusion, denoise_fn: Callable
   x, _ = jax.lax.scan(corrected_step, x_T, jnp.asarray(pairs[:-1]))
   x0, eps = predict(x, int(pairs[-1, 0]))
   x = move(x0, eps, int(pairs[-1, 1]))
+  if not final_denoise:
+    return x
   x0, _ = predict(x, int(ts[-1]))
   return x0

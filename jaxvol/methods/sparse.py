@@ -31,7 +31,8 @@ class Sparse(baselines.Full3D):
   @property
   def nfe(self) -> int:
     """Network evaluations per sampled volume (per window when sampling in windows)."""
-    return sparse_lib.nfe(self.timesteps, self.config.sparse.heun)
+    c = self.config.sparse
+    return sparse_lib.nfe(self.timesteps, c.heun, c.get("final_denoise", True))
 
   def loss(self, params, batch, rng):
     x0, y = batch["target"], batch["cond"]
@@ -52,5 +53,6 @@ class Sparse(baselines.Full3D):
     clip = c.clip_x0 if c.clip_x0 > 0 else None
     x0 = sparse_lib.heun_ddim_sample(self.diffusion, self._denoiser(params, zy), z_T,
                                      np.asarray(self.timesteps), heun=self.config.sparse.heun,
-                                     clip_x0=clip)
+                                     clip_x0=clip,
+                                     final_denoise=self.config.sparse.get("final_denoise", True))
     return base.crop_spatial(x0, shape)

@@ -1,0 +1,221 @@
+"""Training and sampling speed-up of sparse-timestep diffusion over the dense 1000-step schedule.
+
+Usage::
+  python experiments/sparse_speedup.py --out DIR [--task ct_denoise] [--steps N] [--eval-every K]
+      [--crop S] [--width W] [--batch B] [--lr LR] [--val-crops V] [--dense-steps N]
+
+Two runs of THE SAME network, loss and optimiser on the same data stream (same seed):
+  sparse  the task's sparse config (x0 prediction, velocity-space loss, STM): training draws t
+          from the 6 levels {0, 199, ..., 999}; sampled with Heun-DDIM over them (10 evaluations).
+  dense   the same config with all 1000 levels (f_steps = 999); sampled with DDIM-50 (x0 from the
+          network, deterministic).
+Every `--eval-every` steps both sample the same held-out validation crops (EMA weights) and record
+PSNR (network units, data range 2; for CT a 2000 HU window) against steps and training seconds.
+
+Speed-up to the dense model's final PSNR: the first validation point at which the sparse curve
+reaches the dense run's final PSNR; steps_speedup = dense steps / sparse steps to get there,
+time_speedup likewise with training seconds (null when the sparse run never gets there).
+Sampling: network evaluations and warm seconds per validation batch for sparse Heun, dense
+DDIM-50 and dense DDPM-1000 (ancestral, eta = 1), all with the dense-trained weights except
+sparse Heun (its own), timed in this one run.
+
+Writes DIR/sparse_speedup.json ({steps_speedup, time_speedup, sample_speedup_vs_ddim50,
+nfe: {sparse_heun, ddim50, ddpm1000}, sample_seconds, curves: {sparse, dense}, setup}) and
+DIR/sparse_speedup.png (PSNR against steps, and against training seconds). The JSON's
+sampler_matrix scores both trained models under every sampler (sparse Heun with and without the
+final x0 evaluation, DDIM-50, and the one-step x0 estimate at the top level), and the input
+itself, to tell whether a gap comes from training or from sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sparse_common as sc  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol.diffusion import sparse as sparse_lib  # noqa: E402  pylint: disable=wrong-import-position
+
+SAMPLERS = ("sparse_heun", "sparse_heun_nofinal", "ddim50", "one_step")
+
+
+def make_sampler(method, kind: str, key):
+  """A jitted (params, cond) -> x0 sampler of one kind for a trained full-resolution method."""
+  diff = method.diffusion
+  levels = sparse_lib.sparse_timesteps(diff.num_steps, 5)
+
+  def fn(p, y):
+    z_T = jax.random.normal(key, y.shape[:4] + (1,), y.dtype)
+    den = lambda z, t: method._apply(p, z, y, t)  # pylint: disable=protected-access
+    if kind == "sparse_heun":
+      return sparse_lib.heun_ddim_sample(diff, den, z_T, levels)
+    if kind == "sparse_heun_nofinal":
+      return sparse_lib.heun_ddim_sample(diff, den, z_T, levels, final_denoise=False)
+    if kind == "ddim50":
+      return diff.ddim_sample(den, z_T, 50, key)
+    if kind == "one_step":  # the x0 estimate at the top level: a regression from the condition
+      tv = jnp.full((y.shape[0],), diff.num_steps - 1, jnp.int32)
+      return diff.split_output(den(z_T, tv), z_T, tv)[0]
+    raise ValueError(kind)
+  return jax.jit(fn)
+
+
+def sampler_matrix(runs: dict, val: dict, key, batch: int = 4) -> dict:
+  """PSNR of every trained model under every sampler (which limits: training or sampling?)."""
+  out = {}
+  for name, run in runs.items():
+    params = run.state["ema_params"]
+    for kind in SAMPLERS:
+      fn = make_sampler(run.method, kind, key)
+      pred = np.concatenate([np.asarray(fn(params, jnp.asarray(val["cond"][i:i + batch])))
+                             for i in range(0, len(val["cond"]), batch)])
+      out[f"{name}/{kind}"] = sc.crop_metrics(pred, val["target"])
+  out["input"] = sc.crop_metrics(val["cond"][..., :1], val["target"])
+  return out
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--task", default="ct_denoise", choices=sorted(sc.TASK_CONFIGS))
+  p.add_argument("--steps", type=int, default=600, help="training steps of each run")
+  p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--crop", type=int, default=32)
+  p.add_argument("--width", type=int, default=16)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--lr", type=float, default=5e-4)
+  p.add_argument("--val-crops", type=int, default=4)
+  p.add_argument("--ddpm-crops", type=int, default=1, help="crops in the DDPM-1000 timing batch")
+  p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
+  p.add_argument("--source", default=None, help="folder of the shared volumes")
+  return p.parse_args(argv)
+
+
+def make_config(args, store: str, dense: bool):
+  c = sc.load_config(args.task, "cpu")
+  c.data.store = store
+  c.data.crop_size = (args.crop,) * 3
+  c.data.batch_size = args.batch
+  c.data.num_workers = args.workers
+  c.model.base_width = args.width
+  c.train.learning_rate = args.lr
+  c.train.warmup_steps = max(1, args.steps // 20)
+  c.train.ema_decay = 0.99
+  c.inference.window = ()  # validation crops are training-size: one pass each
+  if dense:
+    c.sparse.f_steps = c.diffusion.num_steps - 1  # every level: the dense schedule
+  return c
+
+
+def reach(curve: list[dict], target: float) -> dict | None:
+  for p in curve:
+    if p["psnr"] >= target:
+      return p
+  return None
+
+
+def plot(path: pathlib.Path, curves: dict, dense_final: float) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name, pts in curves.items():
+    axes[0].plot([p["step"] for p in pts], [p["psnr"] for p in pts], marker="o", label=name)
+    axes[1].plot([p["train_seconds"] for p in pts], [p["psnr"] for p in pts], marker="o", label=name)
+  for ax, xl in zip(axes, ("training steps", "training seconds")):
+    ax.axhline(dense_final, color="gray", ls="--", lw=1, label="dense final")
+    ax.set_xlabel(xl)
+    ax.set_ylabel("validation PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  tmp.replace(path)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  out = sc.ensure_dir(pathlib.Path(args.out))
+  store = sc.prepare_store(args.task, out, args.source)
+  runs, curves = {}, {}
+  for name, dense in (("sparse", False), ("dense", True)):
+    c = make_config(args, store, dense)
+    if name == "sparse":
+      val = sc.validation_crops(c, args.val_crops)
+    print(f"[{name}] training {args.steps} steps on {args.task} ({sc.device_name()})", flush=True)
+    runs[name] = sc.Run(c, str(out / "runs" / name))
+    curves[name] = runs[name].curve(args.steps, args.eval_every, val)
+  dense_final = curves["dense"][-1]["psnr"]
+  hit = reach(curves["sparse"], dense_final)
+  dense_steps, dense_secs = curves["dense"][-1]["step"], curves["dense"][-1]["train_seconds"]
+
+  # Sampling cost: the same validation crops, warm timings in this one run.
+  sparse_run, dense_run = runs["sparse"], runs["dense"]
+  dense_method = dense_run.method
+  params_d, params_s = dense_run.state["ema_params"], sparse_run.state["ema_params"]
+  cond = jnp.asarray(val["cond"][:args.ddpm_crops])
+  key = jax.random.PRNGKey(0)
+  diff = dense_method.diffusion
+
+  def ddim(steps, eta):
+    def fn(p, y):
+      z_T = jax.random.normal(key, y.shape[:4] + (1,), y.dtype)
+      den = lambda z, t: dense_method._apply(p, z, y, t)  # pylint: disable=protected-access
+      return diff.ddim_sample(den, z_T, steps, key, eta=eta)
+    return jax.jit(fn)
+
+  seconds = {
+      "sparse_heun": sc.timed(jax.jit(sparse_run.method.sample), params_s, cond, key),
+      "ddim50": sc.timed(ddim(50, 0.0), params_d, cond),
+      "ddpm1000": sc.timed(ddim(1000, 1.0), params_d, cond),
+  }
+  nfe = {"sparse_heun": sparse_run.method.nfe, "ddim50": 50, "ddpm1000": 1000}
+  matrix = sampler_matrix(runs, val, key)
+  result = {
+      "steps_speedup": (dense_steps / hit["step"]) if hit else None,
+      "time_speedup": (dense_secs / hit["train_seconds"]) if hit else None,
+      "sample_speedup_vs_ddim50": seconds["ddim50"] / seconds["sparse_heun"],
+      "sample_speedup_vs_ddpm1000": seconds["ddpm1000"] / seconds["sparse_heun"],
+      "nfe": nfe,
+      "sample_seconds": seconds,
+      "dense_final_psnr": dense_final,
+      "sparse_final_psnr": curves["sparse"][-1]["psnr"],
+      "sparse_reached_at": hit,
+      "sampler_matrix": matrix,
+      "curves": curves,
+      "setup": {"task": args.task, "steps": args.steps, "eval_every": args.eval_every,
+                "crop": args.crop, "width": args.width, "batch": args.batch, "lr": args.lr,
+                "val_crops": args.val_crops, "timing_batch": args.ddpm_crops,
+                "device": sc.device_name(),
+                "train_step_gflops": sparse_run.cost.get("flops", 0) / 1e9},
+  }
+  sc.write_json(out / "sparse_speedup.json", result)
+  plot(out / "sparse_speedup.png", curves, dense_final)
+  fmt = lambda v, s="{:.2f}": "not reached" if v is None else s.format(v)
+  print(f"\n| quantity | value |\n|---|---|\n"
+        f"| dense final PSNR ({dense_steps} steps) | {dense_final:.2f} dB |\n"
+        f"| sparse final PSNR ({args.steps} steps) | {result['sparse_final_psnr']:.2f} dB |\n"
+        f"| sparse steps to dense final | {fmt(hit and hit['step'], '{}')} |\n"
+        f"| steps speed-up | {fmt(result['steps_speedup'])}x |\n"
+        f"| time speed-up | {fmt(result['time_speedup'])}x |\n"
+        f"| NFE sparse / DDIM-50 / DDPM-1000 | {nfe['sparse_heun']} / 50 / 1000 |\n"
+        f"| sample s sparse / DDIM-50 / DDPM-1000 | {seconds['sparse_heun']:.3f} / "
+        f"{seconds['ddim50']:.3f} / {seconds['ddpm1000']:.3f} |\n"
+        f"| sampling speed-up vs DDIM-50 | {result['sample_speedup_vs_ddim50']:.1f}x |\n"
+        f"device: {sc.device_name()}")
+  print("\nvalidation PSNR / SSIM of each trained model under each sampler:")
+  for k, v in matrix.items():
+    print(f"  {k:32s} {v['psnr']:6.2f} dB  {v['ssim']:.4f}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
