@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.f_steps = 5                # levels floor(linspace(0, T - 1, f_steps + 1)); 5 -> {0, 199, .., 999}
   s.timesteps = ()             # explicit level set instead (ints in [0, T)); () = from f_steps
   s.heun = True                # Heun correction of the DDIM moves while sampling
-  s.final_denoise = True       # end with the x0 estimate at the lowest level (+1 evaluation)
+  s.final_denoise = False      # True: end with one more x0 evaluation at the lowest level
 
   c.inference = i = ml_collections.ConfigDict()  # how samplers cover a volume (every method)
   i.window = ()                # () = whole volume in one pass; (d, h, w) = sliding windows this big,

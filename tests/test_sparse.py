@@ -21,7 +21,8 @@ from jaxvol.models import unet3d
 def test_sparse_timesteps(f, expected):
   ts = sparse.sparse_timesteps(1000, f)
   assert ts.tolist() == expected
-  assert sparse.nfe(ts) == 2 * f and sparse.nfe(ts, heun=False) == f + 1
+  assert sparse.nfe(ts) == 2 * f - 1 and sparse.nfe(ts, heun=False) == f
+  assert sparse.nfe(ts, final_denoise=True) == 2 * f
 
 
 def test_sparse_timesteps_bad_args():
@@ -83,9 +84,13 @@ def test_heun_counts_network_evaluations():
     return x
   ts = sparse.sparse_timesteps(1000, 5)
   jax.make_jaxpr(lambda x: sparse.heun_ddim_sample(d, fn, x, ts))(jnp.zeros((1, 4)))
-  # traced once inside the scan body (predict + corrector) and twice outside
-  assert len(calls) == 4
-  assert sparse.nfe(ts) == 4 * 2 + 1 + 1
+  # traced once inside the scan body (predict + corrector) and once for the last move
+  assert len(calls) == 3
+  assert sparse.nfe(ts) == 4 * 2 + 1
+  calls.clear()
+  jax.make_jaxpr(lambda x: sparse.heun_ddim_sample(d, fn, x, ts, final_denoise=True))(
+      jnp.zeros((1, 4)))
+  assert len(calls) == 4 and sparse.nfe(ts, final_denoise=True) == 10
 
 
 def _unet(stm):
@@ -152,6 +157,6 @@ def test_sparse_method_trains_on_its_levels_only(param):
 
 def test_sparse_method_explicit_levels_and_stm_switch():
   m = methods.build(_cfg(sparse__timesteps=(0, 500, 999), model__stm=False))
-  assert m.timesteps.tolist() == [0, 500, 999] and m.nfe == 4 and not m.net.stm
+  assert m.timesteps.tolist() == [0, 500, 999] and m.nfe == 3 and not m.net.stm
   m = methods.build(_cfg(sparse__f_steps=10))
   assert len(m.timesteps) == 11 and m.net.stm

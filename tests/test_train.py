@@ -174,9 +174,14 @@ def test_sigterm_saves_and_resume_finishes(tiny_store, tmp_path, monkeypatch):
   assert loop.train(c, str(tmp_path / "w"))["step"] == 8
 
 
-@pytest.mark.parametrize("method", ["ppdm", "full3d", "wdm", "regression"])
+@pytest.mark.parametrize("method", ["ppdm", "full3d", "wdm", "regression", "sparse"])
 def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
   c = smoke_config(tiny_store / "store", method=method, steps=2)
+  if method == "sparse":
+    base.set_method(c, "sparse")
+    c.model.stm_dim = 8
+    c.inference.window = (16, 16, 16)  # the 20x18x16 volumes are sampled in blended windows
+    c.inference.batch = 1  # 4 windows over the 4 fake devices
   workdir = str(tmp_path / method)
   loop.train(c, workdir)
   summary = evaluate_lib.evaluate(c, workdir)

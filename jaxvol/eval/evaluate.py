@@ -13,8 +13,9 @@ body mask of the target when `config.eval.mask == "body"`; PSNR and SSIM use the
 range (hi - lo) as the data range, so volumes are scored on one fixed scale. With a region split,
 predictions cover the held-out region and the rest of the input's grid is filled with the
 preset's background value. Every process computes; process 0 writes.
-`sample(config, workdir)` writes
-predictions only (no target needed) under WORKDIR/samples/.
+With `config.inference.window` set, samplers run in Gaussian-blended windows of that size spread
+over this process's devices (jaxvol.ops.windows), so volumes larger than the training patch are
+predicted as the network was trained. `sample(config, workdir)` writes predictions only (no target needed) under WORKDIR/samples/.
 Everything written is atomic (temp file + rename).
 """
 
@@ -83,6 +84,13 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     if with_metrics and config.eval.previews:
       os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
   sample_fn = jax.jit(method.sample)
+  put = jnp.asarray
+  window = method.sliding_window()
+  if window is not None and window.mesh is not None:
+    # Windows are spread over this process's devices: params and inputs live on all of them.
+    replicated = jax.sharding.NamedSharding(window.mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(params, replicated)
+    put = lambda x: jax.device_put(x, replicated)
   base_rng = jax.random.PRNGKey(config.eval.seed)
   rows = []
   first_input = config.data.inputs[0]
@@ -92,7 +100,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     cond = _volume_inputs(store, sid, config, box)
     t0 = time.time()
     pred = np.asarray(jax.block_until_ready(
-        sample_fn(params, jnp.asarray(cond), jax.random.fold_in(base_rng, idx))))[0, ..., 0]
+        sample_fn(params, put(cond), jax.random.fold_in(base_rng, idx))))[0, ..., 0]
     seconds = time.time() - t0
     # Without a target volume (pure sampling) the output uses the first input's intensity scale.
     has_target = config.data.target in subject["volumes"]

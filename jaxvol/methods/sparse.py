@@ -32,7 +32,7 @@ class Sparse(baselines.Full3D):
   def nfe(self) -> int:
     """Network evaluations per sampled volume (per window when sampling in windows)."""
     c = self.config.sparse
-    return sparse_lib.nfe(self.timesteps, c.heun, c.get("final_denoise", True))
+    return sparse_lib.nfe(self.timesteps, c.heun, c.get("final_denoise", False))
 
   def loss(self, params, batch, rng):
     x0, y = batch["target"], batch["cond"]
@@ -54,5 +54,5 @@ class Sparse(baselines.Full3D):
     x0 = sparse_lib.heun_ddim_sample(self.diffusion, self._denoiser(params, zy), z_T,
                                      np.asarray(self.timesteps), heun=self.config.sparse.heun,
                                      clip_x0=clip,
-                                     final_denoise=self.config.sparse.get("final_denoise", True))
+                                     final_denoise=self.config.sparse.get("final_denoise", False))
     return base.crop_spatial(x0, shape)
