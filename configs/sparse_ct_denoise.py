@@ -10,7 +10,7 @@ Launch:
       --config.data.store=data/ct_denoise/store
   python -m jaxvol.main --config=configs/sparse_ct_denoise.py --workdir=runs/sparse_ct_denoise \
       --config.data.store=data/ct_denoise/store --mode=evaluate
-Variants: `smoke` (seconds on CPU), `cpu` (a 16-wide U-Net, 32^3 patches, 10 minutes on 2 CPU
+Variants: `smoke` (seconds on CPU), `cpu` (an 8-wide U-Net, 16^3 patches, 10 minutes on 2 CPU
 cores); no variant is the paper's network (width 64, 5 levels, attention at 1/8) for accelerators.
 """
 
