@@ -103,7 +103,8 @@ def main(argv=None) -> list[dict]:
                     "task": args.task, "crop": args.crop, "width": args.width,
                     "device": sc.device_name()})
     sc.write_json(out / "sparse_ablation.json", records)
-  md = table(records)
+  inp = sc.crop_metrics(val["cond"][..., :1], val["target"])
+  md = table(records) + f"\n| (degraded input) | | | | | {inp['psnr']:.2f} | {inp['ssim']:.4f} | |"
   (out / "sparse_ablation.md").write_text(
       md + f"\n\n{args.task}, {args.steps} steps, batch {args.batch}, {args.crop}^3 crops, width "
       f"{args.width}, {args.val_crops} validation crops; {sc.device_name()}\n")
