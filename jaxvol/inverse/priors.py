@@ -83,3 +83,22 @@ class NetworkPrior:
     if self.clip is not None:
       x0 = jnp.clip(x0, -self.clip, self.clip)
     return x0[0, ..., 0] if squeeze else x0
+
+
+def from_method(method, params, window: windows_lib.SlidingWindow | None = None,
+                shift: bool = True, clip: float | None = 1.0) -> NetworkPrior:
+  """A NetworkPrior from an unconditional `full3d` method (config.data.inputs = ()).
+
+  The method's network takes [x_t] (no condition channels) and its DDPM parameterisation.
+  """
+  if method.cond_channels:
+    raise ValueError(f"a prior must be unconditional; this method has {method.cond_channels} "
+                     "condition channels (set config.data.inputs = ())")
+  if not hasattr(method, "diffusion"):
+    raise ValueError(f"method {type(method).__name__} has no Gaussian diffusion to act as a prior")
+
+  def apply(p, x, t):
+    empty = jnp.zeros(x.shape[:4] + (0,), x.dtype)
+    return method._apply(p, x, empty, t)  # pylint: disable=protected-access
+
+  return NetworkPrior(apply, params, method.diffusion, window, shift, clip)

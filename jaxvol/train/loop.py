@@ -40,7 +40,10 @@ def modality_keys(config) -> dict:
 
 
 def assemble_batch(raw: dict, n_inputs: int) -> dict:
-  """Stacks the input modalities into the condition's channels."""
+  """Stacks the input modalities into the condition's channels (none: an unconditional model)."""
+  if n_inputs == 0:
+    target = raw["target"]
+    return {"cond": np.zeros(target.shape[:-1] + (0,), target.dtype), "target": target}
   cond = np.concatenate([raw[f"in{i}"] for i in range(n_inputs)], axis=-1)
   return {"cond": cond, "target": raw["target"]}
 

@@ -1,0 +1,38 @@
+"""An unconditional 3D diffusion prior trained on random patches of the stroke MRI volumes.
+
+For the plug-and-play solvers of jaxvol.inverse (DiffPIR, DPS): the prior is the full-resolution
+DDPM of `full3d` with no condition channels (config.data.inputs = ()), trained on random crops
+and later evaluated on whole volumes as a patch prior (Gaussian-blended, randomly shifted windows
+of the crop size, jaxvol.inverse.priors.from_method) or in one whole-volume pass.
+
+Data: the stroke T1 (any store with modality `t1`), e.g.
+  python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2
+Launch:
+  python -m jaxvol.main --config=configs/patch_prior_train.py --workdir=runs/patch_prior \
+      --config.data.store=data/mri_t1_t2/store
+Variant `smoke` runs in seconds on CPU. Trained on one hemisphere (RAS x in [0, 0.5)); the
+reconstruction experiments use the other.
+"""
+
+from jaxvol import config as base
+
+
+def get_config(variant: str | None = None):
+  c = base.set_method(base.base_config(), "full3d")
+  c.data.inputs = ()
+  c.data.target = "t1"
+  c.data.train_region = {"0": (0.0, 0.5)}
+  c.data.eval_region = {"0": (0.5, 1.0)}
+  c.diffusion.parameterization = "x0"
+  c.data.crop_size = (32, 32, 32)
+  c.data.batch_size = 4
+  c.model.base_width = 32
+  c.model.channel_mults = (1, 2, 4)
+  c.model.num_res_blocks = 2
+  c.inference.window = (32, 32, 32)
+  if variant == "smoke":
+    base.smoke_overrides(c)
+    c.inference.window = tuple(c.data.crop_size)
+  elif variant not in (None, ""):
+    raise ValueError(f"unknown variant {variant!r}: use smoke")
+  return c
