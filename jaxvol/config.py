@@ -243,3 +243,50 @@ def sparse_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
     cpu_overrides(c)
   c.inference.window = tuple(c.data.crop_size)
   return c
+
+
+def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
+  """Plug-and-play reconstruction with the patch prior of configs/patch_prior_train.py.
+
+  The model fields are the prior's (the checkpoint in `pnp.prior_workdir`, or the workdir itself).
+  Variant tokens, comma-separated: `smoke`; for mri `r4`/`r8` (acceleration) and `multicoil`;
+  for sr `x2`/`x4`.
+  """
+  tokens = [t for t in (variant or "").split(",") if t]
+  known = {"smoke"} | ({"r4", "r8", "multicoil"} if task == "mri" else {"x2", "x4"})
+  if any(t not in known for t in tokens):
+    raise ValueError(f"bad variant {variant!r} for pnp {task}: tokens from {sorted(known)}")
+  c = set_method(base_config(), "full3d")
+  c.data.inputs = ()
+  c.data.target = "t1"
+  c.data.train_region = {"0": (0.0, 0.5)}
+  c.data.eval_region = {"0": (0.5, 1.0)}
+  c.eval.split = "train"  # the same subject, the other hemisphere
+  c.diffusion.parameterization = "x0"
+  c.data.crop_size = (32, 32, 32)
+  c.data.batch_size = 4
+  c.model.base_width, c.model.channel_mults, c.model.num_res_blocks = 32, (1, 2, 4), 2
+  c.pnp = p = ml_collections.ConfigDict()
+  p.prior_workdir = ""         # the prior's training workdir ("" = --workdir)
+  p.prior = "patch"            # patch (shifted blended windows) | whole (one pass)
+  p.solver = "diffpir"         # diffpir | dps
+  p.task = task                # mri | sr | denoise
+  p.acceleration = 8.0 if "r8" in tokens else 4.0
+  p.mask = "equispaced"        # equispaced | random
+  p.center_fraction = 0.08
+  p.coils = 8 if "multicoil" in tokens else 1
+  p.cg_iters = 10
+  p.sr_factor = (4, 4, 4) if "x4" in tokens else (2, 2, 2)
+  p.noise_std = 0.01           # measurement noise in network units
+  p.num_steps = 50
+  p.lam = 1.0
+  p.zeta = 1.0
+  p.min_rho = 1e-3
+  p.tv_lambda = 0.01
+  p.tv_iters = 200
+  p.seed = 0
+  if "smoke" in tokens:
+    smoke_overrides(c)
+    p.num_steps, p.tv_iters = 3, 10
+  c.inference.window = tuple(c.data.crop_size)
+  return c

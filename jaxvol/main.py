@@ -2,6 +2,7 @@
 
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:smoke --workdir=runs/pet \
       --mode=train|evaluate|sample [--config.train.steps=200 ...]
+(evaluate on a configs/pnp_*.py config runs plug-and-play reconstruction with its prior)
 """
 
 import logging
@@ -40,6 +41,11 @@ def main(argv):
   if FLAGS.mode == "train":
     result = loop.train(config, FLAGS.workdir)
     logging.info("training finished at step %d", result["step"])
+  elif FLAGS.mode == "evaluate" and "pnp" in config:
+    from jaxvol.inverse import evaluate as pnp_lib  # pylint: disable=g-import-not-at-top
+    summary = pnp_lib.reconstruct(config, FLAGS.workdir)
+    for name, entry in summary["metrics"].items():
+      logging.info("%-12s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif FLAGS.mode == "evaluate":
     summary = evaluate_lib.evaluate(config, FLAGS.workdir)
     for name, entry in summary["metrics"].items():

@@ -53,7 +53,7 @@ def test_config_and_smoke_variant(path):
     mult = method.spatial_multiple()
     assert all(s % m == 0 for s, m in zip(c.data.crop_size, mult)), (c.data.crop_size, mult)
     assert c.data.target
-    assert c.data.inputs or os.path.basename(path).startswith("patch_prior")  # priors: unconditional
+    assert c.data.inputs or os.path.basename(path).startswith(("patch_prior", "pnp_"))  # priors
   assert smoke.model.base_width <= 16 and max(smoke.data.crop_size) <= 32
   assert "python -m jaxvol.main" in open(path).read()  # launch command in the docstring
   with pytest.raises(ValueError, match="variant"):

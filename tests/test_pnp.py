@@ -109,38 +109,59 @@ def test_bad_step_count_is_an_error():
                     jax.random.PRNGKey(0), num_steps=0)
 
 
-def test_prior_trained_on_patches_plugs_into_the_solvers(tmp_path):
-  """An unconditional full3d prior trains through the standard loop and runs in every solver."""
-  import nibabel as nib  # pylint: disable=import-outside-toplevel
-  from jaxvol import config as config_lib  # pylint: disable=import-outside-toplevel
-  from jaxvol import methods  # pylint: disable=import-outside-toplevel
-  from jaxvol.data import store as store_lib  # pylint: disable=import-outside-toplevel
-  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
-  from jaxvol.train import loop  # pylint: disable=import-outside-toplevel
+def _load_cfg(name, variant):
   import importlib.util  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  vol = rng.uniform(0, 100, (32, 16, 16)).astype(np.float32)
-  nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "t1.nii.gz")
-  (tmp_path / "list.csv").write_text("subject,split,t1\ns0,train,t1.nii.gz\n")
-  store_lib.convert(tmp_path / "list.csv", tmp_path / "store", {"t1": "mri"})
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-      "ppt", os.path.join(root, "configs", "patch_prior_train.py"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config("smoke")
-  c.data.store = str(tmp_path / "store")
+  return mod.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def trained_prior(tmp_path_factory):
+  """A tiny unconditional prior trained for 2 steps on one synthetic 'T1' (32x16x16)."""
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  from jaxvol.data import store as store_lib  # pylint: disable=import-outside-toplevel
+  from jaxvol.train import loop  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("prior")
+  rng = np.random.default_rng(0)
+  vol = rng.uniform(0, 100, (32, 16, 16)).astype(np.float32)
+  nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), root / "t1.nii.gz")
+  (root / "list.csv").write_text("subject,split,t1\ns0,train,t1.nii.gz\n")
+  store_lib.convert(root / "list.csv", root / "store", {"t1": "mri"})
+  c = _load_cfg("patch_prior_train", "smoke")
+  c.data.store = str(root / "store")
   c.model.base_width = 4
   c.train.steps = 2
   c.mesh.data = 1
-  loop.train(c, str(tmp_path / "run"))
-  params, step = evaluate_lib.load_params(c, str(tmp_path / "run"))
+  loop.train(c, str(root / "run"))
+  return root
+
+
+def _small(c, root):
+  c.data.store = str(root / "store")
+  c.model.base_width = 4
+  c.mesh.data = 1
+  c.pnp.prior_workdir = str(root / "run")
+  return c
+
+
+def test_prior_trained_on_patches_plugs_into_the_solvers(trained_prior):
+  """An unconditional full3d prior trains through the standard loop and runs in every solver."""
+  from jaxvol import config as config_lib  # pylint: disable=import-outside-toplevel
+  from jaxvol import methods  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  c = _load_cfg("patch_prior_train", "smoke")
+  c.data.store = str(trained_prior / "store")
+  c.model.base_width = 4
+  params, step = evaluate_lib.load_params(c, str(trained_prior / "run"))
   assert step == 2
   method = methods.build(c)
   prior = priors.from_method(method, params, method.sliding_window())
   shape = (16, 16, 24)  # larger than the 16^3 patches along one axis
-  x = jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, shape), jnp.float32)
   op = ops.SingleCoilMRI(jnp.asarray(ops.equispaced_mask(shape, 4, 0.2)))
   y = op.forward(x)
   for solver in solvers.SOLVERS.values():
@@ -148,3 +169,27 @@ def test_prior_trained_on_patches_plugs_into_the_solvers(tmp_path):
     assert out.shape == shape and np.all(np.isfinite(out))
   with pytest.raises(ValueError, match="unconditional"):
     priors.from_method(methods.build(config_lib.smoke_overrides(config_lib.base_config())), params)
+
+
+@pytest.mark.parametrize("name,variant,solver", [("pnp_mri_recon", "smoke", "diffpir"),
+                                                 ("pnp_mri_recon", "smoke,r8,multicoil", "dps"),
+                                                 ("pnp_mri_sr", "smoke,x2", "diffpir")])
+def test_pnp_evaluate_writes_reconstructions(trained_prior, tmp_path, name, variant, solver):
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=import-outside-toplevel
+  c = _small(_load_cfg(name, variant), trained_prior)
+  c.pnp.solver = solver
+  summary = pnp_eval.reconstruct(c, str(tmp_path))
+  out = tmp_path / "pnp"
+  assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  assert set(summary["metrics"]) == {"zero_filled", "tv", solver}
+  for m in summary["metrics"].values():
+    assert all(np.isfinite(v) for v in m.values())
+  for rec in ("zero_filled", "tv", solver):
+    img = nib.load(out / "nifti" / f"s0_{rec}.nii.gz")
+    assert img.shape == (32, 16, 16)
+    np.testing.assert_allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]), atol=1e-5)
+  assert (out / "previews" / "s0.png").exists() and (out / "metrics.csv").exists()
+  assert not [f for f in os.listdir(out) if ".tmp" in f]
