@@ -14,8 +14,11 @@ depend only on shapes, and every window is computed by the same per-example netw
 result does not depend on the number of devices.
 
 An optional integer `offset` (a traced (3,) vector, e.g. drawn per sampling step) shifts the whole
-window grid cyclically: the volume is rolled, windowed and rolled back, so the tile borders move
-between steps while the partition of unity still holds.
+window grid by offset mod window voxels, so the tile borders move between steps (the random shifts
+of patch-based priors). The volume is edge-padded by one window per side, a window-longer block
+starting `offset` voxels before the volume is windowed (static shape, dynamic start), and the
+volume's part of the blended result is cut back out: no wrap-around, the partition of unity still
+holds, at the cost of windows over (size + window) voxels per axis.
 """
 
 import dataclasses
@@ -149,7 +152,7 @@ class SlidingWindow:
       if x.ndim != 5 or x.shape[:4] != inputs[0].shape[:4]:
         raise ValueError(f"inputs must share (B, D, H, W); got {[x.shape for x in inputs]}")
     if offset is not None:
-      inputs = [jnp.roll(x, -offset, axis=(1, 2, 3)) for x in inputs]
+      return self._shifted(fn, inputs, extras, offset)
     padded = tuple(max(s, w) for s, w in zip(spatial, self.window))
     if padded != spatial:
       pad = [(0, 0)] + [(0, p - s) for p, s in zip(padded, spatial)] + [(0, 0)]
@@ -199,10 +202,22 @@ class SlidingWindow:
     acc0 = jnp.zeros((b,) + padded + (c_out,), jnp.float32)
     acc, _ = jax.lax.scan(run_group, acc0, (item_starts, item_vol, item_valid))
     out = acc / self.weight_sum(spatial)[None, ..., None]
-    out = out[:, :spatial[0], :spatial[1], :spatial[2]]
-    if offset is not None:
-      out = jnp.roll(out, offset, axis=(1, 2, 3))
-    return out
+    return out[:, :spatial[0], :spatial[1], :spatial[2]]
+
+  def _shifted(self, fn, inputs, extras, offset):
+    """The grid shifted by offset mod window (see the module docstring)."""
+    b = inputs[0].shape[0]
+    spatial = tuple(inputs[0].shape[1:4])
+    w = jnp.asarray(self.window, jnp.int32)
+    o = jnp.mod(jnp.asarray(offset, jnp.int32), w)
+    start = w - o  # block index k holds volume index k - o
+    size = tuple(s + wi for s, wi in zip(spatial, self.window))
+    pads = [(0, 0)] + [(wi, wi) for wi in self.window] + [(0, 0)]
+    blocks = [jax.lax.dynamic_slice(jnp.pad(x, pads, mode="edge"),
+                                    (0, start[0], start[1], start[2], 0),
+                                    (b,) + size + (x.shape[-1],)) for x in inputs]
+    out = self(fn, blocks, extras)
+    return jax.lax.dynamic_slice(out, (0, o[0], o[1], o[2], 0), (b,) + spatial + (out.shape[-1],))
 
 
 def local_mesh(axis: str = "windows") -> jax.sharding.Mesh:
