@@ -11,7 +11,6 @@ Training time excludes validation and compilation (the step is compiled before t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -46,6 +45,24 @@ def load_config(task: str, variant: str | None = None):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(variant)
+
+
+def run_config(args, store: str):
+  """The task's `cpu` config with the experiment's budget (crop, batch, width, lr, workers).
+
+  Validation crops are training-size, so sampling runs in one pass (no windows).
+  """
+  c = load_config(args.task, "cpu")
+  c.data.store = store
+  c.data.crop_size = (args.crop,) * 3
+  c.data.batch_size = args.batch
+  c.data.num_workers = args.workers
+  c.model.base_width = args.width
+  c.train.learning_rate = args.lr
+  c.train.warmup_steps = max(1, args.steps // 20)
+  c.train.ema_decay = 0.99
+  c.inference.window = ()
+  return c
 
 
 def prepare_store(task: str, out: pathlib.Path, source: str | None = None) -> str:
@@ -167,10 +184,6 @@ def device_name() -> str:
 
 def write_json(path: pathlib.Path, obj) -> None:
   fileio.write_json_atomic(str(path), obj)
-
-
-def load_json(path: pathlib.Path):
-  return json.loads(path.read_text()) if path.exists() else None
 
 
 def ensure_dir(path: pathlib.Path) -> pathlib.Path:

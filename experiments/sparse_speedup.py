@@ -98,16 +98,7 @@ def parse_args(argv=None):
 
 
 def make_config(args, store: str, dense: bool):
-  c = sc.load_config(args.task, "cpu")
-  c.data.store = store
-  c.data.crop_size = (args.crop,) * 3
-  c.data.batch_size = args.batch
-  c.data.num_workers = args.workers
-  c.model.base_width = args.width
-  c.train.learning_rate = args.lr
-  c.train.warmup_steps = max(1, args.steps // 20)
-  c.train.ema_decay = 0.99
-  c.inference.window = ()  # validation crops are training-size: one pass each
+  c = sc.run_config(args, store)
   if dense:
     c.sparse.f_steps = c.diffusion.num_steps - 1  # every level: the dense schedule
   return c

@@ -4,6 +4,8 @@ Readers never see a half-written file, and a failure leaves the previous file (o
 Imports nothing from jaxvol, so every layer may use it.
 """
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -27,3 +29,12 @@ def write_text_atomic(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
   write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
+  """Writes dict rows (columns from the first row) as CSV, atomically."""
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+  writer.writeheader()
+  writer.writerows(rows)
+  write_text_atomic(path, buf.getvalue())

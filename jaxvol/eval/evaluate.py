@@ -19,8 +19,6 @@ predicted as the network was trained. `sample(config, workdir)` writes predictio
 Everything written is atomic (temp file + rename).
 """
 
-import csv
-import io
 import json
 import logging
 import os
@@ -155,11 +153,7 @@ def evaluate(config, workdir: str) -> dict:
   summary["data_range"] = [r["data_range"] for r in rows]
   if jax.process_index() != 0:
     return summary
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-  writer.writeheader()
-  writer.writerows(rows)
-  fileio.write_text_atomic(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
+  fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
   fileio.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
   return summary
 

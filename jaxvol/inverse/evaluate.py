@@ -16,8 +16,6 @@ PSNR/SSIM over the preset's range.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -153,10 +151,6 @@ def reconstruct(config, workdir: str) -> dict:
                          for n in names},
              "seconds": {n: float(np.mean([r[f"{n}_seconds"] for r in rows])) for n in names}}
   if writes:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-    w.writeheader()
-    w.writerows(rows)
-    fileio.write_text_atomic(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
+    fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
     fileio.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
   return summary
