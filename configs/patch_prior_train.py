@@ -10,7 +10,9 @@ Data: the stroke T1 (any store with modality `t1`), e.g.
 Launch:
   python -m jaxvol.main --config=configs/patch_prior_train.py --workdir=runs/patch_prior \
       --config.data.store=data/mri_t1_t2/store
-Variant `smoke` runs in seconds on CPU. Trained on one hemisphere (RAS x in [0, 0.5)); the
+Variant `smoke` runs in seconds on CPU; `cpu` is the 2-core CPU budget of
+experiments/patch_prior.py (width 8, 16^3 patches, 15 minutes); `positions` (combinable, e.g.
+`cpu,positions`) adds the normalised position channels. Trained on one hemisphere (RAS x in [0, 0.5)); the
 reconstruction experiments use the other.
 """
 
@@ -30,9 +32,14 @@ def get_config(variant: str | None = None):
   c.model.channel_mults = (1, 2, 4)
   c.model.num_res_blocks = 2
   c.inference.window = (32, 32, 32)
-  if variant == "smoke":
+  tokens = [t for t in (variant or "").split(",") if t]
+  if any(t not in ("smoke", "cpu", "positions") for t in tokens) or {"smoke", "cpu"} <= set(tokens):
+    raise ValueError(f"unknown variant {variant!r}: smoke or cpu, optionally with positions")
+  if "smoke" in tokens:
     base.smoke_overrides(c)
-    c.inference.window = tuple(c.data.crop_size)
-  elif variant not in (None, ""):
-    raise ValueError(f"unknown variant {variant!r}: use smoke")
+  if "cpu" in tokens:
+    base.cpu_overrides(c)
+    c.train.steps, c.train.time_limit_minutes = 4000, 15.0
+  c.data.position_channels = "positions" in tokens
+  c.inference.window = tuple(c.data.crop_size)
   return c

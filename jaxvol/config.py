@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 2             # global batch, divisible by the data-parallel device count
   d.num_workers = 0            # Grain worker processes
   d.flips = True               # random flips along each axis
+  # Append 3 condition channels holding each voxel's normalised position in the whole volume
+  # (voxel centres mapped to [-1, 1] per axis): a patch-trained network then knows where its patch
+  # lies (patch-based priors, jaxvol.inverse).
+  d.position_channels = False
   # Region splits of one volume: {"axis": (lo_frac, hi_frac)}, e.g. {"0": (0.0, 0.5)} trains on
   # the first half of the RAS x axis (one hemisphere) and {"0": (0.5, 1.0)} evaluates on the other.
   d.train_region = None
@@ -249,11 +253,13 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   """Plug-and-play reconstruction with the patch prior of configs/patch_prior_train.py.
 
   The model fields are the prior's (the checkpoint in `pnp.prior_workdir`, or the workdir itself).
-  Variant tokens, comma-separated: `smoke`; for mri `r4`/`r8` (acceleration) and `multicoil`;
-  for sr `x2`/`x4`.
+  Variant tokens, comma-separated: `smoke` or `cpu` (the prior's variant of the same name);
+  `positions` for a prior trained with position channels; for mri `r4`/`r8` (acceleration) and
+  `multicoil`; for sr `x2`/`x4`.
   """
   tokens = [t for t in (variant or "").split(",") if t]
-  known = {"smoke"} | ({"r4", "r8", "multicoil"} if task == "mri" else {"x2", "x4"})
+  known = {"smoke", "cpu", "positions"} | (
+      {"r4", "r8", "multicoil"} if task == "mri" else {"x2", "x4"})
   if any(t not in known for t in tokens):
     raise ValueError(f"bad variant {variant!r} for pnp {task}: tokens from {sorted(known)}")
   c = set_method(base_config(), "full3d")
@@ -288,5 +294,8 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   if "smoke" in tokens:
     smoke_overrides(c)
     p.num_steps, p.tv_iters = 3, 10
+  if "cpu" in tokens:
+    cpu_overrides(c)
+  c.data.position_channels = "positions" in tokens
   c.inference.window = tuple(c.data.crop_size)
   return c

@@ -155,3 +155,37 @@ def test_source_and_validation(paired_store):
 def test_defaults_to_jax_process(paired_store):
   it = pipeline.make_train_iterator(paired_store, "val", MODS, (8, 8, 8), 2, seed=0)
   assert next(it)["cond"].shape == (2, 8, 8, 8, 1)
+
+
+def test_position_grid_maps_voxel_centres_to_minus_one_one():
+  g = pipeline.position_grid((4, 2, 6))
+  assert g.shape == (4, 2, 6, 3) and g.dtype == np.float32
+  np.testing.assert_allclose(g[:, 0, 0, 0], [-0.75, -0.25, 0.25, 0.75])
+  np.testing.assert_allclose(g[0, :, 0, 1], [-0.5, 0.5])
+  # A box is the same voxels' positions; boxes past the border extrapolate.
+  np.testing.assert_array_equal(pipeline.position_grid((4, 2, 6), ((1, 3), (0, 2), (2, 5))),
+                                g[1:3, :, 2:5])
+  np.testing.assert_allclose(pipeline.position_grid((4, 2, 6), ((-1, 1), (0, 1), (0, 1)))[:, 0, 0, 0],
+                             [-1.25, -0.75])
+
+
+def test_crops_carry_their_positions_flipped_with_the_image(paired_store):
+  store = store_lib.Store(paired_store)
+  source = pipeline.CropSource(store, "train")
+  seen_flip = seen_pad = False
+  for batch in _take(_iter(store, with_meta=True, positions=True), 6):
+    assert batch["position"].shape == (4, 8, 8, 8, 3)
+    for j in range(4):
+      sid = source.subject_ids[batch["subject_index"][j]]
+      shape = store.shape(sid)
+      # Thin axes are read whole and centred in the crop (offset (8 - n) // 2).
+      box = [(int(s), int(s) + 8) if n >= 8 else (-((8 - n) // 2), -((8 - n) // 2) + 8)
+             for s, n in zip(batch["box_start"][j], shape)]
+      want = pipeline.position_grid(shape, box)
+      flips = [a for a in range(3) if batch["flips"][j][a]]
+      if flips:
+        want = np.flip(want, axis=flips)
+        seen_flip = True
+      seen_pad |= min(shape) < 8
+      np.testing.assert_allclose(batch["position"][j], want, atol=1e-6)
+  assert seen_flip and seen_pad

@@ -65,8 +65,8 @@ def _x0_net(d):
   """A per-voxel 'network' returning the exact Gaussian x0 (x0 parameterisation)."""
   g = priors.GaussianPrior(MU, S, d)
 
-  def apply(params, x, t):
-    del params
+  def apply(params, x, cond, t):
+    del params, cond
     return g(x, t)
   return apply
 
@@ -82,6 +82,23 @@ def test_patch_prior_equals_whole_prior_for_a_voxelwise_denoiser(shift):
     a = whole(x, t)
     b = jax.jit(lambda x_, k: patch(x_, t, k))(x, jax.random.PRNGKey(t))
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_patch_prior_cuts_fixed_channels_with_the_same_windows():
+  """A 'network' that returns its first position channel gives back the whole grid's channel."""
+  from jaxvol.data import pipeline  # pylint: disable=import-outside-toplevel
+  d = gaussian.GaussianDiffusion(parameterization="x0")
+  shape = (12, 16, 20)
+  pos = jnp.asarray(pipeline.position_grid((24, 16, 20), ((12, 24), (0, 16), (0, 20))))
+  apply = lambda params, x, cond, t: cond[..., :1]
+  prior = priors.NetworkPrior(apply, None, d, windows.SlidingWindow((8, 8, 8), batch=2),
+                              clip=None, cond=pos)
+  x = jnp.zeros(shape)
+  for seed in range(3):
+    out = jax.jit(lambda k: prior(x, 500, k))(jax.random.PRNGKey(seed))
+    np.testing.assert_allclose(out, pos[..., 0], atol=1e-5)
+  with pytest.raises(ValueError, match="do not match"):
+    prior(jnp.zeros((8, 8, 8)), 500)
 
 
 def test_one_prior_object_runs_in_every_solver_and_operator():
@@ -137,6 +154,8 @@ def trained_prior(tmp_path_factory):
   c.train.steps = 2
   c.mesh.data = 1
   loop.train(c, str(root / "run"))
+  c.data.position_channels = True
+  loop.train(c, str(root / "run_pos"))
   return root
 
 
@@ -169,6 +188,26 @@ def test_prior_trained_on_patches_plugs_into_the_solvers(trained_prior):
     assert out.shape == shape and np.all(np.isfinite(out))
   with pytest.raises(ValueError, match="unconditional"):
     priors.from_method(methods.build(config_lib.smoke_overrides(config_lib.base_config())), params)
+
+
+def test_position_channel_prior_reconstructs_through_evaluate(trained_prior, tmp_path):
+  from jaxvol import methods  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=import-outside-toplevel
+  c = _small(_load_cfg("pnp_mri_recon", "smoke"), trained_prior)
+  c.data.position_channels = True
+  c.pnp.prior_workdir = str(trained_prior / "run_pos")
+  params, _ = evaluate_lib.load_params(c, c.pnp.prior_workdir)
+  assert params["params"]["stem"]["kernel"].shape[-2] == 4  # x_t + 3 position channels
+  method = methods.build(c)
+  with pytest.raises(ValueError, match="position channels"):
+    priors.from_method(method, params, method.sliding_window())
+  summary = pnp_eval.reconstruct(c, str(tmp_path))
+  assert all(np.isfinite(v) for m in summary["metrics"].values() for v in m.values())
+  # A checkpoint trained without positions is refused by a config asking for them.
+  c.pnp.prior_workdir = str(trained_prior / "run")
+  with pytest.raises(ValueError, match="position_channels"):
+    pnp_eval.reconstruct(c, str(tmp_path / "other"))
 
 
 @pytest.mark.parametrize("name,variant,solver", [("pnp_mri_recon", "smoke", "diffpir"),

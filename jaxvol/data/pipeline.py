@@ -84,6 +84,19 @@ class CropSource(grain.sources.RandomAccessDataSource):
     return f"CropSource(store={self.store.path!r}, split={self.split!r}, n={len(self)})"
 
 
+def position_grid(shape: Sequence[int], box: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+  """Normalised voxel positions (D, H, W, 3) of a box of a volume of `shape`.
+
+  Voxel centres of the whole volume map to [-1, 1] per axis ((2 i + 1) / n - 1), so a voxel has
+  the same code in a training crop and in a whole-volume or other-region evaluation. Box bounds
+  may lie outside [0, n) (crops of padded axes): positions extrapolate linearly.
+  """
+  box = tuple((0, int(n)) for n in shape) if box is None else box
+  axes = [((2.0 * np.arange(lo, hi) + 1.0) / n - 1.0).astype(np.float32)
+          for (lo, hi), n in zip(box, shape)]
+  return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
 class CropAndFlip:
   """Random crop (same box for all modalities) + random flips; a picklable Grain random map.
 
@@ -94,8 +107,9 @@ class CropAndFlip:
 
   def __init__(self, store: Store, modalities: Mapping[str, str], crop_size: Sequence[int],
                flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
-               with_meta: bool = False):
+               with_meta: bool = False, positions: bool = False):
     self.store = store
+    self.positions = bool(positions)
     self.modalities = dict(modalities)
     self.crop_size = tuple(int(c) for c in crop_size)
     self.flips = bool(flips)
@@ -126,6 +140,13 @@ class CropAndFlip:
       if flip_axes:
         x = np.flip(x, axis=flip_axes)
       out[key] = np.ascontiguousarray(x, dtype=np.float32)[..., None]
+    if self.positions:
+      # The crop's own voxel positions, padded axes included, flipped with the image.
+      crop_box = [(lo - o, lo - o + c) for (lo, _), o, c in zip(read_box, offsets, self.crop_size)]
+      pos = position_grid(self.store.shape(sid), crop_box)
+      if flip_axes:
+        pos = np.flip(pos, axis=flip_axes)
+      out["position"] = np.ascontiguousarray(pos)
     if self.with_meta:
       out["subject_index"] = np.int32(record["index"])
       out["box_start"] = np.array([b[0] for b in read_box], dtype=np.int32)
@@ -144,7 +165,7 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
                         crop_size: Sequence[int], batch_size: int, seed: int, num_workers: int = 0,
                         flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
                         process_index: int | None = None, process_count: int | None = None,
-                        with_meta: bool = False) -> grain.DatasetIterator:
+                        with_meta: bool = False, positions: bool = False) -> grain.DatasetIterator:
   """Endless iterator of this host's share of random paired crops.
 
   Args:
@@ -160,6 +181,8 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
     process_index: this host (default jax.process_index()).
     process_count: number of hosts (default jax.process_count()).
     with_meta: also yield "subject_index", "box_start" and "flips" per sample (for debugging).
+    positions: also yield "position" (B, D, H, W, 3), the crop's normalised voxel positions in
+      the whole volume (see `position_grid`).
 
   Returns:
     A grain.DatasetIterator of dicts {key: float32 (B, D, H, W, 1)}; it supports get_state() and
@@ -196,7 +219,7 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
     region_box(store.shape(sid), region)
 
   crop = CropAndFlip(store, modalities, crop_size, flips=flips, region=region,
-                     with_meta=with_meta)
+                     with_meta=with_meta, positions=positions)
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat(None)

@@ -58,8 +58,11 @@ def load_params(config, workdir: str):
 
 
 def _volume_inputs(store, subject_id: str, config, box):
-  chans = [store.read(subject_id, m, box) for m in config.data.inputs]
-  return np.stack(chans, axis=-1)[None].astype(np.float32)
+  chans = np.stack([store.read(subject_id, m, box) for m in config.data.inputs], axis=-1)
+  if config.data.get("position_channels", False):
+    pos = pipeline.position_grid(store.shape(subject_id), box)
+    chans = np.concatenate([chans, pos], axis=-1)
+  return chans[None].astype(np.float32)
 
 
 def _eval_box(store, subject, config):

@@ -77,7 +77,6 @@ def reconstruct(config, workdir: str) -> dict:
   window = method.sliding_window() if p.prior == "patch" else None
   if p.prior == "patch" and window is None:
     raise ValueError("a patch prior needs config.inference.window (the training patch size)")
-  prior = priors.from_method(method, params, window)
   if p.solver not in solvers.SOLVERS:
     raise ValueError(f"unknown solver {p.solver!r}; available: {sorted(solvers.SOLVERS)}")
   store = store_lib.Store(config.data.store)
@@ -101,6 +100,9 @@ def reconstruct(config, workdir: str) -> dict:
     box = tuple((a, a + s) for (a, _), s in zip(box, shape))
     x = jnp.asarray(x[:shape[0], :shape[1], :shape[2]])
     op = build_operator(p, shape)
+    positions = pipeline.position_grid(tuple(subj["shape"]), box) if method.position_channels \
+        else None
+    prior = priors.from_method(method, params, window, positions=positions)
     key = jax.random.fold_in(jax.random.PRNGKey(p.seed), idx)
     y = ops.simulate_measurement(op, x, p.noise_std, jax.random.fold_in(key, 1))
     recs, seconds = {}, {}

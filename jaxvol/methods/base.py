@@ -78,7 +78,12 @@ class Method:
 
   @property
   def cond_channels(self) -> int:
-    return len(self.config.data.inputs)
+    return len(self.config.data.inputs) + 3 * self.position_channels
+
+  @property
+  def position_channels(self) -> bool:
+    """Whether the condition ends with 3 normalised position channels (config.data)."""
+    return bool(self.config.data.get("position_channels", False))
 
   @property
   def target_channels(self) -> int:

@@ -19,6 +19,9 @@ of patch-based priors). The volume is edge-padded by one window per side, a wind
 starting `offset` voxels before the volume is windowed (static shape, dynamic start), and the
 volume's part of the blended result is cut back out: no wrap-around, the partition of unity still
 holds, at the cost of windows over (size + window) voxels per axis.
+
+Gradients through the blend (posterior-sampling solvers) recompute each group's network pass in
+the backward sweep (`jax.checkpoint`), so their memory stays that of one group of windows.
 """
 
 import dataclasses
@@ -184,7 +187,11 @@ class SlidingWindow:
       if sharding is not None:
         wins = [jax.lax.with_sharding_constraint(w, sharding) for w in wins]
         ext = [jax.lax.with_sharding_constraint(e, sharding) for e in ext]
-      out = fn(*wins, *ext).astype(jnp.float32)
+      # Rematerialised: differentiating through the window scan (DPS's likelihood gradient) then
+      # keeps only each group's windows, recomputing one group's activations at a time, instead
+      # of every window's activations at once (more than the whole volume's). No cost without
+      # differentiation.
+      out = jax.checkpoint(fn)(*wins, *ext).astype(jnp.float32)
       if out.shape[:4] != (group,) + self.window:
         raise ValueError(f"fn returned {out.shape}, expected ({group}, *{self.window}, C)")
 

@@ -19,9 +19,10 @@ import orbax.checkpoint as ocp
 # learning rate, remat, dropout, ...) may change between training, resumption and evaluation.
 MODEL_DEFINING = ("method", "compute_dtype", "model.base_width", "model.channel_mults",
                   "model.num_res_blocks", "model.attention_levels", "model.num_heads", "model.groups",
-                  "model.time_embed_dim", "model.stm", "model.stm_dim", "ppdm.factor", "ppdm.num_steps", "ppdm.max_var",
-                  "diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
-                  "diffusion.parameterization", "data.inputs", "data.target")
+                  "model.time_embed_dim", "model.stm", "model.stm_dim", "ppdm.factor",
+                  "ppdm.num_steps", "ppdm.max_var", "diffusion.num_steps", "diffusion.beta_start",
+                  "diffusion.beta_end", "diffusion.parameterization", "data.inputs", "data.target",
+                  "data.position_channels")
 
 
 def check_same_model(meta: dict, config, directory: str) -> None:

@@ -40,12 +40,17 @@ def modality_keys(config) -> dict:
 
 
 def assemble_batch(raw: dict, n_inputs: int) -> dict:
-  """Stacks the input modalities into the condition's channels (none: an unconditional model)."""
-  if n_inputs == 0:
-    target = raw["target"]
+  """Stacks the input modalities (then the position channels, if any) into the condition.
+
+  No inputs and no positions: an unconditional model, whose condition has 0 channels.
+  """
+  target = raw["target"]
+  parts = [raw[f"in{i}"] for i in range(n_inputs)]
+  if "position" in raw:
+    parts.append(raw["position"])
+  if not parts:
     return {"cond": np.zeros(target.shape[:-1] + (0,), target.dtype), "target": target}
-  cond = np.concatenate([raw[f"in{i}"] for i in range(n_inputs)], axis=-1)
-  return {"cond": cond, "target": raw["target"]}
+  return {"cond": np.concatenate(parts, axis=-1), "target": target}
 
 
 def presets_of(store) -> dict:
@@ -141,7 +146,8 @@ def train(config, workdir: str) -> dict:
   data_iter = pipeline.make_train_iterator(
       config.data.store, config.data.train_split, modality_keys(config), tuple(config.data.crop_size),
       config.data.batch_size, seed=config.seed, num_workers=config.data.num_workers,
-      flips=config.data.flips, region=config.data.train_region)
+      flips=config.data.flips, region=config.data.train_region,
+      positions=config.data.get("position_channels", False))
   meta = run_meta(config, config.data.store)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
