@@ -66,11 +66,14 @@ def compiled_bytes(compiled) -> int:
              - m.alias_size_in_bytes)
 
 
-def task_config(task: str, variant: str, store: str, prior_dir: str):
+def task_config(task: str, variant: str, store: str, prior_dir: str,
+                overlap: float | None = None):
   kind, token = TASKS[task]
   c = config_lib.pnp_config(kind, ",".join(t for t in (variant, token) if t))
   c.data.store = store
   c.pnp.prior_workdir = prior_dir
+  if overlap is not None:
+    c.inference.overlap = overlap
   return c
 
 
@@ -133,7 +136,7 @@ def build_priors(method, params, positions):
 
 
 def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
-  c = task_config(task, args.variant, store, prior_dir)
+  c = task_config(task, args.variant, store, prior_dir, args.overlap)
   p = c.pnp
   p.noise_std = args.noise
   method = methods.build(c, jax.devices()[0].platform)
@@ -171,7 +174,7 @@ def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
 
 def memory_only(task, args, store, prior_dir, side: int, log=print) -> list[dict]:
   """Compile-only per-device memory of each solver x prior on a side^3 volume."""
-  c = task_config(task, args.variant, store, prior_dir)
+  c = task_config(task, args.variant, store, prior_dir, args.overlap)
   p = c.pnp
   method = methods.build(c, jax.devices()[0].platform)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -252,6 +255,8 @@ def main(argv=None):
   ap.add_argument("--noise", type=float, default=0.01, help="measurement noise, network units")
   ap.add_argument("--tv-iters", type=int, default=200)
   ap.add_argument("--memory-sizes", default="", help="e.g. 64,128: compile-only memory records")
+  ap.add_argument("--overlap", type=float, default=None,
+                  help="patch prior window overlap (default: the config's inference.overlap)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--source", default=None, help="folder of the shared real volumes")
   args = ap.parse_args(argv)
@@ -276,7 +281,7 @@ def main(argv=None):
   checks = verdicts(records)
   common.write_json(out / "patch_prior.json", {
       "device": common.device_name(), "variant": args.variant, "steps": args.steps,
-      "noise_std": args.noise, "size": list(args.size),
+      "noise_std": args.noise, "size": list(args.size), "overlap": args.overlap,
       "measurements": "simulated from the magnitude T1 in network units",
       "records": records, "checks": checks})
   print(table(records))

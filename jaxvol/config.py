@@ -9,7 +9,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "ppdm"            # ppdm | full3d | wdm | regression | sparse
+  c.method = "ppdm"            # ppdm | full3d | wdm | regression | sparse | prdit
   c.compute_dtype = "auto"     # auto: bfloat16 on GPU/TPU, float32 on CPU; or float32 / bfloat16
   c.seed = 0
 
@@ -68,6 +68,40 @@ def base_config() -> ml_collections.ConfigDict:
   s.heun = True                # Heun correction of the DDIM moves while sampling
   s.final_denoise = False      # True: end with one more x0 evaluation at the lowest level
 
+  # PRDiT (method "prdit"): unconditional generation with a per-token local denoiser (stage 1)
+  # and a global residual DiT on top of it (stage 2); jaxvol.methods.prdit. The paper's
+  # "PRDiT-B/12/4" is size B, patch 12, depth 4.
+  c.prdit = r = ml_collections.ConfigDict()
+  r.size = "B"                 # S | B | L | XL: residual DiT width and heads (PRDIT_SIZES)
+  r.patch = 12                 # token window p (voxels per side, p - stride even)
+  r.stride = 8                 # token stride s: each token predicts its s^3 block
+  r.depth = 4                  # residual DiT blocks
+  r.width = 0                  # > 0 overrides the width of `size` (tiny test models)
+  r.heads = 0                  # > 0 overrides the attention heads of `size`
+  r.mlp_ratio = 4.0            # residual DiT MLP width / width
+  r.local_width = 0            # 0: the local denoiser works on the raw p^3 window (the paper's
+  #                              layout); > 0: a per-token Dense to this width first
+  r.local_blocks = 2           # SwiGLU blocks of the local denoiser
+  r.local_mlp_ratio = 1.0      # SwiGLU hidden width / local width
+  r.attention = "auto"         # auto | xla | cudnn | chunked | splash (jaxvol.models.attention)
+  r.chunk_size = 512           # query/key chunk of the chunked backend
+  r.remat = "none"             # none | full | dots | dots_saveable: per DiT block
+  r.stage = 2                  # 1: train the local denoiser; 2: train the residual DiT on top of
+  #                              the frozen stage-1 weights (loaded from stage1_workdir)
+  r.num_steps = 1000           # T of the trigonometric diffusion
+  r.sigma = 0.5                # noise std: x_t = cos(th) x0 + sin(th) eps, eps ~ N(0, sigma^2)
+  r.sampler = "pc"             # pc (predictor-corrector, the authors') | euler (probability flow)
+  r.predictor = "euler"        # predictor of the pc sampler: euler | ddim
+  r.sample_steps = 100         # network evaluations per generated volume
+  # Stage 2: WORKDIR of the stage-1 run; its latest checkpoint's EMA weights become the frozen
+  # "local" parameters (the optimizer keeps no state for them).
+  r.stage1_workdir = ""
+  # Warm start (e.g. 256^3 from a 128^3 run): WORKDIR of any PRDiT run; every parameter whose
+  # path and shape match is copied from its latest EMA weights, the rest keep their fresh init,
+  # and the copied ones train at warm_start_lr_scale x the learning rate.
+  r.warm_start_workdir = ""
+  r.warm_start_lr_scale = 0.1
+
   c.inference = i = ml_collections.ConfigDict()  # how samplers cover a volume (every method)
   i.window = ()                # () = whole volume in one pass; (d, h, w) = sliding windows this big,
   #                              e.g. the training crop; a multiple of the method's spatial multiple
@@ -103,6 +137,24 @@ def base_config() -> ml_collections.ConfigDict:
   e.previews = True
   e.input_baseline = False     # also score the condition as the prediction (same-scale tasks only)
   e.seed = 0
+  # Feature network of the generation metrics (FID/MMD, jaxvol.eval.generation): a MedicalNet
+  # checkpoint (tools/convert_medicalnet.py output) or "" for a randomly initialised MedicalNet
+  # ResNet of feature_depth and feature_width (reported as "FD (random features)", not FID).
+  e.feature_weights = ""
+  e.feature_depth = 50
+  e.feature_width = 64
+  e.feature_resize = ()        # () = volumes as sampled; (d, h, w) = trilinear resize first
+
+  # --mode=sample for unconditional methods (no config.data.inputs): WORKDIR/samples/
+  # sample_{i:03d}.nii.gz in the target's original units, drawn with fold_in(PRNGKey(seed), i).
+  # Affine: diag(spacing) in RAS (x = right, y = anterior, z = superior), origin (0, 0, 0) mm at
+  # the centre of the volume, i.e. voxel (i, j, k) sits at ((i, j, k) - (shape - 1) / 2) * spacing.
+  c.sample = sm = ml_collections.ConfigDict()
+  sm.num = 4                   # volumes to generate
+  sm.shape = ()                # () = data.crop_size; each side a multiple of the method's multiple
+  sm.spacing = ()              # mm per RAS axis; () = the store's first training subject's spacing
+  sm.seed = 0
+  sm.metrics = False           # also write generation_metrics.json against real crops (n = num)
   return c
 
 
@@ -268,7 +320,7 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   c.data.train_region = {"0": (0.0, 0.5)}
   c.data.eval_region = {"0": (0.5, 1.0)}
   c.eval.split = "train"  # the same subject, the other hemisphere
-  c.diffusion.parameterization = "x0"
+  c.diffusion.parameterization = "v"  # the prior's (configs/patch_prior_train.py)
   c.data.crop_size = (32, 32, 32)
   c.data.batch_size = 4
   c.model.base_width, c.model.channel_mults, c.model.num_res_blocks = 32, (1, 2, 4), 2

@@ -2,10 +2,13 @@
 
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:smoke --workdir=runs/pet \
       --mode=train|evaluate|sample [--config.train.steps=200 ...]
-(evaluate on a configs/pnp_*.py config runs plug-and-play reconstruction with its prior)
+(evaluate on a configs/pnp_*.py config runs plug-and-play reconstruction with its prior; sample
+on an unconditional config, such as configs/prdit_ct_gen.py, generates config.sample.num volumes
+from noise: jaxvol.eval.generate)
 """
 
 import logging
+import os
 import sys
 
 import jax
@@ -50,6 +53,11 @@ def main(argv):
     summary = evaluate_lib.evaluate(config, FLAGS.workdir)
     for name, entry in summary["metrics"].items():
       logging.info("%-5s model %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
+  elif not config.data.inputs:
+    from jaxvol.eval import generate as generate_lib  # pylint: disable=g-import-not-at-top
+    result = generate_lib.generate(config, FLAGS.workdir)
+    logging.info("wrote %d samples to %s", len(result["files"]),
+                 os.path.dirname(result["files"][0]))
   else:
     evaluate_lib.sample(config, FLAGS.workdir)
 

@@ -25,7 +25,24 @@ def load(path, variant=None):
 def test_expected_configs_exist():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
   assert {"ppdm_pet_denoise", "ppdm_pet_ac", "ppdm_mri_t1_t2", "full3d_mri_t1_t2",
-          "wdm_mri_t1_t2", "sparse_ct_denoise", "sparse_mri_sr", "sparse_pet_denoise"} <= names
+          "wdm_mri_t1_t2", "sparse_ct_denoise", "sparse_mri_sr", "sparse_pet_denoise",
+          "prdit_ct_gen"} <= names
+
+
+def test_prdit_config_variants():
+  path = os.path.join(ROOT, "configs", "prdit_ct_gen.py")
+  paper = load(path)
+  p, t = paper.prdit, paper.train
+  assert (paper.method, p.size, p.patch, p.depth, p.stage) == ("prdit", "B", 12, 4, 2)
+  assert tuple(paper.data.crop_size) == (128,) * 3
+  assert (t.weight_decay, t.grad_clip, t.ema_decay) == (0.0, 1.0, 0.9999)
+  assert load(path, "stage1").prdit.stage == 1 and load(path, "xl").prdit.size == "XL"
+  assert tuple(load(path, "256").data.crop_size) == (256,) * 3
+  assert tuple(load(path, "cpu").data.crop_size) == (64,) * 3
+  assert load(path, "stage1,smoke").prdit.stage == 1
+  for bad in ("cpu,smoke", "256,cpu", "big"):
+    with pytest.raises(ValueError, match="variant"):
+      load(path, bad)
 
 
 def test_sparse_config_variants():
@@ -53,8 +70,13 @@ def test_config_and_smoke_variant(path):
     mult = method.spatial_multiple()
     assert all(s % m == 0 for s, m in zip(c.data.crop_size, mult)), (c.data.crop_size, mult)
     assert c.data.target
-    assert c.data.inputs or os.path.basename(path).startswith(("patch_prior", "pnp_"))  # priors
-  assert smoke.model.base_width <= 16 and max(smoke.data.crop_size) <= 32
+    # Priors and generators are unconditional.
+    assert c.data.inputs or os.path.basename(path).startswith(("patch_prior", "pnp_", "prdit_"))
+  if smoke.method == "prdit":
+    assert 0 < smoke.prdit.width <= 32 and 0 < smoke.prdit.local_width <= 32
+  else:
+    assert smoke.model.base_width <= 16
+  assert max(smoke.data.crop_size) <= 32
   assert "python -m jaxvol.main" in open(path).read()  # launch command in the docstring
   with pytest.raises(ValueError, match="variant"):
     load(path, "no-such-variant")

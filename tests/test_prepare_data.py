@@ -144,6 +144,20 @@ def test_ct_denoise(shared_data, tmp_path, capsys):
   assert 50.0 * np.sqrt(2) < diff[metrics_lib.body_mask(hu)].std()
 
 
+def test_ct_gen(shared_data, tmp_path, capsys):
+  assert prepare_data.main(["--task", "ct_gen", "--out", str(tmp_path), "--source",
+                            str(shared_data)]) == 0
+  printed = capsys.readouterr().out
+  assert "one volume" in printed and "mechanics" in printed
+  store = store_lib.Store(tmp_path / "store")
+  assert store.modalities == ["ct"]
+  assert store.manifest["presets"] == {"ct": {"kind": "ct", "lo": -1000.0, "hi": 1000.0}}
+  assert [(s["id"], s["split"]) for s in store.subjects()] == [("ct_abdomen", "train")]
+  hu, _ = nifti.load_volume(shared_data / "ct_abdomen" / "example_ct.nii.gz")
+  assert store.shape("ct_abdomen") == (122, 101, 112)
+  np.testing.assert_allclose(_raw(store, "ct_abdomen", "ct"), np.clip(hu, -1000, 1000), atol=0.05)
+
+
 def test_mri_sr(shared_data, tmp_path, capsys):
   assert prepare_data.main(["--task", "mri_sr", "--out", str(tmp_path),
                             "--source", str(shared_data)]) == 0

@@ -66,6 +66,15 @@ Tasks:
   ``eval_region {"2": (0.6, 1.0)}``), so evaluated anatomy is never trained on; the test subject
   differs from the training ones by its noise only.
 
+``ct_gen``
+  Unconditional CT generation (PRDiT, `configs/prdit_ct_gen.py`): the abdominal CT
+  `ct_abdomen/example_ct.nii.gz` itself (real HU, 122x101x112 at 3 mm), modality ``ct`` with the
+  CT HU-window preset (-1000..1000 HU -> [-1, 1], clipped outside it; inverted when samples are
+  written, so they are in HU), the whole volume as subject ``ct_abdomen`` in the ``train`` split.
+  ONE VOLUME: a model trained on it can only show the mechanics (two-stage training, sampling,
+  metrics), not learn a generative model of a population of CT scans; its samples are variations
+  of crops of this one scan.
+
 ``mri_sr``
   Through-plane super-resolution of the stroke T1: target ``t1`` (read from the source, 1 mm),
   inputs ``t1_x2`` and ``t1_x4`` = `degrade.simulate_low_resolution` along the RAS z axis (array
@@ -101,7 +110,7 @@ from jaxvol.data import nifti
 from jaxvol.data import phantoms
 from jaxvol.data import store as store_lib
 
-TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "mri_sr")
+TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "ct_gen", "mri_sr")
 DEFAULT_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DOSE = 0.1  # PET tasks
 DEFAULT_CT_DOSE = 0.1  # ct_denoise: ~95 HU of inserted noise in the body (see the docstring)
@@ -130,6 +139,7 @@ PRESETS = {
     "pet_denoise": {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}},
     "pet_ac": {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}},
     "ct_denoise": {"ct_low": dict(_CT_PRESET), "ct": dict(_CT_PRESET, ref="ct_low")},
+    "ct_gen": {"ct": dict(_CT_PRESET)},
     "mri_sr": {**{f"t1_x{f}": {"kind": "mri", "ref": "t1"} for f in SR_FACTORS},
                "t1": {"kind": "mri"}},
 }
@@ -142,6 +152,8 @@ REGION_NOTES = {
               "(one hemisphere each)",
     "ct_denoise": "one volume: the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] "
                   "(train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
+    "ct_gen": "one volume: enough to show the mechanics of training and sampling, not to learn "
+              "a generative model of a population of CT scans",
 }
 
 
@@ -303,6 +315,11 @@ def _ct_denoise_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: floa
   return rows
 
 
+def _ct_gen_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
+  del out  # the source file is the only volume; nothing is simulated
+  return [{"subject": "ct_abdomen", "split": "train", "ct": str(src / SOURCES["ct"])}]
+
+
 def _mri_sr_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
   path = src / SOURCES["t1"]
   t1, geom = nifti.load_volume(path)
@@ -321,7 +338,7 @@ def _ras_spacing(geometry: nifti.Geometry) -> tuple[float, float, float]:
 
 
 _BUILDERS = {"mri_t1_t2": _mri_rows, "pet_denoise": _pet_denoise_rows, "pet_ac": _pet_ac_rows,
-             "ct_denoise": _ct_denoise_rows, "mri_sr": _mri_sr_rows}
+             "ct_denoise": _ct_denoise_rows, "ct_gen": _ct_gen_rows, "mri_sr": _mri_sr_rows}
 
 
 def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | None = None,
@@ -384,7 +401,7 @@ def describe(task: str, store_path: str) -> str:
           f"{s['id']} {'x'.join(map(str, s['shape']))}" for s in subjects))
   if task in REGION_NOTES:
     lines.append(f"  {REGION_NOTES[task]}")
-  if task not in ("mri_t1_t2", "mri_sr"):
+  if task not in ("mri_t1_t2", "mri_sr", "ct_gen"):
     lines.append(f"  note: {TEST_SPLIT_NOTE}")
   return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from jaxvol.methods import base
 from jaxvol.methods import baselines
 from jaxvol.methods import ppdm
+from jaxvol.methods import prdit
 from jaxvol.methods import sparse
 
 METHODS = {
@@ -11,6 +12,7 @@ METHODS = {
     "wdm": baselines.Wavelet,
     "regression": baselines.Regression,
     "sparse": sparse.Sparse,
+    "prdit": prdit.PRDiT,
 }
 
 

@@ -5,10 +5,14 @@ A method wires a network, a diffusion process, a loss and a sampler:
   loss(params, batch, rng) -> (scalar loss, dict of scalar metrics)
   sample(params, cond, rng) -> prediction with the target's channels, same spatial shape as cond
 Batches are dicts of (B, D, H, W, C) float arrays in network range: "cond" (the conditional input,
-channels = input modalities) and "target". Methods never read files; `sample` accepts any spatial
-shape and pads/crops internally to what the network needs. With `config.inference.window` set,
-every sampler evaluates its network on overlapping Gaussian-blended windows of that size at each
-step (jaxvol.ops.windows), spread over this process's devices.
+channels = input modalities; 0 channels for unconditional generation) and "target". Methods never
+read files; `sample` accepts any spatial shape and pads/crops internally to what the network needs
+(PRDiT, whose tokens tile the volume exactly, asks for multiples of its stride instead).
+Two optional hooks let a method train in stages: `frozen_prefixes` names parameters the optimizer
+must leave alone, and `param_sources` names other runs' checkpoints to copy parameters from before
+the first step (jaxvol.train.transfer does the copying; methods never read files). With
+`config.inference.window` set, every sampler evaluates its network on overlapping Gaussian-blended
+windows of that size at each step (jaxvol.ops.windows), spread over this process's devices.
 """
 
 import dataclasses
@@ -66,6 +70,30 @@ def crop_spatial(x, shape):
   return x[:, :shape[0], :shape[1], :shape[2]]
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamSource:
+  """Parameters to copy from another run's checkpoint before training starts.
+
+  Attributes:
+    name: what the copied parameters are called in logs and optimizer labels ("stage1",
+      "warm_start").
+    workdir: the other run's WORKDIR; the EMA parameters of its latest checkpoint are read.
+    prefix: only leaves under this path of the variables tree are considered, e.g.
+      ("params", "local"); () = every leaf.
+    require_all: every considered leaf must exist there with the same shape (else a clear error);
+      False copies the leaves whose path and shape match and leaves the rest fresh.
+    lr_scale: learning-rate factor for the copied leaves that are not frozen.
+    same_fields: dotted config fields that must agree with the other run's saved config.
+  """
+
+  name: str
+  workdir: str
+  prefix: tuple[str, ...] = ()
+  require_all: bool = False
+  lr_scale: float = 1.0
+  same_fields: tuple[str, ...] = ()
+
+
 @dataclasses.dataclass
 class Method:
   """Base class holding the config-derived pieces; subclasses define the three functions."""
@@ -93,6 +121,14 @@ class Method:
     """Crop sizes and padded sample shapes must be multiples of this per axis."""
     d = 2 ** (len(self.config.model.channel_mults) - 1)
     return (d, d, d)
+
+  def frozen_prefixes(self) -> tuple[tuple[str, ...], ...]:
+    """Paths (prefixes in the variables tree) that training must never update."""
+    return ()
+
+  def param_sources(self) -> tuple[ParamSource, ...]:
+    """Checkpoints to copy parameters from before the first step; later sources win."""
+    return ()
 
   def init(self, rng, batch):
     raise NotImplementedError

@@ -3,8 +3,9 @@
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from jaxvol.models import attention
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -71,11 +72,16 @@ class ResBlock(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-  """Multi-head self-attention over all voxels of a (B, D, H, W, C) feature map."""
+  """Multi-head self-attention over all voxels of a (B, D, H, W, C) feature map.
+
+  `backend` is a `jaxvol.models.attention` backend; the default "xla" materialises the logits,
+  "chunked" (or "auto") keeps memory linear in the voxel count.
+  """
 
   num_heads: int = 4
   groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  backend: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -85,7 +91,8 @@ class SpatialAttention(nn.Module):
     hd = c // self.num_heads
     y = group_norm(c, self.groups, self.dtype, "norm")(x).reshape(b, d * h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, d * h * w, 3, self.num_heads, hd)
-    o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    o = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                        backend=self.backend)
     o = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out")(
         o.reshape(b, d * h * w, c))
     return x + o.reshape(b, d, h, w, c)

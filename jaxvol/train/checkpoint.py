@@ -22,11 +22,21 @@ MODEL_DEFINING = ("method", "compute_dtype", "model.base_width", "model.channel_
                   "model.time_embed_dim", "model.stm", "model.stm_dim", "ppdm.factor",
                   "ppdm.num_steps", "ppdm.max_var", "diffusion.num_steps", "diffusion.beta_start",
                   "diffusion.beta_end", "diffusion.parameterization", "data.inputs", "data.target",
-                  "data.position_channels")
+                  "data.position_channels", "prdit.size", "prdit.patch", "prdit.stride",
+                  "prdit.depth", "prdit.width", "prdit.heads", "prdit.mlp_ratio",
+                  "prdit.local_width", "prdit.local_blocks", "prdit.local_mlp_ratio",
+                  "prdit.stage", "prdit.num_steps", "prdit.sigma")
 
 
-def check_same_model(meta: dict, config, directory: str) -> None:
-  """A clear error when a checkpoint was trained with another method, network or diffusion."""
+def check_same_model(meta: dict, config, directory: str, fields=MODEL_DEFINING) -> None:
+  """A clear error when a checkpoint was trained with another method, network or diffusion.
+
+  Args:
+    meta: the checkpoint's metadata (its "config" entry is compared).
+    config: the config of this run.
+    directory: named in the error.
+    fields: dotted config fields that must agree (those absent from the saved config are skipped).
+  """
   saved = (meta or {}).get("config", {})
   now = json.loads(config.to_json_best_effort())
 
@@ -37,7 +47,7 @@ def check_same_model(meta: dict, config, directory: str) -> None:
       tree = [tree] * 3 if isinstance(tree, int) else list(tree) * (3 if len(tree) == 1 else 1)
     return tree
 
-  diff = {k: (get(saved, k), get(now, k)) for k in MODEL_DEFINING
+  diff = {k: (get(saved, k), get(now, k)) for k in fields
           if get(saved, k) is not None and get(saved, k) != get(now, k)}
   if diff:
     raise ValueError(f"the checkpoint in {directory} was trained with a different config: "

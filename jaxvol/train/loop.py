@@ -3,6 +3,8 @@
 `train(config, workdir)` resumes automatically from the latest checkpoint in WORKDIR. SIGTERM and
 Ctrl-C finish the current step, save a checkpoint (state + data iterator) and return, so a
 preempted job resumes where it stopped. A non-finite loss raises before anything is saved.
+A fresh run first copies the parameters its method asks for from other runs (a frozen earlier
+stage, a warm start: jaxvol.train.transfer), and the optimizer never updates frozen ones.
 Summaries: clu metrics for averaging, TensorBoard event files written with tensorboardX (no
 TensorFlow needed), progress lines with steps/s and ETA; only process 0 writes.
 """
@@ -28,6 +30,7 @@ from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import state as state_lib
 from jaxvol.train import step as step_lib
+from jaxvol.train import transfer
 
 log = logging.getLogger("jaxvol")
 
@@ -114,19 +117,23 @@ def build_everything(config, workdir: str):
   if any(int(c) % m for c, m in zip(config.data.crop_size, mult)):
     raise ValueError(f"crop_size {tuple(config.data.crop_size)} must be a multiple of {mult} "
                      f"for method {config.method}")
-  optimizer = state_lib.make_optimizer(config.train)
   example = state_lib.abstract_batch(method, config.data.batch_size, config.data.crop_size)
+  # Frozen stages and warm starts (PRDiT) decide the optimizer's per-parameter labels; from
+  # shapes and checkpoint metadata only, so planning allocates nothing.
+  plan = transfer.plan(config, method, state_lib.param_shapes(method, example))
+  optimizer = state_lib.make_optimizer(config.train, plan.labels, plan.lr_scales)
   shapes = state_lib.state_shapes(method, optimizer, example)
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, shapes)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, state_sharding)
   return dict(mesh=mesh, method=method, optimizer=optimizer, example=example,
-              abstract_state=abstract, state_sharding=state_sharding)
+              abstract_state=abstract, state_sharding=state_sharding, transfer=plan)
 
 
 def compile_step(parts, config):
-  step_fn = step_lib.make_train_step(parts["method"], parts["optimizer"], config.train.ema_decay)
+  step_fn = step_lib.make_train_step(parts["method"], parts["optimizer"], config.train.ema_decay,
+                                     frozen=getattr(parts.get("transfer"), "frozen", None))
   mesh = parts["mesh"]
   bsh = mesh_lib.batch_sharding(mesh)
   jitted = step_lib.jit_train_step(step_fn, parts["state_sharding"], bsh, mesh_lib.replicated(mesh))
@@ -140,6 +147,7 @@ def train(config, workdir: str) -> dict:
   """Trains until config.train.steps (or a signal / time limit); returns the last metrics."""
   os.makedirs(workdir, exist_ok=True)
   parts = build_everything(config, workdir)
+  transfer.check_complete(parts["transfer"])  # before any data worker or checkpoint starts
   mesh = parts["mesh"]
   is_main = jax.process_index() == 0
 
@@ -160,9 +168,13 @@ def train(config, workdir: str) -> dict:
     state = state_lib.create_state(parts["method"], parts["optimizer"],
                                    jax.random.PRNGKey(config.seed), parts["example"],
                                    parts["state_sharding"])
+    state = transfer.load(parts["transfer"], state)
     start = 0
     if is_main:
       log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
+  if is_main and parts["transfer"].labels is not None:
+    log.info("parameter groups: %s",
+             transfer.describe(parts["transfer"], parts["abstract_state"]["params"]))
 
   compiled, cost = compile_step(parts, config)
   if is_main:

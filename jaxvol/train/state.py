@@ -9,13 +9,37 @@ import jax.numpy as jnp
 import optax
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW with linear warm-up to a constant rate, after global-norm clipping."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, train_cfg.learning_rate, max(1, train_cfg.warmup_steps)),
-       optax.constant_schedule(train_cfg.learning_rate)], [max(1, train_cfg.warmup_steps)])
+def _schedule(train_cfg, scale: float = 1.0):
+  lr = train_cfg.learning_rate * scale
+  warmup = max(1, train_cfg.warmup_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def make_optimizer(train_cfg, labels=None, lr_scales=None) -> optax.GradientTransformation:
+  """AdamW with linear warm-up to a constant rate, after global-norm clipping.
+
+  Args:
+    train_cfg: config.train (learning_rate, warmup_steps, weight_decay, grad_clip).
+    labels: None (one AdamW for every parameter), or a pytree like the parameters of labels
+      from jaxvol.train.transfer: "frozen" leaves get zero updates and no optimizer state, every
+      other label its own AdamW at lr_scales[label] times the learning rate.
+    lr_scales: label -> learning-rate factor, for every label but "frozen".
+
+  Returns:
+    The optax transformation.
+  """
+  if labels is None:
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
+                       optax.adamw(_schedule(train_cfg), weight_decay=train_cfg.weight_decay))
+  lr_scales = dict(lr_scales or {})
+  transforms = {"frozen": optax.set_to_zero()}
+  for label in set(jax.tree.leaves(labels)) - {"frozen"}:
+    transforms[label] = optax.adamw(_schedule(train_cfg, lr_scales.get(label, 1.0)),
+                                    weight_decay=train_cfg.weight_decay)
+  # Clipping sees every gradient (the frozen ones are zero), as without labels.
   return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
-                     optax.adamw(schedule, weight_decay=train_cfg.weight_decay))
+                     optax.multi_transform(transforms, labels))
 
 
 def init_fn(method, optimizer, example_batch):
@@ -32,6 +56,14 @@ def init_fn(method, optimizer, example_batch):
     }
 
   return init
+
+
+def param_shapes(method, example_batch):
+  """Abstract parameters of `method` for a batch like `example_batch` (nothing allocated)."""
+  def init(rng):
+    return method.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_batch))
+
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
 def abstract_batch(method, batch_size: int, crop_size) -> dict:

@@ -16,7 +16,22 @@ def ema_decay_at(step, decay: float):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(method, optimizer, ema_decay: float):
+def make_train_step(method, optimizer, ema_decay: float, frozen=None):
+  """The step function (not jitted).
+
+  Args:
+    method: the method (its `loss`).
+    optimizer: the optax transformation.
+    ema_decay: the EMA decay (warmed up, see `ema_decay_at`).
+    frozen: None, or a pytree of Python bools like the parameters (jaxvol.train.transfer): those
+      leaves are passed through unchanged, parameters and EMA alike, so they stay bit-identical
+      (an EMA of a constant, d e + (1 - d) p with e = p, can move by rounding).
+  """
+
+  def hold(new, old):
+    if frozen is None:
+      return new
+    return jax.tree.map(lambda f, a, b: b if f else a, frozen, new, old)
 
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
@@ -24,9 +39,10 @@ def make_train_step(method, optimizer, ema_decay: float):
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = hold(optax.apply_updates(state["params"], updates), state["params"])
     d = ema_decay_at(state["step"], ema_decay)
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params)
+    ema = hold(jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params),
+               state["ema_params"])
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {
         "step": state["step"] + 1,

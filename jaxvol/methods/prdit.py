@@ -1,0 +1,123 @@
+"""PRDiT as a method: unconditional 3D CT generation, trained in two stages.
+
+"Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Generation" (ICLR 2026). The
+network (jaxvol.models.prdit) predicts (eps, x0) for every s^3 block from its overlapping p^3
+token, under the trigonometric diffusion of jaxvol.diffusion.trig (x_t = cos x0 + sin eps,
+eps ~ N(0, 0.5^2), loss MSE(x0) + MSE(eps)). Training is staged (`config.prdit.stage`):
+
+- Stage 1 trains the local denoiser alone (the "local" parameters).
+- Stage 2 adds the global residual DiT ("residual") on top of the stage-1 weights, which are
+  copied from the EMA parameters of `config.prdit.stage1_workdir` and frozen: `frozen_prefixes`
+  tells the trainer to keep no optimizer state for them and never to change them (the model's
+  stop-gradient already gives them zero gradients). The residual DiT's read-out starts at zero, so
+  a fresh stage-2 model samples exactly what stage 1 samples.
+
+Warm start (`config.prdit.warm_start_workdir`): a run at a new resolution copies every parameter
+whose path and shape match from another run (the position code works on normalised coordinates,
+so the DiT's weights carry over between resolutions) and trains those at
+`warm_start_lr_scale` times the learning rate.
+
+The condition is empty ((B, D, H, W, 0)): `sample` only reads its spatial shape, which must be a
+multiple of the token stride per axis (the tokens tile the volume exactly). Sampling is one
+compiled `lax.scan` of `config.prdit.sample_steps` network evaluations (Euler on the probability
+flow, or the authors' predictor-corrector); the network always sees the whole volume, because the
+residual DiT's attention is global.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jaxvol.diffusion import trig
+from jaxvol.methods import base
+from jaxvol.models import prdit as prdit_lib
+from jaxvol.ops import tokens as tokens_lib
+
+# Config fields that fix what the stage-1 weights compute; a stage-2 run checks them against the
+# stage-1 run's saved config (the parameter shapes cover the window size and the widths).
+LOCAL_FIELDS = ("compute_dtype", "data.target", "prdit.stride", "prdit.local_width",
+                "prdit.local_blocks", "prdit.local_mlp_ratio", "prdit.num_steps", "prdit.sigma")
+LOCAL = ("params", "local")
+
+
+def model_name(prdit_cfg) -> str:
+  """The paper's name of a configured model, e.g. "PRDiT-B/12/4" (depth 0 for stage 1)."""
+  depth = prdit_cfg.depth if prdit_cfg.stage == 2 else 0
+  return f"PRDiT-{prdit_cfg.size}/{prdit_cfg.patch}/{depth}"
+
+
+def build_network(prdit_cfg, dtype) -> prdit_lib.PRDiT:
+  """The Flax PRDiT of `config.prdit` (size, window, depth, overrides, stage)."""
+  p = prdit_cfg
+  overrides = dict(stride=p.stride, stage=p.stage, depth=p.depth, mlp_ratio=p.mlp_ratio,
+                   local_width=p.local_width or None, local_blocks=p.local_blocks,
+                   local_mlp_ratio=p.local_mlp_ratio, attention=p.attention,
+                   chunk_size=p.chunk_size, remat=p.remat, dtype=dtype)
+  if p.width:
+    overrides["width"] = p.width
+  if p.heads:
+    overrides["heads"] = p.heads
+  return prdit_lib.prdit_from_name(f"{p.size}/{p.patch}", **overrides)
+
+
+class PRDiT(base.Method):
+
+  def __post_init__(self):
+    p = self.config.prdit
+    if p.stage not in (1, 2):
+      raise ValueError(f"prdit.stage must be 1 or 2, got {p.stage}")
+    if p.sampler not in ("euler", "pc"):
+      raise ValueError(f"prdit.sampler must be euler or pc, got {p.sampler!r}")
+    self.diffusion = trig.TrigDiffusion(p.num_steps, p.sigma)
+    self.net = build_network(p, self.dtype)
+
+  def spatial_multiple(self):
+    s = self.config.prdit.stride
+    return (s, s, s)
+
+  def frozen_prefixes(self):
+    return (LOCAL,) if self.config.prdit.stage == 2 else ()
+
+  def param_sources(self):
+    p = self.config.prdit
+    sources = []
+    if p.warm_start_workdir:
+      sources.append(base.ParamSource("warm_start", p.warm_start_workdir,
+                                      lr_scale=float(p.warm_start_lr_scale)))
+    if p.stage1_workdir:
+      if p.stage != 2:
+        raise ValueError("prdit.stage1_workdir is the stage-1 run a stage-2 run builds on; this "
+                         "config trains stage 1 (prdit.stage = 1)")
+      # Listed last, so the frozen stage-1 weights win over a warm start's "local" ones.
+      sources.append(base.ParamSource("stage1", p.stage1_workdir, prefix=LOCAL, require_all=True,
+                                      same_fields=LOCAL_FIELDS))
+    return tuple(sources)
+
+  def _denoiser(self, params):
+    return lambda x, t: self.net.apply(params, x, t)
+
+  def init(self, rng, batch):
+    x = batch["target"]
+    return self.net.init(rng, x, jnp.zeros((x.shape[0],), jnp.float32))
+
+  def loss(self, params, batch, rng):
+    return self.diffusion.training_loss(self._denoiser(params), batch["target"], rng)
+
+  def sample(self, params, cond, rng):
+    """A volume of cond's spatial shape (cond's channels are not read) from noise."""
+    p = self.config.prdit
+    if cond.ndim != 5:
+      raise ValueError(f"PRDiT samples from a (B, D, H, W, C) condition, got shape {cond.shape}")
+    spatial = tuple(cond.shape[1:4])
+    if any(v < p.stride or v % p.stride for v in spatial):
+      raise ValueError(f"PRDiT generates volumes whose sides are multiples of the token stride "
+                       f"{p.stride}; got {spatial} (e.g. use "
+                       f"{tuple(max(p.stride, -(-v // p.stride) * p.stride) for v in spatial)})")
+    inf = self.config.get("inference")
+    if inf is not None and inf.window:
+      raise ValueError("PRDiT attends over the whole volume; sliding windows "
+                       "(config.inference.window) do not apply: leave it empty")
+    tokens_lib.check_patch(p.patch, p.stride)
+    k_init, k_loop = jax.random.split(rng)
+    x_init = self.diffusion.noise(k_init, cond.shape[:4] + (self.target_channels,))
+    return self.diffusion.sample(self._denoiser(params), x_init, p.sample_steps, p.sampler,
+                                 rng=k_loop, predictor=p.predictor)

@@ -1,0 +1,241 @@
+"""PRDiT end to end on a tiny synthetic CT store: two stages, warm start, sampling to NIfTI."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from conftest import ROOT
+from jaxvol import methods
+from jaxvol.data import store as store_lib
+from jaxvol.eval import generate as generate_lib
+from jaxvol.train import checkpoint as ckpt_lib
+from jaxvol.train import loop
+from jaxvol.train import state as state_lib
+from jaxvol.train import step as step_lib
+from jaxvol.train import transfer
+
+# LPS at 1.5 x 2 x 2.5 mm: the store holds it in RAS, whose voxel size is the same three numbers.
+AFFINE = np.array([[-1.5, 0, 0, 30], [0, -2.0, 0, 20], [0, 0, 2.5, -10], [0, 0, 0, 1]])
+SPACING = (1.5, 2.0, 2.5)
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+prdit_config = _load(ROOT / "configs" / "prdit_ct_gen.py", "prdit_ct_gen_config")
+
+
+@pytest.fixture(scope="module")
+def ct_store(tmp_path_factory):
+  """One 24x24x20 'CT' in HU: smooth soft tissue in air."""
+  root = tmp_path_factory.mktemp("ct")
+  rng = np.random.default_rng(0)
+  body = ndimage.gaussian_filter(rng.normal(0, 1, (24, 24, 20)), 2.0)
+  hu = np.where(body > -0.05, 40 + 400 * body, -1000).astype(np.float32)
+  nib.save(nib.Nifti1Image(hu, AFFINE), root / "ct.nii.gz")
+  (root / "list.csv").write_text("subject,split,ct\nct0,train,ct.nii.gz\n")
+  store_lib.convert(root / "list.csv", root / "store", {"ct": {"kind": "ct"}})
+  return root / "store"
+
+
+def smoke(store, variant="smoke", **prdit):
+  c = prdit_config.get_config(variant)
+  c.data.store = str(store)
+  c.mesh.data = 1
+  c.train.steps = 3
+  c.train.checkpoint_every = 3
+  c.train.log_every = 3
+  for k, v in prdit.items():
+    c.prdit[k] = v
+  return c
+
+
+def _restore(workdir):
+  ck = ckpt_lib.Checkpointer(str(workdir), with_data=False, async_save=False)
+  state, _ = ck.restore(None)
+  ck.close()
+  return jax.tree.map(np.asarray, state)
+
+
+@pytest.fixture(scope="module")
+def runs(ct_store, tmp_path_factory):
+  """Stage 1 (3 steps), then stage 2 on it (3 steps): (workdir 1, workdir 2)."""
+  root = tmp_path_factory.mktemp("runs")
+  w1, w2 = str(root / "stage1"), str(root / "stage2")
+  loop.train(smoke(ct_store, "stage1,smoke"), w1)
+  loop.train(smoke(ct_store, stage1_workdir=w1), w2)
+  return w1, w2
+
+
+def _leaves(tree):
+  return {"/".join(p): v for p, v in transfer.flat_paths(tree).items()}
+
+
+def test_stage2_keeps_stage1_weights_bit_identical(runs):
+  w1, w2 = runs
+  s1, s2 = _restore(w1), _restore(w2)
+  assert set(s1["params"]["params"]) == {"local"}
+  assert set(s2["params"]["params"]) == {"local", "residual"}
+  local1 = _leaves(s1["ema_params"]["params"]["local"])
+  for tree in (s2["params"], s2["ema_params"]):
+    local2 = _leaves(tree["params"]["local"])
+    assert local2.keys() == local1.keys()
+    for k in local1:
+      np.testing.assert_array_equal(local2[k], local1[k], err_msg=k)
+  # The residual DiT trained: its zero-initialised read-out moved.
+  assert np.abs(s2["params"]["params"]["residual"]["out"]["kernel"]).max() > 0
+  # AdamW keeps two moments for the residual DiT and nothing for the frozen local denoiser.
+  n_residual = sum(v.size for v in jax.tree.leaves(s2["params"]["params"]["residual"]))
+  n_state = sum(v.size for v in jax.tree.leaves(s2["opt_state"]) if np.ndim(v) > 0)
+  assert n_state == 2 * n_residual
+
+
+def test_fresh_stage2_samples_what_stage1_samples(ct_store, runs, tmp_path):
+  w1, _ = runs
+  c2 = smoke(ct_store, stage1_workdir=w1)
+  parts = loop.build_everything(c2, str(tmp_path))
+  state = state_lib.create_state(parts["method"], parts["optimizer"], jax.random.PRNGKey(5),
+                                 parts["example"], parts["state_sharding"])
+  state = transfer.load(parts["transfer"], state)
+  c1 = smoke(ct_store, "stage1,smoke")
+  stage1 = methods.build(c1, "cpu")
+  cond = jnp.zeros((1, 16, 16, 24, 0))
+  key = jax.random.PRNGKey(9)
+  for sampler in ("pc", "euler"):
+    c1.prdit.sampler = c2.prdit.sampler = sampler
+    a = jax.jit(stage1.sample)(_restore(w1)["ema_params"], cond, key)
+    b = jax.jit(parts["method"].sample)(state["ema_params"], cond, key)
+    assert a.shape == (1, 16, 16, 24, 1)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
+
+
+def test_stage2_without_stage1_is_a_clear_error(ct_store, tmp_path):
+  with pytest.raises(ValueError, match="stage1_workdir"):
+    loop.train(smoke(ct_store), str(tmp_path / "w"))
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    loop.build_everything(smoke(ct_store, stage1_workdir=str(tmp_path / "nothing")), str(tmp_path))
+
+
+def test_warm_start_copies_matching_shapes_with_scaled_learning_rate(ct_store, runs, tmp_path):
+  _, w2 = runs  # depth 1; the new model has depth 2: block1 has no counterpart
+  c = smoke(ct_store, depth=2, warm_start_workdir=w2, warm_start_lr_scale=0.1)
+  parts = loop.build_everything(c, str(tmp_path))
+  plan = parts["transfer"]
+  labels = _leaves(plan.labels)
+  assert {v for k, v in labels.items() if k.startswith("params/local/")} == {"frozen"}
+  assert {v for k, v in labels.items() if k.startswith("params/residual/block1/")} == {"fresh"}
+  assert {v for k, v in labels.items() if k.startswith("params/residual/block0/")} == {"warm_start"}
+  assert labels["params/residual/out/kernel"] == "warm_start"
+  assert plan.lr_scales == {"warm_start": 0.1, "fresh": 1.0}
+
+  fresh = state_lib.create_state(parts["method"], parts["optimizer"], jax.random.PRNGKey(0),
+                                 parts["example"], parts["state_sharding"])
+  warm = transfer.load(plan, fresh)
+  src = _leaves(_restore(w2)["ema_params"])
+  before, after = _leaves(fresh["params"]), _leaves(warm["params"])
+  for k, lab in labels.items():
+    want = src[k] if lab in ("warm_start", "frozen") else before[k]
+    np.testing.assert_array_equal(np.asarray(after[k]), want, err_msg=k)
+
+  # With unit gradients AdamW's update is -lr per element (after one warm-up step at lr 0).
+  opt = parts["optimizer"]
+  ones = jax.tree.map(jnp.ones_like, warm["params"])
+  opt_state = opt.init(warm["params"])
+  for _ in range(2):
+    updates, opt_state = opt.update(ones, opt_state, warm["params"])
+  lr = c.train.learning_rate
+  for k, u in _leaves(updates).items():
+    want = {"frozen": 0.0, "fresh": -lr, "warm_start": -0.1 * lr}[labels[k]]
+    np.testing.assert_allclose(np.asarray(u), want, rtol=1e-4, err_msg=k)
+
+
+def test_frozen_leaves_pass_through_the_step_unchanged(ct_store, runs, tmp_path):
+  """Even a non-zero EMA decay leaves frozen EMA weights bit-identical (no rounding drift)."""
+  w1, _ = runs
+  c = smoke(ct_store, stage1_workdir=w1)
+  parts = loop.build_everything(c, str(tmp_path))
+  state = transfer.load(parts["transfer"], state_lib.create_state(
+      parts["method"], parts["optimizer"], jax.random.PRNGKey(0), parts["example"],
+      parts["state_sharding"]))
+  step = jax.jit(step_lib.make_train_step(parts["method"], parts["optimizer"], 0.9,
+                                          frozen=parts["transfer"].frozen))
+  batch = {"cond": jnp.zeros((2, 16, 16, 16, 0)),
+           "target": jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 16, 1), minval=-1)}
+  new = jax.tree.map(jnp.copy, state)
+  for _ in range(2):  # the first step is the warm-up's zero learning rate
+    new, metrics = step(new, batch, jax.random.PRNGKey(2))
+    assert float(metrics["finite"]) == 1.0
+  for name in ("params", "ema_params"):
+    old, updated = _leaves(state[name]["params"]["local"]), _leaves(new[name]["params"]["local"])
+    for k, v in old.items():
+      np.testing.assert_array_equal(np.asarray(updated[k]), np.asarray(v), err_msg=k)
+  assert not np.array_equal(np.asarray(new["params"]["params"]["residual"]["out"]["kernel"]),
+                            np.asarray(state["params"]["params"]["residual"]["out"]["kernel"]))
+
+
+def test_sample_mode_writes_nifti_with_documented_affine_and_metrics(ct_store, runs):
+  _, w2 = runs
+  c = smoke(ct_store)
+  c.sample.num = 2
+  c.sample.shape = (16, 16, 24)
+  c.sample.metrics = True
+  result = generate_lib.generate(c, w2)
+  out = os.path.join(w2, "samples")
+  names = sorted(f for f in os.listdir(out) if f.endswith(".nii.gz"))
+  assert names == ["sample_000.nii.gz", "sample_001.nii.gz"]
+  want_affine = np.diag([*SPACING, 1.0])
+  want_affine[:3, 3] = -np.array(SPACING) * (np.array([16, 16, 24]) - 1) / 2
+  vols = []
+  for name in names:
+    img = nib.load(os.path.join(out, name))
+    assert img.shape == (16, 16, 24)
+    np.testing.assert_allclose(img.affine, want_affine, atol=1e-5)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    data = img.get_fdata()
+    assert np.all(np.isfinite(data)) and data.min() >= -1000 - 1e-3 and data.max() <= 1000 + 1e-3
+    vols.append(data)
+  assert not np.array_equal(vols[0], vols[1])  # fold_in(seed, i): different noise per volume
+  meta = json.load(open(os.path.join(out, "samples.json")))
+  assert meta["units"] == "HU" and meta["spacing_mm"] == list(SPACING)
+  assert meta == json.loads(json.dumps(result["samples"]))
+  report = json.load(open(os.path.join(out, "generation_metrics.json")))
+  assert report["fid_label"] == "FD (random features)" and report["pretrained"] is False
+  assert "NOT pretrained" in report["feature_network"] and "MedicalNet" in report["feature_network"]
+  assert np.isfinite(report["fid"]) and np.isfinite(report["mmd"])
+  assert report["n_real"] == report["n_fake"] == 2
+  assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_shapes_off_the_token_grid_are_a_clear_error(ct_store, runs):
+  c = smoke(ct_store)
+  method = methods.build(c, "cpu")
+  params = _restore(runs[1])["ema_params"]
+  with pytest.raises(ValueError, match="multiples of the token stride 8"):
+    method.sample(params, jnp.zeros((1, 16, 20, 16, 0)), jax.random.PRNGKey(0))
+  c.sample.shape = (16, 20, 16)
+  with pytest.raises(ValueError, match="multiple of"):
+    generate_lib.generate(c, runs[1])
+
+
+def test_attention_memory_train_step_record(tmp_path):
+  am = _load(ROOT / "experiments" / "attention_memory.py", "attention_memory_under_test")
+  records = am.main(["--out", str(tmp_path), "--tokens", "", "--sizes", "16", "--backends",
+                     "chunked", "--width", "16", "--heads", "2", "--depth", "1", "--local-width",
+                     "8", "--dtype", "float32"])
+  (rec,) = records
+  assert rec["kind"] == "train_step" and rec["skipped"] is None, rec["skipped"]
+  assert rec["bytes"] > 0 and rec["tokens"] == 8 and rec["size"] == 16
+  assert rec["trainable_params"] < rec["params"]
+  assert json.loads((tmp_path / "attention_memory.json").read_text()) == json.loads(
+      json.dumps(records))
