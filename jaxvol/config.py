@@ -117,6 +117,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.spatial = 1           # shards the volume depth axis of activations and batches
   c.mesh.model = 1
 
+  # Multi-host runs (jaxvol.train.distributed, docs/launch.md): read by `--distributed`, and a
+  # non-empty coordinator_address or num_processes starts the runtime without the flag. Empty
+  # fields are detected by JAX from SLURM, Open MPI or Cloud TPU (JAX_COORDINATOR_ADDRESS gives
+  # the coordinator elsewhere). config.data.batch_size stays the GLOBAL batch: each host feeds its
+  # share.
+  c.distributed = x = ml_collections.ConfigDict()
+  x.coordinator_address = ""   # "host:port" of process 0's coordinator; "" = auto
+  x.num_processes = 0          # processes in the job; 0 = auto
+  x.process_id = -1            # this process, 0 .. num_processes - 1; -1 = auto
+  x.local_device_ids = ()      # accelerators this process uses, e.g. (0,); () = auto
+  x.cpu_collectives = ""       # CPU only: "gloo" lets processes on one machine compute together
+  x.num_cpu_devices = 0        # CPU only: > 0 fakes this many devices per process (testing)
+
   c.train = t = ml_collections.ConfigDict()
   t.steps = 10000
   t.learning_rate = 1e-4

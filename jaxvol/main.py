@@ -1,10 +1,11 @@
 """jaxvol's single entry point: parses flags and dispatches; the work lives in train/ and eval/.
 
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:smoke --workdir=runs/pet \
-      --mode=train|evaluate|sample [--config.train.steps=200 ...]
+      --mode=train|evaluate|sample|plan [--config.train.steps=200 ...]
 (evaluate on a configs/pnp_*.py config runs plug-and-play reconstruction with its prior; sample
 on an unconditional config, such as configs/prdit_ct_gen.py, generates config.sample.num volumes
-from noise: jaxvol.eval.generate)
+from noise: jaxvol.eval.generate; plan compiles the train step and the sampler for a mesh from
+abstract shapes and prints per-device memory and FLOPs, needing no data: jaxvol.train.plan)
 """
 
 import logging
@@ -16,12 +17,23 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxvol.train import distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "What to run.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: it "
-                  "reads the cluster from SLURM, TPU or JAX_COORDINATOR_ADDRESS environments).")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan"], "What to run.")
+flags.DEFINE_bool("distributed", False, "Start JAX's multi-host runtime first, from "
+                  "config.distributed or the cluster's environment (SLURM, Open MPI, Cloud TPU, "
+                  "JAX_COORDINATOR_ADDRESS): jaxvol.train.distributed, docs/launch.md.")
+flags.DEFINE_string("plan_mesh", "", "--mode=plan: mesh sizes, e.g. data:1,spatial:4,model:1 "
+                    "(default: config.mesh).")
+flags.DEFINE_float("plan_device_memory_gb", None, "--mode=plan: per-device memory in GB to check "
+                   "the compiled steps against.")
+flags.DEFINE_integer("plan_devices", 0, "--mode=plan: plan on this many fake CPU devices (for "
+                     "meshes larger than this machine; same as XLA_FLAGS="
+                     "--xla_force_host_platform_device_count=N).")
+flags.DEFINE_string("plan_shape", "", "--mode=plan: sampled volume D,H,W (default: the crop).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,9 +44,12 @@ def main(argv):
                       force=True)
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if FLAGS.distributed:
-    jax.distributed.initialize()
   config = FLAGS.config
+  if FLAGS.mode == "plan":
+    _plan(config)  # one process, abstract shapes: no data, no other hosts
+    return
+  if FLAGS.distributed or distributed.requested(config):
+    distributed.initialize(config)  # before anything starts a JAX backend
   if not config.data.store:
     raise app.UsageError("config.data.store is empty: convert your data with tools/convert.py "
                          "and pass --config.data.store=DIR")
@@ -60,6 +75,17 @@ def main(argv):
                  os.path.dirname(result["files"][0]))
   else:
     evaluate_lib.sample(config, FLAGS.workdir)
+
+
+def _plan(config):
+  from jaxvol.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  # Before any JAX backend starts: afterwards the device count is fixed.
+  plan_lib.request_devices(FLAGS.plan_devices)
+  report = plan_lib.plan(config, FLAGS.workdir,
+                         plan_lib.parse_mesh(FLAGS.plan_mesh) if FLAGS.plan_mesh else None,
+                         FLAGS.plan_device_memory_gb, plan_lib.parse_shape(FLAGS.plan_shape))
+  if jax.process_index() == 0:
+    print(plan_lib.format_report(report), flush=True)
 
 
 if __name__ == "__main__":

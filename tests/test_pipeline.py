@@ -118,6 +118,25 @@ def test_per_host_sharding(paired_store):
   assert host[0][0]["cond"].shape[0] == 1
 
 
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_feed_contiguous_rows_of_the_global_batch(paired_store, hosts):
+  # Rows keep their place in the global batch (each row draws its own noise in the train step),
+  # and one host's iterator state puts every host, on any host count, at the same global batch.
+  global_batches = _take(_iter(paired_store, batch_size=4, with_meta=True), 5)
+  its = [_iter(paired_store, batch_size=4, process_index=p, process_count=hosts, with_meta=True)
+         for p in range(hosts)]
+  host = [_take(it, 3) for it in its]
+  for k in range(3):
+    for key in global_batches[k]:
+      np.testing.assert_array_equal(np.concatenate([h[k][key] for h in host]),
+                                    global_batches[k][key])
+  state = its[hosts - 1].get_state()
+  assert all(it.get_state() == state for it in its)
+  single = _iter(paired_store, batch_size=4, with_meta=True)
+  single.set_state(state)
+  assert _same([next(single)], [global_batches[3]])
+
+
 def test_region_restricts_crops(paired_store):
   store = store_lib.Store(paired_store)
   region = {0: (0.5, 1.0)}

@@ -1,5 +1,6 @@
 """PRDiT: tokeniser, local denoiser + residual DiT, trigonometric diffusion and its samplers."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +94,8 @@ def stage2():
   model = prdit.PRDiT(stage=2, **TINY)
   x = jnp.asarray(_volume((2, 16, 16, 16, 1), seed=3))
   t = jnp.array([10.0, 700.0])
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), x, t)["params"]
+  # Plain arrays: the residual DiT's kernels come boxed with their logical axis names.
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x, t))["params"]
   # Random weights everywhere (zero-initialised read-outs and gates included), at a small scale.
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

@@ -84,7 +84,9 @@ def _run_steps(c, batch, devices, n=2):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("layout", [(4, 1), (2, 2)])
+# (data, spatial): data parallel, mixed, and one volume over all four devices. The other methods'
+# spatial layouts are in test_spatial.
+@pytest.mark.parametrize("layout", [(4, 1), (2, 2), (1, 4)])
 def test_sharded_step_equals_unsharded(parts_and_batch, layout):
   if len(jax.devices()) < 4:
     pytest.skip("needs 4 (fake) devices")

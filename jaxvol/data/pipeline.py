@@ -6,17 +6,21 @@ The pipeline is::
     .shuffle(seed)           new permutation every epoch
     .repeat(None)            endless
     .random_map(crop, seed)  one random box + flips per element, same for every modality
-    [process_index::process_count]
     .batch(batch_size // process_count, drop_remainder=True)
+    [process_index::process_count]
     .to_iter_dataset()
     .mp_prefetch(workers)    only when num_workers > 0
 
-Crops are drawn BEFORE the per-host slice (our choice; Grain's usual recipe slices first): Grain
-derives each element's random generator from (seed, element index), so drawing crops on the global
-stream makes step k's global batch the same set of crops whatever the number of hosts, and hosts
-never share crop positions. Grain's per-element generators also make the batches independent of
-the number of worker processes, and the iterator's `get_state()`/`set_state()` (or
-`grain.checkpoint`) resume at exactly the next batch.
+Crops are drawn and grouped into per-host blocks BEFORE the per-host slice (our choice; Grain's
+usual recipe slices elements first): Grain derives each element's random generator from (seed,
+element index), and host p's k-th batch is block k * process_count + p, i.e. rows
+[p * b, (p + 1) * b) of the single-host batch k (b = batch_size // process_count). Concatenated in
+host order, the hosts' batches are the single-host batch row for row, so the global batch of a
+step (and the noise each row draws) is the same whatever the number of hosts, and hosts never
+share crop positions. Every host's iterator stands at the same position (the number of global
+batches drawn), so its state is valid on any number of hosts. Grain's per-element generators also
+make the batches independent of the number of worker processes, and the iterator's
+`get_state()`/`set_state()` (or `grain.checkpoint`) resume at exactly the next batch.
 """
 
 from __future__ import annotations
@@ -178,8 +182,9 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
     num_workers: Grain worker processes (0: read in this process).
     flips: random flips along each axis with probability 0.5.
     region: {axis: (lo_frac, hi_frac)} keeping crops inside a slab (see `region_box`).
-    process_index: this host (default jax.process_index()).
-    process_count: number of hosts (default jax.process_count()).
+    process_index: this host's block of every global batch (default jax.process_index(); the
+      training loop passes jaxvol.train.distributed.batch_shard of its batch sharding).
+    process_count: number of blocks a global batch splits into (default jax.process_count()).
     with_meta: also yield "subject_index", "box_start" and "flips" per sample (for debugging).
     positions: also yield "position" (B, D, H, W, 3), the crop's normalised voxel positions in
       the whole volume (see `position_grid`).
@@ -224,8 +229,9 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
         .shuffle(seed=seed)
         .repeat(None)
         .random_map(crop, seed=seed))
-  ds = ds[process_index::process_count]
-  ds = ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset()
+  # Block first, slice second: host p gets rows [p * b, (p + 1) * b) of each global batch.
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count].to_iter_dataset()
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

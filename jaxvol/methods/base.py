@@ -133,6 +133,15 @@ class Method:
   def init(self, rng, batch):
     raise NotImplementedError
 
+  def param_axes(self, batch):
+    """Logical PartitionSpecs of the parameters (a pytree like `init`'s), or None.
+
+    jaxvol.train.sharding maps the names onto the mesh; None (the default, every U-Net method)
+    replicates every parameter. Shapes only: nothing is allocated.
+    """
+    del batch
+    return None
+
   def loss(self, params, batch, rng):
     raise NotImplementedError
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxvol.diffusion import gaussian
 from jaxvol.methods import base
+from jaxvol.models import layers
 from jaxvol.ops import haar
 
 
@@ -65,9 +66,14 @@ class Full3D(base.Method):
     return loss, {}
 
   def _denoiser(self, params, zy):
-    """(z_t, t) -> network output over the whole volume (windowed when configured)."""
+    """(z_t, t) -> network output over the whole volume (windowed when configured).
+
+    The output keeps the volume layout of the active sharding rules (a no-op without them), so a
+    spatially sharded sampling loop carries a sharded state.
+    """
     net = lambda z, zyw, t: self._apply(params, z, zyw, t)
-    return lambda z, t: self.windowed(net, (z, zy), (t,), self._domain_scale())
+    return lambda z, t: layers.constrain_volume(
+        self.windowed(net, (z, zy), (t,), self._domain_scale()))
 
   def _prepare(self, cond, rng):
     """Padded condition in the network domain, starting noise and the sampling-loop key."""
@@ -75,7 +81,7 @@ class Full3D(base.Method):
     zy = self._to_domain(y)
     k_init, k_loop = jax.random.split(rng)
     z_T = jax.random.normal(k_init, zy.shape[:4] + (self._out_channels(),), zy.dtype)
-    return y, shape, zy, z_T, k_loop
+    return y, shape, layers.constrain_volume(zy), layers.constrain_volume(z_T), k_loop
 
   def sample(self, params, cond, rng):
     c = self.config.diffusion

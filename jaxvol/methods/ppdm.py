@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxvol.diffusion import bridge as bridge_lib
 from jaxvol.methods import base
+from jaxvol.models import layers
 from jaxvol.ops import gradients
 from jaxvol.ops import puzzle as puzzle_lib
 
@@ -70,7 +71,8 @@ class PPDM(base.Method):
       return puzzle_lib.unpuzzle(self._denoise(params, x_t, yw, t), self.factor)
 
     def denoise(x_t, t):
-      return self.windowed(net, (x_t, y), (t,))
+      # In the volume layout of the active sharding rules (a no-op without them).
+      return layers.constrain_volume(self.windowed(net, (x_t, y), (t,)))
 
     x0 = self.bridge.sample(denoise, self._endpoint(y), c.sample_steps, rng, eta=c.eta)
     return base.crop_spatial(x0, shape)

@@ -24,11 +24,13 @@ flow, or the authors' predictor-corrector); the network always sees the whole vo
 residual DiT's attention is global.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxvol.diffusion import trig
 from jaxvol.methods import base
+from jaxvol.models import layers
 from jaxvol.models import prdit as prdit_lib
 from jaxvol.ops import tokens as tokens_lib
 
@@ -93,11 +95,20 @@ class PRDiT(base.Method):
     return tuple(sources)
 
   def _denoiser(self, params):
-    return lambda x, t: self.net.apply(params, x, t)
+    # (eps, x0) in the volume layout of the active sharding rules (a no-op without them).
+    return lambda x, t: tuple(map(layers.constrain_volume, self.net.apply(params, x, t)))
 
-  def init(self, rng, batch):
+  def _boxed_init(self, rng, batch):
+    """Variables with the residual DiT's logical partitioning boxes (jaxvol.models.prdit)."""
     x = batch["target"]
     return self.net.init(rng, x, jnp.zeros((x.shape[0],), jnp.float32))
+
+  def init(self, rng, batch):
+    return nn.unbox(self._boxed_init(rng, batch))
+
+  def param_axes(self, batch):
+    boxed = jax.eval_shape(self._boxed_init, jax.random.PRNGKey(0), batch)
+    return nn.get_partition_spec(boxed)
 
   def loss(self, params, batch, rng):
     return self.diffusion.training_loss(self._denoiser(params), batch["target"], rng)
@@ -118,6 +129,7 @@ class PRDiT(base.Method):
                        "(config.inference.window) do not apply: leave it empty")
     tokens_lib.check_patch(p.patch, p.stride)
     k_init, k_loop = jax.random.split(rng)
-    x_init = self.diffusion.noise(k_init, cond.shape[:4] + (self.target_channels,))
+    x_init = layers.constrain_volume(
+        self.diffusion.noise(k_init, cond.shape[:4] + (self.target_channels,)))
     return self.diffusion.sample(self._denoiser(params), x_init, p.sample_steps, p.sampler,
                                  rng=k_loop, predictor=p.predictor)

@@ -245,7 +245,9 @@ class MultiHeadAttention(nn.Module):
 
   A fused qkv projection, `dot_product_attention` with the chosen backend and an output
   projection; with `out_init_zero` the output projection starts at zero, so a residual block
-  built around it starts as the identity (as in DiT's adaLN-Zero blocks).
+  built around it starts as the identity (as in DiT's adaLN-Zero blocks). `kernel_axes`, e.g.
+  ("embed", "heads"), names the (input, output) axes of the qkv kernel for logical partitioning
+  (the output kernel gets them reversed); its parameters are then boxed (`nn.Partitioned`).
   """
 
   num_heads: int
@@ -254,15 +256,22 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   qkv_bias: bool = True
   out_init_zero: bool = False
+  kernel_axes: tuple[str | None, str | None] | None = None
 
   @nn.compact
   def __call__(self, x):
     b, l, c = x.shape
     if c % self.num_heads:
       raise ValueError(f"attention width {c} not divisible by {self.num_heads} heads")
-    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    def named(init, axes):
+      return init if self.kernel_axes is None else nn.with_logical_partitioning(init, axes)
+
+    qkv_init = named(nn.linear.default_kernel_init, self.kernel_axes)
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=qkv_init,
+                   name="qkv")(x)
     qkv = qkv.reshape(b, l, 3, self.num_heads, c // self.num_heads)
     o = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], backend=self.backend,
                               chunk_size=self.chunk_size)
     out_init = nn.initializers.zeros if self.out_init_zero else nn.linear.default_kernel_init
+    out_init = named(out_init, None if self.kernel_axes is None else self.kernel_axes[::-1])
     return nn.Dense(c, dtype=self.dtype, kernel_init=out_init, name="out")(o.reshape(b, l, c))

@@ -7,6 +7,18 @@ import jax.numpy as jnp
 
 from jaxvol.models import attention
 
+# Logical names of a (B, D, H, W, C) volume's axes; jaxvol.train.sharding maps them onto the mesh.
+VOLUME_AXES = ("batch", "depth", "height", "width", "channels")
+
+
+def constrain_volume(x):
+  """Keeps a (B, D, H, W, C) array in the volume layout of the active logical axis rules.
+
+  A no-op unless the rules are active (jaxvol.train.sharding.activated); there it pins, e.g., a
+  sampling loop's carry to the depth-sharded layout instead of leaving it to propagation.
+  """
+  return nn.with_logical_constraint(x, VOLUME_AXES)
+
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   """Sinusoidal embedding of (B,) timesteps (any real values) into (B, dim)."""
@@ -17,6 +29,19 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+def upsample_nearest(x, factor: int = 2):
+  """Nearest-neighbour upsampling of (B, D, H, W, C) by an integer factor per spatial axis.
+
+  The same values as `jax.image.resize(..., method="nearest")`, written as broadcast + reshape:
+  the resize lowers to a gather, which XLA cannot split along a sharded depth axis, so a
+  spatially sharded U-Net would all-gather the whole feature map at every upsampling.
+  """
+  b, d, h, w, c = x.shape
+  f = factor
+  x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :], (b, d, f, h, f, w, f, c))
+  return x.reshape(b, d * f, h * f, w * f, c)
 
 
 def group_norm(channels: int, groups: int, dtype, name=None):

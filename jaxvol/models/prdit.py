@@ -18,6 +18,12 @@ The parameter tree has two top-level entries, "local" and "residual" (the latter
 2), so a trainer can warm-start stage 2 with stage-1 weights under "local" and update only
 "residual". Both stages start from a zero output (zero-initialised read-outs and modulations);
 stage 2 at initialisation therefore returns exactly the stage-1 prediction.
+
+Sharding: the residual DiT's large kernels carry logical axis names (`nn.with_logical_partitioning`:
+"embed" for the model width, "mlp" and "heads" for the wide sides), so `init` returns them boxed
+(`nn.Partitioned`; `nn.unbox` gives plain arrays) and jaxvol.train.sharding can shard them over
+the mesh's "model" axis. Its token activations are constrained to TOKEN_AXES, whose "tokens" axis
+follows the depth split of a spatially sharded volume. Without active rules both are inert.
 """
 
 import math
@@ -37,6 +43,14 @@ PRDIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL":
 
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
+
+# Logical names of the residual DiT's (B, N, width) token activations.
+TOKEN_AXES = ("batch", "tokens", "embed")
+
+
+def _named(init, *axes):
+  """`init` with logical names for the kernel's (input, output) axes."""
+  return nn.with_logical_partitioning(init, axes)
 
 
 def modulate(x, shift, scale):
@@ -152,16 +166,18 @@ class DiTBlock(nn.Module):
   def __call__(self, x, emb):
     w = x.shape[-1]
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-        nn.Dense(6 * w, kernel_init=_zeros, dtype=self.dtype, name="modulation")(nn.silu(emb)), 6,
-        axis=-1)
+        nn.Dense(6 * w, kernel_init=_named(_zeros, "embed", "mlp"), dtype=self.dtype,
+                 name="modulation")(nn.silu(emb)), 6, axis=-1)
     h = modulate(_plain_norm(self.dtype)(x), shift1, scale1)
     h = MultiHeadAttention(self.num_heads, backend=self.attention, chunk_size=self.chunk_size,
-                           dtype=self.dtype, name="attn")(h)
+                           dtype=self.dtype, kernel_axes=("embed", "heads"), name="attn")(h)
     x = x + gate1[:, None] * h
     h = modulate(_plain_norm(self.dtype)(x), shift2, scale2)
-    h = nn.Dense(int(w * self.mlp_ratio), kernel_init=_xavier, dtype=self.dtype, name="mlp_in")(h)
-    h = nn.Dense(w, kernel_init=_xavier, dtype=self.dtype, name="mlp_out")(nn.gelu(h))
-    return x + gate2[:, None] * h
+    h = nn.Dense(int(w * self.mlp_ratio), kernel_init=_named(_xavier, "embed", "mlp"),
+                 dtype=self.dtype, name="mlp_in")(h)
+    h = nn.Dense(w, kernel_init=_named(_xavier, "mlp", "embed"), dtype=self.dtype,
+                 name="mlp_out")(nn.gelu(h))
+    return nn.with_logical_constraint(x + gate2[:, None] * h, TOKEN_AXES)
 
 
 class ResidualDiT(nn.Module):
@@ -192,14 +208,16 @@ class ResidualDiT(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f"residual DiT width {self.width} not divisible by {self.num_heads} heads")
     emb = TimeEmbedding(self.width, dtype=self.dtype, name="time")(t)
-    dense = lambda n, name, **kw: nn.Dense(n, kernel_init=_xavier, dtype=self.dtype, name=name,
-                                           **kw)
-    h = dense(int(self.width * self.mlp_ratio), "embed_in")(tokens)
-    h = dense(self.width, "embed_out")(nn.gelu(h))
+    dense = lambda n, name, axes, **kw: nn.Dense(n, kernel_init=_named(_xavier, *axes),
+                                                 dtype=self.dtype, name=name, **kw)
+    # Only the wide side of the embedding is sharded; the raw p^3 C window axis is not named.
+    h = dense(int(self.width * self.mlp_ratio), "embed_in", (None, "mlp"))(tokens)
+    h = dense(self.width, "embed_out", ("mlp", "embed"))(nn.gelu(h))
     # The linear skip keeps a direct route from raw voxel values to the token features.
-    h = h + dense(self.width, "embed_skip", use_bias=False)(tokens)
+    h = h + dense(self.width, "embed_skip", (None, "embed"), use_bias=False)(tokens)
     h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="embed_norm")(h)
     h = h + position_code(coords, self.width, self.max_frequency).astype(h.dtype)[None]
+    h = nn.with_logical_constraint(h, TOKEN_AXES)
     policy = remat_policy(self.remat)
     block = DiTBlock if policy is None else nn.remat(DiTBlock, policy=policy)
     for i in range(self.depth):

@@ -104,8 +104,7 @@ class UNet3D(nn.Module):
         if lvl in self.attention_levels:
           h = attn(h, f"up{lvl}_attn{i}")
       if lvl > 0:
-        b, d, hh, w, c = h.shape
-        h = jax.image.resize(h, (b, 2 * d, 2 * hh, 2 * w, c), method="nearest")
+        h = layers.upsample_nearest(h, 2)
         h = nn.Conv(width, (3, 3, 3), padding="SAME", dtype=self.dtype, name=f"upsample{lvl}")(h)
 
     h = nn.silu(layers.group_norm(h.shape[-1], self.groups, self.dtype, "out_norm")(h))

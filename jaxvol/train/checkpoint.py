@@ -3,12 +3,14 @@
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. `meta` is JSON: the config and the
 intensity presets of the store, so evaluation can map predictions back to the original scale.
 Saves are asynchronous; `wait()` before exit. Restoring takes an abstract state that carries the
-shardings wanted now, so a checkpoint restores onto any mesh. Evaluation reads checkpoints through
-this module only.
+shardings wanted now, so a checkpoint restores onto any mesh, and the data iterator restores on any
+number of hosts (`IteratorHandler`). Evaluation reads checkpoints through this module only.
 """
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import grain
 import jax
@@ -55,6 +57,48 @@ def check_same_model(meta: dict, config, directory: str, fields=MODEL_DEFINING) 
                      + "; use the training config or another workdir")
 
 
+class IteratorHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's iterator item, restorable by a job with another number of hosts.
+
+  Each host saves its own iterator state (data/process_<i>-of-<n>.json). jaxvol's per-host
+  iterators all stand at the same position, the number of global batches drawn
+  (jaxvol.data.pipeline), so when this host finds no file of its own (the job now runs on another
+  number of hosts) the state the saving hosts agreed on is its state too.
+  """
+
+  def restore(self, directory, item=None, args=None):
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return super().restore(directory, item=item, args=args)
+    item = item or args.item
+    files = sorted(directory.glob("process_*-of-*.json"))
+    states = [json.loads(f.read_text()) for f in files]
+    if not isinstance(item, grain.DatasetIterator) or not states or any(
+        st != states[0] for st in states):
+      raise ValueError(f"{directory}: no iterator state for process {jax.process_index()} of "
+                       f"{jax.process_count()}, and the saved ones ({[f.name for f in files]}) do "
+                       "not agree on one position")
+    item.set_state(states[0])
+    item.start_prefetch()
+    return item
+
+
+# Orbax finds an item's handler through the type of its arguments: Grain's CheckpointSave and
+# CheckpointRestore are bound to Grain's handler, so IteratorHandler gets its own (same fields).
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  """Saves a Grain iterator (`item`) with IteratorHandler."""
+  item: Any
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  """Restores into a fresh Grain iterator (`item`) with IteratorHandler."""
+  item: Any
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, with_data: bool = True):
@@ -62,7 +106,7 @@ class Checkpointer:
     # The data handler is always registered so that readers which skip the iterator (evaluation)
     # still know the item; `with_data` decides whether it is saved and restored.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler()}
+                "data": IteratorHandler()}
     self.with_data = with_data
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -80,7 +124,7 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict, data_iter=None, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if self.with_data and data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = IteratorSave(data_iter)
     return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, step=None, data_iter=None):
@@ -95,7 +139,7 @@ class Checkpointer:
       abstract_state = self.local_target(step)
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if self.with_data and data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = IteratorRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
 

@@ -7,6 +7,9 @@ A fresh run first copies the parameters its method asks for from other runs (a f
 stage, a warm start: jaxvol.train.transfer), and the optimizer never updates frozen ones.
 Summaries: clu metrics for averaging, TensorBoard event files written with tensorboardX (no
 TensorFlow needed), progress lines with steps/s and ETA; only process 0 writes.
+On several hosts every process runs this same loop: each reads its block of the global batch
+(`distributed.batch_shard`), so a step trains on the same rows whatever the number of hosts; all
+take part in every checkpoint (Orbax writes each array once) and stop at the same step.
 """
 
 import json
@@ -27,7 +30,9 @@ from jaxvol import methods
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.train import checkpoint as ckpt_lib
+from jaxvol.train import distributed
 from jaxvol.train import mesh as mesh_lib
+from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
 from jaxvol.train import step as step_lib
 from jaxvol.train import transfer
@@ -108,10 +113,23 @@ class SummaryWriter:
       self._w.close()
 
 
-def build_everything(config, workdir: str):
-  """Mesh, method, optimizer, abstract state and shardings: everything but data and values."""
+def build_everything(config, workdir: str, check: bool = True):
+  """Mesh, method, optimizer, abstract state and shardings: everything but data and values.
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory (unused here; the same signature as the other entry points).
+    check: raise when the mesh cannot split the batch and crop evenly (jaxvol.train.plan warns
+      instead).
+
+  Returns:
+    dict with mesh, method, optimizer, example (abstract batch), abstract_state (with shardings),
+    state_sharding, param_notes (parameter axes that fell back to replication) and transfer.
+  """
+  del workdir
   mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.check_batch(mesh, config.data.batch_size, config.data.crop_size)
+  if check:
+    mesh_lib.check_batch(mesh, config.data.batch_size, config.data.crop_size)
   method = methods.build(config, jax.devices()[0].platform)
   mult = method.spatial_multiple()
   if any(int(c) % m for c, m in zip(config.data.crop_size, mult)):
@@ -123,23 +141,33 @@ def build_everything(config, workdir: str):
   plan = transfer.plan(config, method, state_lib.param_shapes(method, example))
   optimizer = state_lib.make_optimizer(config.train, plan.labels, plan.lr_scales)
   shapes = state_lib.state_shapes(method, optimizer, example)
-  repl = mesh_lib.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: repl, shapes)
+  # Replicated, except what the method names for sharding (the residual DiT's kernels over
+  # "model"); the optimizer moments and the EMA copy follow their parameters.
+  params_sharding, notes = sharding_lib.param_shardings(mesh, shapes["params"],
+                                                        method.param_axes(example))
+  state_sharding = sharding_lib.state_shardings(mesh, shapes, params_sharding)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, state_sharding)
   return dict(mesh=mesh, method=method, optimizer=optimizer, example=example,
-              abstract_state=abstract, state_sharding=state_sharding, transfer=plan)
+              abstract_state=abstract, state_sharding=state_sharding, param_notes=notes,
+              transfer=plan)
 
 
-def compile_step(parts, config):
+def compile_step(parts, config, batch_sharding=None):
+  """Compiles the train step ahead of time from abstract inputs; returns (compiled, cost).
+
+  `batch_sharding` overrides the mesh's batch layout (jaxvol.train.plan, for crops the mesh does
+  not divide). Traced with the logical axis rules active, so the models' constraints apply.
+  """
   step_fn = step_lib.make_train_step(parts["method"], parts["optimizer"], config.train.ema_decay,
                                      frozen=getattr(parts.get("transfer"), "frozen", None))
   mesh = parts["mesh"]
-  bsh = mesh_lib.batch_sharding(mesh)
+  bsh = batch_sharding or mesh_lib.batch_sharding(mesh)
   jitted = step_lib.jit_train_step(step_fn, parts["state_sharding"], bsh, mesh_lib.replicated(mesh))
   abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in parts["example"].items()}
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
-  compiled = jitted.lower(parts["abstract_state"], abatch, rng).compile()
+  with sharding_lib.activated(mesh):
+    compiled = jitted.lower(parts["abstract_state"], abatch, rng).compile()
   return compiled, step_lib.compiled_cost(compiled)
 
 
@@ -150,12 +178,18 @@ def train(config, workdir: str) -> dict:
   transfer.check_complete(parts["transfer"])  # before any data worker or checkpoint starts
   mesh = parts["mesh"]
   is_main = jax.process_index() == 0
+  bsh = mesh_lib.batch_sharding(mesh)
+  global_shapes = {k: v.shape for k, v in parts["example"].items()}
 
+  # This host reads the rows of the global batch that its devices hold, so step k trains on the
+  # same global batch, row for row, on any number of hosts.
+  shard, num_shards = distributed.batch_shard(bsh, global_shapes["target"])
   data_iter = pipeline.make_train_iterator(
       config.data.store, config.data.train_split, modality_keys(config), tuple(config.data.crop_size),
       config.data.batch_size, seed=config.seed, num_workers=config.data.num_workers,
       flips=config.data.flips, region=config.data.train_region,
-      positions=config.data.get("position_channels", False))
+      positions=config.data.get("position_channels", False), process_index=shard,
+      process_count=num_shards)
   meta = run_meta(config, config.data.store)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
@@ -170,8 +204,12 @@ def train(config, workdir: str) -> dict:
                                    parts["state_sharding"])
     state = transfer.load(parts["transfer"], state)
     start = 0
+    # The statistics are computations on global arrays, in which every host takes part (clu's
+    # "global" mode); only process 0 logs them.
+    overview = parameter_overview.get_parameter_overview(
+        state["params"], include_stats="global" if jax.process_count() > 1 else True)
     if is_main:
-      log.info("parameters:\n%s", parameter_overview.get_parameter_overview(state["params"]))
+      log.info("parameters:\n%s", overview)
   if is_main and parts["transfer"].labels is not None:
     log.info("parameter groups: %s",
              transfer.describe(parts["transfer"], parts["abstract_state"]["params"]))
@@ -183,8 +221,6 @@ def train(config, workdir: str) -> dict:
              dict(mesh.shape))
     fileio.write_json_atomic(os.path.join(workdir, "train_step_cost.json"), cost)
 
-  bsh = mesh_lib.batch_sharding(mesh)
-  global_shapes = {k: v.shape for k, v in parts["example"].items()}
   rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), mesh_lib.replicated(mesh))
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   total = int(config.train.steps)

@@ -1,7 +1,9 @@
 """Device mesh with ("data", "spatial", "model") axes and the shardings the train step uses.
 
 Batches (B, D, H, W, C) shard B on "data" and the depth axis D on "spatial" (XLA inserts the
-convolution halos). Parameters and optimizer state are replicated for the U-Net methods.
+convolution halos), the layout jaxvol.train.sharding's logical rules give a volume. Parameters and
+optimizer state are replicated for the U-Net methods; the residual DiT's large kernels (and their
+moments) are sharded over "model" (jaxvol.train.sharding).
 """
 
 import jax

@@ -1,0 +1,70 @@
+"""A checkpoint written on a 4-device mesh resumes on 2 devices and on 1 and trains on the same.
+
+The reference is one uninterrupted run on data=2 x spatial=2 (batch and volume depth sharded);
+each resumed run takes its step-3 checkpoint onto a smaller data-only mesh and trains 3 more
+steps. Parameters, EMA, optimizer state and the data iterator's position must match the
+reference (up to the order of cross-device sums), and evaluation reads the same checkpoint onto
+one device. (tests/test_multihost.py resumes a data=4 checkpoint of two hosts on one device.)
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from test_train import _next_batch_after_restore
+from test_train import _params
+from test_train import smoke_config
+from test_train import tiny_store  # noqa: F401  (a fixture)
+from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.train import loop
+
+STEPS, SPLIT = 6, 3
+LAYOUT = (2, 2)  # (data, spatial) of the run that writes the checkpoint
+
+
+def _config(store, layout):
+  c = smoke_config(store, steps=STEPS)
+  c.train.checkpoint_every = SPLIT
+  c.mesh.data, c.mesh.spatial = layout
+  return c
+
+
+@pytest.fixture(scope="module")
+def four_device_run(tiny_store, tmp_path_factory):  # noqa: F811
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 (fake) devices")
+  c = _config(tiny_store / "store", LAYOUT)
+  workdir = str(tmp_path_factory.mktemp("four_devices") / "work")
+  loop.train(c, workdir)
+  return dict(config=c, workdir=workdir)
+
+
+@pytest.mark.parametrize("devices", [2, 1])
+def test_resume_on_fewer_devices_equals_uninterrupted(four_device_run, devices, tmp_path):
+  ref_dir = four_device_run["workdir"]
+  workdir = str(tmp_path / "work")
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # resume from step 3
+  c = four_device_run["config"].copy_and_resolve_references()
+  c.mesh.data, c.mesh.spatial = devices, 1
+  assert loop.train(c, workdir)["step"] == STEPS
+  (got, step), (want, ref_step) = _params(workdir), _params(ref_dir)
+  assert step == ref_step == STEPS and int(got["step"]) == STEPS
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+  got_batch, want_batch = (_next_batch_after_restore(c, d) for d in (workdir, ref_dir))
+  for k in want_batch:
+    np.testing.assert_array_equal(got_batch[k], want_batch[k])
+
+
+def test_evaluation_reads_a_four_device_checkpoint_on_one_device(four_device_run):
+  c = four_device_run["config"]
+  params, step = evaluate_lib.load_params(c, four_device_run["workdir"])
+  saved, _ = _params(four_device_run["workdir"])
+  assert step == STEPS
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["ema_params"]), strict=True):
+    assert a.sharding.device_set == {jax.local_devices()[0]}
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
