@@ -197,20 +197,12 @@ def table(records) -> str:
   return "\n".join(rows)
 
 
-def _int_list(text: str) -> list[int]:
-  return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _str_list(text: str) -> list[str]:
-  return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   """Parses the command line (`argv` without the program name)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output directory for attention_bench.json/.md")
-  p.add_argument("--tokens", type=_int_list, default=list(TOKENS), help="e.g. 512,4096,32768")
-  p.add_argument("--backends", type=_str_list, default=list(BACKENDS),
+  p.add_argument("--tokens", type=memory.int_list, default=list(TOKENS), help="e.g. 512,4096,32768")
+  p.add_argument("--backends", type=memory.str_list, default=list(BACKENDS),
                  help=f"comma-separated subset of {','.join(attention.BACKENDS)}")
   p.add_argument("--heads", type=int, default=12)
   p.add_argument("--head-dim", type=int, default=64)

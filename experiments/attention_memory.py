@@ -168,22 +168,14 @@ def headline(records, size: int = 256) -> str:
   return text
 
 
-def _int_list(text: str) -> list[int]:
-  return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _str_list(text: str) -> list[str]:
-  return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--tokens", type=_int_list, default=list(TOKENS),
+  p.add_argument("--tokens", type=memory.int_list, default=list(TOKENS),
                  help="attention-layer sequence lengths ('' for none)")
-  p.add_argument("--sizes", type=_int_list, default=list(SIZES),
+  p.add_argument("--sizes", type=memory.int_list, default=list(SIZES),
                  help="train-step volume sides, multiples of 8 ('' for none)")
-  p.add_argument("--backends", type=_str_list, default=list(BACKENDS),
+  p.add_argument("--backends", type=memory.str_list, default=list(BACKENDS),
                  help="attention backends for both kinds of record")
   p.add_argument("--remat", default="full", choices=sorted(attention.REMAT_POLICIES),
                  help="rematerialisation of each DiT block in the train step")

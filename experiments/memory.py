@@ -94,11 +94,13 @@ HEADLINE_SIZE = 128
 TARGETS = {2: 7, 4: 30}  # PPDM factor -> required train-memory reduction against full3d
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+  """'64,128' -> [64, 128] (an argparse type; shared by the experiments)."""
   return [int(v) for v in text.split(",") if v.strip()]
 
 
-def _str_list(text: str) -> list[str]:
+def str_list(text: str) -> list[str]:
+  """'a, b' -> ['a', 'b'] (an argparse type; shared by the experiments)."""
   return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -106,17 +108,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   """Parses the command line (`argv` without the program name); exits with usage on bad values."""
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output directory for memory.json and memory.md")
-  p.add_argument("--sizes", type=_int_list, default=[64, 128, 256], help="volume sides, e.g. 64,128")
-  p.add_argument("--methods", type=_str_list, default=list(VARIANTS),
+  p.add_argument("--sizes", type=int_list, default=[64, 128, 256], help="volume sides, e.g. 64,128")
+  p.add_argument("--methods", type=str_list, default=list(VARIANTS),
                  help=f"comma-separated subset of {','.join(VARIANTS)}")
-  p.add_argument("--attention", type=_str_list, default=list(ATTENTION),
+  p.add_argument("--attention", type=str_list, default=list(ATTENTION),
                  help="comma-separated subset of none,lowest")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--scheduler", choices=("memory", "default"), default="memory",
                  help="XLA CPU scheduler when run as a script: memory-minimising (like GPU/TPU) "
                  "or XLA's CPU default")
   p.add_argument("--width", type=int, default=32, help="U-Net base width")
-  p.add_argument("--mults", type=_int_list, default=[1, 2, 4, 4], help="U-Net channel multipliers")
+  p.add_argument("--mults", type=int_list, default=[1, 2, 4, 4], help="U-Net channel multipliers")
   p.add_argument("--res-blocks", type=int, default=2)
   p.add_argument("--groups", type=int, default=8)
   p.add_argument("--time-embed", type=int, default=128)

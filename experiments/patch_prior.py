@@ -16,7 +16,7 @@ Gaussian noise sigma = --noise (the same measurement for every reconstruction), 
   tv            total-variation least squares (Chambolle-Pock, --tv-iters iterations),
   SOLVER x {patch, whole}   DiffPIR / DPS with --steps prior evaluations each.
 `bytes` is XLA's compiled per-device memory of the whole reconstruction (temp + arguments +
-outputs - aliased; jaxvol.train.step.compiled_bytes' definition), `seconds` one run after
+outputs - aliased; jaxvol.train.step.compiled_cost), `seconds` one run after
 compilation, PSNR/SSIM on the original intensity scale inside the target's brain mask over the
 preset's range. `--memory-sizes` adds compile-only memory records (nothing allocated) for cubic
 volumes of those sides. Writes OUT/patch_prior.json (records {task, solver, prior, bytes,
@@ -55,15 +55,14 @@ from jaxvol.inverse import operators as ops  # pylint: disable=wrong-import-posi
 from jaxvol.inverse import priors  # pylint: disable=wrong-import-position
 from jaxvol.inverse import solvers  # pylint: disable=wrong-import-position
 from jaxvol.train import loop  # pylint: disable=wrong-import-position
+from jaxvol.train import step as step_lib  # pylint: disable=wrong-import-position
 
 TASKS = {"mri_r4": ("mri", "r4"), "mri_r8": ("mri", "r8"), "sr_x2": ("sr", "x2"),
          "sr_x4": ("sr", "x4")}
 
 
 def compiled_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-             - m.alias_size_in_bytes)
+  return step_lib.compiled_cost(compiled)["bytes"]
 
 
 def task_config(task: str, variant: str, store: str, prior_dir: str,
