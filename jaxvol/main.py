@@ -56,6 +56,9 @@ def main(argv):
   # Imported here so --help stays fast and absl flags are parsed before Grain workers start.
   from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
+  # Evaluation and sampling split one volume over config.mesh.spatial x model devices when > 1.
+  make_sampler = lambda method: sharded_sample.evaluation_sampler(config, method)
   if FLAGS.mode == "train":
     result = loop.train(config, FLAGS.workdir)
     logging.info("training finished at step %d", result["step"])
@@ -65,16 +68,16 @@ def main(argv):
     for name, entry in summary["metrics"].items():
       logging.info("%-12s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif FLAGS.mode == "evaluate":
-    summary = evaluate_lib.evaluate(config, FLAGS.workdir)
+    summary = evaluate_lib.evaluate(config, FLAGS.workdir, make_sampler)
     for name, entry in summary["metrics"].items():
       logging.info("%-5s model %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif not config.data.inputs:
     from jaxvol.eval import generate as generate_lib  # pylint: disable=g-import-not-at-top
-    result = generate_lib.generate(config, FLAGS.workdir)
+    result = generate_lib.generate(config, FLAGS.workdir, make_sampler)
     logging.info("wrote %d samples to %s", len(result["files"]),
                  os.path.dirname(result["files"][0]))
   else:
-    evaluate_lib.sample(config, FLAGS.workdir)
+    evaluate_lib.sample(config, FLAGS.workdir, make_sampler)
 
 
 def _plan(config):

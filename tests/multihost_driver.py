@@ -2,7 +2,9 @@
 
 Each process fakes its own CPU devices, joins the job through jaxvol.train.distributed with gloo
 collectives, trains the config of `run_config` with jaxvol.train.loop, then restores the
-evaluation parameters the way `--mode=evaluate` does and saves them to OUT/params_<id>.npz:
+evaluation parameters the way `--mode=evaluate` does and saves them to OUT/params_<id>.npz, and
+evaluates the checkpoint as `--mode=evaluate --config.mesh.spatial=<all devices>` does: each
+volume's depth split over the devices of both hosts (WORKDIR/eval, written by process 0):
 
   python tests/multihost_driver.py --process_id=0 --num_processes=2 --port=PORT \
       --cpu_devices=2 --store=STORE --workdir=WORKDIR --out=OUT --steps=4
@@ -70,11 +72,15 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
 
   result = loop.train(c, args.workdir)
   params, step = evaluate.load_params(c, args.workdir)
   os.makedirs(args.out, exist_ok=True)
   np.savez(os.path.join(args.out, f"params_{args.process_id}.npz"), **flat(params))
+  ce = c.copy_and_resolve_references()
+  ce.mesh.data, ce.mesh.spatial = 1, jax.device_count()
+  evaluate.evaluate(ce, args.workdir, lambda m: sharded_sample.evaluation_sampler(ce, m))
   summary = {"process": jax.process_index(), "processes": jax.process_count(),
              "devices": jax.device_count(), "local_devices": jax.local_device_count(),
              "train_step": result["step"], "eval_step": step}

@@ -15,6 +15,7 @@ import sys
 import time
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -22,6 +23,7 @@ import multihost_driver
 from test_train import _next_batch_after_restore
 from test_train import _params
 from test_train import tiny_store  # noqa: F401  (a fixture)
+from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,3 +188,17 @@ def test_two_host_checkpoint_resumes_on_one_device(two_hosts, one_host, tmp_path
   want = _next_batch_after_restore(c, one_host["workdir"])
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_evaluation_split_over_two_hosts_equals_one_device(two_hosts, one_host, tmp_path):
+  """Each host evaluated the 2-host checkpoint with every volume's depth over all 4 devices."""
+  c = one_host["config"]
+  evaluate_lib.predict_split(c, one_host["workdir"], c.eval.split, str(tmp_path), True)
+  got_dir = os.path.join(two_hosts["workdir"], "eval")
+  assert os.path.exists(os.path.join(got_dir, "summary.json"))
+  names = sorted(os.listdir(os.path.join(tmp_path, "nifti")))
+  assert names and sorted(os.listdir(os.path.join(got_dir, "nifti"))) == names
+  for name in names:
+    want = np.asarray(nib.load(os.path.join(tmp_path, "nifti", name)).dataobj)
+    got = np.asarray(nib.load(os.path.join(got_dir, "nifti", name)).dataobj)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))

@@ -7,10 +7,12 @@ reference (up to the order of cross-device sums), and evaluation reads the same 
 one device. (tests/test_multihost.py resumes a data=4 checkpoint of two hosts on one device.)
 """
 
+import math
 import os
 import shutil
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -18,8 +20,10 @@ from test_train import _next_batch_after_restore
 from test_train import _params
 from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  (a fixture)
+from jaxvol import methods
 from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.train import loop
+from jaxvol.train import sharded_sample
 
 STEPS, SPLIT = 6, 3
 LAYOUT = (2, 2)  # (data, spatial) of the run that writes the checkpoint
@@ -68,3 +72,51 @@ def test_evaluation_reads_a_four_device_checkpoint_on_one_device(four_device_run
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["ema_params"]), strict=True):
     assert a.sharding.device_set == {jax.local_devices()[0]}
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _predictions(out_dir) -> dict:
+  nifti_dir = os.path.join(out_dir, "nifti")
+  return {f: np.asarray(nib.load(os.path.join(nifti_dir, f)).dataobj)
+          for f in sorted(os.listdir(nifti_dir))}
+
+
+def test_sharded_evaluation_of_a_four_device_checkpoint_equals_one_device(four_device_run,
+                                                                          tmp_path):
+  """--mode=evaluate with config.mesh.spatial = 4: each volume's depth split over 4 devices."""
+  c, workdir = four_device_run["config"], four_device_run["workdir"]
+  one = evaluate_lib.predict_split(c, workdir, c.eval.split, str(tmp_path / "one"), True)
+  sharded = c.copy_and_resolve_references()
+  sharded.mesh.data, sharded.mesh.spatial = 1, 4
+  used = []
+
+  def make_sampler(method):
+    used.append(sharded_sample.evaluation_sampler(sharded, method))
+    return used[-1]
+
+  four = evaluate_lib.predict_split(sharded, workdir, c.eval.split, str(tmp_path / "four"), True,
+                                    make_sampler=make_sampler)
+  assert isinstance(used[0], sharded_sample.VolumeSampler)
+  assert dict(used[0].mesh.shape) == {"data": 1, "spatial": 4, "model": 1}
+  want, got = _predictions(tmp_path / "one"), _predictions(tmp_path / "four")
+  assert list(got) == list(want) and want
+  for name in want:
+    scale = float(np.abs(want[name]).max())
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4 * scale)
+  for a, b in zip(one["rows"], four["rows"], strict=True):
+    assert b["model_psnr"] == pytest.approx(a["model_psnr"], abs=1e-3)
+
+
+def test_sampling_mesh_pads_depth_to_the_spatial_axis(four_device_run):
+  c = four_device_run["config"].copy_and_resolve_references()
+  c.mesh.spatial = 3
+  method = methods.build(c, "cpu")
+  sampler = sharded_sample.evaluation_sampler(c, method)
+  mult = method.spatial_multiple()
+  assert sampler.multiple == (math.lcm(mult[0], 3),) + tuple(mult[1:])
+  padded = sampler.padded_shape((20, 18, 16))
+  assert padded[0] % 3 == 0 and padded[0] % mult[0] == 0 and padded[0] >= 20
+  c.mesh.spatial = 1
+  assert sharded_sample.evaluation_sampler(c, method) is None  # one device: the local sampler
+  c.mesh.spatial = 8
+  with pytest.raises(ValueError, match="needs 8 devices"):
+    sharded_sample.evaluation_sampler(c, method)

@@ -17,6 +17,14 @@ With `config.inference.window` set, samplers run in Gaussian-blended windows of 
 over this process's devices (jaxvol.ops.windows), so volumes larger than the training patch are
 predicted as the network was trained. `sample(config, workdir)` writes predictions only (no target needed) under WORKDIR/samples/.
 Everything written is atomic (temp file + rename).
+
+Where volumes run is the caller's choice (`make_sampler`): by default the whole volume (or its
+windows) on this process's devices; main.py passes
+jaxvol.train.sharded_sample.evaluation_sampler, which splits one volume's depth over
+config.mesh.spatial devices (and the DiT kernels over config.mesh.model) when those are > 1, for
+volumes whose sampling does not fit one device. A sampler is any object with
+`put_params(params)` and `sampler(placed_params, cond, rng) -> numpy prediction` for a
+(1, D, H, W, C) numpy condition.
 """
 
 import json
@@ -57,6 +65,33 @@ def load_params(config, workdir: str):
   return jax.tree.map(jnp.asarray, params), int(step)
 
 
+class LocalSampler:
+  """`method.sample` on this process: one device, or the windows spread over its devices."""
+
+  def __init__(self, method):
+    self._fn = jax.jit(method.sample)
+    self._sharding = None
+    window = method.sliding_window()
+    if window is not None and window.mesh is not None:
+      # Windows are spread over this process's devices: params and inputs live on all of them.
+      self._sharding = jax.sharding.NamedSharding(window.mesh, jax.sharding.PartitionSpec())
+
+  def _put(self, x):
+    return jnp.asarray(x) if self._sharding is None else jax.device_put(x, self._sharding)
+
+  def put_params(self, params):
+    return jax.tree.map(self._put, params)
+
+  def __call__(self, params, cond, rng) -> np.ndarray:
+    return np.asarray(jax.block_until_ready(self._fn(params, self._put(cond), rng)))
+
+
+def make_volume_sampler(method, make_sampler=None):
+  """`make_sampler(method)` when given and not None, else a LocalSampler."""
+  sampler = make_sampler(method) if make_sampler is not None else None
+  return sampler if sampler is not None else LocalSampler(method)
+
+
 def _volume_inputs(store, subject_id: str, config, box):
   chans = np.stack([store.read(subject_id, m, box) for m in config.data.inputs], axis=-1)
   if config.data.get("position_channels", False):
@@ -71,10 +106,13 @@ def _eval_box(store, subject, config):
   return pipeline.region_box(shape, region) if region else tuple((0, s) for s in shape)
 
 
-def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool) -> dict:
+def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool,
+                  make_sampler=None) -> dict:
   """Runs the sampler over a split and writes NIfTI (+ metrics and previews if with_metrics)."""
   method = methods.build(config, jax.devices()[0].platform)
+  sampler = make_volume_sampler(method, make_sampler)
   params, step = load_params(config, workdir)
+  params = sampler.put_params(params)
   store = store_lib.Store(config.data.store)
   subjects = store.subjects(split)
   if not subjects:
@@ -84,14 +122,6 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
     if with_metrics and config.eval.previews:
       os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
-  sample_fn = jax.jit(method.sample)
-  put = jnp.asarray
-  window = method.sliding_window()
-  if window is not None and window.mesh is not None:
-    # Windows are spread over this process's devices: params and inputs live on all of them.
-    replicated = jax.sharding.NamedSharding(window.mesh, jax.sharding.PartitionSpec())
-    params = jax.device_put(params, replicated)
-    put = lambda x: jax.device_put(x, replicated)
   base_rng = jax.random.PRNGKey(config.eval.seed)
   rows = []
   first_input = config.data.inputs[0]
@@ -100,8 +130,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     box = _eval_box(store, subject, config)
     cond = _volume_inputs(store, sid, config, box)
     t0 = time.time()
-    pred = np.asarray(jax.block_until_ready(
-        sample_fn(params, put(cond), jax.random.fold_in(base_rng, idx))))[0, ..., 0]
+    pred = sampler(params, cond, jax.random.fold_in(base_rng, idx))[0, ..., 0]
     seconds = time.time() - t0
     # Without a target volume (pure sampling) the output uses the first input's intensity scale.
     has_target = config.data.target in subject["volumes"]
@@ -141,9 +170,11 @@ def _plain(region):
   return None if region is None else {str(k): list(v) for k, v in region.items()}
 
 
-def evaluate(config, workdir: str) -> dict:
+def evaluate(config, workdir: str, make_sampler=None) -> dict:
+  """Predicts and scores the evaluation split (module docstring); `make_sampler` as there."""
   out_dir = os.path.join(workdir, "eval")
-  result = predict_split(config, workdir, config.eval.split, out_dir, with_metrics=True)
+  result = predict_split(config, workdir, config.eval.split, out_dir, with_metrics=True,
+                         make_sampler=make_sampler)
   rows = result["rows"]
   summary = {"method": config.method, "checkpoint_step": result["step"], "split": config.eval.split,
              "n_volumes": len(rows), "mask": config.eval.mask, "region": _plain(config.data.eval_region),
@@ -161,6 +192,7 @@ def evaluate(config, workdir: str) -> dict:
   return summary
 
 
-def sample(config, workdir: str) -> dict:
+def sample(config, workdir: str, make_sampler=None) -> dict:
+  """Predictions only, under WORKDIR/samples/; `make_sampler` as in the module docstring."""
   return predict_split(config, workdir, config.eval.split, os.path.join(workdir, "samples"),
-                       with_metrics=False)
+                       with_metrics=False, make_sampler=make_sampler)

@@ -127,8 +127,12 @@ def _condition(method, config, shape):
                    f"inputs {tuple(config.data.inputs)} (use --mode=evaluate)")
 
 
-def generate(config, workdir: str) -> dict:
+def generate(config, workdir: str, make_sampler=None) -> dict:
   """Draws config.sample.num volumes from the checkpoint in WORKDIR and writes them (module doc).
+
+  `make_sampler` places the sampling (jaxvol.eval.evaluate's module docstring): main.py passes
+  jaxvol.train.sharded_sample.evaluation_sampler, so config.mesh.spatial > 1 splits each
+  generated volume's depth over that many devices.
 
   Returns:
     {"files": [paths], "samples": metadata as in samples.json, "metrics": report or None}.
@@ -147,19 +151,20 @@ def generate(config, workdir: str) -> dict:
   preset = store.preset(first, config.data.target)
   spacing = sample_spacing(config, store)
   affine = sample_affine(shape, spacing)
+  sampler = evaluate_lib.make_volume_sampler(method, make_sampler)
   params, step = evaluate_lib.load_params(config, workdir)
-  cond = _condition(method, config, shape)
+  params = sampler.put_params(params)
+  cond = np.asarray(_condition(method, config, shape))
 
   out_dir = os.path.join(workdir, "samples")
   writes = jax.process_index() == 0
   if writes:
     os.makedirs(out_dir, exist_ok=True)
-  sample_fn = jax.jit(method.sample)
   base_key = jax.random.PRNGKey(config.sample.seed)
   files, seconds, volumes = [], [], []
   for i in range(num):
     t0 = time.time()
-    x = np.asarray(jax.block_until_ready(sample_fn(params, cond, jax.random.fold_in(base_key, i))))
+    x = sampler(params, cond, jax.random.fold_in(base_key, i))
     seconds.append(time.time() - t0)
     x = x[0, ..., 0].astype(np.float32)
     if not np.all(np.isfinite(x)):

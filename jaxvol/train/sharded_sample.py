@@ -17,14 +17,32 @@ fold_in of the sampler's key.
 Sliding windows (config.inference.window) are the other way to use several devices:
 jaxvol.ops.windows spreads the windows, each whole on one device. The two do not combine;
 `jit_sample` asks for an empty window.
+
+`evaluation_sampler(config, method)` is what --mode=evaluate and --mode=sample use (main.py hands
+it to jaxvol.eval, which does not import train/): a `VolumeSampler` on a mesh of config.mesh's
+"spatial" and "model" sizes with data = 1 (volumes are sampled one at a time), taking host
+(numpy) conditions of any shape and returning host predictions. It edge-pads the condition at the
+end of each axis up to the method's spatial multiple, as `method.sample` itself does, and the
+depth further up to a multiple of the spatial axis, then crops the prediction back; the result is
+one device's whenever the method's padded depth already divides by the spatial axis (otherwise the
+extra edge slices change the border slightly). Parameters restored on one device (from a
+checkpoint of any mesh) are laid out with `put_params`. Across hosts every process passes the
+same condition and gets the whole prediction (gathered after the loop); the mesh must then
+include devices of every process.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import sharding as sharding_lib
+from jaxvol.train import state as state_lib
 
 
 def check_cond(mesh: Mesh, shape) -> None:
@@ -105,3 +123,86 @@ def abstract_inputs(method, mesh: Mesh, abstract_params, spatial, batch: int = 1
                               jnp.float32, sharding=bsh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
   return params, cond, rng
+
+
+def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host array every process holds whole (works across hosts)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class VolumeSampler:
+  """Whole-volume sampling of host conditions on a spatial x model mesh (module docstring).
+
+  Call `put_params(params)` once, then `sampler(placed_params, cond, rng)` per volume with a
+  (1, D, H, W, C) numpy condition; returns the (1, D, H, W, C_out) prediction as numpy.
+  """
+
+  def __init__(self, method, mesh: Mesh, params_sharding):
+    if mesh.shape["data"] != 1:
+      raise ValueError(f"volumes are sampled one at a time: the sampling mesh needs data = 1, "
+                       f"got {dict(mesh.shape)}")
+    self.method, self.mesh = method, mesh
+    self.params_sharding = params_sharding
+    self._repl = mesh_lib.replicated(mesh)
+    self._cond_sharding = mesh_lib.batch_sharding(mesh)
+    self._sampler = jit_sample(method, mesh, params_sharding, self._cond_sharding)
+    mult = tuple(int(m) for m in method.spatial_multiple())
+    self.multiple = (math.lcm(mult[0], mesh.shape["spatial"]),) + mult[1:]
+
+  def put_params(self, params):
+    """Lays parameters (on any device, or numpy) out as the sampler reads them."""
+    return jax.tree.map(lambda p, sh: _global(np.asarray(p), sh), params, self.params_sharding)
+
+  def padded_shape(self, spatial) -> tuple[int, int, int]:
+    return tuple(-(-int(s) // m) * m for s, m in zip(spatial, self.multiple))
+
+  def __call__(self, params, cond, rng) -> np.ndarray:
+    cond = np.asarray(cond, np.float32)
+    if cond.ndim != 5 or cond.shape[0] != 1:
+      raise ValueError(f"the condition must be one (1, D, H, W, C) volume, got {cond.shape}")
+    spatial = cond.shape[1:4]
+    target = self.padded_shape(spatial)
+    pads = [(0, 0)] + [(0, t - s) for s, t in zip(spatial, target)] + [(0, 0)]
+    padded = np.pad(cond, pads, mode="edge") if any(p[1] for p in pads) else cond
+    out = self._sampler(params, _global(padded, self._cond_sharding),
+                        _global(np.asarray(rng), self._repl))
+    return _to_host(out)[:, :spatial[0], :spatial[1], :spatial[2]]
+
+
+def sampling_mesh(mesh_cfg, devices=None) -> Mesh:
+  """The evaluation mesh: config.mesh's spatial and model sizes, data = 1 (first devices)."""
+  spatial, model = int(mesh_cfg.spatial), int(mesh_cfg.model)
+  devices = list(jax.devices() if devices is None else devices)
+  if spatial * model > len(devices):
+    raise ValueError(f"sampling on spatial={spatial} x model={model} needs {spatial * model} "
+                     f"devices; {len(devices)} are available")
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, spatial=spatial, model=model)),
+                            devices)
+  missing = set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat}
+  if missing:
+    raise ValueError(f"the sampling mesh (spatial={spatial} x model={model}) has no device of "
+                     f"process(es) {sorted(missing)}; across hosts it must span every host "
+                     f"(spatial x model = {jax.device_count()} devices here)")
+  return mesh
+
+
+def evaluation_sampler(config, method, devices=None) -> VolumeSampler | None:
+  """The VolumeSampler --mode=evaluate/sample use, or None to sample on one device.
+
+  None when config.mesh asks for no spatial or model split, or when config.inference.window is
+  set (windows are spread over the local devices instead, jaxvol.ops.windows).
+  """
+  if int(config.mesh.spatial) * int(config.mesh.model) == 1 or method.sliding_window() is not None:
+    return None
+  mesh = sampling_mesh(config.mesh, devices)
+  example = state_lib.abstract_batch(method, 1, config.data.crop_size)
+  shapes = state_lib.param_shapes(method, example)
+  params_sharding, _ = sharding_lib.param_shardings(mesh, shapes, method.param_axes(example))
+  return VolumeSampler(method, mesh, params_sharding)
