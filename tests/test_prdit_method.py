@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from jaxvol.data import store as store_lib
 from jaxvol.eval import generate as generate_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import loop
+from jaxvol.train import sharded_sample
 from jaxvol.train import state as state_lib
 from jaxvol.train import step as step_lib
 from jaxvol.train import transfer
@@ -239,3 +241,26 @@ def test_attention_memory_train_step_record(tmp_path):
   assert rec["trainable_params"] < rec["params"]
   assert json.loads((tmp_path / "attention_memory.json").read_text()) == json.loads(
       json.dumps(records))
+
+
+def test_sample_mode_split_over_devices_equals_one_device(ct_store, runs, tmp_path):
+  """--mode=sample with config.mesh spatial = 2 x model = 2: tokens and DiT kernels split."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 (fake) devices")
+  vols = []
+  for name, (spatial, model) in (("one", (1, 1)), ("split", (2, 2))):
+    c = smoke(ct_store)
+    c.sample.num, c.sample.shape, c.sample.metrics = 1, (16, 16, 24), False
+    c.mesh.spatial, c.mesh.model = spatial, model
+    workdir = str(tmp_path / name)
+    shutil.copytree(runs[1], workdir)
+    used = []
+
+    def make_sampler(method, c=c, used=used):
+      used.append(sharded_sample.evaluation_sampler(c, method))
+      return used[-1]
+
+    generate_lib.generate(c, workdir, make_sampler)
+    assert (used[0] is None) == (name == "one")
+    vols.append(np.asarray(nib.load(os.path.join(workdir, "samples", "sample_000.nii.gz")).dataobj))
+  np.testing.assert_allclose(vols[1], vols[0], rtol=0, atol=1e-3)  # HU
