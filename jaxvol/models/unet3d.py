@@ -77,7 +77,7 @@ class UNet3D(nn.Module):
     def attn(h, name):
       return layers.SpatialAttention(self.num_heads, self.groups, self.dtype, name=name)(h)
 
-    h = nn.Conv(self.base_width, (3, 3, 3), padding="SAME", dtype=self.dtype, name="stem")(x)
+    h = layers.Conv3D(self.base_width, dtype=self.dtype, name="stem")(x)
     skips = [h]
     for lvl, mult in enumerate(self.channel_mults):
       width = self.base_width * mult
@@ -87,8 +87,8 @@ class UNet3D(nn.Module):
           h = attn(h, f"down{lvl}_attn{i}")
         skips.append(h)
       if lvl < len(self.channel_mults) - 1:
-        h = nn.Conv(width, (3, 3, 3), strides=(2, 2, 2), padding="SAME", dtype=self.dtype,
-                    name=f"downsample{lvl}")(h)
+        h = layers.Conv3D(width, strides=(2, 2, 2), dtype=self.dtype,
+                          name=f"downsample{lvl}")(h)
         skips.append(h)
 
     mid = self.base_width * self.channel_mults[-1]
@@ -105,8 +105,8 @@ class UNet3D(nn.Module):
           h = attn(h, f"up{lvl}_attn{i}")
       if lvl > 0:
         h = layers.upsample_nearest(h, 2)
-        h = nn.Conv(width, (3, 3, 3), padding="SAME", dtype=self.dtype, name=f"upsample{lvl}")(h)
+        h = layers.Conv3D(width, dtype=self.dtype, name=f"upsample{lvl}")(h)
 
     h = nn.silu(layers.group_norm(h.shape[-1], self.groups, self.dtype, "out_norm")(h))
-    out = nn.Conv(self.out_channels, (3, 3, 3), padding="SAME", dtype=self.dtype, name="out")(h)
+    out = layers.Conv3D(self.out_channels, dtype=self.dtype, name="out")(h)
     return out.astype(jnp.float32)
