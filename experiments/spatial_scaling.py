@@ -4,6 +4,7 @@ Usage::
 
   python experiments/spatial_scaling.py --out DIR [--sizes 128,256] [--shards 1,2,4,8]
       [--methods full3d,ppdm,sparse] [--width 32 --mults 1,2,4,4 --res-blocks 2]
+      [--state-sharding replicated|zero1|fsdp]
 
 For every method, volume side S and shard count N, the library's own train step
 (`jaxvol.train.loop.build_everything` + `compile_step`, the step `loop.train` runs) and its own
@@ -13,7 +14,10 @@ on a mesh data = 1, spatial = N, model = 1, from abstract shapes only: nothing i
 nothing runs. Bytes per device = temp + arguments + outputs - aliased (DESIGN.md section 6).
 The headline is the ratio (bytes at N shards) / (bytes at 1 shard) against the ideal 1/N and the
 target 1.2/N: what does not shrink (the replicated parameters, AdamW moments and EMA, and the
-convolution halos) is what separates the two.
+convolution halos) is what separates the two. --state-sharding sets config.mesh.state_sharding
+(jaxvol.train.sharding.state_layouts) for every record: "zero1" splits the moments and the EMA copy
+over the N devices, "fsdp" the parameters too; one shard is the same in every mode. The sampler
+takes the parameters in the method's own (replicated) layout, as evaluation does, in every mode.
 
 Network (memory.py's benchmark U-Net, no self-attention anywhere): base width 32, channel
 multipliers (1, 2, 4, 4), 2 res blocks per level, GroupNorm groups 8, time embedding 128, float32,
@@ -28,12 +32,14 @@ XLA's memory-minimising CPU scheduler (experiments/memory.py), which, like the G
 compilers, orders work to save memory. A configuration that fails to compile keeps
 its error in the record and the run goes on.
 
-Output: DIR/spatial_scaling.json, a list of records {method, size, shards, train_bytes,
-sample_bytes, ...} rewritten atomically after each one ("sample_kind": "loop" says that the
-sampler figure is the whole compiled loop), DIR/spatial_scaling.md and the table on stdout.
+Output: DIR/spatial_scaling.json, a list of records {method, size, shards, state_sharding,
+train_bytes, sample_bytes, state_bytes (all devices), state_device_bytes (one device), ...}
+rewritten atomically after each one ("sample_kind": "loop" says that the sampler figure is the
+whole compiled loop), DIR/spatial_scaling.md and the table on stdout.
 """
 
 import argparse
+import math
 import os
 import pathlib
 import re
@@ -68,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--groups", type=int, default=8)
   p.add_argument("--time-embed", type=int, default=128)
   p.add_argument("--stm-dim", type=int, default=128)
+  p.add_argument("--state-sharding", choices=("replicated", "zero1", "fsdp"), default="replicated",
+                 help="config.mesh.state_sharding: the train state's layout over the N devices")
   args = p.parse_args(argv)
   bad = [m for m in args.methods if m not in METHODS]
   if bad:
@@ -122,6 +130,7 @@ def make_config(method: str, size: int, shards: int, args: argparse.Namespace):
   c.diffusion.sample_steps = SAMPLE_STEPS
   c.sparse.f_steps = 2
   c.mesh.data, c.mesh.spatial, c.mesh.model = 1, shards, 1
+  c.mesh.state_sharding = args.state_sharding
   return c
 
 
@@ -133,9 +142,10 @@ def _error(exc: BaseException) -> str:
 def measure(method: str, size: int, shards: int, args: argparse.Namespace) -> dict:
   """Compiles one configuration's train step and sampler; errors go into the record."""
   config = make_config(method, size, shards, args)
-  rec = {"method": method, "size": size, "shards": shards, "train_bytes": None,
-         "sample_bytes": None, "train_temp_bytes": None, "sample_temp_bytes": None,
-         "train_argument_bytes": None, "state_bytes": None, "train_gflops": None,
+  rec = {"method": method, "size": size, "shards": shards, "state_sharding": args.state_sharding,
+         "train_bytes": None, "sample_bytes": None, "train_temp_bytes": None,
+         "sample_temp_bytes": None, "train_argument_bytes": None, "state_bytes": None,
+         "state_device_bytes": None, "train_gflops": None,
          "sample_gflops": None, "sample_kind": "loop", "sample_steps": SAMPLE_STEPS,
          "whole_volume_all_gathers": None, "train_compile_s": None, "sample_compile_s": None,
          "error": None}
@@ -144,8 +154,10 @@ def measure(method: str, size: int, shards: int, args: argparse.Namespace) -> di
   except Exception as exc:  # pylint: disable=broad-except
     rec["error"] = f"build: {_error(exc)}"
     return rec
-  rec["state_bytes"] = int(sum(x.size * x.dtype.itemsize
-                               for x in jax.tree.leaves(parts["abstract_state"])))
+  leaves = jax.tree.leaves(parts["abstract_state"])
+  rec["state_bytes"] = int(sum(x.size * x.dtype.itemsize for x in leaves))
+  rec["state_device_bytes"] = int(sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves))
   errors = []
   t0 = time.time()
   try:
@@ -161,7 +173,7 @@ def measure(method: str, size: int, shards: int, args: argparse.Namespace) -> di
   t0 = time.time()
   try:
     mesh, method_obj = parts["mesh"], parts["method"]
-    psh = parts["state_sharding"]["params"]
+    psh = parts["compute_params_sharding"]  # as evaluation samples, whatever the state's layout
     sampler = sharded_sample.jit_sample(method_obj, mesh, psh)
     abstract = sharded_sample.abstract_inputs(method_obj, mesh, parts["abstract_state"]["params"],
                                               (size,) * 3, 1, psh)
@@ -205,7 +217,8 @@ def describe(args: argparse.Namespace) -> str:
   return (f"U-Net: base width {args.width}, mults {tuple(args.mults)}, {args.res_blocks} res "
           f"blocks per level, groups {args.groups}, time embed {args.time_embed}, no attention, "
           f"float32, batch 1, crop = whole volume; mesh data=1 x spatial=N x model=1 "
-          f"(depth split in N slabs); sampler = the whole compiled loop ({SAMPLE_STEPS} steps; "
+          f"(depth split in N slabs); train state layout {args.state_sharding} "
+          f"(config.mesh.state_sharding); sampler = the whole compiled loop ({SAMPLE_STEPS} steps; "
           f"sparse: 2 levels with Heun).")
 
 
@@ -213,8 +226,9 @@ def table(records, args: argparse.Namespace) -> str:
   """Markdown table: GiB per device, ratio to one shard, 1/N and whether <= 1.2/N."""
   lines = [describe(args), "",
            "| method | size | N | train GiB | train ratio | sample GiB | sample ratio | 1/N "
-           "| 1.2/N | train | sample | state GiB | whole-volume all-gathers | error |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|"]
+           "| 1.2/N | train | sample | state GiB | state GiB per device "
+           "| whole-volume all-gathers | error |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|"]
   for r in records:
     n = r["shards"]
     tr, sr = ratio(records, r, "train_bytes"), ratio(records, r, "sample_bytes")
@@ -224,6 +238,7 @@ def table(records, args: argparse.Namespace) -> str:
         f"| {_fmt(r['sample_bytes'] and r['sample_bytes'] / GIB, '.3f')} | {_fmt(sr, '.3f')} "
         f"| {1 / n:.3f} | {TARGET / n:.3f} | {_verdict(tr, n)} | {_verdict(sr, n)} "
         f"| {_fmt(r['state_bytes'] and r['state_bytes'] / GIB, '.3f')} "
+        f"| {_fmt(r.get('state_device_bytes') and r['state_device_bytes'] / GIB, '.3f')} "
         f"| {_fmt(r['whole_volume_all_gathers'], 'd')} "
         f"| {(r['error'] or '')[:100].replace('|', '/')} |")
   return "\n".join(lines)

@@ -116,6 +116,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1             # -1: all devices not used by the other axes
   c.mesh.spatial = 1           # shards the volume depth axis of activations and batches
   c.mesh.model = 1
+  # Train state layout (jaxvol.train.sharding.state_layouts): "replicated" keeps every U-Net
+  # parameter, its AdamW moments and its EMA copy whole on every device; "zero1" (ZeRO stage 1)
+  # splits the moments and the EMA copy over the data x spatial devices, on each leaf's largest
+  # dimension they divide; "fsdp" (ZeRO-3) splits the parameters too (the step gathers them for the
+  # network and keeps each device's slice of the summed gradients). Leaves sharded over "model"
+  # keep that layout; with data x spatial = 1 every mode is "replicated".
+  c.mesh.state_sharding = "replicated"
+  # Leaves under this many elements stay replicated in every mode: each split leaf costs the step
+  # collectives whose latency outweighs the bytes saved below ~64 KiB (2**14 float32), and the
+  # biases, norm scales and thinnest kernels under it hold < 1% of the benchmark U-Net's bytes
+  # (experiments/spatial_scaling.py), whose 3x3x3 kernels of width 32 (27,648 elements) are split.
+  c.mesh.state_sharding_min_size = 2**14
 
   # Multi-host runs (jaxvol.train.distributed, docs/launch.md): read by `--distributed`, and a
   # non-empty coordinator_address or num_processes starts the runtime without the flag. Empty

@@ -32,5 +32,16 @@ def test_spatial_scaling_tiny(tmp_path):
     assert r["error"] is None, r["error"]
     assert r["train_bytes"] > 0 and r["sample_bytes"] > 0 and r["sample_kind"] == "loop"
     assert r["whole_volume_all_gathers"] == 0
+    assert r["state_sharding"] == "replicated" and r["state_device_bytes"] == r["state_bytes"]
   assert records[1]["train_bytes"] < records[0]["train_bytes"]
-  assert "| full3d | 16^3 | 2 |" in (tmp_path / "spatial_scaling.md").read_text()
+  md = (tmp_path / "spatial_scaling.md").read_text()
+  assert "| full3d | 16^3 | 2 |" in md and "train state layout replicated" in md
+
+
+def test_state_sharding_option_reaches_the_config():
+  experiment = _load_script()
+  args = experiment.parse_args(["--out", "x", "--state-sharding", "fsdp"])
+  assert experiment.make_config("ppdm", 32, 2, args).mesh.state_sharding == "fsdp"
+  assert experiment.parse_args(["--out", "x"]).state_sharding == "replicated"
+  with pytest.raises(SystemExit):
+    experiment.parse_args(["--out", "x", "--state-sharding", "zero2"])

@@ -124,7 +124,15 @@ def build_everything(config, workdir: str, check: bool = True):
 
   Returns:
     dict with mesh, method, optimizer, example (abstract batch), abstract_state (with shardings),
-    state_sharding, param_notes (parameter axes that fell back to replication) and transfer.
+    state_sharding (with config.mesh.state_sharding applied), state_sharding_mode (the mode in
+    effect: "replicated" when data x spatial is one device), param_notes
+    (parameter axes that fell back to replication), transfer, and compute_params_sharding (the
+    method's own parameter layout, where the network uses them: samplers take it whatever the
+    train state's layout).
+
+  Raises:
+    ValueError: an unknown config.mesh.state_sharding, or (with `check`) a batch or crop the mesh
+      cannot split.
   """
   del workdir
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -142,15 +150,28 @@ def build_everything(config, workdir: str, check: bool = True):
   optimizer = state_lib.make_optimizer(config.train, plan.labels, plan.lr_scales)
   shapes = state_lib.state_shapes(method, optimizer, example)
   # Replicated, except what the method names for sharding (the residual DiT's kernels over
-  # "model"); the optimizer moments and the EMA copy follow their parameters.
-  params_sharding, notes = sharding_lib.param_shardings(mesh, shapes["params"],
-                                                        method.param_axes(example))
-  state_sharding = sharding_lib.state_shardings(mesh, shapes, params_sharding)
+  # "model"); config.mesh.state_sharding then spreads the EMA copy and the optimizer moments
+  # ("zero1"), or the parameters too ("fsdp"), of the rest over the "data" and "spatial" devices.
+  compute_sharding, notes = sharding_lib.param_shardings(mesh, shapes["params"],
+                                                         method.param_axes(example))
+  mode = state_sharding_mode(config)
+  params_sharding, moments_sharding = sharding_lib.state_layouts(
+      mesh, shapes["params"], compute_sharding, mode,
+      int(config.mesh.get("state_sharding_min_size", sharding_lib.DEFAULT_MIN_SIZE)))
+  if sharding_lib.state_axes_size(mesh) == 1:
+    mode = "replicated"  # nothing to split over: exactly the replicated state and step
+  state_sharding = sharding_lib.state_shardings(mesh, shapes, params_sharding,
+                                                moments_sharding=moments_sharding)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, state_sharding)
   return dict(mesh=mesh, method=method, optimizer=optimizer, example=example,
               abstract_state=abstract, state_sharding=state_sharding, param_notes=notes,
-              transfer=plan)
+              transfer=plan, state_sharding_mode=mode, compute_params_sharding=compute_sharding)
+
+
+def state_sharding_mode(config) -> str:
+  """config.mesh.state_sharding ("replicated" for configs written before the field existed)."""
+  return str(config.mesh.get("state_sharding", "replicated"))
 
 
 def compile_step(parts, config, batch_sharding=None):
@@ -159,7 +180,12 @@ def compile_step(parts, config, batch_sharding=None):
   `batch_sharding` overrides the mesh's batch layout (jaxvol.train.plan, for crops the mesh does
   not divide). Traced with the logical axis rules active, so the models' constraints apply.
   """
-  step_fn = step_lib.make_train_step(parts["method"], parts["optimizer"], config.train.ema_decay,
+  method = parts["method"]
+  if parts.get("state_sharding_mode", "replicated") != "replicated":
+    # ZeRO / FSDP: the network sees its parameters, and gives their gradients, in the method's own
+    # layout; the state keeps the split one (jaxvol.train.sharding.GatheredMethod).
+    method = sharding_lib.GatheredMethod(method, parts["compute_params_sharding"])
+  step_fn = step_lib.make_train_step(method, parts["optimizer"], config.train.ema_decay,
                                      frozen=getattr(parts.get("transfer"), "frozen", None))
   mesh = parts["mesh"]
   bsh = batch_sharding or mesh_lib.batch_sharding(mesh)
@@ -216,9 +242,9 @@ def train(config, workdir: str) -> dict:
 
   compiled, cost = compile_step(parts, config)
   if is_main:
-    log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, mesh %s",
-             cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20, cost["flops"] / 1e9,
-             dict(mesh.shape))
+    log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, "
+             "mesh %s, state %s", cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20,
+             cost["flops"] / 1e9, dict(mesh.shape), parts["state_sharding_mode"])
     fileio.write_json_atomic(os.path.join(workdir, "train_step_cost.json"), cost)
 
   rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), mesh_lib.replicated(mesh))

@@ -2,8 +2,9 @@
 
 Batches (B, D, H, W, C) shard B on "data" and the depth axis D on "spatial" (XLA inserts the
 convolution halos), the layout jaxvol.train.sharding's logical rules give a volume. Parameters and
-optimizer state are replicated for the U-Net methods; the residual DiT's large kernels (and their
-moments) are sharded over "model" (jaxvol.train.sharding).
+optimizer state are replicated for the U-Net methods unless config.mesh.state_sharding splits them
+over "data" x "spatial" (ZeRO-1 / FSDP); the residual DiT's large kernels (and their moments) are
+sharded over "model" (jaxvol.train.sharding).
 """
 
 import jax

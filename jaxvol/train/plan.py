@@ -21,6 +21,11 @@ devices, with XLA's memory-minimising CPU scheduler, closer to what GPU and TPU 
 compute dtype is the config's ("auto" is float32 on CPU: pass --config.compute_dtype=bfloat16 to
 plan a GPU run's dtype).
 
+The train state's layout is config.mesh.state_sharding (jaxvol.train.sharding.state_layouts:
+"replicated", "zero1" or "fsdp"; e.g. --config.mesh.state_sharding=fsdp): the report gives the
+mode and the state's bytes in all and per device, parameters, EMA and optimizer state apart. The
+sampler takes the parameters in the method's own layout, as evaluation does, whatever the mode.
+
 Warnings name what falls back to replication: a batch or depth the mesh does not divide (that axis
 is then replicated), a compiled batch layout that does not split the depth although spatial > 1,
 parameter axes the "model" axis does not divide, and all-gathers of whole feature maps in the
@@ -162,6 +167,28 @@ def _param_summary(abstract_params) -> dict:
           "sharded_bytes": int(sharded)}
 
 
+def _state_summary(config, parts) -> dict:
+  """The train state's layout mode and its bytes, in all and on one device, by part."""
+
+  def nbytes(tree, per_device):
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+      shape = tuple(leaf.shape)
+      if per_device:
+        shape = tuple(leaf.sharding.shard_shape(shape))
+      total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return int(total)
+
+  state = parts["abstract_state"]
+  by_part = {k: {"bytes": nbytes(v, False), "per_device_bytes": nbytes(v, True)}
+             for k, v in state.items() if k in ("params", "ema_params", "opt_state")}
+  return {"mode": loop.state_sharding_mode(config), "in_effect": parts["state_sharding_mode"],
+          "min_size": int(config.mesh.get("state_sharding_min_size",
+                                          sharding_lib.DEFAULT_MIN_SIZE)),
+          "bytes": nbytes(state, False), "per_device_bytes": nbytes(state, True),
+          "parts": by_part}
+
+
 def _compile_sample(parts, spatial, memory_bytes, warnings) -> dict:
   """Compiles the sampler for a condition of `spatial` as the config would run it."""
   method, mesh = parts["method"], parts["mesh"]
@@ -171,7 +198,7 @@ def _compile_sample(parts, spatial, memory_bytes, warnings) -> dict:
     batch = mesh.shape["data"]  # one volume per data-parallel group
     shape = (batch,) + tuple(spatial) + (method.cond_channels,)
     csh = _layout(mesh, shape, "sample", warnings)
-    psh = parts["state_sharding"]["params"]
+    psh = parts["compute_params_sharding"]  # as evaluation samples, whatever the state's layout
     sampler = sharded_sample.jit_sample(method, mesh, psh, csh)
     compiled = sampler.lower(*sharded_sample.abstract_inputs(
         method, mesh, params, spatial, batch, psh, csh)).compile()
@@ -208,7 +235,8 @@ def plan(config, workdir: str, mesh_axes: dict | None = None,
     write: write WORKDIR/plan.json (process 0).
 
   Returns:
-    The report: mesh, devices, params, train and sample figures, warnings.
+    The report: mesh, devices, params, state (layout mode and bytes), train and sample figures,
+    warnings.
 
   Raises:
     ValueError: the mesh needs more devices than this process has (with the XLA_FLAGS hint).
@@ -258,6 +286,7 @@ def plan(config, workdir: str, mesh_axes: dict | None = None,
       "compute_dtype": str(np.dtype(parts["method"].dtype)),
       "device_memory_gb": device_memory_gb,
       "params": _param_summary(parts["abstract_state"]["params"]),
+      "state": _state_summary(c, parts),
       "train": train,
       "sample": sample,
       "warnings": warnings,
@@ -295,5 +324,14 @@ def format_report(report: dict) -> str:
         f"arguments {_mib(f['argument_bytes'])}, outputs {_mib(f['output_bytes'])}, aliased "
         f"{_mib(f['alias_bytes'])}), {f['flops'] / 1e9:,.2f} GFLOPs per device"
         + (" (loop body counted once)" if name == "sampler" else "") + _verdict(f["fits"]))
+  st = report.get("state")
+  if st:
+    mode = st["mode"] + ("" if st["in_effect"] == st["mode"] else
+                         f" (in effect {st['in_effect']}: data x spatial is one device)")
+    split = ", ".join(f"{name} {_mib(st['parts'][k]['per_device_bytes'])}" for k, name in
+                      (("params", "params"), ("ema_params", "EMA"), ("opt_state", "optimizer"))
+                      if k in st["parts"])
+    lines.insert(2, f"train state layout {mode}: {_mib(st['bytes'])} in all, "
+                 f"{_mib(st['per_device_bytes'])} per device ({split})")
   lines += [f"WARNING: {w}" for w in report["warnings"]]
   return "\n".join(lines)
