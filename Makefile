@@ -17,4 +17,4 @@ demo: $(VENV)/.installed
 	$(PY) tools/demo.py --workdir runs/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=20

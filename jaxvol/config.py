@@ -119,9 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Train state layout (jaxvol.train.sharding.state_layouts): "replicated" keeps every U-Net
   # parameter, its AdamW moments and its EMA copy whole on every device; "zero1" (ZeRO stage 1)
   # splits the moments and the EMA copy over the data x spatial devices, on each leaf's largest
-  # dimension they divide; "fsdp" (ZeRO-3) splits the parameters too (the step gathers them for the
-  # network and keeps each device's slice of the summed gradients). Leaves sharded over "model"
-  # keep that layout; with data x spatial = 1 every mode is "replicated".
+  # dimension they divide; "fsdp" splits the parameters too, at rest: the step all-gathers the whole
+  # parameter tree once, before the network (not layer by layer), and each device keeps its slice
+  # of the all-reduced gradients, so the step still holds every parameter and gradient while it
+  # runs. Leaves sharded over "model" keep that layout; with data x spatial = 1 every mode is
+  # "replicated".
   c.mesh.state_sharding = "replicated"
   # Leaves under this many elements stay replicated in every mode: each split leaf costs the step
   # collectives whose latency outweighs the bytes saved below ~64 KiB (2**14 float32), and the

@@ -35,6 +35,17 @@ def run_config(store: str, steps: int, checkpoint_every: int):
   return c
 
 
+EVAL_SHAPE = (16, 18, 16)  # the evaluated box of a 20x18x16 test volume
+
+
+def eval_config(c):
+  """The evaluation config: the first 16 of 20 slices, so that 4 depth shards of the puzzled
+  8-slice volume exchange halos at every U-Net level."""
+  ce = c.copy_and_resolve_references()
+  ce.data.eval_region = {"0": (0.0, 0.8)}
+  return ce
+
+
 def flat(tree) -> dict:
   """A parameter pytree as {"a/b/c": array}, for .npz files."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -78,12 +89,22 @@ def main(argv=None) -> int:
   params, step = evaluate.load_params(c, args.workdir)
   os.makedirs(args.out, exist_ok=True)
   np.savez(os.path.join(args.out, f"params_{args.process_id}.npz"), **flat(params))
-  ce = c.copy_and_resolve_references()
+  ce = eval_config(c)
   ce.mesh.data, ce.mesh.spatial = 1, jax.device_count()
-  evaluate.evaluate(ce, args.workdir, lambda m: sharded_sample.evaluation_sampler(ce, m))
+  samplers = []
+
+  def make_sampler(method):
+    samplers.append(sharded_sample.evaluation_sampler(ce, method))
+    return samplers[-1]
+
+  evaluate.evaluate(ce, args.workdir, make_sampler)
+  sampler = samplers[0]
   summary = {"process": jax.process_index(), "processes": jax.process_count(),
              "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-             "train_step": result["step"], "eval_step": step}
+             "train_step": result["step"], "eval_step": step,
+             "sampler": type(sampler).__name__,
+             "sampler_processes": sorted({d.process_index for d in sampler.mesh.devices.flat}),
+             "halo_convolutions": sampler.halo_convolutions(EVAL_SHAPE)}
   print(json.dumps(summary), flush=True)
   return 0
 

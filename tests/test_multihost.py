@@ -142,7 +142,9 @@ def _assert_trees_close(a, b, atol):
 def test_two_hosts_train_like_one(two_hosts, one_host):
   for i, s in enumerate(two_hosts["summaries"]):
     assert s == {"process": i, "processes": 2, "devices": 4, "local_devices": 2,
-                 "train_step": STEPS, "eval_step": STEPS}
+                 "train_step": STEPS, "eval_step": STEPS, "sampler": "VolumeSampler",
+                 "sampler_processes": [0, 1], "halo_convolutions": s["halo_convolutions"]}
+    assert s["halo_convolutions"] > 0
   (multi, step_m), (single, step_s) = _params(two_hosts["workdir"]), _params(one_host["workdir"])
   assert step_m == step_s == STEPS
   # Same global batch row for row: only the order of the cross-device sums may differ.
@@ -192,7 +194,7 @@ def test_two_host_checkpoint_resumes_on_one_device(two_hosts, one_host, tmp_path
 
 def test_evaluation_split_over_two_hosts_equals_one_device(two_hosts, one_host, tmp_path):
   """Each host evaluated the 2-host checkpoint with every volume's depth over all 4 devices."""
-  c = one_host["config"]
+  c = multihost_driver.eval_config(one_host["config"])
   evaluate_lib.predict_split(c, one_host["workdir"], c.eval.split, str(tmp_path), True)
   got_dir = os.path.join(two_hosts["workdir"], "eval")
   assert os.path.exists(os.path.join(got_dir, "summary.json"))

@@ -64,15 +64,24 @@ def _halo_conv(x, kernel, strides, pads, split):
   (lo, hi), hw_pads = pads[0], list(pads[1:])
 
   def local(xl, k):
+    def add_tap(y, index, edge, tap):
+      # Row `index` also sees one neighbour slice, through one depth tap of the kernel: a 2D
+      # convolution of that slice, added in float32 (one more rounding than the other rows in
+      # bfloat16, where a recomputed row would hold three slices and three 2D outputs instead).
+      extra = lax.conv_general_dilated(edge, k[tap], strides[1:], hw_pads, dimension_numbers=_DN2,
+                                       preferred_element_type=jnp.float32)
+      if y.dtype == jnp.float32:
+        return y.at[:, index].add(extra)
+      return y.at[:, index].set((y[:, index].astype(jnp.float32) + extra).astype(y.dtype))
+
     y = lax.conv_general_dilated(xl, k, strides, [(lo, hi)] + hw_pads, dimension_numbers=_DN3)
+    # The neighbours' edge slices (zeros past the volume's ends, as SAME padding gives).
     if lo:  # output row 0 also sees the last slice of the device above, through tap 0
       above = lax.ppermute(xl[:, -1], depth_axis, [(i, i + 1) for i in range(n - 1)])
-      y = y.at[:, 0].add(lax.conv_general_dilated(above, k[0], strides[1:], hw_pads,
-                                                  dimension_numbers=_DN2))
+      y = add_tap(y, 0, above, 0)
     if hi:  # the last output row sees the first slice of the device below, through tap s + lo
       below = lax.ppermute(xl[:, 0], depth_axis, [(i + 1, i) for i in range(n - 1)])
-      y = y.at[:, -1].add(lax.conv_general_dilated(below, k[strides[0] + lo], strides[1:],
-                                                   hw_pads, dimension_numbers=_DN2))
+      y = add_tap(y, -1, below, strides[0] + lo)
     return y
 
   spec = P(batch_axis, depth_axis)
@@ -105,19 +114,20 @@ def conv3d_same(x, kernel, strides=(1, 1, 1)):
   On one device, or when depth is not split, this is `lax.conv_general_dilated`. When the active
   mesh splits depth (jaxvol.train.sharding.activated; a 3-deep kernel at stride 1 or 2, depth
   divisible by shards x stride), the forward pass convolves each device's own slab with zero
-  padding and adds the missing boundary rows itself: the neighbour's edge slice arrives by
-  `ppermute` and enters only through the kernel's first (or last) depth tap, as a 2D convolution
-  of that one slice, added in place. XLA's own partitioning of the convolution instead builds a
+  padding and adds the missing boundary terms itself: the neighbour's edge slice arrives by
+  `ppermute` (one slice each way) and enters only through the kernel's first (or last) depth tap,
+  as a 2D convolution of that one slice, added in place (in float32). XLA's own partitioning of the convolution instead builds a
   halo-extended copy of every input slab (D/N + 2 slices): an extra feature map at each layer of
   an inference peak (sampling: about 20% of the per-device bytes at 128^3). Under
   differentiation (training, DPS) the convolution is XLA's, forward and backward (a custom VJP):
   there the extended copies overlap with activations kept for the backward pass anyway, and the
   hand-made exchange measured 2-4% more train-step memory. The values are the plain
-  convolution's up to float summation order.
+  convolution's up to float summation order. (Being a custom VJP, the split path supports
+  reverse-mode differentiation only, not jax.jvp.)
   """
   s = tuple(int(v) for v in strides)
   pads = tuple(lax.padtype_to_pads(x.shape[1:4], kernel.shape[:3], s, "SAME"))
-  split = _depth_split(x.shape, kernel.shape[0], s[0], pads[0]) if s[1] == s[2] else None
+  split = _depth_split(x.shape, kernel.shape[0], s[0], pads[0])
   if split is None:
     return _xla_conv(x, kernel, s, pads)
   return _split_conv(x, kernel, s, pads, split)
@@ -131,7 +141,7 @@ class Conv3D(nn.Module):
   that splits depth it exchanges halos without copying whole slabs (`conv3d_same`).
   """
   features: int
-  kernel_size: tuple[int, int, int] = (3, 3, 3)
+  kernel_size: int | tuple[int, int, int] = (3, 3, 3)
   strides: tuple[int, int, int] = (1, 1, 1)
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -139,8 +149,10 @@ class Conv3D(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
+    size = self.kernel_size
+    size = (size,) * 3 if isinstance(size, int) else tuple(size)
+    kernel = self.param("kernel", self.kernel_init, size + (x.shape[-1], self.features),
+                        self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv3d_same(x, kernel, self.strides) + bias

@@ -2,7 +2,7 @@
 
 `jit_sample(method, mesh)` compiles `method.sample` (the whole sampling loop, one `lax.scan`) with
 the condition laid out like a training batch (batch on "data", depth on "spatial"), the parameters
-as the train state holds them (replicated, or the residual DiT's kernels over "model"), and the
+in the method's own layout (replicated, or the residual DiT's kernels over "model"), and the
 prediction sharded like the condition. XLA partitions every network evaluation in the loop:
 convolution halos travel by collective-permute and GroupNorm statistics by all-reduce, so each
 device holds 1/spatial of every full-resolution feature map. The methods pin their denoiser's
@@ -25,12 +25,20 @@ it to jaxvol.eval, which does not import train/): a `VolumeSampler` on a mesh of
 end of each axis up to the method's spatial multiple, as `method.sample` itself does, and the
 depth further up to a multiple of the spatial axis, then crops the prediction back; the result is
 one device's whenever the method's padded depth already divides by the spatial axis (otherwise the
-extra edge slices change the border slightly). Parameters restored on one device (from a
+extra edge slices, and the noise drawn for them, change the result). A depth that is not a
+multiple of (the method's multiple) x (spatial) at every network level is still sampled correctly,
+but the levels it does not split evenly are partitioned by XLA with halo-extended copies; the
+sampler logs a warning then, and `halo_convolutions` counts the convolutions that exchange halos
+themselves (jaxvol.models.layers.conv3d_same). Parameters restored on one device (from a
 checkpoint of any mesh) are laid out with `put_params`. Across hosts every process passes the
 same condition and gets the whole prediction (gathered after the loop); the mesh must then
-include devices of every process.
+include devices of every process, so the spatial axis spans hosts and each convolution's halos
+cross the network (slower than within a node, but it is what lets a volume exceed one node's
+memory). The "model" axis only splits PRDiT's DiT kernels: a U-Net's convolutions run the same on
+every model device.
 """
 
+import logging
 import math
 
 import jax
@@ -43,6 +51,8 @@ from jax.sharding import Mesh, NamedSharding
 from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
+
+log = logging.getLogger("jaxvol")
 
 
 def check_cond(mesh: Mesh, shape) -> None:
@@ -98,7 +108,9 @@ def jit_sample(method, mesh: Mesh, params_sharding=None,
     method: the method (its `sample` and `sliding_window`).
     mesh: the ("data", "spatial", "model") mesh.
     params_sharding: a sharding or pytree of shardings for the parameters; None replicates them
-      (pass the train state's `state_sharding["params"]` for FSDP-sharded DiT kernels).
+      (pass `loop.build_everything(...)["compute_params_sharding"]` for the DiT kernels over
+      "model"; not a zero1/fsdp train-state layout, whose split kernels would reach the
+      activations).
     cond_sharding: layout of the condition and the prediction; default the batch sharding.
 
   Returns:
@@ -155,19 +167,47 @@ class VolumeSampler:
     self._sampler = jit_sample(method, mesh, params_sharding, self._cond_sharding)
     mult = tuple(int(m) for m in method.spatial_multiple())
     self.multiple = (math.lcm(mult[0], mesh.shape["spatial"]),) + mult[1:]
+    self._checked = set()
 
   def put_params(self, params):
-    """Lays parameters (on any device, or numpy) out as the sampler reads them."""
+    """Lays parameters out as the sampler reads them: host arrays, or arrays each process holds
+    whole (a restored checkpoint on one local device), the same on every process."""
     return jax.tree.map(lambda p, sh: _global(np.asarray(p), sh), params, self.params_sharding)
 
   def padded_shape(self, spatial) -> tuple[int, int, int]:
+    """The shape a (D, H, W) volume is edge-padded to: the method's multiple, depth also a
+    multiple of the spatial axis."""
     return tuple(-(-int(s) // m) * m for s, m in zip(spatial, self.multiple))
+
+  def halo_convolutions(self, spatial) -> int:
+    """How many convolutions of the sampler exchange one-slice halos themselves
+    (jaxvol.models.layers.conv3d_same) for a (D, H, W) volume; the others are partitioned by
+    XLA (halo-extended copies) or not split. Traces the sampler; compiles nothing."""
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                          state_lib.param_shapes(self.method, state_lib.abstract_batch(
+                              self.method, 1, self.padded_shape(spatial))))
+    cond = jax.ShapeDtypeStruct((1,) + self.padded_shape(spatial) + (self.method.cond_channels,),
+                                jnp.float32)
+    with sharding_lib.activated(self.mesh):
+      jaxpr = jax.make_jaxpr(self.method.sample)(params, cond, jax.random.PRNGKey(0))
+    return str(jaxpr).count("shard_map[")
+
+  def _check_depth(self, spatial) -> None:
+    depth, n = self.padded_shape(spatial)[0], self.mesh.shape["spatial"]
+    full = int(self.method.spatial_multiple()[0]) * n
+    if (depth, n) not in self._checked and depth % full:
+      log.warning("depth %d (padded from %d) does not split evenly over %d devices at every "
+                  "level of the network (puzzle, U-Net levels, token grid): those levels are "
+                  "partitioned by XLA, with halo-extended copies (more memory there). A depth "
+                  "that is a multiple of %d avoids it.", depth, spatial[0], n, full)
+    self._checked.add((depth, n))
 
   def __call__(self, params, cond, rng) -> np.ndarray:
     cond = np.asarray(cond, np.float32)
     if cond.ndim != 5 or cond.shape[0] != 1:
       raise ValueError(f"the condition must be one (1, D, H, W, C) volume, got {cond.shape}")
     spatial = cond.shape[1:4]
+    self._check_depth(spatial)
     target = self.padded_shape(spatial)
     pads = [(0, 0)] + [(0, t - s) for s, t in zip(spatial, target)] + [(0, 0)]
     padded = np.pad(cond, pads, mode="edge") if any(p[1] for p in pads) else cond
@@ -182,7 +222,8 @@ def sampling_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if spatial * model > len(devices):
     raise ValueError(f"sampling on spatial={spatial} x model={model} needs {spatial * model} "
-                     f"devices; {len(devices)} are available")
+                     f"devices; {len(devices)} are available (config.mesh is the training run's: "
+                     f"pass --config.mesh.spatial=1 --config.mesh.model=1 to sample on one device)")
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, spatial=spatial, model=model)),
                             devices)
   missing = set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat}
@@ -199,7 +240,13 @@ def evaluation_sampler(config, method, devices=None) -> VolumeSampler | None:
   None when config.mesh asks for no spatial or model split, or when config.inference.window is
   set (windows are spread over the local devices instead, jaxvol.ops.windows).
   """
-  if int(config.mesh.spatial) * int(config.mesh.model) == 1 or method.sliding_window() is not None:
+  if int(config.mesh.spatial) * int(config.mesh.model) == 1:
+    return None
+  if method.sliding_window() is not None:
+    log.warning("config.inference.window is set: volumes are sampled in windows spread over this "
+                "process's devices, and config.mesh (spatial=%s, model=%s) does not apply to "
+                "sampling; leave the window empty to split each volume instead",
+                config.mesh.spatial, config.mesh.model)
     return None
   mesh = sampling_mesh(config.mesh, devices)
   example = state_lib.abstract_batch(method, 1, config.data.crop_size)

@@ -22,9 +22,11 @@ The train state can go further (config.mesh.state_sharding, `state_layouts`): wi
 (the default) the optimizer moments and the EMA copy of a parameter are laid out as the parameter.
 "zero1" (ZeRO stage 1) shards the moments and the EMA copy of each otherwise replicated parameter
 over the devices of the "data" and "spatial" axes together, on one array dimension (`zero_spec`:
-the largest one they divide); "fsdp" (ZeRO stage 3, fully sharded data parallel) shards the
-parameters themselves that way too, and the step gathers each where the network needs it whole
-(`GatheredMethod`). Leaves under config.mesh.state_sharding_min_size elements, leaves no dimension
+the largest one they divide); "fsdp" shards the parameters themselves that way too, at rest: the
+step all-gathers the whole parameter tree before the network (`GatheredMethod`), not layer by
+layer, and keeps each device's slice of the all-reduced gradients, so the step's peak still holds
+every parameter and gradient (ZeRO-3's per-layer gathers and reduce-scattered gradients are not
+what this does). Leaves under config.mesh.state_sharding_min_size elements, leaves no dimension
 of which the axes divide, and leaves the method's layout already splits (the DiT kernels over
 "model") keep their layout. With data x spatial = 1 every mode is "replicated".
 
