@@ -1,5 +1,6 @@
 """Test setup: four fake CPU devices, and the location of the optional shared real volumes."""
 
+import importlib.util
 import os
 import pathlib
 
@@ -27,3 +28,11 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real volumes not found at {SHARED_DATA} (only present beside the project checkout)")
   return SHARED_DATA
+
+
+def load_module(path, name: str):
+  """Imports a script or config file (experiments/, tools/, configs/) as module `name`."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

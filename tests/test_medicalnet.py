@@ -1,6 +1,5 @@
 """Tests for jaxvol.models.medicalnet: weight conversion, loading, and the port against PyTorch."""
 
-import importlib.util
 import sys
 
 import jax
@@ -9,15 +8,12 @@ import pytest
 from flax import serialization
 
 from conftest import ROOT
+from conftest import load_module
 from jaxvol.models import medicalnet
 
 
 def _load_tool():
-  spec = importlib.util.spec_from_file_location(
-      "convert_medicalnet_under_test", ROOT / "tools" / "convert_medicalnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(ROOT / "tools" / "convert_medicalnet.py", "convert_medicalnet_under_test")
 
 
 def _random_variables(model, seed=0):

@@ -1,18 +1,15 @@
 """Runs experiments/memory.py in-process on a tiny U-Net and volume and checks its JSON output."""
 
-import importlib.util
 import json
 
 from conftest import ROOT
+from conftest import load_module
 
 SCRIPT = ROOT / "experiments" / "memory.py"
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("memory_experiment", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(SCRIPT, "memory_experiment")
 
 
 def test_memory_experiment_tiny(tmp_path):

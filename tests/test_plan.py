@@ -1,6 +1,5 @@
 """--mode=plan: compiled per-device memory and FLOPs for a config and mesh, nothing allocated."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,17 +9,14 @@ import jax
 import pytest
 
 from conftest import ROOT
+from conftest import load_module
 from jaxvol import config as base
 from jaxvol import methods
 from jaxvol.train import plan as plan_lib
 from jaxvol.train import state as state_lib
 
 
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = load_module
 
 
 def full3d_smoke():

@@ -1,6 +1,5 @@
 """PRDiT end to end on a tiny synthetic CT store: two stages, warm start, sampling to NIfTI."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 from conftest import ROOT
+from conftest import load_module
 from jaxvol import methods
 from jaxvol.data import store as store_lib
 from jaxvol.eval import generate as generate_lib
@@ -28,11 +28,7 @@ AFFINE = np.array([[-1.5, 0, 0, 30], [0, -2.0, 0, 20], [0, 0, 2.5, -10], [0, 0, 
 SPACING = (1.5, 2.0, 2.5)
 
 
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = load_module
 
 
 prdit_config = _load(ROOT / "configs" / "prdit_ct_gen.py", "prdit_ct_gen_config")

@@ -1,23 +1,19 @@
 """tools/prepare_data.py on the shared real volumes, and experiments/quality.py's pure helpers."""
 
 import csv
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import load_module
 from jaxvol.data import nifti
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
 
 
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = load_module
 
 
 prepare_data = _load(ROOT / "tools" / "prepare_data.py", "prepare_data_under_test")

@@ -1,7 +1,6 @@
 """Spatial sharding: one volume over several devices gives the one-device numbers, in training and
 sampling, and the compiled U-Net step exchanges halos instead of gathering whole feature maps."""
 
-import importlib.util
 
 import flax.linen as nn
 import jax
@@ -11,6 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import ROOT
+from conftest import load_module
 from jaxvol import config as base
 from jaxvol import methods
 from jaxvol.models import layers
@@ -24,11 +24,7 @@ from jaxvol.train import state as state_lib
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
 
 
-def _load(path, name):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = load_module
 
 
 def smoke(method, data=1, spatial=1, model=1):

@@ -1,21 +1,18 @@
 """Runs experiments/spatial_scaling.py in-process on a tiny U-Net and volume; checks its records."""
 
-import importlib.util
 import json
 
 import jax
 import pytest
 
 from conftest import ROOT
+from conftest import load_module
 
 SCRIPT = ROOT / "experiments" / "spatial_scaling.py"
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("spatial_scaling_experiment", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(SCRIPT, "spatial_scaling_experiment")
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (fake) devices")
