@@ -21,6 +21,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 2             # global batch, divisible by the data-parallel device count
   d.num_workers = 0            # Grain worker processes
   d.flips = True               # random flips along each axis
+  # Where training crops lie: "random" (a uniform random corner per sample) or "grid" (the
+  # sparse-diffusion authors' loader: every patch of a fixed grid with 50% overlap over the volume,
+  # or its region, the last start moved back to end at the volume's edge, shuffled each epoch;
+  # an axis shorter than the crop is read from its start and padded at the end with -1).
+  d.crops = "random"
   # Append 3 condition channels holding each voxel's normalised position in the whole volume
   # (voxel centres mapped to [-1, 1] per axis): a patch-trained network then knows where its patch
   # lies (patch-based priors, jaxvol.inverse).
@@ -43,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = "none"             # none | full | dots: rematerialise ResBlock activations
   m.stm = False                # STM: structure code of the condition modulates time embeddings
   m.stm_dim = 128              # STM structure-code width
+  # jaxvol | authors: the sparse-diffusion authors' U-Net (additive time embedding, narrower
+  # decoder, symmetric strided downsampling, zero-initialised output conv, GroupNorm eps 1e-5,
+  # no middle attention, their STM encoder); jaxvol.models.unet3d.
+  m.layout = "jaxvol"
 
   c.ppdm = p = ml_collections.ConfigDict()
   p.factor = (2, 2, 2)         # puzzle factor r per axis (rd, rh, rw), e.g. (1, 2, 2) if anisotropic
@@ -67,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   s.timesteps = ()             # explicit level set instead (ints in [0, T)); () = from f_steps
   s.heun = True                # Heun correction of the DDIM moves while sampling
   s.final_denoise = False      # True: end with one more x0 evaluation at the lowest level
+  s.levels = "linspace"        # level rule from f_steps: linspace (ours) | arange (the authors':
+  #                              truncated arange(-1, T, T / f_steps); f = 3 -> {0, 332, 665, 999})
+  # jaxvol (heun_ddim_sample) | authors (their loop: DDIM with their no-op corrections and the
+  # averaged t = -1 ending, 2 f_steps + 1 evaluations); jaxvol.diffusion.sparse.
+  s.sampler = "jaxvol"
 
   # PRDiT (method "prdit"): unconditional generation with a per-token local denoiser (stage 1)
   # and a global residual DiT on top of it (stage 2); jaxvol.methods.prdit. The paper's
@@ -79,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.width = 0                  # > 0 overrides the width of `size` (tiny test models)
   r.heads = 0                  # > 0 overrides the attention heads of `size`
   r.mlp_ratio = 4.0            # residual DiT MLP width / width
+  r.time_width = 0             # > 0: width of the shared time MLP; 0: the DiT width (the
+  #                              authors', also in stage 1)
+  r.dit_init_gain = 0.1        # xavier gain of the residual DiT's Dense layers (the authors')
   r.local_width = 0            # 0: the local denoiser works on the raw p^3 window (the paper's
   #                              layout); > 0: a per-token Dense to this width first
   r.local_blocks = 2           # SwiGLU blocks of the local denoiser
@@ -90,17 +107,24 @@ def base_config() -> ml_collections.ConfigDict:
   #                              the frozen stage-1 weights (loaded from stage1_workdir)
   r.num_steps = 1000           # T of the trigonometric diffusion
   r.sigma = 0.5                # noise std: x_t = cos(th) x0 + sin(th) eps, eps ~ N(0, sigma^2)
-  r.sampler = "pc"             # pc (predictor-corrector, the authors') | euler (probability flow)
-  r.predictor = "euler"        # predictor of the pc sampler: euler | ddim
-  r.sample_steps = 100         # network evaluations per generated volume
-  # Stage 2: WORKDIR of the stage-1 run; its latest checkpoint's EMA weights become the frozen
-  # "local" parameters (the optimizer keeps no state for them).
+  r.sampler = "euler"          # euler (probability flow, the authors' default) | pc
+  #                              (their predictor-corrector; with 100 steps the fast option)
+  r.predictor = "euler"        # predictor of the pc sampler: euler (the authors') | ddim
+  r.sample_steps = 1000        # network evaluations per generated volume (a divisor of num_steps)
+  r.sample_output = "x0"       # x0: the network's estimate at the last step (t = 0) | x: the
+  #                              sampler's final state (the authors save both)
+  r.layout = 2                 # parameter layout this version builds (jaxvol.models.prdit);
+  #                              saved with every checkpoint so older layouts are refused
+  # Stage 2: WORKDIR of the stage-1 run; its latest checkpoint's weights (source_weights) become
+  # the frozen "local" parameters (the optimizer keeps no state for them).
   r.stage1_workdir = ""
   # Warm start (e.g. 256^3 from a 128^3 run): WORKDIR of any PRDiT run; every parameter whose
-  # path and shape match is copied from its latest EMA weights, the rest keep their fresh init,
-  # and the copied ones train at warm_start_lr_scale x the learning rate.
+  # path and shape match is copied from its latest checkpoint (source_weights) except the time
+  # fine head (re-initialised, as the authors do), the rest keep their fresh init, and the copied
+  # ones train at warm_start_lr_scale x the learning rate.
   r.warm_start_workdir = ""
   r.warm_start_lr_scale = 0.1
+  r.source_weights = "raw"     # raw (the authors') | ema: which weights of those runs are copied
 
   c.inference = i = ml_collections.ConfigDict()  # how samplers cover a volume (every method)
   i.window = ()                # () = whole volume in one pass; (d, h, w) = sliding windows this big,
@@ -147,9 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.steps = 10000
   t.learning_rate = 1e-4
-  t.warmup_steps = 100
+  t.warmup_steps = 100         # linear warm-up from 0; 0 = the constant rate from the first step
   t.weight_decay = 1e-4
-  t.grad_clip = 1.0
+  t.grad_clip = 1.0            # global-norm clipping; 0 = none
   t.ema_decay = 0.999
   t.log_every = 50
   t.checkpoint_every = 1000
@@ -168,9 +192,18 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint (tools/convert_medicalnet.py output) or "" for a randomly initialised MedicalNet
   # ResNet of feature_depth and feature_width (reported as "FD (random features)", not FID).
   e.feature_weights = ""
+  e.feature_weights_sha256 = ""  # expected SHA-256 of feature_weights; "" = record it, no check
   e.feature_depth = 50
   e.feature_width = 64
   e.feature_resize = ()        # () = volumes as sampled; (d, h, w) = trilinear resize first
+  # Generation metrics protocol (jaxvol.eval.generation's module docstring):
+  #   "authors": PRDiT's evaluation code: network-range [-1, 1] volumes into MedicalNet as they
+  #     are, FID by scipy sqrtm, sqrt(MMD^2) with the real-real median bandwidth, MONAI's 3D
+  #     MS-SSIM (kernel 3, data range 1, sides >= 48) over all pairs of generated volumes;
+  #   "jaxvol": volumes in original units, z-scored per volume before MedicalNet, MMD^2 with
+  #     the pooled median bandwidth, jaxvol's 7-voxel MS-SSIM over 100 random pairs.
+  e.generation_protocol = "authors"
+  e.ms_ssim_pairs = 0          # MS-SSIM pairs per set; 0 = the protocol's (all / 100 random)
 
   # --mode=sample for unconditional methods (no config.data.inputs): WORKDIR/samples/
   # sample_{i:03d}.nii.gz in the target's original units, drawn with fold_in(PRNGKey(seed), i).
@@ -282,17 +315,36 @@ def cpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def _sparse_authors(c: ml_collections.ConfigDict, task: str, paper_size: bool) -> None:
+  """The sparse-diffusion authors' network, sampler and training recipe (DESIGN.md 2.2, checked
+  against mirthAI/sparse-3d-diffusion): their U-Net layout and STM encoder, their level sets and
+  sampler (11 evaluations for f_steps = 5), no gradient clipping, no warm-up, float32, crops on a
+  fixed 50%-overlap grid without flips, raw (not EMA) weights at evaluation, and 96^3 PET patches
+  at the paper's size. The sizes of `smoke`/`cpu` are kept when combined with them."""
+  c.model.layout = "authors"
+  c.sparse.sampler, c.sparse.levels = "authors", "arange"
+  c.diffusion.clip_x0 = 1.0
+  c.train.grad_clip, c.train.warmup_steps = 0.0, 0
+  c.compute_dtype = "float32"
+  c.data.crops, c.data.flips = "grid", False
+  c.eval.use_ema = False  # their sampling script loads modelNNNNNN.pt, not the EMA file
+  if paper_size and task == "pet_denoise":
+    c.data.crop_size = (96, 96, 96)
+
+
 def sparse_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   """Sparse voxel-space diffusion with STM for one enhancement task (configs/sparse_*.py).
 
   Variant tokens, comma-separated: `smoke` (seconds on CPU) or `cpu` (minutes on 2 CPU cores),
-  and for mri_sr the factor `x2` (default) or `x4`. Every variant samples volumes larger than the
-  training patch in Gaussian-blended windows of the patch size.
+  `authors` (the authors' network, sampler and training recipe: `_sparse_authors`; combines with
+  smoke/cpu, whose sizes it keeps), and for mri_sr the factor `x2` (default) or `x4`. Every
+  variant samples volumes larger than the training patch in Gaussian-blended windows of the patch
+  size.
   """
   if task not in SPARSE_TASKS:
     raise ValueError(f"unknown sparse task {task!r}; expected one of {SPARSE_TASKS}")
   tokens = [t for t in (variant or "").split(",") if t]
-  known = {"smoke", "cpu"} | ({"x2", "x4"} if task == "mri_sr" else set())
+  known = {"smoke", "cpu", "authors"} | ({"x2", "x4"} if task == "mri_sr" else set())
   unknown = [t for t in tokens if t not in known]
   if unknown or ("smoke" in tokens and "cpu" in tokens) or ("x2" in tokens and "x4" in tokens):
     raise ValueError(f"bad variant {variant!r} for {task}: combine at most one of smoke/cpu"
@@ -324,6 +376,8 @@ def sparse_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
     c.model.stm_dim = 16
   elif "cpu" in tokens:
     cpu_overrides(c)
+  if "authors" in tokens:
+    _sparse_authors(c, task, paper_size=not {"smoke", "cpu"} & set(tokens))
   c.inference.window = tuple(c.data.crop_size)
   return c
 

@@ -62,6 +62,34 @@ def test_sparse_config_variants():
       load(sr, bad)
 
 
+def test_sparse_authors_variant():
+  """`authors` sets the authors' network, sampler and recipe and keeps smoke/cpu sizes."""
+  for task in ("ct_denoise", "mri_sr", "pet_denoise"):
+    path = os.path.join(ROOT, "configs", f"sparse_{task}.py")
+    ours = load(path)
+    for variant in ("authors", "authors,cpu", "cpu,authors", "authors,smoke"):
+      c = load(path, variant)
+      assert (c.model.layout, c.sparse.sampler, c.sparse.levels) == ("authors", "authors", "arange")
+      assert (c.train.grad_clip, c.train.warmup_steps, c.compute_dtype) == (0.0, 0, "float32")
+      assert (c.data.crops, c.data.flips, c.eval.use_ema) == ("grid", False, False)
+      assert c.diffusion.clip_x0 == 1.0 and c.model.stm and c.diffusion.parameterization == "x0"
+      method = methods.build(c, "cpu")
+      assert method.nfe == 11 and method.net.layout == "authors"  # f_steps 5: 2 f + 1
+      assert tuple(c.inference.window) == tuple(c.data.crop_size)
+      sized = load(path, variant.replace("authors", "").strip(",") or None)
+      if variant != "authors":  # the cpu / smoke network and patch
+        assert c.model.base_width == sized.model.base_width <= 16
+        assert tuple(c.data.crop_size) == tuple(sized.data.crop_size)
+    paper = load(path, "authors")
+    assert (paper.model.base_width, paper.model.groups, paper.data.batch_size) == (64, 32, 8)
+    crop = (96,) * 3 if task == "pet_denoise" else tuple(ours.data.crop_size)
+    assert tuple(paper.data.crop_size) == crop
+    assert methods.build(ours, "cpu").nfe == 9 and ours.model.layout == "jaxvol"
+    assert (ours.data.crops, ours.sparse.sampler) == ("random", "jaxvol")
+  assert load(os.path.join(ROOT, "configs", "sparse_mri_sr.py"), "x4,authors,cpu").data.inputs == (
+      "t1_x4",)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
 def test_config_and_smoke_variant(path):
   full, smoke = load(path), load(path, "smoke")

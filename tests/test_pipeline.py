@@ -208,3 +208,47 @@ def test_crops_carry_their_positions_flipped_with_the_image(paired_store):
       seen_pad |= min(shape) < 8
       np.testing.assert_allclose(batch["position"][j], want, atol=1e-6)
   assert seen_flip and seen_pad
+
+
+def test_grid_starts_follow_the_authors_rule():
+  # 50% overlap, plus one patch ending at the edge when the grid stops short of it.
+  assert pipeline.grid_starts(0, 24, 8, 4) == [0, 4, 8, 12, 16]
+  assert pipeline.grid_starts(0, 20, 8, 4) == [0, 4, 8, 12]
+  assert pipeline.grid_starts(0, 18, 8, 4) == [0, 4, 8, 10]
+  assert pipeline.grid_starts(0, 6, 8, 4) == [0]  # shorter than the patch: read, then pad
+  assert pipeline.grid_starts(12, 24, 8, 4) == [12, 16]
+  with pytest.raises(ValueError, match="positive"):
+    pipeline.grid_starts(0, 8, 8, 0)
+
+
+def test_grid_crops_cover_the_grid_each_epoch_unflipped(paired_store):
+  store = store_lib.Store(paired_store)
+  src = pipeline.GridSource(store, "train", (8, 8, 8))
+  # 5 subjects of 24x20x18 (5 x 4 x 4 patches) and one of 24x20x6 (5 x 4 x 1).
+  assert len(src) == 5 * 80 + 20 and repr(src) == repr(pickle.loads(pickle.dumps(src)))
+  it = _iter(store, crops="grid", with_meta=True, batch_size=4)
+  seen = []
+  for batch in _take(it, len(src) // 4):
+    assert not batch["flips"].any()
+    for j in range(4):
+      sid = src.subject_ids[batch["subject_index"][j]]
+      start = tuple(int(s) for s in batch["box_start"][j])
+      seen.append((sid, start))
+      n = store.shape(sid)
+      box = [(s, min(s + 8, m)) for s, m in zip(start, n)]
+      data = store.read(sid, "cond", box)
+      got = batch["cond"][j, ..., 0]
+      np.testing.assert_array_equal(got[:data.shape[0], :data.shape[1], :data.shape[2]], data)
+      if n[2] < 8:  # padded after the data with -1, as the authors' loader pads
+        assert (got[:, :, n[2]:] == pipeline.PAD_VALUE).all()
+      np.testing.assert_allclose(batch["target"][j, ..., 0][got != pipeline.PAD_VALUE],
+                                 2 * got[got != pipeline.PAD_VALUE], atol=1e-6)
+  expected = [(src.subject_ids[i], tuple(int(s) for s in start)) for i, start in src.patches]
+  assert sorted(seen) == sorted(expected)  # every grid patch once per epoch, shuffled
+  assert seen != expected
+  a, b = _take(_iter(store, crops="grid"), 2), _take(_iter(store, crops="grid"), 2)
+  assert _same(a, b) and not _same(a, _take(_iter(store, crops="grid", seed=1), 2))
+  region = _take(_iter(store, crops="grid", region={0: (0.5, 1.0)}, with_meta=True), 3)
+  assert all((b["box_start"][:, 0] >= 12).all() for b in region)
+  with pytest.raises(ValueError, match="crops"):
+    _iter(store, crops="sliding")

@@ -147,16 +147,27 @@ def test_same_params_any_resolution(stage2):
     assert bool(jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(x0)))
 
 
-def test_position_code_resolution_independent():
-  # Centre 0.25 is token 0 of a 2-token axis and token 1 of a 6-token axis (1.5 / 6).
-  small = prdit.position_code(tokens.token_coordinates((2, 2, 2)), 16)
-  large = prdit.position_code(tokens.token_coordinates((6, 6, 6)), 16)
-  assert small.shape == (8, 16)
-  np.testing.assert_allclose(np.asarray(small[0]), np.asarray(large[1 * 36 + 1 * 6 + 1]),
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(small[7]), np.asarray(large[4 * 36 + 4 * 6 + 4]),
-                             atol=1e-6)
+def test_position_code_layout_and_grid_dependent_frequencies():
+  """W axis first, then H, then D; per axis F sines then F cosines of 2 pi f (i + 0.5) / g with
+  f log-spaced from 1 to 0.95 g / 2 (the authors' code; the fixture test checks it to theirs)."""
+  grid = (2, 3, 4)
+  code = np.asarray(prdit.position_code(grid, 26))  # 4 frequencies per axis, 2 padding zeros
+  assert code.shape == (24, 26) and code.dtype == np.float32
+  np.testing.assert_array_equal(code[:, 24:], 0)
+  last = code[-1]  # token (1, 2, 3), the last in row-major order
+  for block, (axis, index) in enumerate(((2, 3), (1, 2), (0, 1))):
+    g = grid[axis]
+    f = 2 * np.pi * (0.95 * g / 2)**np.linspace(0, 1, 4)
+    c = (index + 0.5) / g
+    np.testing.assert_allclose(last[8 * block:8 * block + 4], np.sin(c * f), atol=1e-6)
+    np.testing.assert_allclose(last[8 * block + 4:8 * block + 8], np.cos(c * f), atol=1e-6)
+  # Same centre 0.25 on a 2- and a 6-token axis, but a finer grid gets higher frequencies.
+  small, large = prdit.position_code((2, 2, 2), 24), prdit.position_code((6, 6, 6), 24)
+  np.testing.assert_allclose(small[0, [0, 4]], large[1 * 36 + 1 * 6 + 1, [0, 4]], atol=1e-6)
+  assert np.abs(small[0] - large[1 * 36 + 1 * 6 + 1]).max() > 0.1
   assert len(np.unique(np.round(np.asarray(large), 5), axis=0)) == 216  # all codes distinct
+  with pytest.raises(ValueError, match="width >= 6"):
+    prdit.position_code((2, 2, 2), 4)
 
 
 def test_prdit_from_name():
@@ -207,16 +218,27 @@ def test_gaussian_denoiser_is_consistent():
   np.testing.assert_allclose(np.asarray(x0_hat[0]), np.asarray(x[0]), atol=1e-6)  # t = 0: clean
 
 
-def test_pc_schedule_renoises_to_the_right_variance():
-  s = DIFF.pc_schedule(6)
-  grid = DIFF.angle_grid(6)
-  assert s["theta"].shape == (6,) and np.all(s["alpha"] <= 1) and np.all(s["noise_std"] >= 0)
-  a, b = grid[2:6], grid[1:5]  # jump targets and landing levels of the stochastic steps
-  np.testing.assert_allclose(s["jump"][:4], a)
-  want = 0.25 * (np.sin(b)**2 - s["alpha"][:4]**2 * np.sin(a)**2)
-  np.testing.assert_allclose(s["noise_std"][:4]**2, want, atol=1e-12)
-  np.testing.assert_array_equal(s["noise_std"][4:], 0)
-  assert s["jump"][-1] == 0 and s["jump"][-2] == grid[5]
+def test_sample_schedule_is_the_authors_grid():
+  euler, pc = DIFF.sample_schedule(10, "euler"), DIFF.sample_schedule(10, "pc")
+  t = np.arange(900, -1, -100)
+  scale = np.pi / 2000
+  for s in (euler, pc):
+    np.testing.assert_array_equal(s["t"], t)  # reversed(range(0, T, T // K))
+    np.testing.assert_allclose(s["theta"], t * scale)
+  np.testing.assert_allclose(euler["target"], np.append(t[1:], 0) * scale)
+  assert np.all(euler["alpha"] == 1) and np.all(euler["noise_std"] == 0)
+  # pc: jump two steps down and re-noise one step up while the jump stays above t = 0.
+  noisy = t - 200 > 0
+  assert noisy.sum() == 7 and np.array_equal(pc["noise_std"] > 0, noisy)
+  a, b = (t[noisy] - 200) * scale, (t[noisy] - 100) * scale
+  np.testing.assert_allclose(pc["target"][noisy], a)
+  np.testing.assert_allclose(pc["alpha"][noisy], np.cos(b) / np.cos(a))
+  want = 0.25 * (np.sin(b)**2 - pc["alpha"][noisy]**2 * np.sin(a)**2)  # variance lost to alpha
+  np.testing.assert_allclose(pc["noise_std"][noisy]**2, want, atol=1e-12)
+  np.testing.assert_allclose(pc["target"][~noisy], euler["target"][~noisy])
+  for bad in (0, 3, 1001):
+    with pytest.raises(ValueError, match="divide"):
+      DIFF.sample_schedule(bad)
 
 
 def test_samplers_reproduce_gaussian_data():
@@ -224,14 +246,29 @@ def test_samplers_reproduce_gaussian_data():
   den = trig.GaussianDenoiser(DIFF, mean, std)
   x_init = DIFF.noise(jax.random.PRNGKey(0), (16, 256))  # 4096 scalars
   key = jax.random.PRNGKey(1)
-  euler = jax.jit(lambda x: DIFF.euler_sample(den, x, 50))(x_init)
+  euler = jax.jit(lambda x: DIFF.sample(den, x, 50))(x_init)
   pc = jax.jit(lambda x, k: DIFF.sample(den, x, 100, "pc", k))(x_init, key)
-  pc_euler = jax.jit(lambda x, k: DIFF.pc_sample(den, x, 50, k, predictor="euler"))(x_init, key)
-  for out, tol in ((euler, 0.03), (pc, 0.05), (pc_euler, 0.03)):
+  pc_ddim = jax.jit(lambda x, k: DIFF.sample(den, x, 100, "pc", k, predictor="ddim"))(x_init, key)
+  for out, tol in ((euler, 0.03), (pc, 0.03), (pc_ddim, 0.05)):
     assert abs(float(out.mean()) - mean) < 0.03
     assert abs(float(out.std()) / std - 1) < tol
-  # The jumps' first-order error shrinks with the grid.
-  pc_10 = DIFF.pc_sample(den, x_init, 10, key)
-  assert abs(float(pc_10.std()) - std) > abs(float(pc.std()) - std)
   with pytest.raises(ValueError, match="rng"):
     DIFF.sample(den, x_init, 10, "pc")
+
+
+def test_pc_noise_is_fold_in_of_the_step_or_given():
+  """Step k re-noises with normal(fold_in(rng, k)); passing those draws gives the same sample."""
+  den = trig.GaussianDenoiser(DIFF, 0.2, 0.4)
+  x_init = DIFF.noise(jax.random.PRNGKey(0), (2, 64))
+  key = jax.random.PRNGKey(3)
+  draws = jnp.stack([jax.random.normal(jax.random.fold_in(key, k), x_init.shape)
+                     for k in range(10)])
+  a = DIFF.sample_with_estimate(den, x_init, 10, "pc", rng=key)
+  b = DIFF.sample_with_estimate(den, x_init, 10, "pc", noise=draws)
+  for u, v in zip(a, b):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-6)
+  # The final state and the last estimate (at t = 0) are both returned; for an exact denoiser
+  # they coincide.
+  np.testing.assert_allclose(np.asarray(a[0]), np.asarray(a[1]), atol=1e-6)
+  with pytest.raises(ValueError, match="noise must be shaped"):
+    DIFF.sample_with_estimate(den, x_init, 10, "pc", noise=draws[:5])

@@ -85,7 +85,8 @@ def test_stage2_keeps_stage1_weights_bit_identical(runs):
   s1, s2 = _restore(w1), _restore(w2)
   assert set(s1["params"]["params"]) == {"local"}
   assert set(s2["params"]["params"]) == {"local", "residual"}
-  local1 = _leaves(s1["ema_params"]["params"]["local"])
+  # The raw stage-1 weights (the authors'; config.prdit.source_weights = "ema" takes the EMA).
+  local1 = _leaves(s1["params"]["params"]["local"])
   for tree in (s2["params"], s2["ema_params"]):
     local2 = _leaves(tree["params"]["local"])
     assert local2.keys() == local1.keys()
@@ -112,7 +113,7 @@ def test_fresh_stage2_samples_what_stage1_samples(ct_store, runs, tmp_path):
   key = jax.random.PRNGKey(9)
   for sampler in ("pc", "euler"):
     c1.prdit.sampler = c2.prdit.sampler = sampler
-    a = jax.jit(stage1.sample)(_restore(w1)["ema_params"], cond, key)
+    a = jax.jit(stage1.sample)(_restore(w1)["params"], cond, key)
     b = jax.jit(parts["method"].sample)(state["ema_params"], cond, key)
     assert a.shape == (1, 16, 16, 24, 1)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
@@ -135,12 +136,14 @@ def test_warm_start_copies_matching_shapes_with_scaled_learning_rate(ct_store, r
   assert {v for k, v in labels.items() if k.startswith("params/residual/block1/")} == {"fresh"}
   assert {v for k, v in labels.items() if k.startswith("params/residual/block0/")} == {"warm_start"}
   assert labels["params/residual/out/kernel"] == "warm_start"
+  # The time fine head is re-initialised and trains at the full rate, as the authors do.
+  assert {v for k, v in labels.items() if k.startswith("params/residual/time_fine/")} == {"fresh"}
   assert plan.lr_scales == {"warm_start": 0.1, "fresh": 1.0}
 
   fresh = state_lib.create_state(parts["method"], parts["optimizer"], jax.random.PRNGKey(0),
                                  parts["example"], parts["state_sharding"])
   warm = transfer.load(plan, fresh)
-  src = _leaves(_restore(w2)["ema_params"])
+  src = _leaves(_restore(w2)["params"])  # the raw weights (config.prdit.source_weights)
   before, after = _leaves(fresh["params"]), _leaves(warm["params"])
   for k, lab in labels.items():
     want = src[k] if lab in ("warm_start", "frozen") else before[k]
@@ -260,3 +263,57 @@ def test_sample_mode_split_over_devices_equals_one_device(ct_store, runs, tmp_pa
     assert (used[0] is None) == (name == "one")
     vols.append(np.asarray(nib.load(os.path.join(workdir, "samples", "sample_000.nii.gz")).dataobj))
   np.testing.assert_allclose(vols[1], vols[0], rtol=0, atol=1e-3)  # HU
+
+
+def _old_layout_run(workdir, config, keep_layout_field=False):
+  """A checkpoint as the layout-1 code wrote it: old parameter names, no prdit.layout saved."""
+  saved = json.loads(config.to_json_best_effort())
+  if not keep_layout_field:
+    del saved["prdit"]["layout"]
+  params = {"params": {"local": {"time": {"hidden": {"kernel": jnp.zeros((256, 16))}},
+                                 "block0": {"gate_value": {"kernel": jnp.zeros((16, 32))}}}}}
+  state = {"step": jnp.int32(3), "params": params, "ema_params": params}
+  ck = ckpt_lib.Checkpointer(str(workdir), with_data=False, async_save=False)
+  ck.save(3, state, {"config": saved})
+  ck.close()
+  return str(workdir)
+
+
+def test_old_layout_checkpoints_are_refused(ct_store, tmp_path):
+  old = _old_layout_run(tmp_path / "old", smoke(ct_store, "stage1,smoke"))
+  message = "prdit.layout saved 1 vs now 2.*layout 1"
+  with pytest.raises(ValueError, match=message):  # stage 2 on an old stage 1
+    loop.build_everything(smoke(ct_store, stage1_workdir=old), str(tmp_path))
+  with pytest.raises(ValueError, match=message):  # warm start
+    loop.build_everything(smoke(ct_store, "stage1,smoke", warm_start_workdir=old), str(tmp_path))
+  ck = ckpt_lib.Checkpointer(old, with_data=False, async_save=False)
+  with pytest.raises(ValueError, match=message):  # resume and evaluation check this first
+    ckpt_lib.check_same_model(ck.restore_meta(), smoke(ct_store, "stage1,smoke"), ck.directory)
+  ck.close()
+  # Without the config field, the parameter names still give the old layout away.
+  named = _old_layout_run(tmp_path / "named", smoke(ct_store, "stage1,smoke"),
+                          keep_layout_field=True)
+  with pytest.raises(ValueError, match="parameter layout 1 .*local/time"):
+    loop.build_everything(smoke(ct_store, stage1_workdir=named), str(tmp_path))
+  # Another method's old checkpoint is not mistaken for an old PRDiT one.
+  other = json.loads(smoke(ct_store).to_json_best_effort())
+  other["method"] = "full3d"
+  del other["prdit"]["layout"]
+  c = smoke(ct_store)
+  c.method = "full3d"
+  ckpt_lib.check_same_model({"config": other}, c, "somewhere")
+
+
+def test_stage2_can_freeze_the_stage1_ema_instead(ct_store, runs, tmp_path):
+  w1, _ = runs
+  parts = loop.build_everything(smoke(ct_store, stage1_workdir=w1, source_weights="ema"),
+                                str(tmp_path))
+  state = transfer.load(parts["transfer"], state_lib.create_state(
+      parts["method"], parts["optimizer"], jax.random.PRNGKey(0), parts["example"],
+      parts["state_sharding"]))
+  s1 = _restore(w1)
+  ema, raw = _leaves(s1["ema_params"]["params"]["local"]), _leaves(s1["params"]["params"]["local"])
+  got = _leaves(state["params"]["params"]["local"])
+  assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
+  for k in ema:
+    np.testing.assert_array_equal(np.asarray(got[k]), ema[k], err_msg=k)

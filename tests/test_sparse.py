@@ -1,5 +1,6 @@
 """Sparse-timestep diffusion: level sets, velocity loss, Heun-DDIM, STM, the method."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ from jaxvol import config as config_lib
 from jaxvol import methods
 from jaxvol.diffusion import gaussian
 from jaxvol.diffusion import sparse
+from jaxvol.models import stm
 from jaxvol.models import unet3d
 
 
@@ -160,3 +162,119 @@ def test_sparse_method_explicit_levels_and_stm_switch():
   assert m.timesteps.tolist() == [0, 500, 999] and m.nfe == 3 and not m.net.stm
   m = methods.build(_cfg(sparse__f_steps=10))
   assert len(m.timesteps) == 11 and m.net.stm
+
+
+# --- The authors' layout, sampler and recipe as options (parity: test_authors_parity_sparse.py) ---
+
+
+def test_authors_sampler_is_ddim_plus_averaged_ending():
+  """Their corrections change nothing; their ending averages D(x_0, 0) and D(D(x_0, 0), -1)."""
+  d = gaussian.GaussianDiffusion(parameterization="x0")
+  ts = sparse.sparse_timesteps(1000, 5, "arange")
+  seen = []
+
+  def fn(x, t):  # an x0 "network" that also depends on t (and sees t = -1)
+    seen.append(t)
+    return 0.6 * jnp.tanh(x) + 1e-4 * t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 6, 1))
+  out = jax.jit(lambda x: sparse.authors_sample(d, fn, x, ts))(x_T)
+  x_0 = sparse.heun_ddim_sample(d, fn, x_T, ts, heun=False, clip_x0=1.0)  # plain DDIM to t = 0
+  x0 = jnp.clip(fn(x_0, jnp.zeros((2,), jnp.int32)), -1, 1)
+  ref = 0.5 * (x0 + jnp.clip(fn(x0, jnp.full((2,), -1, jnp.int32)), -1, 1))
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  assert sparse.nfe(ts, sampler="authors") == 11 and sparse.nfe(ts) == 9
+  with pytest.raises(ValueError, match="sampler"):
+    sparse.nfe(ts, sampler="dpm")
+
+
+def _authors_unet(**kw):
+  args = dict(out_channels=1, base_width=8, channel_mults=(1, 2, 2), num_res_blocks=1,
+              attention_levels=(2,), num_heads=2, groups=4, time_embed_dim=16, stm=True,
+              stm_dim=8, layout="authors")
+  args.update(kw)
+  return unet3d.UNet3D(**args)
+
+
+def test_authors_layout_structure():
+  net = _authors_unet()
+  x = jnp.zeros((1, 16, 16, 16, 2))
+  p = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
+                                      structure=x[..., :1]))["params"]
+  # Decoder blocks output the width of the skip they meet next: 8 (not 16) at level 1.
+  assert net.encoder_widths() == [8, 8, 8, 16, 16, 16]
+  assert net.decoder_widths() == [16, 16, 8, 8, 8, 8]
+  assert p["up2_1"]["conv1"]["kernel"].shape == (3, 3, 3, 32, 16)
+  assert p["up1_0"]["conv1"]["kernel"].shape == (3, 3, 3, 32, 8)
+  assert p["down0_0"]["emb_proj"]["kernel"].shape == (16, 8)  # added, not scale + shift
+  assert p["down0_0"]["stm"]["hidden"]["kernel"].shape == (8, 16)  # STM MLP as wide as the emb
+  assert "mid_attn" not in p and "up2_attn0" in p
+  enc = p["stm_encoder"]
+  assert {"vol0_norm", "vol1_norm", "vol2_norm", "coronal0_norm", "coronal1_norm",
+          "sagittal0_norm", "sagittal1_norm"} <= set(enc)
+  # Unpadded encoder: 128^3 -> 32 -> 8 -> a 2^3 map before pooling (SAME would give 3^3).
+  y = jnp.zeros((1, 128, 128, 128, 1))
+  for layout, side in (("authors", 2), ("jaxvol", 3)):
+    encoder = stm.StructureEncoder(8, layout=layout)
+    v = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), y)
+    _, inter = jax.eval_shape(lambda v, y, e=encoder: e.apply(v, y, capture_intermediates=True),
+                              v, y)
+    assert inter["intermediates"]["vol2"]["__call__"][0].shape == (1, side, side, side, 96)
+  with pytest.raises(ValueError, match="layout"):
+    jax.eval_shape(lambda: _authors_unet(layout="torch").init(
+        jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32), structure=x[..., :1]))
+
+
+def test_authors_blocks_time_embedding_downsampling_and_norm():
+  from jaxvol.models import layers  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 8, 4))
+  emb = jax.random.normal(jax.random.PRNGKey(1), (2, 6))
+  block = layers.ResBlock(4, groups=2, time_embedding="add", epsilon=1e-5, fast_variance=False)
+  v = block.init(jax.random.PRNGKey(2), x, emb, True)
+  v = jax.tree.map(lambda a: a + 0.1, v)  # move the zero-initialised conv
+  got = block.apply(v, x, emb, True)
+  p = v["params"]
+  gn = nn.GroupNorm(2, epsilon=1e-5, use_fast_variance=False)
+  h = nn.silu(gn.apply({"params": p["norm1"]}, x))
+  h = nn.Conv(4, (3, 3, 3)).apply({"params": p["conv1"]}, h)
+  h = h + nn.Dense(4).apply({"params": p["emb_proj"]}, nn.silu(emb))[:, None, None, None]
+  h = nn.silu(gn.apply({"params": p["norm2"]}, h))
+  ref = x + nn.Conv(4, (3, 3, 3)).apply({"params": p["conv2"]}, h)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  with pytest.raises(ValueError, match="time_embedding"):
+    layers.ResBlock(4, time_embedding="film").init(jax.random.PRNGKey(2), x, emb, True)
+  # Symmetric stride-2 padding: output i sees inputs 2i - 1 .. 2i + 1 (SAME: 2i .. 2i + 2).
+  conv = layers.Conv3D(1, strides=(2, 2, 2), padding=((1, 1),) * 3,
+                       kernel_init=nn.initializers.ones)
+  ramp = jnp.arange(8.0)[None, :, None, None, None] * jnp.ones((1, 8, 4, 4, 1))
+  out = conv.apply(conv.init(jax.random.PRNGKey(0), ramp), ramp)
+  assert out.shape == (1, 4, 2, 2, 1)
+  # Depth sums of taps (-1, 0, 1), (1, 2, 3), ... with the zero pad at -1 (SAME: 0+1+2 = 3 first).
+  np.testing.assert_allclose(out[0, :, 1, 1, 0] / 9, [1.0, 6.0, 12.0, 18.0])
+
+
+def test_authors_method_options_and_optimizer_recipe():
+  import optax  # pylint: disable=import-outside-toplevel
+  from jaxvol.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  c = _cfg(model__layout="authors", sparse__sampler="authors", sparse__levels="arange")
+  m = methods.build(c)
+  assert m.net.layout == "authors" and m.nfe == 11 and m.timesteps[-1] == 999
+  assert methods.build(_cfg(sparse__levels="arange", sparse__f_steps=3)).timesteps.tolist() == [
+      0, 332, 665, 999]
+  batch = {"cond": jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 16, 1)),
+           "target": jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 16, 1))}
+  params = jax.jit(m.init)(jax.random.PRNGKey(2), batch)  # STM input padded to 48^3 with -1
+  assert not np.any(params["params"]["out"]["kernel"])  # zero-initialised output conv
+  loss, _ = jax.jit(m.loss)(params, batch, jax.random.PRNGKey(3))
+  out = jax.jit(m.sample)(params, batch["cond"], jax.random.PRNGKey(4))
+  assert np.isfinite(float(loss)) and out.shape == (1, 16, 16, 16, 1)
+  with pytest.raises(ValueError, match="sampler"):
+    methods.build(_cfg(sparse__sampler="euler"))
+  # No clipping and no warm-up: the first update is plain AdamW at the full rate.
+  c.train.grad_clip, c.train.warmup_steps, c.train.learning_rate = 0.0, 0, 0.5
+  opt = state_lib.make_optimizer(c.train)
+  g = {"w": jnp.full((3,), 100.0)}
+  w = {"w": jnp.ones((3,))}
+  upd, _ = opt.update(g, opt.init(w), w)
+  ref, _ = optax.adamw(0.5, weight_decay=c.train.weight_decay).update(g, optax.adamw(
+      0.5, weight_decay=c.train.weight_decay).init(w), w)
+  np.testing.assert_allclose(upd["w"], ref["w"], rtol=1e-6)

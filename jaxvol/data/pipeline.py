@@ -11,6 +11,13 @@ The pipeline is::
     .to_iter_dataset()
     .mp_prefetch(workers)    only when num_workers > 0
 
+With `crops="grid"` (the sparse-diffusion authors' loader, mirthAI/sparse-3d-diffusion) the
+source is instead every patch of a fixed grid over each subject (50% overlap, see `grid_starts`),
+the shuffle permutes the patches, and the map reads the patch (no randomness, no flips):
+
+  source (subject, corner) of every grid patch of the split
+    .shuffle(seed).repeat(None).map(read)   then batched and sliced as above
+
 Crops are drawn and grouped into per-host blocks BEFORE the per-host slice (our choice; Grain's
 usual recipe slices elements first): Grain derives each element's random generator from (seed,
 element index), and host p's k-th batch is block k * process_count + p, i.e. rows
@@ -65,6 +72,59 @@ def region_box(shape: Sequence[int],
       raise ValueError(f"region ({lo}, {hi}) of axis {axis} (length {n}) holds no voxel")
     box[axis] = (start, stop)
   return tuple(box)
+
+
+CROP_MODES = ("random", "grid")
+
+
+def grid_starts(lo: int, hi: int, size: int, stride: int) -> list[int]:
+  """Patch corners along one axis of [lo, hi): every `stride` from lo, plus one ending at hi.
+
+  The sparse-diffusion authors' grid: starts lo, lo + stride, ... while the patch fits, and when
+  the last one stops short of hi, one more at hi - size. An axis shorter than the patch has the
+  single start lo (the patch is then padded at its far end).
+  """
+  n = hi - lo
+  if size <= 0 or stride <= 0:
+    raise ValueError(f"patch size and stride must be positive, got {size}, {stride}")
+  starts = list(range(lo, lo + max(n - size + 1, 1), stride))
+  if starts[-1] + size < hi:
+    starts.append(hi - size)
+  return starts
+
+
+class GridSource(grain.sources.RandomAccessDataSource):
+  """Every patch of a 50%-overlap grid over the subjects of one split (or a region of each).
+
+  An element is {"subject": id, "index": subject index, "start": (3,) int corner}.
+  """
+
+  def __init__(self, store: Store | str, split: str, crop_size: Sequence[int],
+               region: Mapping[int, Sequence[float]] | None = None):
+    self.store = store if isinstance(store, Store) else Store(store)
+    self.split = split
+    self.crop_size = tuple(int(c) for c in crop_size)
+    stride = tuple(max(1, c // 2) for c in self.crop_size)
+    self.subject_ids = [s["id"] for s in self.store.subjects(split)]
+    if not self.subject_ids:
+      raise ValueError(f"{self.store.path}: split {split!r} has no subjects")
+    self.patches = []
+    for index, sid in enumerate(self.subject_ids):
+      box = region_box(self.store.shape(sid), region)
+      axes = [grid_starts(lo, hi, c, st) for (lo, hi), c, st in zip(box, self.crop_size, stride)]
+      self.patches += [(index, (a, b, c)) for a in axes[0] for b in axes[1] for c in axes[2]]
+
+  def __len__(self) -> int:
+    return len(self.patches)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    subject, start = self.patches[int(index)]
+    return {"subject": self.subject_ids[subject], "index": subject,
+            "start": np.asarray(start, np.int64)}
+
+  def __repr__(self) -> str:
+    return (f"GridSource(store={self.store.path!r}, split={self.split!r}, "
+            f"crop={self.crop_size}, n={len(self)})")
 
 
 class CropSource(grain.sources.RandomAccessDataSource):
@@ -158,6 +218,46 @@ class CropAndFlip:
     return out
 
 
+class GridCrop:
+  """Reads one grid patch (a `GridSource` element) of every modality; a picklable Grain map.
+
+  Voxels past the region's (or volume's) end along an axis shorter than the crop are PAD_VALUE,
+  after the data, as the authors' loader pads.
+  """
+
+  def __init__(self, store: Store, modalities: Mapping[str, str], crop_size: Sequence[int],
+               region: Mapping[int, Sequence[float]] | None = None, with_meta: bool = False,
+               positions: bool = False):
+    self.store = store
+    self.modalities = dict(modalities)
+    self.crop_size = tuple(int(c) for c in crop_size)
+    self.region = None if region is None else {int(k): tuple(v) for k, v in region.items()}
+    self.with_meta = with_meta
+    self.positions = bool(positions)
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    sid = record["subject"]
+    box = region_box(self.store.shape(sid), self.region)
+    read_box = [(int(s), min(int(s) + c, hi)) for s, c, (_, hi) in
+                zip(record["start"], self.crop_size, box)]
+    out = {}
+    for key, modality in self.modalities.items():
+      x = self.store.read(sid, modality, read_box)
+      if x.shape != self.crop_size:
+        padded = np.full(self.crop_size, PAD_VALUE, dtype=np.float32)
+        padded[tuple(slice(0, n) for n in x.shape)] = x
+        x = padded
+      out[key] = np.ascontiguousarray(x, dtype=np.float32)[..., None]
+    if self.positions:
+      crop_box = [(lo, lo + c) for (lo, _), c in zip(read_box, self.crop_size)]
+      out["position"] = np.ascontiguousarray(position_grid(self.store.shape(sid), crop_box))
+    if self.with_meta:
+      out["subject_index"] = np.int32(record["index"])
+      out["box_start"] = np.array([b[0] for b in read_box], dtype=np.int32)
+      out["flips"] = np.zeros(3, dtype=bool)
+    return out
+
+
 def _ensure_absl_flags_parsed() -> None:
   # Grain's worker processes read absl flags; unparsed flags raise UnparsedFlagAccessError there.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -169,8 +269,9 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
                         crop_size: Sequence[int], batch_size: int, seed: int, num_workers: int = 0,
                         flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
                         process_index: int | None = None, process_count: int | None = None,
-                        with_meta: bool = False, positions: bool = False) -> grain.DatasetIterator:
-  """Endless iterator of this host's share of random paired crops.
+                        with_meta: bool = False, positions: bool = False,
+                        crops: str = "random") -> grain.DatasetIterator:
+  """Endless iterator of this host's share of random (or grid) paired crops.
 
   Args:
     store_path: a converted store (path or Store).
@@ -188,6 +289,8 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
     with_meta: also yield "subject_index", "box_start" and "flips" per sample (for debugging).
     positions: also yield "position" (B, D, H, W, 3), the crop's normalised voxel positions in
       the whole volume (see `position_grid`).
+    crops: "random" (a random corner per sample, `CropAndFlip`) or "grid" (every patch of a
+      50%-overlap grid, shuffled, never flipped: `GridSource`, `GridCrop`; `flips` is ignored).
 
   Returns:
     A grain.DatasetIterator of dicts {key: float32 (B, D, H, W, 1)}; it supports get_state() and
@@ -215,20 +318,29 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
                      "processes")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  if crops not in CROP_MODES:
+    raise ValueError(f"crops must be one of {CROP_MODES}, got {crops!r}")
   # Plain dicts (configs may hand over ConfigDicts with string keys) pickle cleanly to workers.
   modalities = {str(k): str(v) for k, v in modalities.items()}
   region = None if not region else {int(k): tuple(float(f) for f in v) for k, v in region.items()}
-  source = CropSource(store, split)
-  # Fail now, not in a worker, when a region is malformed or empty for some subject.
-  for sid in source.subject_ids:
-    region_box(store.shape(sid), region)
-
-  crop = CropAndFlip(store, modalities, crop_size, flips=flips, region=region,
-                     with_meta=with_meta, positions=positions)
-  ds = (grain.MapDataset.source(source)
-        .shuffle(seed=seed)
-        .repeat(None)
-        .random_map(crop, seed=seed))
+  if crops == "grid":
+    source = GridSource(store, split, crop_size, region)  # checks every subject's region
+    ds = (grain.MapDataset.source(source)
+          .shuffle(seed=seed)
+          .repeat(None)
+          .map(GridCrop(store, modalities, crop_size, region=region, with_meta=with_meta,
+                        positions=positions)))
+  else:
+    source = CropSource(store, split)
+    # Fail now, not in a worker, when a region is malformed or empty for some subject.
+    for sid in source.subject_ids:
+      region_box(store.shape(sid), region)
+    crop = CropAndFlip(store, modalities, crop_size, flips=flips, region=region,
+                       with_meta=with_meta, positions=positions)
+    ds = (grain.MapDataset.source(source)
+          .shuffle(seed=seed)
+          .repeat(None)
+          .random_map(crop, seed=seed))
   # Block first, slice second: host p gets rows [p * b, (p + 1) * b) of each global batch.
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   ds = ds[process_index::process_count].to_iter_dataset()

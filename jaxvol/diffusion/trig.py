@@ -1,34 +1,34 @@
 """PRDiT's trigonometric image-and-noise diffusion: forward process, loss and compiled samplers.
 
-From "Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Generation" (ICLR 2026).
-With the angle theta(t) = pi t / 2T (T = 1000, t in [0, T), integer in training, any real value
-when sampling),
+From "Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Generation" (ICLR 2026),
+checked against the authors' code (Fredy-Zhang/PRDiT, diffusion/ian_diffusion.py; the parity test
+is tests/test_authors_parity*.py). With the angle theta(t) = pi t / 2T (T = 1000, t in [0, T),
+integer in training),
   x_t = cos(theta) x0 + sin(theta) eps,   eps ~ N(0, sigma^2),   sigma = 0.5,
 the noise being half as wide as the data range [-1, 1]. The network predicts both eps and x0 (the
 local denoiser and residual DiT output one block of each per token) and is trained with
 MSE(x0) + MSE(eps), each a mean over voxels.
 
-Samplers, each one `lax.scan` over K = num_sample_steps network evaluations at the angles
-theta_0 > ... > theta_{K-1} of the uniform grid theta_k = theta_max (1 - k / K), theta_max =
-pi/2 (T - 1) / T, with theta_K = 0:
-- Euler on the probability-flow ODE in the angle. x = cos(th) x0 + sin(th) eps gives
-  dx/dth = -sin(th) x0 + cos(th) eps, evaluated with the network's (x0_hat, eps_hat).
-- Predictor-corrector: from theta_k, a predictor jumps two grid steps down to theta_{k+2}, then
-  fresh noise lifts it one step back up to theta_{k+1}: x = alpha x' + sigma sqrt(1 - alpha^2) z
-  with alpha = cos(theta_{k+1}) / cos(theta_{k+2}). Why that is the right amount of noise: if
-  x' = cos(a) x0 + sin(a) eps (a = theta_{k+2}, b = theta_{k+1} > a), then alpha x' = cos(b) x0 +
+Samplers (the authors'), each one `lax.scan` over K = num_sample_steps network evaluations, K a
+divisor of T. The grid is theirs: the timesteps t_k = T - (k + 1) T/K, k = 0..K-1 (990, 980, ...,
+0 for K = 100), the starting noise being taken as the sample at t_0 = T - T/K; the last
+evaluation is at t = 0 and its move has length zero, so it only reads x0_hat off the finished
+sample. Both the final state and that x0_hat come back (`sample_with_estimate`); the authors save
+both.
+- Euler (their default, with K = 1000) on the probability-flow ODE in the angle:
+  x = cos(th) x0 + sin(th) eps gives dx/dth = -sin(th) x0 + cos(th) eps, evaluated with the
+  network's (x0_hat, eps_hat), one grid step per evaluation.
+- Predictor-corrector ("--new" in their sample.py; K = 100 is the fast setting): from t_k an Euler
+  predictor jumps two grid steps down, to t_k - 2T/K, then fresh noise lifts it one step back up
+  to t_{k+1}: x = alpha x' + sigma sqrt(1 - alpha^2) z with alpha = cos(theta_{k+1}) /
+  cos(theta_jump). Where the jump would reach t <= 0 (the last two moves) the step is a plain
+  Euler step. Why that noise: if x' = cos(a) x0 + sin(a) eps, then alpha x' = cos(b) x0 +
   alpha sin(a) eps, and reaching x = cos(b) x0 + sin(b) eps' with eps' ~ N(0, sigma^2) needs extra
-  noise of variance sigma^2 (sin^2 b - alpha^2 sin^2 a); since alpha cos(a) = cos(b) this equals
-  sigma^2 (1 - alpha^2), the authors' corrector, and it is >= 0 because alpha <= 1. The predictor
-  is, as in the authors' code, an Euler step of twice the grid spacing ("euler", the default), or
-  a deterministic DDIM-like jump x' = cos(a) x0_hat + sin(a) eps_hat ("ddim"). The move from
-  theta_{K-2} is a plain predictor step to theta_{K-1} (there is no level two below).
-  With posterior-mean estimates every jump shrinks the spread a little and the corrector does
-  not restore it, so the error is first order in the spacing. With the exact denoiser of
-  N(0.2, 0.4^2) data, the sample std is 19% / 5% / 2.7% short at K = 10 / 50 / 100 with "ddim"
-  and 4% / 1% / 0.6% short with "euler" (whose mean is 0.005-0.03 high instead), which is why
-  "euler" is the default; the Euler sampler is within 1% from K = 10.
-Noise of step k is drawn from `fold_in(rng, k)`.
+  noise of variance sigma^2 (sin^2 b - alpha^2 sin^2 a) = sigma^2 (1 - alpha^2) since
+  alpha cos(a) = cos(b). As an option (ours) the predictor can instead be a DDIM-like jump
+  x' = cos(a) x0_hat + sin(a) eps_hat ("ddim").
+Noise of step k is drawn from `fold_in(rng, k)`; `noise=` takes the draws instead (used to check
+the arithmetic against the authors' sampler with their own draws).
 
 `GaussianDenoiser` is the exact posterior-mean denoiser of data ~ N(m, s^2) (per element), so the
 samplers can be checked against a known distribution without a trained network.
@@ -67,14 +67,6 @@ class TrigDiffusion:
     """theta(t) = pi t / 2T for timesteps (integer or real) in [0, T)."""
     return jnp.asarray(t, jnp.float32) * (0.5 * math.pi / self.num_steps)
 
-  def timestep(self, theta):
-    """Inverse of `angle`: the (real) timestep of an angle."""
-    return jnp.asarray(theta, jnp.float32) * (2.0 * self.num_steps / math.pi)
-
-  @property
-  def max_angle(self) -> float:
-    return 0.5 * math.pi * (self.num_steps - 1) / self.num_steps
-
   def noise(self, rng, shape, dtype=jnp.float32):
     """eps ~ N(0, sigma^2); also the starting point of the samplers."""
     return self.sigma * jax.random.normal(rng, shape, dtype)
@@ -101,102 +93,98 @@ class TrigDiffusion:
     eps_hat, x0_hat = denoise_fn(self.q_sample(x0, t, eps), t.astype(jnp.float32))
     return self.loss(eps_hat, x0_hat, x0, eps)
 
-  def angle_grid(self, num_sample_steps: int) -> np.ndarray:
-    """The K + 1 angles theta_max (1 - k / K), k = 0..K, descending to 0."""
-    if not 1 <= num_sample_steps <= self.num_steps:
-      raise ValueError(f"num_sample_steps must be in [1, {self.num_steps}], got {num_sample_steps}")
-    return np.linspace(self.max_angle, 0.0, num_sample_steps + 1)
+  def sample_schedule(self, num_sample_steps: int, sampler: str = "euler") -> dict[str, np.ndarray]:
+    """Per-step arrays of the authors' sampling grid (see the module docstring), K entries each.
 
-  def _predict(self, denoise_fn: Denoiser, x, theta):
-    t = jnp.full((x.shape[0],), self.timestep(theta), jnp.float32)
-    eps_hat, x0_hat = denoise_fn(x, t)
-    return eps_hat.astype(x.dtype), x0_hat.astype(x.dtype)
-
-  def euler_sample(self, denoise_fn: Denoiser, x_init, num_sample_steps: int):
-    """Euler on dx/dth = -sin(th) x0 + cos(th) eps from theta_max to theta_{K-1}, then x0_hat.
-
-    Args:
-      denoise_fn: (x_t, t) -> (eps_hat, x0_hat).
-      x_init: starting noise (B, ...) ~ N(0, sigma^2), taken as the sample at theta_max.
-      num_sample_steps: K, the number of network evaluations.
-
-    Returns:
-      The network's x0 estimate at the last grid angle.
+    Keys: t (the timestep the network sees), theta (its angle), target (the angle the move
+    jumps to), alpha (the re-noising factor; 1 where no noise is added) and noise_std (sigma
+    sqrt(1 - alpha^2); 0 where no noise is added). With sampler "euler" every move goes one grid
+    step down; with "pc" a move jumps two steps down and is re-noised one step back up whenever
+    the jump target is above t = 0.
     """
-    grid = self.angle_grid(num_sample_steps)
-    last = np.arange(num_sample_steps) == num_sample_steps - 1
-
-    def step(x, inputs):
-      theta, theta_next, is_last = inputs
-      eps_hat, x0_hat = self._predict(denoise_fn, x, theta)
-      velocity = -jnp.sin(theta) * x0_hat + jnp.cos(theta) * eps_hat
-      x_next = x + (theta_next - theta).astype(x.dtype) * velocity
-      return jnp.where(is_last, x0_hat, x_next), None
-
-    xs = (jnp.asarray(grid[:-1], jnp.float32), jnp.asarray(grid[1:], jnp.float32),
-          jnp.asarray(last))
-    x, _ = jax.lax.scan(step, x_init, xs)
-    return x
-
-  def pc_schedule(self, num_sample_steps: int) -> dict[str, np.ndarray]:
-    """Per-step angles of the predictor-corrector: evaluation, jump target, alpha, noise std."""
-    grid = self.angle_grid(num_sample_steps)
-    k = np.arange(num_sample_steps)
-    jump = grid[np.minimum(k + 2, num_sample_steps - 1)]
-    land = grid[np.minimum(k + 1, num_sample_steps - 1)]
-    # The last two steps have no level two below: a plain jump to theta_{K-1}, then to 0 (x0_hat).
-    jump[-1:] = land[-1:] = 0.0
-    alpha = np.cos(land) / np.cos(jump)
+    k = int(num_sample_steps)
+    if not 1 <= k <= self.num_steps or self.num_steps % k:
+      raise ValueError(f"num_sample_steps must divide T = {self.num_steps} (the authors' grid "
+                       f"range(0, T, T // K) has K points only then), got {num_sample_steps}")
+    if sampler not in ("euler", "pc"):
+      raise ValueError(f"unknown sampler {sampler!r}: use euler or pc")
+    skip = self.num_steps // k
+    t = np.arange(self.num_steps - skip, -1, -skip, dtype=np.float64)  # T - skip, ..., 0
+    t_next = np.append(t[1:], 0.0)
+    noisy = (t - 2 * skip > 0) if sampler == "pc" else np.zeros(k, bool)
+    scale = 0.5 * math.pi / self.num_steps
+    target = np.where(noisy, t - 2 * skip, t_next) * scale
+    alpha = np.where(noisy, np.cos(t_next * scale) / np.cos(target), 1.0)
     noise_std = self.sigma * np.sqrt(np.clip(1.0 - alpha**2, 0.0, None))
-    return {"theta": grid[:-1], "jump": jump, "alpha": alpha, "noise_std": noise_std}
+    return {"t": t, "theta": t * scale, "target": target, "alpha": alpha, "noise_std": noise_std}
 
-  def pc_sample(self, denoise_fn: Denoiser, x_init, num_sample_steps: int, rng,
-                predictor: str = "euler"):
-    """Predictor-corrector: jump two grid angles down, re-noise one back up (see module doc).
+  def sample_with_estimate(self, denoise_fn: Denoiser, x_init, num_sample_steps: int,
+                           sampler: str = "euler", rng=None, predictor: str = "euler",
+                           noise=None):
+    """Runs a sampler; returns (x, x0_hat): the final state and the last network estimate of x0.
 
     Args:
       denoise_fn: (x_t, t) -> (eps_hat, x0_hat).
-      x_init: starting noise (B, ...) ~ N(0, sigma^2), taken as the sample at theta_max.
-      num_sample_steps: K, the number of network evaluations.
-      rng: key; step k's noise is drawn from fold_in(rng, k).
-      predictor: "euler" (an Euler step of the probability-flow ODE, as in the authors' code; it
-        keeps the sample variance far better, see the module docstring) or "ddim" (a jump with
-        the network's x0_hat and eps_hat).
+      x_init: starting noise (B, ...) ~ N(0, sigma^2), taken as the sample at the first grid
+        timestep T - T/K (as the authors do).
+      num_sample_steps: K, the number of network evaluations; must divide T.
+      sampler: "euler" (the authors' default, deterministic) or "pc" (predictor-corrector).
+      rng: key of the pc sampler's noise: step k draws from fold_in(rng, k).
+      predictor: the pc sampler's jump, "euler" (as the authors) or "ddim" (x' = cos(a) x0_hat +
+        sin(a) eps_hat at the target angle a).
+      noise: instead of rng, the standard-normal draws themselves, (K,) + x_init.shape; row k is
+        read on the steps that re-noise (for checks against another implementation).
 
     Returns:
-      The network's x0 estimate at the last grid angle.
+      (x, x0_hat), both shaped like x_init. The last evaluation is at t = 0, where x0_hat is the
+      network's reading of the finished sample.
     """
     if predictor not in ("ddim", "euler"):
       raise ValueError(f"unknown predictor {predictor!r}: use ddim or euler")
-    sched = {k: jnp.asarray(v, jnp.float32) for k, v in self.pc_schedule(num_sample_steps).items()}
-    last = num_sample_steps - 1
+    sched = self.sample_schedule(num_sample_steps, sampler)
+    noisy = bool(np.any(sched["noise_std"] > 0))
+    if noisy and rng is None and noise is None:
+      raise ValueError("the predictor-corrector sampler needs an rng (or explicit noise)")
+    if noise is not None and tuple(noise.shape) != (num_sample_steps,) + tuple(x_init.shape):
+      raise ValueError(f"noise must be shaped {(num_sample_steps,) + tuple(x_init.shape)}, got "
+                       f"{tuple(noise.shape)}")
+    xs = {k: jnp.asarray(v, jnp.float32) for k, v in sched.items()}
+    xs["k"] = jnp.arange(num_sample_steps)
+    if noise is not None:
+      xs["z"] = jnp.asarray(noise, x_init.dtype)
+    ddim = predictor == "ddim"
 
-    def step(x, inputs):
-      k, theta, jump, alpha, noise_std = inputs
-      eps_hat, x0_hat = self._predict(denoise_fn, x, theta)
-      if predictor == "ddim":  # at the last step jump = 0: x0_hat itself
-        x_jump = jnp.cos(jump) * x0_hat + jnp.sin(jump) * eps_hat
-      else:
-        velocity = -jnp.sin(theta) * x0_hat + jnp.cos(theta) * eps_hat
-        x_jump = jnp.where(k == last, x0_hat, x + (jump - theta).astype(x.dtype) * velocity)
-      z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
-      return alpha * x_jump + noise_std * z, None
+    def step(carry, inp):
+      x, _ = carry
+      t = jnp.full((x.shape[0],), inp["t"], jnp.float32)
+      eps_hat, x0_hat = denoise_fn(x, t)
+      eps_hat, x0_hat = eps_hat.astype(x.dtype), x0_hat.astype(x.dtype)
+      theta, target = inp["theta"], inp["target"]
+      if ddim:
+        x_jump = jnp.cos(target) * x0_hat + jnp.sin(target) * eps_hat
+      else:  # dx/dtheta = -sin(theta) x0 + cos(theta) eps
+        velocity = jnp.cos(theta) * eps_hat - jnp.sin(theta) * x0_hat
+        x_jump = x + (target - theta).astype(x.dtype) * velocity
+      if noisy:
+        z = inp["z"] if noise is not None else jax.random.normal(
+            jax.random.fold_in(rng, inp["k"]), x.shape, x.dtype)
+        x_jump = inp["alpha"] * x_jump + inp["noise_std"] * z
+      return (x_jump, x0_hat), None
 
-    xs = (jnp.arange(num_sample_steps), sched["theta"], sched["jump"], sched["alpha"],
-          sched["noise_std"])
-    x, _ = jax.lax.scan(step, x_init, xs)
-    return x
+    (x, x0_hat), _ = jax.lax.scan(step, (x_init, jnp.zeros_like(x_init)), xs)
+    return x, x0_hat
 
   def sample(self, denoise_fn: Denoiser, x_init, num_sample_steps: int, sampler: str = "euler",
-             rng=None, predictor: str = "euler"):
-    """Dispatches to `euler_sample` ("euler") or `pc_sample` ("pc", needs rng)."""
-    if sampler == "euler":
-      return self.euler_sample(denoise_fn, x_init, num_sample_steps)
-    if sampler == "pc":
-      if rng is None:
-        raise ValueError("the predictor-corrector sampler needs an rng")
-      return self.pc_sample(denoise_fn, x_init, num_sample_steps, rng, predictor)
-    raise ValueError(f"unknown sampler {sampler!r}: use euler or pc")
+             rng=None, predictor: str = "euler", output: str = "x0", noise=None):
+    """One sample: the last network estimate x0_hat ("x0") or the final state ("x").
+
+    See `sample_with_estimate` for the arguments; the authors save both.
+    """
+    if output not in ("x0", "x"):
+      raise ValueError(f"unknown sample output {output!r}: use x0 or x")
+    x, x0_hat = self.sample_with_estimate(denoise_fn, x_init, num_sample_steps, sampler, rng,
+                                          predictor, noise)
+    return x0_hat if output == "x0" else x
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,13 @@ compiled sampler serves every volume. Written under WORKDIR/samples/ (process 0 
                            sampler settings, seconds per volume.
   generation_metrics.json  with config.sample.metrics: `jaxvol.eval.generation.generation_report`
                            of the samples against `num` random crops of the same shape from the
-                           training split (FID or FD, MMD, MS-SSIM diversity, all in original
-                           units), naming its feature network: MedicalNet when
-                           config.eval.feature_weights is a file, else a randomly initialised
-                           MedicalNet ResNet, labelled "FD (random features)", not FID.
+                           training split (FID or FD, MMD, MS-SSIM diversity) under
+                           config.eval.generation_protocol: "authors" (PRDiT's evaluation code;
+                           the network-range volumes, CT samples clipped to [-1, 1]) or "jaxvol"
+                           (original units). It names its protocol, its feature network
+                           (MedicalNet when config.eval.feature_weights is a file, with the
+                           file's path and SHA-256, else a randomly initialised MedicalNet
+                           ResNet, labelled "FD (random features)", not FID) and its counts.
 
 Geometry (a generated volume belongs to no scanner): the affine is diag(spacing) in RAS with the
 world origin at the volume's centre, voxel (i, j, k) at ((i, j, k) - (shape - 1) / 2) * spacing mm
@@ -89,17 +92,40 @@ def sample_affine(shape, spacing) -> np.ndarray:
   return affine
 
 
+def generation_protocol(config) -> str:
+  """config.eval.generation_protocol, checked ("authors" when the config predates it)."""
+  protocol = config.eval.get("generation_protocol", "authors")
+  if protocol not in generation.PROTOCOLS:
+    raise ValueError(f"eval.generation_protocol={protocol!r}; expected one of "
+                     f"{generation.PROTOCOLS}")
+  return protocol
+
+
 def feature_network(config) -> generation.FeatureNetwork:
-  """MedicalNet features from config.eval.feature_weights, or random MedicalNet features."""
+  """MedicalNet features from config.eval.feature_weights, or random MedicalNet features.
+
+  The input convention follows config.eval.generation_protocol: volumes as given ("authors")
+  or z-scored per volume ("jaxvol"). A weights file is hashed (SHA-256) for the report and
+  checked against config.eval.feature_weights_sha256 when that is set.
+  """
   e = config.eval
   resize = tuple(e.feature_resize) or None
+  standardize = generation_protocol(config) == "jaxvol"
   if e.feature_weights:
     if not os.path.isfile(e.feature_weights):
       raise FileNotFoundError(f"eval.feature_weights={e.feature_weights!r} is not a file")
+    digest = generation.file_sha256(e.feature_weights)
+    expected = e.get("feature_weights_sha256", "").strip().lower()
+    if expected and expected != digest:
+      raise ValueError(f"eval.feature_weights={e.feature_weights!r} has SHA-256 {digest}, not "
+                       f"the expected eval.feature_weights_sha256={expected}")
     return generation.medicalnet_features(medicalnet.load_medicalnet(e.feature_weights),
-                                          resize_to=resize)
+                                          resize_to=resize, standardize=standardize,
+                                          weights_file=os.path.abspath(e.feature_weights),
+                                          weights_sha256=digest)
   return generation.random_medicalnet_features(e.seed, width=e.feature_width,
-                                               depth=e.feature_depth, resize_to=resize)
+                                               depth=e.feature_depth, resize_to=resize,
+                                               standardize=standardize)
 
 
 def real_crops(config, store, shape, n: int, seed: int) -> np.ndarray:
@@ -172,7 +198,7 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
     if preset.name == "ct":
       x = np.clip(x, -1.0, 1.0)  # the CT training data were clipped to the HU window
     raw = np.asarray(preset.inverse(x), np.float32)
-    volumes.append(raw)
+    volumes.append(x)
     path = os.path.join(out_dir, f"sample_{i:03d}.nii.gz")
     if writes:
       nifti.save_volume(path, raw, affine=affine)
@@ -200,10 +226,10 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
     report["checkpoint_step"] = step
     if writes:
       fileio.write_json_atomic(os.path.join(out_dir, "generation_metrics.json"), report)
-    log.info("%s %.4g, %s %.4g, MS-SSIM diversity %.4f (real %.4f), features: %s",
-             report["fid_label"], report["fid"], report["mmd_label"], report["mmd"],
-             report["ms_ssim_diversity"], report["ms_ssim_diversity_real"],
-             report["feature_network"])
+    log.info("[%s protocol] %s %.4g, %s %.4g, MS-SSIM diversity %s (real %s), features: %s",
+             report["protocol"], report["fid_label"], report["fid"], report["mmd_label"],
+             report["mmd"], _maybe(report["ms_ssim_diversity"]),
+             _maybe(report["ms_ssim_diversity_real"]), report["feature_network"])
   return {"files": files, "samples": info, "metrics": report}
 
 
@@ -212,16 +238,37 @@ def _units(preset) -> str:
           "mri": "MRI intensity", "identity": "network range"}[preset.name]
 
 
-def metrics_report(config, store, preset, fake_raw: np.ndarray, shape) -> dict:
-  """generation_report of generated volumes against as many real crops, in original units."""
-  n = len(fake_raw)
+def _maybe(value) -> str:
+  return "n/a" if value is None else f"{value:.4f}"
+
+
+def metrics_report(config, store, preset, fake: np.ndarray, shape) -> dict:
+  """generation_report of generated volumes against as many real crops.
+
+  `fake` is in the network's range, as sampled (CT clipped to [-1, 1]). Protocol "authors"
+  scores network-range volumes, as PRDiT feeds its [-1, 1] CT; "jaxvol" scores original units
+  with the preset's range as the MS-SSIM data range.
+  """
+  n = len(fake)
   if n < 2:
     raise ValueError("generation metrics need sample.num >= 2")
+  protocol = generation_protocol(config)
   real = real_crops(config, store, shape, n, seed=config.sample.seed)
-  real_raw = np.asarray(preset.inverse(real), np.float32)
   net = feature_network(config)
-  report = generation.generation_report(real_raw, fake_raw, net, rng=config.sample.seed,
-                                        data_range=float(preset.hi - preset.lo))
+  pairs = int(config.eval.get("ms_ssim_pairs", 0))
+  if pairs < 0:
+    raise ValueError(f"eval.ms_ssim_pairs must be >= 0 (0 = the protocol's default), got {pairs}")
+  if protocol == "authors":
+    report = generation.generation_report(real, fake, net, rng=config.sample.seed,
+                                          protocol=protocol, diversity_pairs=pairs)
+    report["units"] = "network range"
+  else:
+    real_raw = np.asarray(preset.inverse(real), np.float32)
+    fake_raw = np.asarray(preset.inverse(fake), np.float32)
+    report = generation.generation_report(real_raw, fake_raw, net, rng=config.sample.seed,
+                                          protocol=protocol, diversity_pairs=pairs,
+                                          data_range=float(preset.hi - preset.lo))
+    report["units"] = _units(preset)
   subjects = _train_subjects(config, store)
   report["real"] = (f"{n} random crops of {'x'.join(map(str, shape))} from the "
                     f"{config.data.train_split!r} split ({len(subjects)} volume(s)) of "
@@ -230,5 +277,4 @@ def metrics_report(config, store, preset, fake_raw: np.ndarray, shape) -> dict:
     report["note"] = (f"only {len(subjects)} training volume(s): the real set is crops of the same "
                       "scan(s), so these numbers check the mechanics, not a generative model of "
                       "a population")
-  report["units"] = _units(preset)
   return report

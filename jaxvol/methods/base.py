@@ -16,6 +16,7 @@ windows of that size at each step (jaxvol.ops.windows), spread over this process
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -49,6 +50,7 @@ def build_unet(model_cfg: ml_collections.ConfigDict, out_channels: int, dtype) -
       remat=model_cfg.remat,
       stm=model_cfg.get("stm", False),
       stm_dim=model_cfg.get("stm_dim", 128),
+      layout=model_cfg.get("layout", "jaxvol"),
   )
 
 
@@ -77,13 +79,17 @@ class ParamSource:
   Attributes:
     name: what the copied parameters are called in logs and optimizer labels ("stage1",
       "warm_start").
-    workdir: the other run's WORKDIR; the EMA parameters of its latest checkpoint are read.
+    workdir: the other run's WORKDIR; the parameters (`tree`) of its latest checkpoint are read.
     prefix: only leaves under this path of the variables tree are considered, e.g.
       ("params", "local"); () = every leaf.
     require_all: every considered leaf must exist there with the same shape (else a clear error);
       False copies the leaves whose path and shape match and leaves the rest fresh.
     lr_scale: learning-rate factor for the copied leaves that are not frozen.
     same_fields: dotted config fields that must agree with the other run's saved config.
+    tree: the train-state entry read there: "ema_params" (EMA weights) or "params" (raw).
+    exclude: paths under `prefix` that are never copied (they keep their fresh initialisation).
+    check: optional function of the saved parameter paths (tuples) returning why they cannot be
+      used (a string, e.g. an old parameter layout) or None.
   """
 
   name: str
@@ -92,6 +98,9 @@ class ParamSource:
   require_all: bool = False
   lr_scale: float = 1.0
   same_fields: tuple[str, ...] = ()
+  tree: str = "ema_params"
+  exclude: tuple[tuple[str, ...], ...] = ()
+  check: Callable[[list], str | None] | None = None
 
 
 @dataclasses.dataclass

@@ -5,23 +5,28 @@ network (jaxvol.models.prdit) predicts (eps, x0) for every s^3 block from its ov
 token, under the trigonometric diffusion of jaxvol.diffusion.trig (x_t = cos x0 + sin eps,
 eps ~ N(0, 0.5^2), loss MSE(x0) + MSE(eps)). Training is staged (`config.prdit.stage`):
 
-- Stage 1 trains the local denoiser alone (the "local" parameters).
+- Stage 1 trains the local denoiser and the shared time MLP alone (the "local" parameters).
 - Stage 2 adds the global residual DiT ("residual") on top of the stage-1 weights, which are
-  copied from the EMA parameters of `config.prdit.stage1_workdir` and frozen: `frozen_prefixes`
-  tells the trainer to keep no optimizer state for them and never to change them (the model's
+  copied from `config.prdit.stage1_workdir` (its RAW weights, as the authors load them;
+  `source_weights = "ema"` takes its EMA instead) and frozen: `frozen_prefixes` tells the
+  trainer to keep no optimizer state for them and never to change them (the model's
   stop-gradient already gives them zero gradients). The residual DiT's read-out starts at zero, so
   a fresh stage-2 model samples exactly what stage 1 samples.
 
 Warm start (`config.prdit.warm_start_workdir`): a run at a new resolution copies every parameter
-whose path and shape match from another run (the position code works on normalised coordinates,
-so the DiT's weights carry over between resolutions) and trains those at
-`warm_start_lr_scale` times the learning rate.
+whose path and shape match from another run, except the time fine head, which the authors
+re-initialise; the copied ones train at `warm_start_lr_scale` times the learning rate (the authors'
+0.1), the rest at the full rate.
+
+Both copies refuse checkpoints of another parameter layout (`config.prdit.layout`, see
+jaxvol.models.prdit.LAYOUT_VERSION) with a message that names it.
 
 The condition is empty ((B, D, H, W, 0)): `sample` only reads its spatial shape, which must be a
 multiple of the token stride per axis (the tokens tile the volume exactly). Sampling is one
-compiled `lax.scan` of `config.prdit.sample_steps` network evaluations (Euler on the probability
-flow, or the authors' predictor-corrector); the network always sees the whole volume, because the
-residual DiT's attention is global.
+compiled `lax.scan` of `config.prdit.sample_steps` network evaluations: Euler on the probability
+flow (the authors' default, 1000 steps) or their predictor-corrector (100 steps is the fast
+setting); the network always sees the whole volume, because the residual DiT's attention is
+global.
 """
 
 import flax.linen as nn
@@ -37,8 +42,13 @@ from jaxvol.ops import tokens as tokens_lib
 # Config fields that fix what the stage-1 weights compute; a stage-2 run checks them against the
 # stage-1 run's saved config (the parameter shapes cover the window size and the widths).
 LOCAL_FIELDS = ("compute_dtype", "data.target", "prdit.stride", "prdit.local_width",
-                "prdit.local_blocks", "prdit.local_mlp_ratio", "prdit.num_steps", "prdit.sigma")
+                "prdit.local_blocks", "prdit.local_mlp_ratio", "prdit.num_steps", "prdit.sigma",
+                "prdit.layout")
 LOCAL = ("params", "local")
+# The time fine head: re-initialised, not copied, on a warm start (as the authors do).
+FINE_HEAD = ("params", "residual", "time_fine")
+# config.prdit.source_weights -> the train-state entry copied from another run.
+SOURCE_TREES = {"raw": "params", "ema": "ema_params"}
 
 
 def model_name(prdit_cfg) -> str:
@@ -53,7 +63,8 @@ def build_network(prdit_cfg, dtype) -> prdit_lib.PRDiT:
   overrides = dict(stride=p.stride, stage=p.stage, depth=p.depth, mlp_ratio=p.mlp_ratio,
                    local_width=p.local_width or None, local_blocks=p.local_blocks,
                    local_mlp_ratio=p.local_mlp_ratio, attention=p.attention,
-                   chunk_size=p.chunk_size, remat=p.remat, dtype=dtype)
+                   chunk_size=p.chunk_size, remat=p.remat, time_width=p.time_width or None,
+                   dit_init_gain=p.dit_init_gain, dtype=dtype)
   if p.width:
     overrides["width"] = p.width
   if p.heads:
@@ -69,7 +80,15 @@ class PRDiT(base.Method):
       raise ValueError(f"prdit.stage must be 1 or 2, got {p.stage}")
     if p.sampler not in ("euler", "pc"):
       raise ValueError(f"prdit.sampler must be euler or pc, got {p.sampler!r}")
+    if p.sample_output not in ("x0", "x"):
+      raise ValueError(f"prdit.sample_output must be x0 or x, got {p.sample_output!r}")
+    if p.source_weights not in SOURCE_TREES:
+      raise ValueError(f"prdit.source_weights must be raw or ema, got {p.source_weights!r}")
+    if p.layout != prdit_lib.LAYOUT_VERSION:
+      raise ValueError(f"prdit.layout is {p.layout}, but this version builds PRDiT parameter "
+                       f"layout {prdit_lib.LAYOUT_VERSION} only (see jaxvol.models.prdit)")
     self.diffusion = trig.TrigDiffusion(p.num_steps, p.sigma)
+    self.diffusion.sample_schedule(p.sample_steps, p.sampler)  # a clear error for a bad K now
     self.net = build_network(p, self.dtype)
 
   def spatial_multiple(self):
@@ -82,16 +101,20 @@ class PRDiT(base.Method):
   def param_sources(self):
     p = self.config.prdit
     sources = []
+    tree = SOURCE_TREES[p.source_weights]
     if p.warm_start_workdir:
       sources.append(base.ParamSource("warm_start", p.warm_start_workdir,
-                                      lr_scale=float(p.warm_start_lr_scale)))
+                                      lr_scale=float(p.warm_start_lr_scale),
+                                      same_fields=("method", "prdit.layout"), tree=tree,
+                                      exclude=(FINE_HEAD,), check=prdit_lib.layout_problem))
     if p.stage1_workdir:
       if p.stage != 2:
         raise ValueError("prdit.stage1_workdir is the stage-1 run a stage-2 run builds on; this "
                          "config trains stage 1 (prdit.stage = 1)")
       # Listed last, so the frozen stage-1 weights win over a warm start's "local" ones.
       sources.append(base.ParamSource("stage1", p.stage1_workdir, prefix=LOCAL, require_all=True,
-                                      same_fields=LOCAL_FIELDS))
+                                      same_fields=("method",) + LOCAL_FIELDS, tree=tree,
+                                      check=prdit_lib.layout_problem))
     return tuple(sources)
 
   def _denoiser(self, params):
@@ -132,4 +155,4 @@ class PRDiT(base.Method):
     x_init = layers.constrain_volume(
         self.diffusion.noise(k_init, cond.shape[:4] + (self.target_channels,)))
     return self.diffusion.sample(self._denoiser(params), x_init, p.sample_steps, p.sampler,
-                                 rng=k_loop, predictor=p.predictor)
+                                 rng=k_loop, predictor=p.predictor, output=p.sample_output)

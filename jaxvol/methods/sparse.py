@@ -7,6 +7,11 @@ Heun-corrected deterministic DDIM (about 2 f_steps network evaluations per volum
 predicts x0 and is supervised in velocity space ((1 - abar_t)-weighted x0 error); eps and v
 prediction (plain MSE on their own targets) are kept for ablation. STM (config.model.stm) feeds the
 condition to a structure encoder whose code modulates every ResBlock's time embedding.
+
+The authors' choices are options: config.model.layout = "authors" (their network,
+jaxvol.models.unet3d), config.sparse.levels = "arange" (their level sets) and
+config.sparse.sampler = "authors" (their sampler with its averaged t = -1 ending,
+jaxvol.diffusion.sparse.authors_sample; 2 f_steps + 1 evaluations, which `nfe` reports).
 """
 
 import jax
@@ -23,16 +28,21 @@ class Sparse(baselines.Full3D):
   def __post_init__(self):
     super().__post_init__()
     c = self.config.sparse
+    self.sampler = c.get("sampler", "jaxvol")
+    if self.sampler not in sparse_lib.SAMPLERS:
+      raise ValueError(f"unknown config.sparse.sampler {self.sampler!r}: use one of "
+                       f"{sparse_lib.SAMPLERS}")
     if c.timesteps:
       self.timesteps = sparse_lib.check_timesteps(c.timesteps, self.diffusion.num_steps)
     else:
-      self.timesteps = sparse_lib.sparse_timesteps(self.diffusion.num_steps, c.f_steps)
+      self.timesteps = sparse_lib.sparse_timesteps(self.diffusion.num_steps, c.f_steps,
+                                                   c.get("levels", "linspace"))
 
   @property
   def nfe(self) -> int:
     """Network evaluations per sampled volume (per window when sampling in windows)."""
     c = self.config.sparse
-    return sparse_lib.nfe(self.timesteps, c.heun, c.get("final_denoise", False))
+    return sparse_lib.nfe(self.timesteps, c.heun, c.get("final_denoise", False), self.sampler)
 
   def loss(self, params, batch, rng):
     x0, y = batch["target"], batch["cond"]
@@ -51,6 +61,10 @@ class Sparse(baselines.Full3D):
     c = self.config.diffusion
     y, shape, zy, z_T, _ = self._prepare(cond, rng)
     clip = c.clip_x0 if c.clip_x0 > 0 else None
+    if self.sampler == "authors":
+      x0 = sparse_lib.authors_sample(self.diffusion, self._denoiser(params, zy), z_T,
+                                     np.asarray(self.timesteps), clip_x0=clip)
+      return base.crop_spatial(x0, shape)
     x0 = sparse_lib.heun_ddim_sample(self.diffusion, self._denoiser(params, zy), z_T,
                                      np.asarray(self.timesteps), heun=self.config.sparse.heun,
                                      clip_x0=clip,

@@ -139,6 +139,10 @@ class Conv3D(nn.Module):
   Same parameters ("kernel" (kd, kh, kw, Cin, Cout) with LeCun-normal init, "bias" zeros) and the
   same initial values as nn.Conv under the same name, so checkpoints carry over; under a mesh
   that splits depth it exchanges halos without copying whole slabs (`conv3d_same`).
+
+  `padding` other than "SAME" is three explicit (low, high) pairs, e.g. ((1, 1),) * 3 for the
+  symmetric padding of a PyTorch `Conv3d(..., stride=2, padding=1)` (SAME pads a stride-2 3^3
+  convolution of an even axis by (0, 1)); that convolution is XLA's, partitioned by XLA.
   """
   features: int
   kernel_size: int | tuple[int, int, int] = (3, 3, 3)
@@ -146,6 +150,7 @@ class Conv3D(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
+  padding: Any = "SAME"
 
   @nn.compact
   def __call__(self, x):
@@ -155,7 +160,13 @@ class Conv3D(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv3d_same(x, kernel, self.strides) + bias
+    if isinstance(self.padding, str) and self.padding == "SAME":
+      return conv3d_same(x, kernel, self.strides) + bias
+    pads = tuple((int(lo), int(hi)) for lo, hi in self.padding)
+    if len(pads) != 3:
+      raise ValueError(f"Conv3D padding must be 'SAME' or 3 (low, high) pairs, got "
+                       f"{self.padding!r}")
+    return _xla_conv(x, kernel, tuple(int(s) for s in self.strides), pads) + bias
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -182,16 +193,27 @@ def upsample_nearest(x, factor: int = 2):
   return x.reshape(b, d * f, h * f, w * f, c)
 
 
-def group_norm(channels: int, groups: int, dtype, name=None):
-  """GroupNorm with the largest group count <= `groups` that divides `channels`."""
+def group_norm(channels: int, groups: int, dtype, name=None, epsilon: float = 1e-6,
+               fast_variance: bool = True):
+  """GroupNorm with the largest group count <= `groups` that divides `channels`.
+
+  `epsilon` 1e-6 is Flax's default; PyTorch's GroupNorm (the sparse-diffusion authors' layout)
+  uses 1e-5. `fast_variance=False` computes the variance as E[(x - mean)^2] (PyTorch's two-pass
+  form) rather than E[x^2] - mean^2.
+  """
   g = max(1, min(groups, channels))
   while channels % g:
     g -= 1
-  return nn.GroupNorm(num_groups=g, dtype=dtype, name=name)
+  return nn.GroupNorm(num_groups=g, epsilon=epsilon, dtype=dtype, use_fast_variance=fast_variance,
+                      name=name)
 
 
 class Modulation(nn.Module):
-  """STM's zero-initialised MLP (jaxvol.models.stm): code -> (gamma, beta); returns emb * (1 + gamma) + beta."""
+  """STM's zero-initialised MLP (jaxvol.models.stm): code -> (gamma, beta), emb * (1 + gamma) + beta.
+
+  `hidden` is 256 in jaxvol's layout; the authors' code uses the time-embedding width (also 256 at
+  the paper's size).
+  """
 
   hidden: int = 256
   dtype: jnp.dtype = jnp.float32
@@ -205,27 +227,50 @@ class Modulation(nn.Module):
     return emb * (1.0 + gamma) + beta
 
 
-class ResBlock(nn.Module):
-  """GN-SiLU-Conv, time-embedding scale/shift, GN-SiLU-Dropout-Conv, residual (1x1 when widths differ).
+TIME_EMBEDDINGS = ("scale_shift", "add")
 
-  With a `structure` code (B, code_dim), the time embedding is first modulated by STM.
+
+class ResBlock(nn.Module):
+  """GN-SiLU-Conv, time embedding, GN-SiLU-Dropout-Conv (zero-initialised), residual (1x1 when
+  widths differ).
+
+  The time embedding enters as `time_embedding`:
+    "scale_shift" (jaxvol's default): Dense(2 C)(SiLU(emb)) = (scale, shift) and the second norm
+      becomes GN(h) * (1 + scale) + shift (guided diffusion's `use_scale_shift_norm=True`);
+    "add": h + Dense(C)(SiLU(emb)) before the second norm (DDPM's original form, and the
+      sparse-diffusion authors' `use_scale_shift_norm: False`).
+  With a `structure` code (B, code_dim), the time embedding is first modulated by STM
+  (`Modulation`, hidden width `stm_hidden`). `epsilon` and `fast_variance` are the GroupNorms'.
   """
 
   out_channels: int
   groups: int = 32
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  time_embedding: str = "scale_shift"
+  epsilon: float = 1e-6
+  fast_variance: bool = True
+  stm_hidden: int = 256
 
   @nn.compact
   def __call__(self, x, emb, deterministic: bool, structure=None):
+    if self.time_embedding not in TIME_EMBEDDINGS:
+      raise ValueError(f"unknown time_embedding {self.time_embedding!r}: use one of "
+                       f"{TIME_EMBEDDINGS}")
     if structure is not None:  # STM (jaxvol.models.stm): modulate the time embedding
-      emb = Modulation(dtype=self.dtype, name="stm")(emb, structure)
+      emb = Modulation(self.stm_hidden, dtype=self.dtype, name="stm")(emb, structure)
+    norm = lambda c, name: group_norm(c, self.groups, self.dtype, name, self.epsilon,
+                                      self.fast_variance)
     conv = lambda c, k, name: Conv3D(c, (k,) * 3, dtype=self.dtype, name=name)
-    h = nn.silu(group_norm(x.shape[-1], self.groups, self.dtype, "norm1")(x))
+    h = nn.silu(norm(x.shape[-1], "norm1")(x))
     h = conv(self.out_channels, 3, "conv1")(h)
-    scale_shift = nn.Dense(2 * self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))
-    scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
-    h = group_norm(self.out_channels, self.groups, self.dtype, "norm2")(h) * (1.0 + scale) + shift
+    if self.time_embedding == "add":
+      proj = nn.Dense(self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+      h = norm(self.out_channels, "norm2")(h + proj[:, None, None, None, :])
+    else:
+      scale_shift = nn.Dense(2 * self.out_channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+      scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
+      h = norm(self.out_channels, "norm2")(h) * (1.0 + scale) + shift
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
     h = Conv3D(self.out_channels, (3,) * 3, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                name="conv2")(h)
@@ -245,6 +290,8 @@ class SpatialAttention(nn.Module):
   groups: int = 32
   dtype: jnp.dtype = jnp.float32
   backend: str = "xla"
+  epsilon: float = 1e-6  # the GroupNorm's
+  fast_variance: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -252,7 +299,8 @@ class SpatialAttention(nn.Module):
     if c % self.num_heads:
       raise ValueError(f"attention width {c} not divisible by {self.num_heads} heads")
     hd = c // self.num_heads
-    y = group_norm(c, self.groups, self.dtype, "norm")(x).reshape(b, d * h * w, c)
+    y = group_norm(c, self.groups, self.dtype, "norm", self.epsilon, self.fast_variance)(x)
+    y = y.reshape(b, d * h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(y).reshape(b, d * h * w, 3, self.num_heads, hd)
     o = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                                         backend=self.backend)

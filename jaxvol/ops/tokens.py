@@ -7,7 +7,10 @@ its own block plus a (p - s) / 2 voxel margin of context on every side, and pred
 block. So D/s * H/s * W/s tokens: 512 at 64^3, 4,096 at 128^3, 32,768 at 256^3.
 
 Token order is row-major over the (D/s, H/s, W/s) grid. Inside a token the features are laid out
-row-major over (p, p, p, C), channels last; the same holds for the (s, s, s, C) blocks.
+row-major over (p, p, p, C), channels last; the same holds for the (s, s, s, C) blocks. The
+authors' code (Fredy-Zhang/PRDiT) has the same token order and output blocks; its input windows
+are channel-major, (C, p, p, p), which is the same for their one-channel volumes
+(jaxvol.models.convert_prdit permutes weights for C > 1).
 
 Windows are gathered with reshapes and contiguous slices only (no gather op), so the backward pass
 is a pad-and-add rather than a scatter.
@@ -48,8 +51,9 @@ def num_tokens(spatial: Sequence[int], stride: int = DEFAULT_STRIDE) -> int:
 def token_coordinates(grid: Sequence[int]) -> np.ndarray:
   """(N, 3) centres (i + 0.5) / n of the tokens of a grid, in token order, in [0, 1].
 
-  The same physical place gets the same coordinate at every resolution, which is what lets the
-  residual DiT's position code (and its weights) carry over from 64^3 to 256^3.
+  The same physical place gets the same coordinate at every resolution; these are the coordinates
+  the residual DiT's position code encodes (jaxvol.models.prdit.position_code, whose frequencies
+  do depend on the grid).
   """
   axes = [(np.arange(n, dtype=np.float32) + 0.5) / n for n in grid]
   mesh = np.meshgrid(*axes, indexing="ij")

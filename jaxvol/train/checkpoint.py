@@ -21,13 +21,22 @@ import orbax.checkpoint as ocp
 # learning rate, remat, dropout, ...) may change between training, resumption and evaluation.
 MODEL_DEFINING = ("method", "compute_dtype", "model.base_width", "model.channel_mults",
                   "model.num_res_blocks", "model.attention_levels", "model.num_heads", "model.groups",
-                  "model.time_embed_dim", "model.stm", "model.stm_dim", "ppdm.factor",
+                  "model.time_embed_dim", "model.stm", "model.stm_dim", "model.layout",
+                  "ppdm.factor",
                   "ppdm.num_steps", "ppdm.max_var", "diffusion.num_steps", "diffusion.beta_start",
                   "diffusion.beta_end", "diffusion.parameterization", "data.inputs", "data.target",
                   "data.position_channels", "prdit.size", "prdit.patch", "prdit.stride",
                   "prdit.depth", "prdit.width", "prdit.heads", "prdit.mlp_ratio",
                   "prdit.local_width", "prdit.local_blocks", "prdit.local_mlp_ratio",
-                  "prdit.stage", "prdit.num_steps", "prdit.sigma")
+                  "prdit.stage", "prdit.num_steps", "prdit.sigma", "prdit.time_width",
+                  "prdit.layout")
+
+# Fields added after checkpoints were written without them: (method, value an absent field had).
+# A PRDiT run saved before `prdit.layout` existed holds parameter layout 1.
+ABSENT_MEANS = {"prdit.layout": ("prdit", 1)}
+HINTS = {"prdit.layout": "PRDiT parameter layout 1 predates the authors-parity rework "
+                         "(jaxvol.models.prdit.LAYOUT_VERSION) and cannot be loaded by this "
+                         "version: retrain, or use the jaxvol version that wrote it"}
 
 
 def check_same_model(meta: dict, config, directory: str, fields=MODEL_DEFINING) -> None:
@@ -43,18 +52,23 @@ def check_same_model(meta: dict, config, directory: str, fields=MODEL_DEFINING) 
   now = json.loads(config.to_json_best_effort())
 
   def get(tree, dotted):
+    root = tree
     for part in dotted.split("."):
       tree = tree.get(part) if isinstance(tree, dict) else None
     if dotted == "ppdm.factor" and tree is not None:  # 2, [2] and [2, 2, 2] are one factor
       tree = [tree] * 3 if isinstance(tree, int) else list(tree) * (3 if len(tree) == 1 else 1)
+    if tree is None and root is saved and dotted in ABSENT_MEANS and saved:
+      method, value = ABSENT_MEANS[dotted]
+      tree = value if saved.get("method") == method else None
     return tree
 
   diff = {k: (get(saved, k), get(now, k)) for k in fields
           if get(saved, k) is not None and get(saved, k) != get(now, k)}
   if diff:
+    hints = "".join(f"; {HINTS[k]}" for k in diff if k in HINTS)
     raise ValueError(f"the checkpoint in {directory} was trained with a different config: "
                      + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                     + "; use the training config or another workdir")
+                     + hints + "; use the training config or another workdir")
 
 
 class IteratorHandler(grain.checkpoint.CheckpointHandler):

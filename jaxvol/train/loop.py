@@ -215,7 +215,7 @@ def train(config, workdir: str) -> dict:
       config.data.batch_size, seed=config.seed, num_workers=config.data.num_workers,
       flips=config.data.flips, region=config.data.train_region,
       positions=config.data.get("position_channels", False), process_index=shard,
-      process_count=num_shards)
+      process_count=num_shards, crops=config.data.get("crops", "random"))
   meta = run_meta(config, config.data.store)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 

@@ -10,14 +10,24 @@ import optax
 
 
 def _schedule(train_cfg, scale: float = 1.0):
+  """Linear warm-up from 0 over warmup_steps, then constant; warmup_steps <= 0: constant."""
   lr = train_cfg.learning_rate * scale
-  warmup = max(1, train_cfg.warmup_steps)
+  if train_cfg.warmup_steps <= 0:
+    return optax.constant_schedule(lr)
+  warmup = train_cfg.warmup_steps
   return optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
+def _clip(train_cfg) -> optax.GradientTransformation:
+  """Global-norm clipping at grad_clip; grad_clip <= 0 (the sparse authors' recipe): none."""
+  if train_cfg.grad_clip <= 0:
+    return optax.identity()
+  return optax.clip_by_global_norm(train_cfg.grad_clip)
+
+
 def make_optimizer(train_cfg, labels=None, lr_scales=None) -> optax.GradientTransformation:
-  """AdamW with linear warm-up to a constant rate, after global-norm clipping.
+  """AdamW with linear warm-up to a constant rate, after global-norm clipping (each optional).
 
   Args:
     train_cfg: config.train (learning_rate, warmup_steps, weight_decay, grad_clip).
@@ -30,7 +40,7 @@ def make_optimizer(train_cfg, labels=None, lr_scales=None) -> optax.GradientTran
     The optax transformation.
   """
   if labels is None:
-    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
+    return optax.chain(_clip(train_cfg),
                        optax.adamw(_schedule(train_cfg), weight_decay=train_cfg.weight_decay))
   lr_scales = dict(lr_scales or {})
   transforms = {"frozen": optax.set_to_zero()}
@@ -38,8 +48,7 @@ def make_optimizer(train_cfg, labels=None, lr_scales=None) -> optax.GradientTran
     transforms[label] = optax.adamw(_schedule(train_cfg, lr_scales.get(label, 1.0)),
                                     weight_decay=train_cfg.weight_decay)
   # Clipping sees every gradient (the frozen ones are zero), as without labels.
-  return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
-                     optax.multi_transform(transforms, labels))
+  return optax.chain(_clip(train_cfg), optax.multi_transform(transforms, labels))
 
 
 def init_fn(method, optimizer, example_batch):

@@ -4,11 +4,14 @@ A method names them (`Method.frozen_prefixes`, `Method.param_sources`); this mod
   * a `Plan`, computed from shapes only (the other runs' checkpoint metadata, nothing loaded):
     per-leaf optimizer labels ("fresh", "frozen" or the source's name), the learning-rate factor
     of each label, and the frozen mask the train step uses to leave those leaves untouched;
-  * `load`, run once at the start of a fresh run: copies the sources' EMA parameters into both the
-    parameters and the EMA parameters of the new state, placed with the state's shardings.
+  * `load`, run once at the start of a fresh run: copies the sources' parameters (EMA or raw, as
+    each source says) into both the parameters and the EMA parameters of the new state, placed
+    with the state's shardings.
 PRDiT ("Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Generation", ICLR 2026)
-uses both: stage 2 freezes the stage-1 local denoiser, and a higher resolution warm-starts from a
-lower one at a reduced learning rate.
+uses both: stage 2 freezes the stage-1 local denoiser (the stage-1 run's raw weights, as the
+authors load them), and a higher resolution warm-starts from a lower one at a reduced learning
+rate, with the time fine head left fresh. A source may refuse a checkpoint whose parameter paths
+betray another layout (`ParamSource.check`), before anything is copied.
 
 A resumed run recomputes the plan from the same sources (so the optimizer state has the same
 structure) but loads nothing: its checkpoint already holds every parameter.
@@ -83,8 +86,19 @@ def _checkpointer(workdir: str, what: str) -> ckpt_lib.Checkpointer:
   return ckpt
 
 
+def _tree(source) -> str:
+  tree = getattr(source, "tree", "ema_params")
+  if tree not in ("params", "ema_params"):
+    raise ValueError(f"{source.name}: tree must be params or ema_params, got {tree!r}")
+  return tree
+
+
 def source_shapes(source, config) -> dict:
-  """{path: shape} of a source's EMA parameters, from checkpoint metadata only."""
+  """{path: shape} of a source's parameters (`source.tree`), from checkpoint metadata only.
+
+  Raises ValueError when the saved config differs in `source.same_fields` or `source.check`
+  rejects the saved parameter paths.
+  """
   ckpt = _checkpointer(source.workdir, source.name)
   try:
     step = ckpt.latest_step()
@@ -94,7 +108,12 @@ def source_shapes(source, config) -> dict:
     target = ckpt.local_target(step)
   finally:
     ckpt.close()
-  return {p: tuple(v.shape) for p, v in flat_paths(target["ema_params"]).items()}
+  shapes = {p: tuple(v.shape) for p, v in flat_paths(target[_tree(source)]).items()}
+  check = getattr(source, "check", None)
+  problem = check(list(shapes)) if check is not None else None
+  if problem:
+    raise ValueError(f"{source.name}: the checkpoint in {ckpt.directory} cannot be used: {problem}")
+  return shapes
 
 
 def plan(config, method, abstract_params) -> Plan:
@@ -120,7 +139,9 @@ def plan(config, method, abstract_params) -> Plan:
   result = Plan()
   for source in method.param_sources():
     saved = source_shapes(source, config)
-    wanted = [p for p in params if _under(p, source.prefix)]
+    excluded = tuple(tuple(e) for e in getattr(source, "exclude", ()))
+    wanted = [p for p in params
+              if _under(p, source.prefix) and not any(_under(p, e) for e in excluded)]
     matched = {p: tuple(params[p].shape) for p in wanted if saved.get(p) == tuple(params[p].shape)}
     missing = [p for p in wanted if p not in matched]
     if source.require_all and missing:
@@ -176,7 +197,7 @@ def check_complete(plan_: Plan) -> None:
 
 
 def load(plan_: Plan, state: dict) -> dict:
-  """Copies every planned source's EMA parameters into state["params"] and state["ema_params"].
+  """Copies every planned source's parameters into state["params"] and state["ema_params"].
 
   Each copied leaf keeps the dtype and sharding of the leaf it replaces. Raises ValueError when a
   frozen leaf would keep its random initialisation (`check_complete`).
@@ -192,11 +213,11 @@ def load(plan_: Plan, state: dict) -> dict:
       step = ckpt.latest_step()
     finally:
       ckpt.close()
-    saved = flat_paths(restored["ema_params"])
+    saved = flat_paths(restored[_tree(source)])
     for p in matched:
       values[p] = np.asarray(saved[p])  # on the host: every copy below is a new device buffer
-    log.info("%s: %d parameter arrays from %s (step %d)", source.name, len(matched),
-             source.workdir, step)
+    log.info("%s: %d parameter arrays from %s (step %d, %s)", source.name, len(matched),
+             source.workdir, step, _tree(source))
 
   def replace(tree):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
