@@ -164,7 +164,7 @@ def test_sparse_method_explicit_levels_and_stm_switch():
   assert len(m.timesteps) == 11 and m.net.stm
 
 
-# --- The authors' layout, sampler and recipe as options (parity: test_authors_parity_sparse.py) ---
+# --- The authors' layout, sampler and recipe as options (parity: test_authors_parity.py) ---
 
 
 def test_authors_sampler_is_ddim_plus_averaged_ending():

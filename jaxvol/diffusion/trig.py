@@ -2,7 +2,7 @@
 
 From "Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Generation" (ICLR 2026),
 checked against the authors' code (Fredy-Zhang/PRDiT, diffusion/ian_diffusion.py; the parity test
-is tests/test_authors_parity*.py). With the angle theta(t) = pi t / 2T (T = 1000, t in [0, T),
+is tests/test_authors_parity.py). With the angle theta(t) = pi t / 2T (T = 1000, t in [0, T),
 integer in training),
   x_t = cos(theta) x0 + sin(theta) eps,   eps ~ N(0, sigma^2),   sigma = 0.5,
 the noise being half as wide as the data range [-1, 1]. The network predicts both eps and x0 (the

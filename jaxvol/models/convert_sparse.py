@@ -25,7 +25,7 @@ Layouts: convolution kernels (O, I, kd, kh, kw) -> (kd, kh, kw, I, O) (2D: (kh, 
 linear weights (O, I) -> (I, O), GroupNorm weight -> scale. Their volumes are (B, C, D, H, W) and
 ours (B, D, H, W, C) with D, H, W in the same order (only the channel axis moves), so the
 converted network applied to x.transpose(0, 2, 3, 4, 1) returns their output transposed the same
-way (tests/test_authors_parity_sparse.py). The 2D branches of STM average over axes 2 and 3 of
+way (tests/test_authors_parity.py). The 2D branches of STM average over axes 2 and 3 of
 ours, their H and W (jaxvol.models.stm).
 
 Command line (reading a .pt needs torch; an .npz of the state dict's arrays does not)::

@@ -2,7 +2,7 @@
 
 "Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Generation" (ICLR 2026),
 checked output for output against the authors' code (Fredy-Zhang/PRDiT; the parity tests and
-their fixtures are tests/test_authors_parity*.py, the weight converter
+their fixtures are tests/test_authors_parity.py, the weight converter
 jaxvol.models.convert_prdit). The volume is cut by the tokeniser (jaxvol.ops.tokens) into
 overlapping p^3 windows at stride s, one token per s^3 block, and every token predicts its own
 block of noise and of clean image (the (eps, x0) pair of jaxvol.diffusion.trig):
