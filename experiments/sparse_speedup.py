@@ -23,8 +23,11 @@ Writes DIR/sparse_speedup.json ({steps_speedup, time_speedup, sample_speedup_vs_
 nfe: {sparse_heun, ddim50, ddpm1000}, sample_seconds, curves: {sparse, dense}, setup}) and
 DIR/sparse_speedup.png (PSNR against steps, and against training seconds). The JSON's
 sampler_matrix scores both trained models under every sampler (sparse Heun as the method uses it,
-and with an extra final x0 evaluation at t = 0, DDIM-50, and the one-step x0 estimate at the top level), and the input
-itself, to tell whether a gap comes from training or from sampling.
+and with an extra final x0 evaluation at t = 0; the authors' sampler, `authors_sample`: DDIM with
+their no-op corrections and the averaged 0 -> -1 ending, 11 evaluations; DDIM-50; and the one-step
+x0 estimate at the top level), and the input itself, to tell whether a gap comes from training or
+from sampling. Sampling seconds are also timed for the authors' sampler on the sparse-trained
+network (11 evaluations, counted as 11).
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ import numpy as np  # noqa: E402
 import sparse_common as sc  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol.diffusion import sparse as sparse_lib  # noqa: E402  pylint: disable=wrong-import-position
 
-SAMPLERS = ("sparse_heun", "sparse_heun_final_x0", "ddim50", "one_step")
+SAMPLERS = ("sparse_heun", "sparse_heun_final_x0", "authors", "ddim50", "one_step")
+# Network evaluations per volume of each sampler over the 6 levels {0, 199, ..., 999}.
+SAMPLER_NFE = {"sparse_heun": 9, "sparse_heun_final_x0": 10, "authors": 11, "ddim50": 50,
+               "one_step": 1}
 
 
 def make_sampler(method, kind: str, key):
@@ -57,6 +63,8 @@ def make_sampler(method, kind: str, key):
       return sparse_lib.heun_ddim_sample(diff, den, z_T, levels)
     if kind == "sparse_heun_final_x0":
       return sparse_lib.heun_ddim_sample(diff, den, z_T, levels, final_denoise=True)
+    if kind == "authors":  # their loop: DDIM, no-op corrections, the averaged 0 -> -1 ending
+      return sparse_lib.authors_sample(diff, den, z_T, levels)
     if kind == "ddim50":
       return diff.ddim_sample(den, z_T, 50, key)
     if kind == "one_step":  # the x0 estimate at the top level: a regression from the condition
@@ -75,7 +83,7 @@ def sampler_matrix(runs: dict, val: dict, key, batch: int = 4) -> dict:
       fn = make_sampler(run.method, kind, key)
       pred = np.concatenate([np.asarray(fn(params, jnp.asarray(val["cond"][i:i + batch])))
                              for i in range(0, len(val["cond"]), batch)])
-      out[f"{name}/{kind}"] = sc.crop_metrics(pred, val["target"])
+      out[f"{name}/{kind}"] = dict(sc.crop_metrics(pred, val["target"]), nfe=SAMPLER_NFE[kind])
   out["input"] = sc.crop_metrics(val["cond"][..., :1], val["target"])
   return out
 
@@ -165,10 +173,12 @@ def main(argv=None) -> dict:
 
   seconds = {
       "sparse_heun": sc.timed(jax.jit(sparse_run.method.sample), params_s, cond, key),
+      "authors": sc.timed(make_sampler(sparse_run.method, "authors", key), params_s, cond),
       "ddim50": sc.timed(ddim(50, 0.0), params_d, cond),
       "ddpm1000": sc.timed(ddim(1000, 1.0), params_d, cond),
   }
-  nfe = {"sparse_heun": sparse_run.method.nfe, "ddim50": 50, "ddpm1000": 1000}
+  nfe = {"sparse_heun": sparse_run.method.nfe, "authors": SAMPLER_NFE["authors"], "ddim50": 50,
+         "ddpm1000": 1000}
   matrix = sampler_matrix(runs, val, key)
   result = {
       "steps_speedup": (dense_steps / hit["step"]) if hit else None,
@@ -197,14 +207,15 @@ def main(argv=None) -> dict:
         f"| sparse steps to dense final | {fmt(hit and hit['step'], '{}')} |\n"
         f"| steps speed-up | {fmt(result['steps_speedup'])}x |\n"
         f"| time speed-up | {fmt(result['time_speedup'])}x |\n"
-        f"| NFE sparse / DDIM-50 / DDPM-1000 | {nfe['sparse_heun']} / 50 / 1000 |\n"
-        f"| sample s sparse / DDIM-50 / DDPM-1000 | {seconds['sparse_heun']:.3f} / "
-        f"{seconds['ddim50']:.3f} / {seconds['ddpm1000']:.3f} |\n"
+        f"| NFE sparse / authors / DDIM-50 / DDPM-1000 | {nfe['sparse_heun']} / {nfe['authors']}"
+        f" / 50 / 1000 |\n"
+        f"| sample s sparse / authors / DDIM-50 / DDPM-1000 | {seconds['sparse_heun']:.3f} / "
+        f"{seconds['authors']:.3f} / {seconds['ddim50']:.3f} / {seconds['ddpm1000']:.3f} |\n"
         f"| sampling speed-up vs DDIM-50 | {result['sample_speedup_vs_ddim50']:.1f}x |\n"
         f"device: {sc.device_name()}")
   print("\nvalidation PSNR / SSIM of each trained model under each sampler:")
   for k, v in matrix.items():
-    print(f"  {k:32s} {v['psnr']:6.2f} dB  {v['ssim']:.4f}")
+    print(f"  {k:32s} {v['psnr']:6.2f} dB  {v['ssim']:.4f}  NFE {v.get('nfe', '-')}")
   return result
 
 

@@ -49,8 +49,11 @@ def test_ablation_table_rows():
          "psnr": 30.123, "ssim": 0.81234, "train_seconds": 12.3}
   md = sparse_ablation.table([rec, dict(rec, variant="full", parameterization="x0", stm=False)])
   lines = md.splitlines()
-  assert lines[2] == "| eps | on | eps / eps | 6 | 9 | 30.12 | 0.8123 | 12 |"
-  assert lines[3].startswith("| full | off | x0 / v-space |")
+  assert lines[2] == "| eps | jaxvol | jaxvol | on | eps / eps | 6 | 9 | 30.12 | 0.8123 | 12 |"
+  assert lines[3].startswith("| full | jaxvol | jaxvol | off | x0 / v-space |")
+  authors = sparse_ablation.table([dict(rec, variant="authors", layout="authors", sampler="authors",
+                                        parameterization="x0", nfe=11)]).splitlines()[2]
+  assert authors.startswith("| authors | authors | authors | on | x0 / v-space | 6 | 11 |")
 
 
 def test_unknown_ablation_variant_is_an_error(tmp_path, monkeypatch):
