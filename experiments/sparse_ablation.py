@@ -58,6 +58,8 @@ def parse_args(argv=None):
   p.add_argument("--val-crops", type=int, default=4)
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
+  p.add_argument("--layout", choices=("authors", "jaxvol"), default=None,
+                 help="U-Net layout (config.model.layout); default: the config's (authors)")
   p.add_argument("--source", default=None)
   return p.parse_args(argv)
 

@@ -62,6 +62,8 @@ def run_config(args, store: str):
   c.train.warmup_steps = max(1, args.steps // 20)
   c.train.ema_decay = 0.99
   c.inference.window = ()
+  if getattr(args, "layout", None):  # U-Net layout: the config's (the authors') unless given
+    c.model.layout = args.layout
   return c
 
 

@@ -2,7 +2,7 @@
 
 Usage::
   python experiments/sparse_speedup.py --out DIR [--task ct_denoise] [--steps N] [--eval-every K]
-      [--crop S] [--width W] [--batch B] [--lr LR] [--val-crops V] [--dense-steps N]
+      [--crop S] [--width W] [--batch B] [--lr LR] [--val-crops V] [--layout authors|jaxvol]
 
 Two runs of THE SAME network, loss and optimiser on the same data stream (same seed):
   sparse  the task's sparse config (x0 prediction, velocity-space loss, STM): training draws t
@@ -101,6 +101,8 @@ def parse_args(argv=None):
   p.add_argument("--val-crops", type=int, default=4)
   p.add_argument("--ddpm-crops", type=int, default=1, help="crops in the DDPM-1000 timing batch")
   p.add_argument("--workers", type=int, default=0, help="Grain worker processes")
+  p.add_argument("--layout", choices=("authors", "jaxvol"), default=None,
+                 help="U-Net layout (config.model.layout); default: the config's (authors)")
   p.add_argument("--source", default=None, help="folder of the shared volumes")
   return p.parse_args(argv)
 

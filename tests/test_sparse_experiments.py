@@ -61,3 +61,10 @@ def test_unknown_ablation_variant_is_an_error(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="unknown variants"):
     sparse_ablation.main(["--out", str(tmp_path), "--variants", "full,nope"])
   assert isinstance(_args(sparse_ablation), argparse.Namespace)
+
+
+def test_layout_flag_picks_the_unet_layout():
+  assert sparse_speedup.make_config(_args(sparse_speedup), "S", dense=False).model.layout == (
+      "authors")  # the sparse configs' default
+  ours = sparse_speedup.make_config(_args(sparse_speedup, "--layout", "jaxvol"), "S", dense=False)
+  assert ours.model.layout == "jaxvol"
