@@ -32,9 +32,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1)
 
 
 def write_csv_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-  """Writes dict rows (columns from the first row) as CSV, atomically."""
+  """Writes dict rows as CSV, atomically; columns in first-seen order over all rows, a row
+  without a column leaves its cell empty."""
+  fields = list(dict.fromkeys(k for row in rows for k in row))
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+  writer = csv.DictWriter(buf, fieldnames=fields, restval="")
   writer.writeheader()
   writer.writerows(rows)
   write_text_atomic(path, buf.getvalue())

@@ -219,6 +219,35 @@ def test_datalist_errors(tmp_path):
   assert not (tmp_path / "store").exists()
 
 
+
+def test_ref_shares_the_fitted_scale_of_its_reference(tmp_path):
+  """`ref=` copies the reference's FITTED preset (also when it was given a cap); the modality's own
+  keywords override it; chained refs and mixed kinds are refused before anything is written."""
+  dl = _csv(tmp_path / "list.csv", _subjects(tmp_path, n=1))
+
+  def presets(**pets):
+    return store_lib.convert(dl, tmp_path / "store", {"mr": "mri", **pets},
+                             overwrite=True)["subjects"][0]["volumes"]
+
+  vols = presets(pet_low={"kind": "pet", "cap": 5.0}, pet_full={"kind": "pet", "ref": "pet_low"})
+  assert vols["pet_low"]["preset"] == vols["pet_full"]["preset"] == {"name": "pet", "lo": 0.0,
+                                                                     "hi": 5.0}
+  vols = presets(pet_low="pet", pet_full={"kind": "pet", "ref": "pet_low"})  # percentile of low
+  low, _ = nifti.load_volume(tmp_path / "low0.nii.gz")
+  assert vols["pet_full"]["preset"] == vols["pet_low"]["preset"]
+  assert vols["pet_full"]["preset"]["hi"] == pytest.approx(float(np.percentile(low, 99.9)))
+  vols = presets(pet_low={"kind": "pet", "cap": 5.0},
+                 pet_full={"kind": "pet", "ref": "pet_low", "cap": 7.0})  # its own cap wins
+  assert vols["pet_full"]["preset"]["hi"] == 7.0
+  with pytest.raises(ValueError, match="has a ref itself"):
+    store_lib.convert(dl, tmp_path / "s2", {"mr": {"kind": "mri", "ref": "pet_full"},
+                                            "pet_low": "pet",
+                                            "pet_full": {"kind": "pet", "ref": "pet_low"}})
+  with pytest.raises(ValueError, match="cannot share the scale"):
+    store_lib.convert(dl, tmp_path / "s2", {"mr": {"kind": "mri", "ref": "pet_low"},
+                                            "pet_low": "pet", "pet_full": "pet"})
+  assert not (tmp_path / "s2").exists()
+
 def test_resume_after_interruption(tmp_path, monkeypatch):
   dl = _csv(tmp_path / "list.csv", _subjects(tmp_path, n=3))
   out = tmp_path / "store"

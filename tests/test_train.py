@@ -202,6 +202,27 @@ def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
   np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
   assert os.path.exists(os.path.join(out, "previews", "s2.png"))
   assert not [f for f in os.listdir(out) if ".tmp" in f]
+  if method == "ppdm":
+    _evaluate_without_targets(tiny_store, c, workdir, pred.get_fdata(), tmp_path)
+
+
+def _evaluate_without_targets(tiny_store, c, workdir, pred_with_target, tmp_path):
+  """A store holding only the inputs (a user's own scans): evaluation predicts, writes, does not
+  score, and finishes cleanly; the prediction equals the one made with the target in the store."""
+  rows = [f"s{i},{split},{tiny_store}/s{i}_low.nii.gz"
+          for i, split in enumerate(["train", "train", "test"])]
+  (tmp_path / "inputs.csv").write_text("subject,split,pet_low\n" + "\n".join(rows) + "\n")
+  store_lib.convert(tmp_path / "inputs.csv", tmp_path / "inputs", {"pet_low": {"kind": "pet"}})
+  c = c.copy_and_resolve_references()
+  c.data.store = str(tmp_path / "inputs")
+  summary = evaluate_lib.evaluate(c, workdir)
+  assert summary["n_scored"] == 0 and summary["metrics"] == {} and summary["unscored"] == ["s2"]
+  out = os.path.join(workdir, "eval")
+  with open(os.path.join(out, "metrics.csv")) as f:
+    (row,) = list(csv.DictReader(f))
+  assert row["subject"] == "s2" and "prediction only" in row["note"]
+  pred = nib.load(os.path.join(out, "nifti", "s2_pred.nii.gz"))
+  np.testing.assert_allclose(pred.get_fdata(), pred_with_target, rtol=0, atol=1e-4)
 
 
 def test_checkpoint_from_a_4_device_mesh_restores_on_one_device(tmp_path):

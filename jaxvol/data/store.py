@@ -152,7 +152,43 @@ def _normalise_specs(presets: Mapping[str, Any], modalities: Sequence[str]) -> d
     if ref is not None and ref not in modalities:
       raise ValueError(f"preset for {mod!r}: ref {ref!r} is not a modality of the datalist")
     specs[mod] = spec
+  for mod, spec in specs.items():
+    ref = spec.get("ref")
+    if ref is None:
+      continue
+    if specs[ref].get("ref") is not None:
+      raise ValueError(f"preset for {mod!r}: ref {ref!r} has a ref itself; point both at one "
+                       "modality")
+    if specs[ref]["kind"] != spec["kind"]:
+      raise ValueError(f"preset for {mod!r}: kind {spec['kind']!r} cannot share the scale of "
+                       f"{ref!r}, whose kind is {specs[ref]['kind']!r}")
   return specs
+
+
+def _fit_presets(specs: dict[str, dict], arrays: dict[str, np.ndarray],
+                 sources: dict[str, str]) -> dict[str, presets_lib.Preset]:
+  """Fits every modality's preset; a spec with `ref` takes the ref modality's FITTED preset
+  (its lo/hi: the same scale, whatever keywords, e.g. a cap, the ref was given), with its own
+  keywords (lo, hi, cap, ...) overriding it."""
+  fitted = {}
+  for mod in sorted(specs, key=lambda m: specs[m].get("ref") is not None):  # refs first
+    spec = specs[mod]
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "ref")}
+    ref = spec.get("ref")
+    src = ref or mod
+    try:
+      if ref is not None:
+        scale = {"lo": fitted[ref].lo, "hi": fitted[ref].hi}
+        if {"hi", "cap", "percentile", "upper"} & set(kw):
+          del scale["hi"]  # this modality sets its own upper end
+        if {"lo", "lower"} & set(kw):
+          del scale["lo"]
+        kw = {**scale, **kw}
+      fitted[mod] = presets_lib.fit_preset(spec["kind"], arrays[src], **kw)
+    except ValueError as e:
+      raise VolumeError(f"{sources[src]}: cannot fit the {spec['kind']!r} preset for "
+                        f"{mod!r}: {e}") from e
+  return fitted
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -169,14 +205,9 @@ def _plan_subject(subject: dict, specs: dict[str, dict]) -> dict[str, Any]:
   nifti.check_same_grid([(subject["volumes"][m], geoms[m]) for m in arrays])
   entry = {"id": subject["subject"], "split": subject["split"],
            "shape": list(next(iter(arrays.values())).shape), "volumes": {}}
-  for mod, spec in specs.items():
-    src = spec.get("ref") or mod
-    kw = {k: v for k, v in spec.items() if k not in ("kind", "ref")}
-    try:
-      preset = presets_lib.fit_preset(spec["kind"], arrays[src], **kw)
-    except ValueError as e:
-      raise VolumeError(f"{subject['volumes'][src]}: cannot fit the {spec['kind']!r} preset for "
-                        f"{mod!r}: {e}") from e
+  fitted = _fit_presets(specs, arrays, subject["volumes"])
+  for mod in specs:
+    preset = fitted[mod]
     entry["volumes"][mod] = {
         "path": f"{VOLUMES}/{subject['subject']}/{mod}.zarr",
         "source": subject["volumes"][mod],
@@ -234,8 +265,9 @@ def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
     datalist_path: CSV or JSON datalist (`read_datalist`).
     out_dir: the store folder.
     presets: {modality: {"kind": 'ct'|'pet'|'mri'|'identity', "ref": other modality (optional),
-      **fit_preset keywords}} or {modality: kind}. With "ref", the preset is fitted on the ref
-      modality's volume, so e.g. low- and full-count PET of a subject share one scale.
+      **fit_preset keywords}} or {modality: kind}. With "ref", the modality takes the ref
+      modality's fitted preset (its own keywords override it), so e.g. low- and full-count PET of
+      a subject share one scale, also when the ref's preset has a cap.
     overwrite: replace an existing store (its manifest, partial manifest and volumes folder; other
       files in `out_dir` are left alone). Without it an existing complete store is an error.
 

@@ -142,7 +142,10 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     if writes:
       nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), full, geometry=geometry)
     row = {"subject": sid, "seconds": seconds}
-    if with_metrics:
+    if with_metrics and not has_target:
+      row["note"] = f"no {config.data.target!r} volume in the store: prediction only, not scored"
+      log.warning("%s: %s", sid, row["note"])
+    elif with_metrics:
       target_raw = store.preset(sid, config.data.target).inverse(
           store.read(sid, config.data.target, box)).astype(np.float32)
       input_raw = store.preset(sid, first_input).inverse(cond[0, ..., 0]).astype(np.float32)
@@ -176,15 +179,21 @@ def evaluate(config, workdir: str, make_sampler=None) -> dict:
   result = predict_split(config, workdir, config.eval.split, out_dir, with_metrics=True,
                          make_sampler=make_sampler)
   rows = result["rows"]
+  scored = [r for r in rows if "data_range" in r]  # volumes whose target is in the store
   summary = {"method": config.method, "checkpoint_step": result["step"], "split": config.eval.split,
-             "n_volumes": len(rows), "mask": config.eval.mask, "region": _plain(config.data.eval_region),
-             "metrics": {}, "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
-  for k in METRICS:
-    entry = {"model": float(np.mean([r[f"model_{k}"] for r in rows]))}
+             "n_volumes": len(rows), "n_scored": len(scored), "mask": config.eval.mask,
+             "region": _plain(config.data.eval_region), "metrics": {},
+             "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
+  if len(scored) < len(rows):
+    summary["unscored"] = [r["subject"] for r in rows if "data_range" not in r]
+    summary["note"] = (f"{len(rows) - len(scored)} volume(s) have no {config.data.target!r} "
+                       "volume in the store: predicted, not scored; metrics average the rest")
+  for k in METRICS if scored else ():
+    entry = {"model": float(np.mean([r[f"model_{k}"] for r in scored]))}
     if config.eval.input_baseline:
-      entry["input"] = float(np.mean([r[f"input_{k}"] for r in rows]))
+      entry["input"] = float(np.mean([r[f"input_{k}"] for r in scored]))
     summary["metrics"][k] = entry
-  summary["data_range"] = [r["data_range"] for r in rows]
+  summary["data_range"] = [r["data_range"] for r in scored]
   if jax.process_index() != 0:
     return summary
   fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
