@@ -1,5 +1,6 @@
-"""Wavelet-domain (WDM-style) diffusion baseline for MRI T1 -> T2 translation
-(stroke volumes, hemisphere region split).
+"""Wavelet-domain diffusion baseline (WDM, pfriedri/wdm-3d: LLL band / 3, x0 prediction, x0
+clamped to [-1, 1] in image space while sampling) for MRI T1 -> T2 translation (stroke volumes,
+hemisphere region split).
 
 Data: a store with modalities `t1` and `t2` of one co-registered subject, e.g.
   python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2

@@ -70,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_steps = 50          # DDIM steps
   g.eta = 0.0
   g.clip_x0 = 1.0              # clip the x0 estimate to [-c, c] while sampling (DDPM); 0: off
+  #                              (wdm: clamped in image space, idwt -> clip -> dwt)
+
+  # Wavelet diffusion (method "wdm") as pfriedri/wdm-3d does it; uses c.diffusion.
+  c.wdm = w = ml_collections.ConfigDict()
+  w.lll_scale = 3.0            # LLL band divided by this before diffusion, multiplied back before
+  #                              the inverse transform (wdm-3d: 3; 1: plain orthonormal Haar bands)
 
   c.sparse = s = ml_collections.ConfigDict()  # sparse-timestep DDPM (uses c.diffusion's schedule)
   s.f_steps = 5                # levels floor(linspace(0, T - 1, f_steps + 1)); 5 -> {0, 199, .., 999}
@@ -423,6 +429,8 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   p.num_steps = 50
   p.lam = 1.0
   p.zeta = 1.0
+  p.dps_step = "paper"         # DPS step: paper (zeta / ||y - A x0_hat||, Chung et al. 2023) |
+  #                              official (their code: zeta grad ||y - A x0_hat||, half as long)
   p.min_rho = 1e-3
   p.tv_lambda = 0.01
   p.tv_iters = 200

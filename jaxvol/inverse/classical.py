@@ -10,8 +10,12 @@ of Chambolle and Pock ("A first-order primal-dual algorithm for convex problems 
 to imaging", JMIV 2011) with K = [A; grad] and both terms dualised, so only forward/adjoint are
 needed and every operator works (MRI single/multi-coil, super-resolution, denoising). Step sizes
 tau = sigma = 0.99 / sqrt(||A||^2 + 12): 12 bounds ||grad||^2 for forward differences in 3D and
-||A|| comes from `operator_norm` (power iteration). For complex MRI images TV acts on the complex
-value: |d x| is the complex modulus, so the penalty does not depend on a global phase.
+||A|| comes from `operator_norm` (power iteration). By default the image is REAL (real=True, the
+magnitude volumes of our data sets): the primal variable stays real and the data term's adjoint is
+Re(A^H), the adjoint of A on real images, so the minimiser is over real images and fits the
+measured k-space with any mask (the real part of a complex minimiser does not, unless the mask is
+point-symmetric; see `jaxvol.inverse.operators`). With real=False, TV acts on complex images:
+|d x| is the complex modulus, so the penalty does not depend on a global phase.
 
 Everything is pure JAX; each solver is one compiled `lax.fori_loop` / `lax.scan`.
 """
@@ -130,19 +134,19 @@ def tv_objective(op: Operator, x, y, lam):
   return 0.5 * jnp.sum(jnp.real(r * jnp.conj(r))) + lam * total_variation(x)
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter", "return_objective"))
+@functools.partial(jax.jit, static_argnames=("n_iter", "return_objective", "real"))
 def tv_reconstruction(op: Operator, y, lam, n_iter: int = 200, x0=None, tau=None, sigma=None,
-                      op_norm=None, return_objective: bool = False):
+                      op_norm=None, return_objective: bool = False, real: bool = True):
   """TV-regularised least squares by Chambolle-Pock, one compiled `lax.scan`.
 
   Iteration (dual p for the data term, q for the gradient, both of the extrapolated x_bar):
     p <- (p + sigma (A x_bar - y)) / (1 + sigma)
     q <- project_{|q_voxel| <= lam}(q + sigma grad x_bar)
-    x <- x - tau (A^H p - div q);  x_bar <- 2 x - x_prev
+    x <- x - tau (A^H p - div q);  x_bar <- 2 x - x_prev   (Re(A^H p) for real images)
   Convergence needs tau sigma (||A||^2 + 12) < 1.
 
   Args:
-    op: any operator; complex images for MRI, real or complex otherwise.
+    op: any operator.
     y: measurement.
     lam: TV weight (lam = 0 gives plain least squares).
     n_iter: iterations (static).
@@ -151,6 +155,8 @@ def tv_reconstruction(op: Operator, y, lam, n_iter: int = 200, x0=None, tau=None
     op_norm: ||A||; estimated with `operator_norm` when None.
     return_objective: also return the objective after every iteration (static; costs one more
       forward per iteration).
+    real: minimise over real images (static; the start's imaginary part is dropped); False
+      minimises over images of the start's dtype (complex for MRI).
 
   Returns:
     x, or (x, objectives of shape (n_iter,)) with return_objective.
@@ -158,20 +164,23 @@ def tv_reconstruction(op: Operator, y, lam, n_iter: int = 200, x0=None, tau=None
   x = zero_filled(op, y) if x0 is None else x0
   dtype = jnp.result_type(x.dtype, y.dtype)
   x, y = x.astype(dtype), y.astype(dtype)
-  if op_norm is None:
-    op_norm = operator_norm(op, x.shape, dtype=dtype)
+  if real:
+    x = jnp.real(x)
+  if op_norm is None:  # the complex norm bounds the norm on real images
+    op_norm = operator_norm(op, x.shape, dtype=jnp.result_type(dtype, jnp.complex64))
   step = 0.99 / jnp.sqrt(op_norm ** 2 + GRAD_NORM_SQ)
   tau = step if tau is None else tau
   sigma = step if sigma is None else sigma
   p = jnp.zeros(jax.eval_shape(op.forward, x).shape, dtype)
-  q = jnp.zeros((3, *x.shape), dtype)
+  q = jnp.zeros((3, *x.shape), x.dtype)
+  adjoint = (lambda v: jnp.real(op.adjoint(v))) if real else op.adjoint
 
   def body(carry, _):
     x, x_bar, p, q = carry
     p = (p + sigma * (op.forward(x_bar) - y)) / (1.0 + sigma)
     q = q + sigma * gradient(x_bar)
     q = q * jnp.minimum(1.0, lam / jnp.maximum(_pointwise_norm(q), 1e-12))
-    x_new = x - tau * (op.adjoint(p) - divergence(q))
+    x_new = x - tau * (adjoint(p) - divergence(q))
     obj = tv_objective(op, x_new, y, lam) if return_objective else None
     return (x_new, 2.0 * x_new - x, p, q), obj
 

@@ -116,7 +116,7 @@ def reconstruct(config, workdir: str) -> dict:
     if p.solver == "diffpir":
       kw.update(noise_std=p.noise_std, lam=p.lam, zeta=p.zeta, min_rho=p.min_rho)
     else:
-      kw.update(zeta=p.zeta)
+      kw.update(zeta=p.zeta, step=p.dps_step)
     solve = jax.jit(lambda k: solvers.SOLVERS[p.solver](prior, op, y, shape, k, **kw))
     t0 = time.time()
     recs[p.solver] = jax.block_until_ready(solve(jax.random.fold_in(key, 2)))

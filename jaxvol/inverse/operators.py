@@ -11,16 +11,33 @@ as a pytree (arrays are leaves, configuration is static), so it can be an argume
   normal(x)                    A^H A x
   data_consistency(x, y, rho)  argmin_u 1/2 ||A u - y||^2 + rho/2 ||u - x||^2, the data step of
                                half-quadratic splitting (DiffPIR, Zhu et al., CVPR 2023); rho = 0
-                               is the projection of x onto {u : A u = y}.
+                               is the projection of x onto {u : A u = y}. The minimum is taken
+                               over images of x's kind: REAL u when x is real (the volumes of our
+                               data sets and of every solver), complex u when x is complex.
 
-The data step has an exact closed form (`exact_data_consistency = True`) wherever A A^H is a
-multiple of a projection, through u = x + A^H (y - A x) / (rho + c):
-  * SingleCoilMRI, A = M F (F unitary, M a 0/1 mask), A A^H = M, c = 1: sampled k-space becomes
-    (rho F x + y) / (1 + rho), the rest of k-space is kept.
-  * Downsample, A = block mean over n voxels, A A^H = I / n, c = 1 / n.
-  * Identity, c = 1: u = (y + rho x) / (1 + rho).
+Real images matter for MRI: A maps real volumes to complex k-space, and the complex minimiser's
+real part is not the real minimiser unless the mask is point-symmetric (a random 3D mask leaves
+most samples without their mirror sample), so it would miss the measured k-space. The real-image
+step is the prox of the real-linear map A: R^n -> C^m, whose adjoint is Re(A^H).
+
+Exact closed forms (`exact_data_consistency = True`):
+  * SingleCoilMRI, A = M F (F unitary, M a 0/1 mask). Complex u: A A^H = M, so u = x + A^H (y -
+    A x) / (1 + rho): sampled k-space becomes (rho F x + y) / (1 + rho), the rest is kept. Real u:
+    U = F u is conjugate-symmetric, U(-k) = conj(U(k)), so k-space splits into conjugate pairs
+    {k, -k} that the objective couples and nothing else does. With a = U(k), Z = F x and the
+    mask m, a pair contributes |m_k a - y_k|^2 + |m_-k conj(a) - y_-k|^2 + 2 rho |a - Z_k|^2 (by
+    Parseval ||u - x|| = ||U - Z||, and both halves of the pair carry |a - Z_k|^2), minimised by
+        U(k) = (m_k y_k + m_-k conj(y_-k) + 2 rho Z_k) / (m_k^2 + m_-k^2 + 2 rho),
+    which is conjugate-symmetric again. Self-paired frequencies (k = -k: DC and, along even sides,
+    the Nyquist index 0) must stay real; the same formula gives (m Re(y) + rho Z) / (m^2 + rho),
+    their real minimiser. A pair with no sample at rho = 0 keeps Z (the limit rho -> 0).
+    On the centred grid the mirror of index i is (2 (n // 2) - i) mod n per axis (`mirror_kspace`).
+  * Downsample, A = block mean over n voxels, A A^H = I / n: u = x + A^H (y - A x) / (rho + 1/n).
+  * Identity: u = (y + rho x) / (1 + rho).
+(For the real operators the real and the complex minimisers coincide when x and y are real.)
 MultiCoilMRI has none (A^H A = S^H F^H M F S is diagonal in no basis we can apply cheaply): its
-step runs `cg_iters` conjugate-gradient iterations on (A^H A + rho I) u = A^H y + rho x from u = x.
+step runs `cg_iters` conjugate-gradient iterations from u = x on the normal equations, (A^H A +
+rho I) u = A^H y + rho x for complex u, (Re(A^H A) + rho I) u = Re(A^H y) + rho x for real u.
 
 MRI conventions (3D Cartesian acquisition):
   * k-space is the orthonormal 3D DFT (norm="ortho"), centred: fft3c = fftshift . fftn . ifftshift
@@ -83,25 +100,41 @@ def conjugate_gradient(apply_a: Callable, b, x0, n_iter: int):
 
   One `lax.fori_loop`. Batch axes are treated as one block-diagonal system (shared step sizes),
   which is still Hermitian positive definite, so the iteration stays valid. Steps stop (alpha =
-  beta = 0) once the residual is exactly zero.
+  beta = 0) once the residual is at rounding level (||r|| <= eps max(||b||, ||r_0||)): on a
+  consistent singular system (a rho = 0 projection) further steps would divide rounding noise by
+  rounding noise.
   """
   dtype = jnp.result_type(x0.dtype, b.dtype)
   x0, b = x0.astype(dtype), b.astype(dtype)
   r = b - apply_a(x0)
   rs = _vdot(r, r)
+  tol = jnp.finfo(dtype).eps ** 2 * jnp.maximum(_vdot(b, b), rs)
 
   def body(_, carry):
     x, r, p, rs = carry
     ap = apply_a(p)
     pap = _vdot(p, ap)
-    alpha = jnp.where(pap > 0, rs / jnp.where(pap > 0, pap, 1.0), 0.0)
+    ok = (pap > 0) & (rs > tol)
+    alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
     x = x + alpha * p
     r = r - alpha * ap
     rs_new = _vdot(r, r)
-    beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
+    beta = jnp.where(ok, rs_new / jnp.where(ok, rs, 1.0), 0.0)
     return x, r, r + beta * p, rs_new
 
   return jax.lax.fori_loop(0, n_iter, body, (x0, r, r, rs))[0]
+
+
+def mirror_kspace(k):
+  """k-space at -k for every k of the centred grid (last three axes): k_mirror[i] = k[-i].
+
+  Index i holds frequency i - n // 2, so -k sits at (2 (n // 2) - i) mod n: a plain flip for odd
+  n, a flip then a roll by one for even n (index 0, the Nyquist frequency -n/2, is its own
+  mirror, as is DC). For a real image x, mirror_kspace(fft3c(x)) = conj(fft3c(x)).
+  """
+  for axis in _AXES:
+    k = jnp.roll(jnp.flip(k, axis), 1 - k.shape[axis] % 2, axis)
+  return k
 
 
 @jax.tree_util.register_dataclass
@@ -126,8 +159,22 @@ class SingleCoilMRI:
     return self.adjoint(self.forward(x))
 
   def data_consistency(self, x, y, rho=0.0):
-    """Exact prox: sampled k-space -> (rho F x + y) / (1 + rho), the rest kept; rho = 0 replaces."""
-    return x + self.adjoint(y - self.forward(x)) / (1.0 + rho)
+    """Exact prox over images of x's kind (module docstring).
+
+    Complex x: sampled k-space -> (rho F x + y) / (1 + rho), the rest kept; rho = 0 replaces.
+    Real x: the conjugate-pair closed form, U(k) = (m_k y_k + m_-k conj(y_-k) + 2 rho Z_k) /
+    (m_k^2 + m_-k^2 + 2 rho) with Z = F x, so the result is real and, at rho = 0 with data of a
+    real image, A u = y exactly for any mask.
+    """
+    if jnp.iscomplexobj(x):
+      return x + self.adjoint(y - self.forward(x)) / (1.0 + rho)
+    z = fft3c(x)
+    m = jnp.broadcast_to(self.mask, x.shape[-3:]).astype(x.dtype)
+    my = m * y
+    num = my + jnp.conj(mirror_kspace(my)) + 2.0 * rho * z
+    den = m * m + mirror_kspace(m) ** 2 + 2.0 * rho
+    u = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), z)
+    return jnp.real(ifft3c(u)).astype(x.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -156,15 +203,21 @@ class MultiCoilMRI:
     return self.adjoint(self.forward(x))
 
   def data_consistency(self, x, y, rho=0.0, n_iter: int | None = None):
-    """Approximate prox: CG on (A^H A + rho I) u = A^H y + rho x started at u = x.
+    """Approximate prox over images of x's kind: CG from u = x.
 
-    No closed form exists for several coils. A^H A has eigenvalues in [0, 1], so the system's
-    condition number is at most (1 + rho) / rho and a handful of iterations suffice for the rho of
-    a diffusion sampler's late steps; with rho = 0 CG converges to a least-squares solution.
+    Complex x: (A^H A + rho I) u = A^H y + rho x. Real x: the real-image normal equations
+    (Re(A^H A) + rho I) u = Re(A^H y) + rho x (Re(A^H) is the adjoint of A on real images), so u
+    stays real and fits the measured k-space with any mask. No closed form exists for several
+    coils. A^H A has eigenvalues in [0, 1], so the system's condition number is at most (1 + rho)
+    / rho and a handful of iterations suffice for the rho of a diffusion sampler's late steps;
+    with rho = 0 CG converges to a least-squares solution (more iterations: see `cg_iters`).
     """
     n_iter = self.cg_iters if n_iter is None else n_iter
-    return conjugate_gradient(lambda u: self.normal(u) + rho * u, self.adjoint(y) + rho * x, x,
-                              n_iter)
+    if jnp.iscomplexobj(x):
+      return conjugate_gradient(lambda u: self.normal(u) + rho * u, self.adjoint(y) + rho * x, x,
+                                n_iter)
+    return conjugate_gradient(lambda u: jnp.real(self.normal(u)) + rho * u,
+                              jnp.real(self.adjoint(y)) + rho * x, x, n_iter)
 
 
 def _as_factor(factor) -> tuple[int, int, int]:

@@ -3,9 +3,12 @@
 - `Full3D`: full-resolution conditional 3D DDPM (Ho et al., 2020) with the condition concatenated
   to x_t, DDIM sampling (Song et al., 2021). The reference PPDM's memory and quality claims are
   measured against.
-- `Wavelet`: WDM-style diffusion (Friedrich et al., "WDM: 3D Wavelet Diffusion Models for
-  High-Resolution Medical Image Synthesis", 2024): DDPM on the 8 Haar sub-bands at half
-  resolution, condition transformed the same way, inverse transform after sampling.
+- `Wavelet`: WDM (Friedrich et al., "WDM: 3D Wavelet Diffusion Models for High-Resolution
+  Medical Image Synthesis", 2024; their code, pfriedri/wdm-3d): DDPM on the 8 orthonormal Haar
+  sub-bands at half resolution with the LLL band divided by 3 (`wdm.lll_scale`), the condition
+  transformed the same way (as in the authors' conditional cWDM, pfriedri/cwdm); while sampling,
+  the x0 estimate is clamped in image space (idwt -> clamp(-1, 1) -> dwt), and the sample is
+  rescaled and inverse transformed at the end.
 - `Regression`: the same network trained as a direct L1/L2 regressor (one forward pass), because
   users ask whether diffusion earns its cost ("Regression is all you need for medical image
   translation", 2025).
@@ -37,9 +40,6 @@ class Full3D(base.Method):
   def _domain_scale(self):
     """Image voxels per network-domain voxel along each axis."""
     return 1
-
-  def _clip_bound(self, c):
-    return c
 
   def _from_domain(self, z, shape):
     return z
@@ -86,14 +86,27 @@ class Full3D(base.Method):
   def sample(self, params, cond, rng):
     c = self.config.diffusion
     y, shape, zy, z_T, k_loop = self._prepare(cond, rng)
-    clip = self._clip_bound(c.clip_x0) if c.clip_x0 > 0 else None
+    clip = c.clip_x0 if c.clip_x0 > 0 else None
     z0 = self.diffusion.ddim_sample(self._denoiser(params, zy), z_T, c.sample_steps, k_loop,
                                     eta=c.eta, clip_x0=clip)
     return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
 
 
+def _output_from_x0(diffusion, x0, x_t, t):
+  """The network output that `diffusion.split_output` reads as this x0 estimate at (x_t, t)."""
+  if diffusion.parameterization == "x0":
+    return x0
+  a = diffusion.abar(t).reshape((-1,) + (1,) * (x_t.ndim - 1)).astype(x_t.dtype)
+  eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+  return eps if diffusion.parameterization == "eps" else jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * x0
+
+
 class Wavelet(Full3D):
-  """Full3D's diffusion on one level of orthonormal 3D Haar sub-bands."""
+  """Full3D's diffusion on one level of orthonormal 3D Haar sub-bands, scaled as in wdm-3d.
+
+  An image in [-1, 1] has an LLL band within [-sqrt(8), sqrt(8)]; divided by 3 (wdm-3d's factor)
+  it lies within [-0.943, 0.943], about the [-1, 1] range the noise schedule is made for.
+  """
 
   def _out_channels(self):
     return 8 * self.target_channels
@@ -102,18 +115,44 @@ class Wavelet(Full3D):
     d = 2 * self.net.divisor
     return (d, d, d)
 
+  def _band_scale(self, channels, dtype):
+    """Per-channel factor from Haar bands to the diffusion domain: 1/lll_scale on LLL, else 1."""
+    c = channels // 8
+    return jnp.concatenate([jnp.full((c,), 1.0 / self.config.wdm.lll_scale, dtype),
+                            jnp.ones((channels - c,), dtype)])
+
   def _to_domain(self, x):
-    return haar.dwt3(x)
+    z = haar.dwt3(x)
+    return z * self._band_scale(z.shape[-1], z.dtype)
 
   def _domain_scale(self):
     return 2
 
-  def _clip_bound(self, c):
-    # An image in [-c, c] has orthonormal Haar coefficients within [-sqrt(8) c, sqrt(8) c].
-    return c * 8 ** 0.5
-
   def _from_domain(self, z, shape):
-    return haar.idwt3(z, shape)
+    return haar.idwt3(z / self._band_scale(z.shape[-1], z.dtype), shape)
+
+  def _image_clamped(self, denoise, bound):
+    """`denoise` with its x0 estimate clamped to [-bound, bound] in image space.
+
+    idwt -> clamp -> dwt, then re-expressed in the network's parameterisation, so DDIM derives
+    its eps from the clamped x0 as it does for Full3D's voxel clamp.
+    """
+    d = self.diffusion
+
+    def fn(z, t):
+      x0, _ = d.split_output(denoise(z, t), z, t)
+      x0 = self._to_domain(jnp.clip(self._from_domain(x0, None), -bound, bound))
+      return layers.constrain_volume(_output_from_x0(d, x0, z, t))
+    return fn
+
+  def sample(self, params, cond, rng):
+    c = self.config.diffusion
+    y, shape, zy, z_T, k_loop = self._prepare(cond, rng)
+    denoise = self._denoiser(params, zy)
+    if c.clip_x0 > 0:
+      denoise = self._image_clamped(denoise, c.clip_x0)
+    z0 = self.diffusion.ddim_sample(denoise, z_T, c.sample_steps, k_loop, eta=c.eta)
+    return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
 
 
 class Regression(base.Method):
