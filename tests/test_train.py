@@ -203,7 +203,22 @@ def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
   assert os.path.exists(os.path.join(out, "previews", "s2.png"))
   assert not [f for f in os.listdir(out) if ".tmp" in f]
   if method == "ppdm":
+    _check_training_mean_floor(c, on_disk)
     _evaluate_without_targets(tiny_store, c, workdir, pred.get_fdata(), tmp_path)
+
+
+def _check_training_mean_floor(c, summary):
+  """The floor that ignores its input: the voxelwise mean of the two training targets."""
+  from jaxvol.eval import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  store = store_lib.Store(c.data.store)
+  raw = lambda sid: store.preset(sid, "pet_full").inverse(store.read(sid, "pet_full"))
+  target = raw("s2")
+  want = metrics_lib.compute_all((raw("s0") + raw("s1")) / 2, target, metrics_lib.body_mask(target),
+                                 float(store.preset("s2", "pet_full").hi
+                                       - store.preset("s2", "pet_full").lo))
+  for k, v in want.items():
+    assert summary["metrics"][k]["train_mean"] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+  assert "voxelwise mean of 2 training target(s)" in summary["train_mean_floor"]
 
 
 def _evaluate_without_targets(tiny_store, c, workdir, pred_with_target, tmp_path):

@@ -3,8 +3,11 @@
 `evaluate(config, workdir)` restores a checkpoint (latest or `config.eval.checkpoint_step`), runs
 the method's sampler on every volume of the evaluation split (whole volume, or the held-out region
 of a region split) and writes, under WORKDIR/eval/:
-  summary.json   {"metrics": {name: {"model": mean, "input": mean}}, ...}; "input" (the condition
-                 used as the prediction) only where input and target share a scale
+  summary.json   {"metrics": {name: {"model": mean, "input": mean, "train_mean": mean}}, ...};
+                 "input" (the condition used as the prediction) only where input and target share
+                 a scale; "train_mean" a floor that ignores the input (TrainingMeanFloor: the
+                 voxelwise mean of the training targets, or their mean intensity), described in
+                 summary["train_mean_floor"]
   metrics.csv    one row per volume
   nifti/         predictions on each input's own grid with its affine, in original intensities
   previews/      PNG tri-planar views: input | prediction | target | error
@@ -106,6 +109,52 @@ def _eval_box(store, subject, config):
   return pipeline.region_box(shape, region) if region else tuple((0, s) for s in shape)
 
 
+class TrainingMeanFloor:
+  """A predictor that never looks at its input: the mean of the training targets.
+
+  Where every training subject shares the evaluated volume's grid (and training used whole
+  volumes), the prediction is their voxelwise mean, in original units; otherwise (a region split,
+  or subjects on different grids) it is the mean intensity of the training targets over their
+  training regions. A model that does not beat this floor has not shown that it uses its input:
+  with test subjects whose anatomy the training set already holds, the voxelwise mean can score
+  well without denoising anything.
+  """
+
+  def __init__(self, config, store):
+    self._target = config.data.target
+    self._train = [s for s in store.subjects(config.data.train_split)
+                   if self._target in s["volumes"]]
+    self._store, self._region = store, config.data.train_region
+    self._cache = {}
+
+  def _raw(self, sid, box=None):
+    return self._store.preset(sid, self._target).inverse(
+        self._store.read(sid, self._target, box)).astype(np.float32)
+
+  def available(self) -> bool:
+    return bool(self._train)
+
+  def __call__(self, subject, box) -> tuple[np.ndarray, str]:
+    """(prediction over `box`, how it was formed) for an evaluated subject."""
+    shape = tuple(subject["shape"])
+    others = [s for s in self._train if s["id"] != subject["id"]]
+    if not self._region and others and all(tuple(s["shape"]) == shape for s in others):
+      key = ("voxelwise", tuple(s["id"] for s in others), box)
+      if key not in self._cache:
+        self._cache[key] = np.mean([self._raw(s["id"], box) for s in others], axis=0)
+      return self._cache[key], f"voxelwise mean of {len(others)} training target(s)"
+    if "scalar" not in self._cache:
+      total, count = 0.0, 0
+      for s in self._train:
+        region = pipeline.region_box(tuple(s["shape"]), self._region) if self._region else None
+        v = self._raw(s["id"], region)
+        total, count = total + float(v.sum(dtype=np.float64)), count + v.size
+      self._cache["scalar"] = total / count
+    box_shape = tuple(b - a for a, b in box)
+    return (np.full(box_shape, self._cache["scalar"], np.float32),
+            f"mean intensity of {len(self._train)} training target(s)")
+
+
 def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool,
                   make_sampler=None) -> dict:
   """Runs the sampler over a split and writes NIfTI (+ metrics and previews if with_metrics)."""
@@ -123,6 +172,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     if with_metrics and config.eval.previews:
       os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
   base_rng = jax.random.PRNGKey(config.eval.seed)
+  floor = TrainingMeanFloor(config, store) if with_metrics else None
   rows = []
   first_input = config.data.inputs[0]
   for idx, subject in enumerate(subjects):
@@ -157,13 +207,18 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
       if config.eval.input_baseline:
         for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
           row[f"input_{k}"] = v
+      if floor.available():
+        floor_raw, row["train_mean_kind"] = floor(subject, box)
+        for k, v in metrics_lib.compute_all(floor_raw, target_raw, mask, data_range).items():
+          row[f"train_mean_{k}"] = v
       if config.eval.previews and writes:
         preview.save_triplanar(
             os.path.join(out_dir, "previews", f"{sid}.png"),
             [(f"input ({first_input})", input_raw), ("prediction", pred_raw),
              (f"target ({config.data.target})", target_raw)],
             error_panel=("|prediction - target|", np.abs(pred_raw - target_raw)))
-      log.info("%s: %s", sid, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "subject"))
+      log.info("%s: %s", sid, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                        if isinstance(v, (int, float))))
     rows.append(row)
   return {"rows": rows, "step": step}
 
@@ -192,7 +247,16 @@ def evaluate(config, workdir: str, make_sampler=None) -> dict:
     entry = {"model": float(np.mean([r[f"model_{k}"] for r in scored]))}
     if config.eval.input_baseline:
       entry["input"] = float(np.mean([r[f"input_{k}"] for r in scored]))
+    if all(f"train_mean_{k}" in r for r in scored):
+      entry["train_mean"] = float(np.mean([r[f"train_mean_{k}"] for r in scored]))
     summary["metrics"][k] = entry
+  if scored and all("train_mean_kind" in r for r in scored):
+    summary["train_mean_floor"] = (
+        "metrics[*].train_mean scores a predictor that ignores its input: "
+        + "; ".join(sorted({r["train_mean_kind"] for r in scored}))
+        + f" ({config.data.train_split!r} split"
+        + (f", region {_plain(config.data.train_region)}" if config.data.train_region else "")
+        + ")")
   summary["data_range"] = [r["data_range"] for r in scored]
   if jax.process_index() != 0:
     return summary
