@@ -134,7 +134,10 @@ def test_cli_train_evaluate_sample(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   summary = json.load(open(tmp_path / "run" / "eval" / "summary.json"))
-  assert set(summary["metrics"]["psnr"]) == {"model"}  # T1 is not a T2 prediction: no input row
+  # T1 is not a T2 prediction: no input row; the floor that ignores the input is there (a
+  # region split of one subject: the training region's mean intensity).
+  assert set(summary["metrics"]["psnr"]) == {"model", "train_mean"}
+  assert "mean intensity of 1 training target(s)" in summary["train_mean_floor"]
   pred = nib.load(tmp_path / "run" / "eval" / "nifti" / "s0_pred.nii.gz")
   assert pred.shape == (32, 16, 16) and np.allclose(pred.affine, np.eye(4))  # the input's grid
   data = pred.get_fdata()
