@@ -161,6 +161,8 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   c.diffusion.sample_steps = args.sample_steps
   if args.clip_x0 is not None:
     c.diffusion.clip_x0 = args.clip_x0
+  if getattr(args, "wdm_lll_scale", None) is not None:
+    c.wdm.lll_scale = args.wdm_lll_scale
   t = c.train
   t.steps = args.steps
   t.learning_rate = args.lr
@@ -521,6 +523,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="overlap fraction of the evaluation windows (0: tiles, last one shifted)")
   p.add_argument("--whole-volume", action=argparse.BooleanOptionalAction, default=True,
                  help="also run jaxvol.eval.evaluate on the whole box (the library's sampler)")
+  p.add_argument("--wdm-lll-scale", type=float, default=None,
+                 help="wdm: divide the LLL band by this (config.wdm.lll_scale; default: the "
+                      "config's 3, as wdm-3d; 1: unscaled bands)")
   p.add_argument("--source", default=None, help="shared real volumes (default: prepare_data's)")
   args = p.parse_args(argv)
   bad = [t for t in args.tasks if t not in TASKS]

@@ -27,6 +27,22 @@ def write_text_atomic(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     raise
 
 
+def write_bytes_atomic(path: str | os.PathLike, write) -> None:
+  """Calls write(binary file) on a temporary file beside `path`, then renames it into place."""
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
   write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 

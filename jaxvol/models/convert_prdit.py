@@ -54,6 +54,7 @@ import sys
 import numpy as np
 
 from jaxvol.models import prdit as prdit_lib
+from jaxvol.models import weights_io
 
 # Attention heads of the authors' standard widths (models/__init__.py); other widths need --heads.
 HEADS_OF_WIDTH = {192: 6, 384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -219,25 +220,6 @@ def _permute(value, leaf, involvement, perm):
   return value[..., idx]
 
 
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield "/".join(prefix + (k,)), v
-
-
-def _unflatten(flat) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def read_checkpoint(path: str, weights: str = "ema") -> dict[str, np.ndarray]:
   """PyTorch-named arrays from one of their .pt/.pth files (needs torch) or an .npz of them."""
   suffix = os.path.splitext(path)[1].lower()
@@ -265,7 +247,7 @@ def load_variables(path: str) -> dict:
       if not all(k.startswith("params/") for k in data.files):
         raise ValueError(f"{path} does not hold converted PRDiT variables (params/... keys); "
                          "convert it first: python -m jaxvol.models.convert_prdit IN OUT")
-      return _unflatten({k: data[k] for k in data.files})
+      return weights_io.unflatten({k: data[k] for k in data.files})
   raise ValueError(f"converted PRDiT weights end in .msgpack or .npz, got {path}")
 
 
@@ -287,15 +269,7 @@ def main(argv=None) -> int:
   except (ImportError, ValueError, KeyError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  tmp = f"{args.out}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    if suffix == ".npz":
-      np.savez(f, **{f"params/{k}": v for k, v in _flatten(variables["params"])})
-    else:
-      from flax import serialization  # pylint: disable=import-outside-toplevel
-      f.write(serialization.msgpack_serialize(variables))
-  os.replace(tmp, args.out)
-  count = sum(v.size for _, v in _flatten(variables["params"]))
+  count = weights_io.save_variables(args.out, variables)
   print(f"wrote {args.out}: {count / 1e6:.2f}M parameters, PRDiT layout "
         f"{prdit_lib.LAYOUT_VERSION}; model fields {fields}"
         + ("" if fields["heads"] else " (heads: not a standard width, set them yourself)"))

@@ -50,6 +50,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxvol.models import unet3d
+from jaxvol.models import weights_io
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -279,18 +280,7 @@ def main(argv=None) -> int:
   except (ImportError, ValueError, OSError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import serialization  # pylint: disable=import-outside-toplevel
-  tmp = f"{args.out}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    if suffix == ".npz":
-      flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(l)
-              for p, l in jax.tree_util.tree_leaves_with_path(variables)}
-      np.savez(f, **flat)
-    else:
-      f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, variables)))
-  os.replace(tmp, args.out)
-  count = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables))
+  count = weights_io.save_variables(args.out, variables)
   model = {k: v for k, v in fields.items() if k not in ("in_channels", "out_channels",
                                                        "cond_channels")}
   print(f"wrote {args.out}: {count:,} parameters; config.model fields: "
