@@ -8,6 +8,10 @@ SPM PET and transmission templates:
 Launch:
   python -m jaxvol.main --config=configs/ppdm_pet_ac.py --workdir=runs/ppdm_pet_ac \
       --config.data.store=data/pet_ac/store
+Split: one anatomy, so training crops come from RAS z in [0, 0.6) and evaluation from [0.6, 1]
+of the test subject (`base.pet_regions`). The NAC input and the AC target have different scales
+(the input is not a prediction of the target), so no input baseline is scored: the floor is the
+training-target mean that evaluation always reports.
 Variant `smoke` runs in seconds on CPU.
 """
 
@@ -24,7 +28,9 @@ def get_config(variant: str | None = None):
   c.model.channel_mults = (1, 2, 4)
   c.model.num_res_blocks = 2
   c.ppdm.factor = (2, 2, 2)
-  c.eval.input_baseline = True  # the NAC input, on the AC target's scale, is the naive floor
+  c.data.train_region, c.data.eval_region = base.pet_regions()
+  base.clamp_for_preset(c, "pet")  # for the baselines that clamp x0 (PPDM does not)
+  c.eval.input_baseline = False  # NAC units are not AC units (jaxvol.data.inference.shares_scale)
   if variant == "smoke":
     base.smoke_overrides(c)
   elif variant not in (None, ""):

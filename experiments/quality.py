@@ -11,8 +11,9 @@ Tasks (data built by tools/prepare_data.py into DIR/data/TASK unless already the
   mri_t1_t2    stroke T1 -> T2, ONE subject split by region: training crops come from RAS x in
                [0, 0.5) (one hemisphere), evaluation is on x in [0.5, 1] (the other hemisphere).
   pet_denoise  low-count (10% dose) -> full-count PET; train: noise realisations of the SPM PET
-               template and of a T1-derived FDG-like PET; test: new noise realisations of the SAME
-               two anatomies (this measures denoising, not generalisation to unseen anatomy).
+               template and of a T1-derived FDG-like PET, crops from RAS z in [0, 0.6); test: new
+               noise realisations of the same two anatomies, evaluated on z in [0.6, 1] only, so
+               the evaluated anatomy is never trained on (configs/ppdm_pet_denoise.py).
 
 Methods, each configured from the repository's configs (configs/{full3d,ppdm,wdm,regression}_
 mri_t1_t2.py, configs/ppdm_pet_denoise.py with `method` switched for the baselines), loaded by
@@ -42,7 +43,10 @@ Evaluation box: full3d sampling costs 50 network passes over the volume (about 4
 over 62x80x70 voxels here), so evaluation uses a CENTRED SUB-BOX: along every axis that the task's
 own eval region leaves whole, only the central `--eval-fraction` (0.5 by default) is kept. MRI:
 the held-out hemisphere x in [0.5, 1] (62 voxels) times the central half in y and z (80x70); PET:
-the central half of each test volume along every axis (45x54x45 and 31x40x35 voxels).
+the held-out z in [0.6, 1] of each test volume times the central half in x and y.
+Every record also scores two floors: the input itself where it shares the target's units
+(`jaxvol.data.inference.shares_scale`; otherwise "not comparable"), and the training-target mean
+(`jaxvol.eval.evaluate.TrainingMeanFloor`), a predictor that ignores its input.
 `--eval-fraction 1` evaluates the whole held-out region / whole test volumes.
 
 Two evaluations of the same checkpoint (final step, EMA weights), metrics on the original
@@ -115,8 +119,9 @@ SPLITS = {
     "mri_t1_t2": ("one subject (stroke T1/T2, 1 mm): trained on RAS x in [0, 0.5) (one "
                   "hemisphere), evaluated on x in [0.5, 1] (the other hemisphere)"),
     "pet_denoise": ("train: 3 noise realisations of each of 2 anatomies (SPM PET template, T1-"
-                    "derived FDG-like PET; 10% dose -> full count); test: 1 new noise realisation "
-                    "of each SAME anatomy (denoising only, no unseen anatomy)"),
+                    "derived FDG-like PET; 10% dose -> full count), crops from RAS z in [0, 0.6); "
+                    "test: 1 new noise realisation of each anatomy, evaluated on z in [0.6, 1] "
+                    "(anatomy never trained on)"),
 }
 PSNR_MARGIN_DB = 0.5
 
@@ -303,6 +308,7 @@ def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> d
   import jax  # pylint: disable=g-import-not-at-top
 
   from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import inference as inference_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.data import nifti  # pylint: disable=g-import-not-at-top
   from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
   from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
@@ -313,8 +319,12 @@ def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> d
   window = int(config.data.crop_size[0])
   stride = max(1, int(round(window * (1.0 - overlap))))
   method = methods.build(config, jax.devices()[0].platform)
-  params, step = evaluate_lib.load_params(config, workdir)
+  params, step, meta = evaluate_lib.load_params(config, workdir, with_meta=True)
   store = store_lib.Store(config.data.store)
+  rules = evaluate_lib.inference_rules(config, store, meta, workdir)  # no target read
+  comparable = config.eval.input_baseline and inference_lib.shares_scale(
+      rules, config.data.inputs[0], config.data.target)
+  floor = evaluate_lib.TrainingMeanFloor(config, store)
   n_in = len(config.data.inputs)
   abstract = jax.ShapeDtypeStruct((chunk, window, window, window, n_in), jax.numpy.float32)
   compiled = jax.jit(method.sample).lower(params, abstract, jax.random.PRNGKey(0)).compile()
@@ -326,7 +336,7 @@ def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> d
   for idx, subject in enumerate(store.subjects(config.eval.split)):
     sid = subject["id"]
     box = pipeline.region_box(subject["shape"], config.data.eval_region)
-    cond = np.stack([store.read(sid, m, box) for m in config.data.inputs], -1)
+    cond = evaluate_lib._volume_inputs(store, sid, config, box, rules)[0]  # pylint: disable=protected-access
     vol_rng = jax.random.fold_in(base_rng, idx)
 
     def sample_batch(k, batch, vol_rng=vol_rng):
@@ -335,19 +345,25 @@ def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> d
     t0 = time.perf_counter()
     pred = sliding_predict(sample_batch, cond, window, stride, chunk)
     seconds = time.perf_counter() - t0
-    target_preset = store.preset(sid, config.data.target)
+    target_preset = inference_lib.resolve(rules, config.data.target, store, sid)
     pred_raw = target_preset.inverse(pred).astype(np.float32)
-    target_raw = target_preset.inverse(store.read(sid, config.data.target, box)).astype(np.float32)
-    input_raw = store.preset(sid, config.data.inputs[0]).inverse(cond[..., 0]).astype(np.float32)
+    target_raw = store.preset(sid, config.data.target).inverse(
+        store.read(sid, config.data.target, box)).astype(np.float32)
+    input_raw = inference_lib.resolve(rules, config.data.inputs[0], store, sid).inverse(
+        cond[..., 0]).astype(np.float32)
     mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
     # The fixed range of evaluate(): the target's intensity preset (not this volume's max - min).
     data_range = float(target_preset.hi - target_preset.lo)
     row = {"subject": sid, "seconds": seconds, "data_range": data_range}
     for k, v in metrics_lib.compute_all(pred_raw, target_raw, mask, data_range).items():
       row[f"model_{k}"] = v
-    if config.eval.input_baseline:
+    if comparable:
       for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
         row[f"input_{k}"] = v
+    if floor.available():
+      floor_raw, row["train_mean_kind"] = floor(subject, box)
+      for k, v in metrics_lib.compute_all(floor_raw, target_raw, mask, data_range).items():
+        row[f"train_mean_{k}"] = v
     full = np.full(tuple(subject["shape"]), target_preset.inverse(-1.0), np.float32)
     full[tuple(slice(a, b) for a, b in box)] = pred_raw
     nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), full,
@@ -363,9 +379,14 @@ def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> d
   metrics = {}
   for name in ("psnr", "ssim", "nmse", "mae", "hfen"):
     metrics[name] = {"model": float(np.mean([r[f"model_{name}"] for r in rows]))}
-    if config.eval.input_baseline:
+    if comparable:
       metrics[name]["input"] = float(np.mean([r[f"input_{name}"] for r in rows]))
-  summary = {"checkpoint_step": step, "metrics": metrics, "rows": rows, "window": window,
+    if all(f"train_mean_{name}" in r for r in rows):
+      metrics[name]["train_mean"] = float(np.mean([r[f"train_mean_{name}"] for r in rows]))
+  summary = {"checkpoint_step": step, "metrics": metrics,
+             "train_mean_floor": sorted({r.get("train_mean_kind", "") for r in rows}),
+             "train_region": plain_region(config.data.train_region),
+             "presets": inference_lib.describe(rules), "rows": rows, "window": window,
              "stride": stride, "chunk": chunk, "region": plain_region(config.data.eval_region),
              "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
   write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
@@ -444,6 +465,13 @@ def table(records: Sequence[dict]) -> str:
     if floor is not None:
       lines.append(f"| {task} | input (no model) | {floor['input_psnr']:.2f} | "
                    f"{floor['input_ssim']:.4f} | - | - | - | - | - |")
+    else:
+      lines.append(f"| {task} | input (no model) | not comparable | - | - | - | - | - | - |")
+    mean = next((r for r in rows if r.get("train_mean_psnr") is not None), None)
+    if mean is not None:
+      lines.append(f"| {task} | training-target mean (ignores the input) | "
+                   f"{mean['train_mean_psnr']:.2f} | {mean['train_mean_ssim']:.4f} "
+                   "| - | - | - | - | - |")
     for r in rows:
       lines.append(f"| {task} | {_label(r)} | {_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.4f')} "
                    f"| {_fmt(r.get('psnr_whole'), '.2f')} | {_fmt(r.get('ssim_whole'), '.4f')} "
@@ -634,6 +662,9 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
       "train_step_s": timing["train_step_s"], "sample_s": windowed["seconds_per_volume"],
       "steps": args.steps, "split": SPLITS[task],
       "input_psnr": metrics["psnr"].get("input"), "input_ssim": metrics["ssim"].get("input"),
+      "train_mean_psnr": metrics["psnr"].get("train_mean"),
+      "train_mean_ssim": metrics["ssim"].get("train_mean"),
+      "train_mean_floor": windowed["train_mean_floor"], "train_region": windowed["train_region"],
       "nmse": metrics["nmse"]["model"], "mae": metrics["mae"]["model"],
       "psnr_whole": whole_metric("psnr"), "ssim_whole": whole_metric("ssim"),
       "sample_whole_s": None if whole is None else whole["seconds_per_volume"],

@@ -70,7 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_steps = 50          # DDIM steps
   g.eta = 0.0
   g.clip_x0 = 1.0              # clip the x0 estimate to [-c, c] while sampling (DDPM); 0: off
-  #                              (wdm: clamped in image space, idwt -> clip -> dwt)
+  #                              (wdm: clamped in image space, idwt -> clip -> dwt). 1 fits the
+  #                              CT window, which the preset clips; PET/MRI presets do not clip,
+  #                              so their configs widen it (clamp_for_preset)
 
   # Wavelet diffusion (method "wdm") as pfriedri/wdm-3d does it; uses c.diffusion.
   c.wdm = w = ml_collections.ConfigDict()
@@ -257,7 +259,28 @@ def mri_t1_t2_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.eval_region = {"0": (0.5, 1.0)}
   c.eval.split = "train"  # the same subject, other hemisphere
   c.eval.input_baseline = False  # T1 intensities are not a T2 prediction
+  return clamp_for_preset(c, "mri")
+
+
+# PET and MRI presets are linear and NOT clipped (hot lesions above the PET cap, bright MRI above
+# the 99.5th percentile keep their values), so normalised targets exceed 1: up to about 1.3-1.6 on
+# this repository's data. Samplers that clamp their x0 estimate must not cut them: the configs of
+# PET/MRI targets clamp at +-2 instead of +-1, and training warns when the store's training targets
+# leave that range (jaxvol.train.loop.check_target_range). CT presets clip to their window, so 1.
+UNCLIPPED_CLAMP = 2.0
+
+
+def clamp_for_preset(c: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+  """Sets config.diffusion.clip_x0 to cover the range of the target preset kind ('ct' keeps 1)."""
+  c.diffusion.clip_x0 = 1.0 if kind in ("ct", "identity") else UNCLIPPED_CLAMP
   return c
+
+
+def pet_regions() -> tuple[dict, dict]:
+  """(train_region, eval_region) of the PET tasks whose subjects share one anatomy (the stores of
+  tools/prepare_data.py and the demo's phantom): RAS z in [0, 0.6) for training, [0.6, 1] for
+  evaluation, as tools/prepare_data.py's TRAIN_REGIONS / EVAL_REGIONS."""
+  return {"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}
 
 
 def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -332,7 +355,7 @@ def _sparse_authors(c: ml_collections.ConfigDict, task: str, paper_size: bool) -
   at the paper's size. The sizes of `smoke`/`cpu` are kept when combined with them."""
   c.model.layout = "authors"
   c.sparse.sampler, c.sparse.levels = "authors", "arange"
-  c.diffusion.clip_x0 = 1.0
+  c.diffusion.clip_x0 = 1.0  # theirs, whatever the preset (training warns if targets leave it)
   c.train.grad_clip, c.train.warmup_steps = 0.0, 0
   c.compute_dtype = "float32"
   c.data.crops, c.data.flips = "grid", False
@@ -376,10 +399,13 @@ def sparse_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
     c.eval.split, c.eval.input_baseline = "train", True
     c.data.crop_size = (48, 96, 96)  # a hemisphere is 62 voxels wide
   else:
-    # PET phantom (tools/prepare_data.py --task pet_denoise): new noise on the test subject.
+    # PET phantom (tools/prepare_data.py --task pet_denoise): new noise on the test subjects,
+    # whose anatomy training shares, so evaluation is on a held-out region (RAS z [0.6, 1]).
     c.data.inputs, c.data.target = ("pet_low",), "pet_full"
+    c.data.train_region, c.data.eval_region = pet_regions()
     c.eval.split, c.eval.input_baseline = "test", True
-    c.data.crop_size = (64, 64, 64)
+    c.data.crop_size = (48, 48, 32)  # fits the training region (z: 42 of 70) of the T1 phantom
+  clamp_for_preset(c, {"ct_denoise": "ct", "mri_sr": "mri", "pet_denoise": "pet"}[task])
   if "smoke" in tokens:
     smoke_overrides(c)
     c.model.stm_dim = 16
@@ -407,6 +433,7 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   c = set_method(base_config(), "full3d")
   c.data.inputs = ()
   c.data.target = "t1"
+  clamp_for_preset(c, "mri")
   c.data.train_region = {"0": (0.0, 0.5)}
   c.data.eval_region = {"0": (0.5, 1.0)}
   c.eval.split = "train"  # the same subject, the other hemisphere

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 from conftest import load_module
 from jaxvol.data import nifti
+from jaxvol.data import presets as presets_lib
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
 
@@ -37,7 +38,13 @@ def test_mri_t1_t2(shared_data, tmp_path, capsys):
   store = store_lib.Store(printed[-1])
   assert store.modalities == ["t1", "t2"]
   assert [(s["id"], s["split"]) for s in store.subjects()] == [("stroke", "train")]
-  assert store.manifest["presets"] == {"t1": {"kind": "mri"}, "t2": {"kind": "mri"}}
+  # Presets fitted on the training hemisphere only (RAS x < 62 of 124), as explicit lo/hi.
+  for m in ("t1", "t2"):
+    raw, _ = nifti.load_volume(shared_data / "mri_stroke" / f"stroke_{m.upper()}.nii.gz")
+    want = presets_lib.fit_preset("mri", raw[:62])
+    assert store.manifest["presets"][m] == {"kind": "mri", "lo": pytest.approx(want.lo),
+                                            "hi": pytest.approx(want.hi)}
+    assert want != presets_lib.fit_preset("mri", raw)  # the whole volume would give another scale
   assert store.read("stroke", "t1").shape == store.read("stroke", "t2").shape == (124, 160, 140)
   # A second run refuses to replace the store; --overwrite rebuilds it.
   assert prepare_data.main(["--task", "mri_t1_t2", "--out", str(tmp_path),
@@ -52,6 +59,14 @@ def test_pet_denoise(shared_data, tmp_path):
   store = store_lib.Store(path)
   assert store.modalities == ["pet_low", "pet_full"]
   assert store.manifest["presets"]["pet_full"] == {"kind": "pet", "ref": "pet_low"}
+  # The low-count scale: the median over training subjects of their training region's (RAS z in
+  # [0, 0.6)) 99.9th percentile, as explicit numbers: no test voxel sets it.
+  his = []
+  for sid in ("pet_tmpl_0", "pet_t1_0"):
+    raw = _raw(store, sid, "pet_low")
+    his.append(np.percentile(raw[:, :, :int(round(0.6 * raw.shape[2]))], 99.9))
+  assert store.manifest["presets"]["pet_low"] == {"kind": "pet", "lo": 0.0,
+                                                  "hi": pytest.approx(np.median(his), rel=1e-4)}
   splits = {s["id"]: s["split"] for s in store.subjects()}
   assert splits == {"pet_tmpl_0": "train", "pet_tmpl_test": "test",
                     "pet_t1_0": "train", "pet_t1_test": "test"}
@@ -95,7 +110,9 @@ def test_pet_ac(shared_data, tmp_path):
   # The names configs/ppdm_pet_ac.py reads.
   config = _load(ROOT / "configs" / "ppdm_pet_ac.py", "pet_ac_config").get_config()
   assert store.modalities == list(config.data.inputs) + [config.data.target]
-  assert store.manifest["presets"] == {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}}
+  assert set(store.manifest["presets"]) == {"pet_nac_low", "pet_ac"}
+  for m, spec in store.manifest["presets"].items():  # fixed scales, fitted on training data
+    assert set(spec) == {"kind", "lo", "hi"} and spec["lo"] == 0.0, (m, spec)
   assert {s["id"]: s["split"] for s in store.subjects()} == {"pet_ac_0": "train",
                                                              "pet_ac_test": "test"}
   for sid in ("pet_ac_0", "pet_ac_test"):

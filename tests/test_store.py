@@ -60,7 +60,7 @@ def test_convert_csv_and_read(tmp_path):
   on_disk = json.loads((out / "manifest.json").read_text())
   assert on_disk == json.loads(json.dumps(manifest))
   assert not (out / "manifest.partial.json").exists()
-  assert manifest["version"] == 1 and manifest["modalities"] == ["mr", "pet_low", "pet_full"]
+  assert manifest["version"] == 2 and manifest["modalities"] == ["mr", "pet_low", "pet_full"]
   assert [s["id"] for s in manifest["subjects"]] == ["s0", "s1", "s2"]
   assert [s["split"] for s in manifest["subjects"]] == ["train", "train", "val"]
 
@@ -89,11 +89,15 @@ def test_convert_csv_and_read(tmp_path):
       np.testing.assert_array_equal(store.read(sid, mod, box), full[3:11, 0:18, 5:6])
       np.testing.assert_array_equal(store.read(sid, mod, (slice(2, 4), slice(None), slice(0, 16))),
                                     full[2:4])
-    # Paired PET shares one scale, fitted on the full-count volume.
+    # Paired PET shares one scale, fitted on the training split's full-count volumes (fit=train:
+    # the median of the training subjects' 99.9th percentiles; the val subject s2 plays no part).
     assert store.preset(sid, "pet_low") == store.preset(sid, "pet_full")
-    full_raw, _ = nifti.load_volume(tmp_path / row["pet_full"])
-    assert store.preset(sid, "pet_full").hi == pytest.approx(np.percentile(full_raw, 99.9))
+    train_full = [nifti.load_volume(tmp_path / r["pet_full"])[0] for r in rows[:2]]
+    assert store.preset(sid, "pet_full").hi == pytest.approx(
+        np.median([np.percentile(v, 99.9) for v in train_full]), rel=1e-6)
     assert store.preset(sid, "mr").name == "mri"
+  assert manifest["presets"]["pet_full"]["fit"] == "train"
+  assert manifest["fitted"]["pet_full"] == store.preset("s2", "pet_full").to_dict()
   # Chunked zarr on disk, chunks clipped to the shape.
   zarray = json.loads((out / "volumes" / "s0" / "mr.zarr" / ".zarray").read_text())
   assert zarray["chunks"] == [20, 18, 16] and zarray["dtype"] == "<f4"
@@ -361,7 +365,7 @@ def test_cli(tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert "2 subjects" in ok.stdout and "pet_low: pet" in ok.stdout
   manifest = store_lib.Store(tmp_path / "store").manifest
-  assert manifest["presets"]["mr"] == {"kind": "mri", "upper": 99.0}
+  assert manifest["presets"]["mr"] == {"kind": "mri", "upper": 99.0, "fit": "train"}
   # Bad input: exit 1, the message names the file, no traceback, nothing written.
   x = np.ones((20, 18, 16), np.float32)
   x[0, 0, 0] = np.inf

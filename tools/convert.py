@@ -8,7 +8,11 @@ Example::
       --preset ct=ct:lo=-1000:hi=1000
 
 Each --preset is MODALITY=KIND[:KEY=VALUE...]; KEY=VALUE pairs go to `fit_preset` (numbers are
-parsed as floats), except `ref`, which fits the preset on another modality's volume. Bad inputs
+parsed as floats), except `ref`, which takes another modality's scale (same subject), and `fit`:
+a percentile preset (PET without a cap, MRI without lo/hi) is fitted on the training split by
+default (`fit=train`: the median over training subjects, so no test volume sets a scale);
+`fit=volume` fits it on each volume itself, which only an input modality may use (evaluation
+refuses a target whose scale comes from its own volume). Bad inputs
 print the reason (naming the file) and exit with status 1; nothing is written then.
 """
 
@@ -35,7 +39,7 @@ def parse_preset(text: str) -> tuple[str, dict]:
     key, sep, value = option.partition("=")
     if not sep or not key:
       raise argparse.ArgumentTypeError(f"--preset {text!r}: option {option!r} is not KEY=VALUE")
-    if key == "ref":
+    if key in ("ref", "fit"):
       spec[key] = value
     else:
       try:

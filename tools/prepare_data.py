@@ -108,6 +108,8 @@ import numpy as np
 from jaxvol.data import degrade
 from jaxvol.data import nifti
 from jaxvol.data import phantoms
+from jaxvol.data import pipeline
+from jaxvol.data import presets as presets_lib
 from jaxvol.data import store as store_lib
 
 TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "ct_gen", "mri_sr")
@@ -140,16 +142,39 @@ PRESETS = {
     "pet_ac": {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}},
     "ct_denoise": {"ct_low": dict(_CT_PRESET), "ct": dict(_CT_PRESET, ref="ct_low")},
     "ct_gen": {"ct": dict(_CT_PRESET)},
-    "mri_sr": {**{f"t1_x{f}": {"kind": "mri", "ref": "t1"} for f in SR_FACTORS},
-               "t1": {"kind": "mri"}},
+    # Inputs on the target's scale (fitted on the training region of the target, not on the
+    # evaluated one: `_training_presets`), so the input is a comparable baseline.
+    "mri_sr": {**{f"t1_x{f}": {"kind": "mri"} for f in SR_FACTORS}, "t1": {"kind": "mri"}},
 }
-TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (only the Poisson "
-                   "noise differs): this measures denoising, not generalisation to new anatomy")
+# The region split of each task's configs (jaxvol.config): training crops come from this part of
+# every volume, evaluation from the rest. Percentile presets are fitted here, on the training
+# subjects' training region only (`_training_presets`), so no evaluated voxel sets a scale.
+TRAIN_REGIONS = {
+    "mri_t1_t2": {"0": (0.0, 0.5)},
+    "mri_sr": {"0": (0.0, 0.5)},
+    "pet_denoise": {"2": (0.0, 0.6)},
+    "pet_ac": {"2": (0.0, 0.6)},
+    "ct_denoise": {"2": (0.0, 0.6)},
+}
+EVAL_REGIONS = {
+    "mri_t1_t2": {"0": (0.5, 1.0)},
+    "mri_sr": {"0": (0.5, 1.0)},
+    "pet_denoise": {"2": (0.6, 1.0)},
+    "pet_ac": {"2": (0.6, 1.0)},
+    "ct_denoise": {"2": (0.6, 1.0)},
+}
+TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (only the noise "
+                   "differs), so the configs also hold out a region: the evaluated anatomy is "
+                   "never trained on")
 REGION_NOTES = {
     "mri_t1_t2": "one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
                  "(one hemisphere each)",
     "mri_sr": "one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
               "(one hemisphere each)",
+    "pet_denoise": "the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
+                   "subjects (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
+    "pet_ac": "the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
+              "subject (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
     "ct_denoise": "one volume: the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] "
                   "(train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
     "ct_gen": "one volume: enough to show the mechanics of training and sampling, not to learn "
@@ -328,6 +353,30 @@ def _mri_sr_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
   return [dict(row, t1=str(path))]
 
 
+def _training_presets(task: str, datalist: pathlib.Path) -> dict[str, dict]:
+  """The task's preset specs with every percentile preset replaced by explicit lo/hi, fitted on
+  the training subjects' training region (`TRAIN_REGIONS`): the median over those subjects of
+  `fit_preset` on the region. A `ref` spec keeps taking its ref's (now fixed) scale."""
+  specs = {m: dict(v) for m, v in PRESETS[task].items()}
+  region = TRAIN_REGIONS.get(task)
+  train = [s for s in store_lib.read_datalist(datalist) if s["split"] == "train"]
+  for mod, spec in specs.items():
+    kw = {k: v for k, v in spec.items() if k != "kind"}
+    if "ref" in spec or not presets_lib.depends_on_volume(spec["kind"], kw):
+      continue
+    fits = []
+    for subject in train:
+      vol, _ = nifti.load_volume(subject["volumes"][mod])
+      if region:
+        vol = vol[tuple(slice(a, b) for a, b in pipeline.region_box(vol.shape, region))]
+      fits.append(presets_lib.fit_preset(spec["kind"], vol, **kw))
+    specs[mod] = {"kind": spec["kind"], "lo": float(np.median([p.lo for p in fits])),
+                  "hi": float(np.median([p.hi for p in fits]))}
+  for f in SR_FACTORS if task == "mri_sr" else ():
+    specs[f"t1_x{f}"] = dict(specs["t1"])  # the same fixed scale as the target: comparable
+  return specs
+
+
 def _ras_spacing(geometry: nifti.Geometry) -> tuple[float, float, float]:
   """Voxel sizes along the RAS axes (the header zooms permuted like the array)."""
   ornt = nio.io_orientation(geometry.affine)
@@ -386,7 +435,7 @@ def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | N
   modalities = list(PRESETS[task])
   datalist = out / "datalist.csv"
   _write_datalist(datalist, modalities, rows)
-  store_lib.convert(datalist, store_path, PRESETS[task], overwrite=overwrite)
+  store_lib.convert(datalist, store_path, _training_presets(task, datalist), overwrite=overwrite)
   return str(store_path)
 
 
@@ -403,6 +452,9 @@ def describe(task: str, store_path: str) -> str:
     lines.append(f"  {REGION_NOTES[task]}")
   if task not in ("mri_t1_t2", "mri_sr", "ct_gen"):
     lines.append(f"  note: {TEST_SPLIT_NOTE}")
+  for mod in store.modalities:
+    p = store.subjects()[0]["volumes"][mod]["preset"]
+    lines.append(f"  preset {mod}: {p['name']} [{p['lo']:.6g}, {p['hi']:.6g}]")
   return "\n".join(lines)
 
 

@@ -15,6 +15,12 @@ Forward map: `y = 2 * (x - lo) / (hi - lo) - 1`, so `lo -> -1` and `hi -> 1`.
   * 'identity': `lo = -1`, `hi = 1` (data already in network range).
 
 Forward and inverse accept numpy or JAX arrays (only arithmetic and `.clip` are used).
+
+Where a preset comes from matters for honest evaluation: a preset fitted on a volume is a statistic
+of that volume. `depends_on_volume` says whether a kind with its keywords needs one; the store
+(jaxvol.data.store) fits such presets on the training split, on an input modality (`ref=`), or on
+each volume only where asked (`fit=volume`, legitimate for inputs, which inference has), so that a
+target's scale never comes from the target itself.
 """
 
 from __future__ import annotations
@@ -64,6 +70,17 @@ class Preset:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Preset":
     return cls(name=d["name"], lo=float(d["lo"]), hi=float(d["hi"]))
+
+
+def depends_on_volume(kind: str, kw: dict[str, Any] | None = None) -> bool:
+  """True when `fit_preset(kind, volume, **kw)` reads the volume (a percentile), False when the
+  keywords alone fix lo and hi (a CT window, a PET cap, explicit MRI lo and hi, identity)."""
+  kw = kw or {}
+  if kind == "pet":
+    return not ({"hi", "cap"} & set(kw))
+  if kind == "mri":
+    return not {"lo", "hi"} <= set(kw)
+  return False
 
 
 def fit_preset(kind: str, volume: np.ndarray | None = None, **kw) -> Preset:

@@ -41,6 +41,8 @@ import shutil
 import tempfile
 from typing import Any, Mapping, Sequence
 
+import logging
+
 import numpy as np
 import tensorstore as ts
 
@@ -51,11 +53,14 @@ from jaxvol.data.nifti import VolumeError
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 VOLUMES = "volumes"
-VERSION = 1
+VERSION = 2  # 2: data-dependent presets fitted on the training split by default ("fitted")
+READS = (1, 2)  # manifest versions this code reads (1 with a warning, see Store)
+FITS = ("train", "volume")
 SPLITS = ("train", "val", "test")
 CHUNK = 32
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # Used as folder and file names.
 _COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1}
+log = logging.getLogger("jaxvol")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +156,16 @@ def _normalise_specs(presets: Mapping[str, Any], modalities: Sequence[str]) -> d
     ref = spec.get("ref")
     if ref is not None and ref not in modalities:
       raise ValueError(f"preset for {mod!r}: ref {ref!r} is not a modality of the datalist")
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "ref", "fit")}
+    fit = spec.get("fit")
+    if fit is not None and fit not in FITS:
+      raise ValueError(f"preset for {mod!r}: fit must be one of {FITS}, got {fit!r}")
+    if ref is None and presets_lib.depends_on_volume(spec["kind"], kw):
+      spec["fit"] = fit or "train"
+    elif fit is not None:
+      why = (f"it takes the scale of {ref!r}" if ref is not None
+             else "its keywords fix lo and hi")
+      raise ValueError(f"preset for {mod!r}: fit={fit} has no effect, {why}")
     specs[mod] = spec
   for mod, spec in specs.items():
     ref = spec.get("ref")
@@ -165,18 +180,33 @@ def _normalise_specs(presets: Mapping[str, Any], modalities: Sequence[str]) -> d
   return specs
 
 
+def _kw(spec: dict) -> dict:
+  """The `fit_preset` keywords of a spec."""
+  return {k: v for k, v in spec.items() if k not in ("kind", "ref", "fit")}
+
+
 def _fit_presets(specs: dict[str, dict], arrays: dict[str, np.ndarray],
-                 sources: dict[str, str]) -> dict[str, presets_lib.Preset]:
-  """Fits every modality's preset; a spec with `ref` takes the ref modality's FITTED preset
+                 sources: dict[str, str],
+                 train_fitted: Mapping[str, presets_lib.Preset] | None = None,
+                 ) -> dict[str, presets_lib.Preset]:
+  """Fits every modality's preset for one subject.
+
+  A spec with fit=train takes `train_fitted[mod]` (fitted on the training split); fit=volume
+  fits on this subject's own volume. A spec with `ref` takes the ref modality's FITTED preset
   (its lo/hi: the same scale, whatever keywords, e.g. a cap, the ref was given), with its own
   keywords (lo, hi, cap, ...) overriding it."""
   fitted = {}
   for mod in sorted(specs, key=lambda m: specs[m].get("ref") is not None):  # refs first
     spec = specs[mod]
-    kw = {k: v for k, v in spec.items() if k not in ("kind", "ref")}
+    kw = _kw(spec)
     ref = spec.get("ref")
     src = ref or mod
     try:
+      if spec.get("fit") == "train" and train_fitted is not None:
+        # Fitted on the training split; the own fit only checks the volume (e.g. not all zero).
+        presets_lib.fit_preset(spec["kind"], arrays[mod], **kw)
+        fitted[mod] = train_fitted[mod]
+        continue
       if ref is not None:
         scale = {"lo": fitted[ref].lo, "hi": fitted[ref].hi}
         if {"hi", "cap", "percentile", "upper"} & set(kw):
@@ -197,7 +227,36 @@ def _stats(x: np.ndarray) -> dict[str, float]:
           "std": float(x.std(dtype=np.float64)), "p01": float(p01), "p99": float(p99)}
 
 
-def _plan_subject(subject: dict, specs: dict[str, dict]) -> dict[str, Any]:
+def _fit_on_training_split(subjects: Sequence[dict], specs: dict[str, dict]
+                           ) -> dict[str, presets_lib.Preset]:
+  """The presets of fit=train specs: each training subject's own fit, then the median of their
+  lo and of their hi, so that no volume outside the training split (a test target) sets a
+  scale. Reads only those modalities of the training subjects."""
+  mods = [m for m, s in specs.items() if s.get("fit") == "train"]
+  if not mods:
+    return {}
+  train = [s for s in subjects if s["split"] == "train"]
+  if not train:
+    raise ValueError(
+        f"presets of {mods} are fitted on the training split (fit=train, the default for "
+        "percentile presets), but the datalist has no 'train' subject; give the scale "
+        "explicitly (lo/hi, or a PET cap, e.g. the values a trained checkpoint's store used), "
+        "or fit=volume for a modality that inference has (an input)")
+  fits = {m: [] for m in mods}
+  for subject in train:
+    for m in mods:
+      arr, _ = nifti.load_volume(subject["volumes"][m])
+      try:
+        fits[m].append(presets_lib.fit_preset(specs[m]["kind"], arr, **_kw(specs[m])))
+      except ValueError as e:
+        raise VolumeError(f"{subject['volumes'][m]}: cannot fit the {specs[m]['kind']!r} preset "
+                          f"for {m!r}: {e}") from e
+  return {m: presets_lib.Preset(specs[m]["kind"], float(np.median([p.lo for p in fits[m]])),
+                                float(np.median([p.hi for p in fits[m]]))) for m in mods}
+
+
+def _plan_subject(subject: dict, specs: dict[str, dict],
+                  train_fitted: Mapping[str, presets_lib.Preset] | None = None) -> dict[str, Any]:
   """Loads and checks one subject; returns its manifest entry (no arrays kept)."""
   arrays, geoms = {}, {}
   for mod, src in subject["volumes"].items():
@@ -205,7 +264,7 @@ def _plan_subject(subject: dict, specs: dict[str, dict]) -> dict[str, Any]:
   nifti.check_same_grid([(subject["volumes"][m], geoms[m]) for m in arrays])
   entry = {"id": subject["subject"], "split": subject["split"],
            "shape": list(next(iter(arrays.values())).shape), "volumes": {}}
-  fitted = _fit_presets(specs, arrays, subject["volumes"])
+  fitted = _fit_presets(specs, arrays, subject["volumes"], train_fitted)
   for mod in specs:
     preset = fitted[mod]
     entry["volumes"][mod] = {
@@ -315,12 +374,19 @@ def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
       raise FileExistsError(f"{out_dir}: exists, is not empty and is not a store; "
                             "choose a new folder or pass overwrite=True")
 
-  # Check every remaining input before the first write.
-  plans = [_plan_subject(s, specs) for s in subjects if s["subject"] not in done]
+  # Check every remaining input before the first write (fit=train scales first: they are
+  # the same for every subject, and a resumed conversion keeps the ones it started with).
+  if done and "fitted" in partial:
+    train_fitted = {m: presets_lib.Preset.from_dict(p)
+                    for m, p in partial.get("fitted", {}).items()}
+  else:
+    train_fitted = _fit_on_training_split(subjects, specs)
+  plans = [_plan_subject(s, specs, train_fitted) for s in subjects if s["subject"] not in done]
 
   had_partial = bool(done)
   created_dir = not os.path.exists(out_dir)
-  header = {"version": VERSION, "modalities": modalities, "presets": specs}
+  header = {"version": VERSION, "modalities": modalities, "presets": specs,
+            "fitted": {m: p.to_dict() for m, p in train_fitted.items()}}
   current = None  # The subject being written, whose volumes an error must remove.
   try:
     if overwrite and not created_dir:
@@ -366,6 +432,9 @@ def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
 # Reading.
 
 
+_WARNED: set[int] = set()
+
+
 class Store:
   """Read access to a converted store.
 
@@ -385,9 +454,16 @@ class Store:
         self.manifest = json.load(f)
     except ValueError as e:
       raise VolumeError(f"{manifest_path}: not valid JSON ({e})") from e
-    if self.manifest.get("version") != VERSION:
-      raise VolumeError(f"{manifest_path}: manifest version {self.manifest.get('version')!r}, "
-                        f"this code reads version {VERSION}")
+    version = self.manifest.get("version")
+    if version not in READS:
+      raise VolumeError(f"{manifest_path}: manifest version {version!r}, this code reads "
+                        f"versions {READS}")
+    if version == 1 and os.getpid() not in _WARNED:
+      _WARNED.add(os.getpid())
+      log.warning("%s: converted before presets were fitted on the training split: percentile "
+                  "presets were fitted on each volume itself, so evaluation refuses a target "
+                  "whose scale came from its own volume; reconvert (tools/convert.py or "
+                  "tools/prepare_data.py with --overwrite) to evaluate on it", self.path)
     self._by_id = {s["id"]: s for s in self.manifest["subjects"]}
     self._handles: dict[tuple[str, str], Any] = {}
     self._pid = os.getpid()
@@ -404,6 +480,23 @@ class Store:
   @property
   def modalities(self) -> list[str]:
     return list(self.manifest["modalities"])
+
+  def preset_spec(self, modality: str) -> dict[str, Any]:
+    """The conversion's preset spec of a modality ({"kind", "ref"?, "fit"?, keywords}); for a
+    version-1 store a percentile preset without ref reads as fit=volume (what it was)."""
+    specs = self.manifest.get("presets", {})
+    if modality not in specs:
+      raise KeyError(f"{self.path}: no modality {modality!r} (has {self.modalities})")
+    spec = dict(specs[modality])
+    if (self.manifest.get("version") == 1 and spec.get("ref") is None
+        and presets_lib.depends_on_volume(spec["kind"], _kw(spec))):
+      spec["fit"] = "volume"
+    return spec
+
+  def fitted_preset(self, modality: str) -> presets_lib.Preset | None:
+    """The training-split preset of a fit=train modality (None for other modalities)."""
+    p = self.manifest.get("fitted", {}).get(modality)
+    return None if p is None else presets_lib.Preset.from_dict(p)
 
   def subjects(self, split: str | None = None) -> list[dict[str, Any]]:
     """Manifest entries of all subjects, or of one split, in manifest order."""

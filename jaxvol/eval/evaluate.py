@@ -11,9 +11,15 @@ of a region split) and writes, under WORKDIR/eval/:
   metrics.csv    one row per volume
   nifti/         predictions on each input's own grid with its affine, in original intensities
   previews/      PNG tri-planar views: input | prediction | target | error
-Metrics are on the original intensity scale (the store's intensity presets inverted), inside the
-body mask of the target when `config.eval.mask == "body"`; PSNR and SSIM use the target preset's
-range (hi - lo) as the data range, so volumes are scored on one fixed scale. With a region split,
+Inference reads no target: inputs are normalised, and predictions mapped back to original units,
+with the presets the checkpoint's rules give (jaxvol.data.inference: fixed or fitted on the
+training split, or taken from an input), so a volume gets the same prediction whether or not the
+store holds its target; a store whose target preset was fitted on the target itself is refused.
+Metrics are on the original intensity scale, inside the body mask of the target when
+`config.eval.mask == "body"`; PSNR and SSIM use that target preset's range (hi - lo) as the data
+range, so volumes are scored on one fixed scale. The input is scored as a baseline only where it
+shares the target's units (`inference.shares_scale`); otherwise summary["input_baseline"] says
+"not comparable". summary.json also names the split, regions, mask, data range and presets. With a region split,
 predictions cover the held-out region and the rest of the input's grid is filled with the
 preset's background value. Every process computes; process 0 writes.
 With `config.inference.window` set, samplers run in Gaussian-blended windows of that size spread
@@ -41,6 +47,7 @@ import numpy as np
 
 from jaxvol import fileio
 from jaxvol import methods
+from jaxvol.data import inference as inference_lib
 from jaxvol.data import nifti
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
@@ -52,20 +59,35 @@ log = logging.getLogger("jaxvol")
 METRICS = ("psnr", "ssim", "nmse", "mae", "hfen")
 
 
-def load_params(config, workdir: str):
-  """Restores (params, step) from WORKDIR's checkpoints: EMA weights unless config.eval.use_ema is off."""
+def load_params(config, workdir: str, with_meta: bool = False):
+  """Restores (params, step) (and the checkpoint's metadata with `with_meta`) from WORKDIR's
+  checkpoints: EMA weights unless config.eval.use_ema is off."""
   ckpt = ckpt_lib.Checkpointer(workdir, with_data=False, async_save=False)
   try:
     step = config.eval.checkpoint_step
     step = ckpt.latest_step() if step is None or step < 0 else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint found under {ckpt.directory}: train first")
-    ckpt_lib.check_same_model(ckpt.restore_meta(step), config, ckpt.directory)
+    meta = ckpt.restore_meta(step)
+    ckpt_lib.check_same_model(meta, config, ckpt.directory)
     state, _ = ckpt.restore(None, step)  # onto this process's first device, whatever mesh saved it
   finally:
     ckpt.close()
   params = state["ema_params"] if config.eval.use_ema else state["params"]
-  return jax.tree.map(jnp.asarray, params), int(step)
+  params = jax.tree.map(jnp.asarray, params)
+  return (params, int(step), meta or {}) if with_meta else (params, int(step))
+
+
+def inference_rules(config, store, meta: dict, where: str) -> dict:
+  """The checkpoint's inference-preset rules (jaxvol.data.inference), or for checkpoints saved
+  before they were recorded, the store's; checked so that no target volume sets a scale."""
+  rules = (meta or {}).get("inference_presets")
+  source = f"checkpoint {where}"
+  if not rules:
+    rules = inference_lib.rules_of(store, config.data.inputs, config.data.target)
+    source = f"store {store.path}"
+  inference_lib.check_rules(rules, config.data.inputs, config.data.target, source)
+  return rules
 
 
 class LocalSampler:
@@ -95,8 +117,21 @@ def make_volume_sampler(method, make_sampler=None):
   return sampler if sampler is not None else LocalSampler(method)
 
 
-def _volume_inputs(store, subject_id: str, config, box):
-  chans = np.stack([store.read(subject_id, m, box) for m in config.data.inputs], axis=-1)
+def _volume_inputs(store, subject_id: str, config, box, rules=None):
+  """The condition (1, D, H, W, C) of a subject's box, each input on the scale `rules` give it
+  (re-normalised from the store's own preset when the two differ: a store converted with other
+  presets than the training store's)."""
+  def one(m):
+    x = store.read(subject_id, m, box)
+    if rules is None:
+      return x
+    want, have = inference_lib.resolve(rules, m, store, subject_id), store.preset(subject_id, m)
+    if want != have:
+      log.warning("%s/%s: the store's preset %s differs from the checkpoint's %s; re-normalising "
+                  "the input to the checkpoint's scale", subject_id, m, have, want)
+      x = want.forward(have.inverse(x))
+    return np.asarray(x, np.float32)
+  chans = np.stack([one(m) for m in config.data.inputs], axis=-1)
   if config.data.get("position_channels", False):
     pos = pipeline.position_grid(store.shape(subject_id), box)
     chans = np.concatenate([chans, pos], axis=-1)
@@ -160,9 +195,12 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   """Runs the sampler over a split and writes NIfTI (+ metrics and previews if with_metrics)."""
   method = methods.build(config, jax.devices()[0].platform)
   sampler = make_volume_sampler(method, make_sampler)
-  params, step = load_params(config, workdir)
+  params, step, meta = load_params(config, workdir, with_meta=True)
   params = sampler.put_params(params)
   store = store_lib.Store(config.data.store)
+  rules = inference_rules(config, store, meta, workdir)
+  first_input = config.data.inputs[0]
+  comparable = inference_lib.shares_scale(rules, first_input, config.data.target)
   subjects = store.subjects(split)
   if not subjects:
     raise ValueError(f"split {split!r} of store {config.data.store} has no subjects")
@@ -174,17 +212,16 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   base_rng = jax.random.PRNGKey(config.eval.seed)
   floor = TrainingMeanFloor(config, store) if with_metrics else None
   rows = []
-  first_input = config.data.inputs[0]
   for idx, subject in enumerate(subjects):
     sid = subject["id"]
     box = _eval_box(store, subject, config)
-    cond = _volume_inputs(store, sid, config, box)
+    cond = _volume_inputs(store, sid, config, box, rules)
     t0 = time.time()
     pred = sampler(params, cond, jax.random.fold_in(base_rng, idx))[0, ..., 0]
     seconds = time.time() - t0
-    # Without a target volume (pure sampling) the output uses the first input's intensity scale.
+    # The target's scale from the rules: the same with or without the target in the store.
     has_target = config.data.target in subject["volumes"]
-    target_preset = store.preset(sid, config.data.target if has_target else first_input)
+    target_preset = inference_lib.resolve(rules, config.data.target, store, sid)
     pred_raw = target_preset.inverse(pred).astype(np.float32)
     geometry = store.geometry(sid, first_input)
     full = np.full(tuple(subject["shape"]), target_preset.inverse(-1.0), np.float32)
@@ -198,13 +235,14 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     elif with_metrics:
       target_raw = store.preset(sid, config.data.target).inverse(
           store.read(sid, config.data.target, box)).astype(np.float32)
-      input_raw = store.preset(sid, first_input).inverse(cond[0, ..., 0]).astype(np.float32)
+      input_raw = inference_lib.resolve(rules, first_input, store, sid).inverse(
+          cond[0, ..., 0]).astype(np.float32)
       mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
       data_range = float(target_preset.hi - target_preset.lo)
       row["data_range"] = data_range
       for k, v in metrics_lib.compute_all(pred_raw, target_raw, mask, data_range).items():
         row[f"model_{k}"] = v
-      if config.eval.input_baseline:
+      if config.eval.input_baseline and comparable:
         for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
           row[f"input_{k}"] = v
       if floor.available():
@@ -220,7 +258,8 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
       log.info("%s: %s", sid, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                         if isinstance(v, (int, float))))
     rows.append(row)
-  return {"rows": rows, "step": step}
+  return {"rows": rows, "step": step, "presets": inference_lib.describe(rules),
+          "input_comparable": comparable}
 
 
 def _plain(region):
@@ -245,7 +284,7 @@ def evaluate(config, workdir: str, make_sampler=None) -> dict:
                        "volume in the store: predicted, not scored; metrics average the rest")
   for k in METRICS if scored else ():
     entry = {"model": float(np.mean([r[f"model_{k}"] for r in scored]))}
-    if config.eval.input_baseline:
+    if config.eval.input_baseline and result["input_comparable"]:
       entry["input"] = float(np.mean([r[f"input_{k}"] for r in scored]))
     if all(f"train_mean_{k}" in r for r in scored):
       entry["train_mean"] = float(np.mean([r[f"train_mean_{k}"] for r in scored]))
@@ -257,7 +296,14 @@ def evaluate(config, workdir: str, make_sampler=None) -> dict:
         + f" ({config.data.train_split!r} split"
         + (f", region {_plain(config.data.train_region)}" if config.data.train_region else "")
         + ")")
+  if config.eval.input_baseline and not result["input_comparable"]:
+    summary["input_baseline"] = (
+        f"not comparable: {config.data.inputs[0]!r} is not on {config.data.target!r}'s scale "
+        "(different units or presets), so the input is not scored as a prediction")
   summary["data_range"] = [r["data_range"] for r in scored]
+  summary["presets"] = result["presets"]
+  summary["train_split"] = config.data.train_split
+  summary["train_region"] = _plain(config.data.train_region)
   if jax.process_index() != 0:
     return summary
   fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)

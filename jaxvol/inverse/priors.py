@@ -100,7 +100,7 @@ class NetworkPrior:
 
 
 def from_method(method, params, window: windows_lib.SlidingWindow | None = None,
-                shift: bool = True, clip: float | None = 1.0,
+                shift: bool = True, clip: float | None | str = "config",
                 positions=None) -> NetworkPrior:
   """A NetworkPrior from an unconditional `full3d` method (config.data.inputs = ()).
 
@@ -112,7 +112,8 @@ def from_method(method, params, window: windows_lib.SlidingWindow | None = None,
     params: its parameters.
     window: None (whole volume) or the patch prior's SlidingWindow.
     shift: random window-grid shift at every call.
-    clip: x0 clip (see NetworkPrior).
+    clip: x0 clip (see NetworkPrior); "config": the method's config.diffusion.clip_x0 (0: none),
+      which the configs set to cover their preset's range (jaxvol.config.clamp_for_preset).
     positions: (D, H, W, 3) normalised positions of the volume being solved for
       (jaxvol.data.pipeline.position_grid of the region inside its whole volume); required when
       the method uses position channels, refused otherwise.
@@ -132,6 +133,9 @@ def from_method(method, params, window: windows_lib.SlidingWindow | None = None,
     positions = jnp.asarray(positions, jnp.float32)
     if positions.ndim != 4 or positions.shape[-1] != 3:
       raise ValueError(f"positions must be (D, H, W, 3), got {positions.shape}")
+
+  if clip == "config":
+    clip = float(method.config.diffusion.clip_x0) or None
 
   def apply(p, x, cond, t):
     return method._apply(p, x, cond, t)  # pylint: disable=protected-access

@@ -28,6 +28,7 @@ from clu import parameter_overview
 from jaxvol import fileio
 from jaxvol import methods
 from jaxvol.data import pipeline
+from jaxvol.data import inference as inference_lib
 from jaxvol.data import store as store_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import distributed
@@ -66,9 +67,55 @@ def presets_of(store) -> dict:
 
 
 def run_meta(config, store_path: str) -> dict:
+  """The checkpoint metadata: config, every subject's preset, and how each input's and the
+  target's preset is known at inference (jaxvol.data.inference rules), so that a store without
+  targets, or a user's own store, is normalised and mapped back as training was."""
   store = store_lib.Store(store_path)
   return {"config": json.loads(config.to_json_best_effort()), "presets": presets_of(store),
+          "inference_presets": inference_lib.rules_of(store, config.data.inputs,
+                                                      config.data.target),
           "store": os.path.abspath(store_path)}
+
+
+CLAMPING_METHODS = ("full3d", "wdm", "sparse")  # samplers that clip their x0 estimate
+
+
+def check_target_range(config, store_path: str) -> float | None:
+  """Warns when the training targets, normalised, leave the sampler's x0 clamp.
+
+  PET and MRI presets do not clip (jaxvol.data.presets), so a clamp at 1 would cut hot lesions
+  and bright tissue; the configs widen it (jaxvol.config.clamp_for_preset). Reads only the
+  manifest's per-volume statistics. Returns the largest |normalised target| (None when the
+  method does not clamp).
+  """
+  bound = float(config.diffusion.clip_x0)
+  if config.method not in CLAMPING_METHODS or bound <= 0:
+    return None
+  store = store_lib.Store(store_path)
+  peak = 0.0
+  for s in store.subjects(config.data.train_split):
+    vol = s["volumes"].get(config.data.target)
+    if vol is None:
+      continue
+    preset = store.preset(s["id"], config.data.target)
+    lo, hi = preset.forward(np.array([vol["stats"]["min"], vol["stats"]["max"]], np.float64))
+    peak = max(peak, abs(float(lo)), abs(float(hi)))
+  if peak > bound:
+    log.warning("training targets reach %.3g in network units but the sampler clamps x0 to "
+                "[-%g, %g] (config.diffusion.clip_x0): the brightest voxels cannot be predicted; "
+                "widen the clamp or clip in the preset", peak, bound, bound)
+  return peak
+
+
+def warn_inference_presets(config, store_path: str) -> None:
+  """Says at training start when evaluation will refuse this store's presets."""
+  store = store_lib.Store(store_path)
+  try:
+    inference_lib.check_rules(inference_lib.rules_of(store, config.data.inputs,
+                                                     config.data.target),
+                              config.data.inputs, config.data.target, store.path)
+  except ValueError as e:
+    log.warning("evaluation of this run will be refused: %s", e)
 
 
 class _StopFlag:
@@ -217,6 +264,8 @@ def train(config, workdir: str) -> dict:
       positions=config.data.get("position_channels", False), process_index=shard,
       process_count=num_shards, crops=config.data.get("crops", "random"))
   meta = run_meta(config, config.data.store)
+  warn_inference_presets(config, config.data.store)
+  check_target_range(config, config.data.store)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
   start = ckpt.latest_step()
