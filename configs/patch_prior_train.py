@@ -12,8 +12,11 @@ Launch:
       --config.data.store=data/mri_t1_t2/store
 Variant `smoke` runs in seconds on CPU; `cpu` is the 2-core CPU budget of
 experiments/patch_prior.py (width 8, 16^3 patches, 15 minutes); `positions` (combinable, e.g.
-`cpu,positions`) adds the normalised position channels. Trained on one hemisphere (RAS x in [0, 0.5)); the
-reconstruction experiments use the other.
+`cpu,positions`) adds the normalised position channels. Trained on one hemisphere (RAS x in
+[0, 0.5)); the reconstruction experiments use the other. The position channels therefore encode
+only RAS y and z (`data.position_axes = (1, 2)`), whose whole range the training crops cover; an
+x channel would hold, at evaluation, coordinates the network never saw in training
+(jaxvol.data.pipeline.check_position_coverage refuses such a config).
 """
 
 from jaxvol import config as base
@@ -43,5 +46,7 @@ def get_config(variant: str | None = None):
     base.cpu_overrides(c)
     c.train.steps, c.train.time_limit_minutes = 4000, 15.0
   c.data.position_channels = "positions" in tokens
+  # Axis 0 is the train/eval split: its channel would only ever be trained on the other half.
+  c.data.position_axes = (1, 2)
   c.inference.window = tuple(c.data.crop_size)
   return c

@@ -2,7 +2,8 @@
 
 Input: low-count, non-attenuation-corrected PET (`pet_nac_low`); target: full-count
 attenuation-corrected PET (`pet_ac`). The NAC input is simulated from PET and an attenuation map
-(jaxvol.data.degrade.simulate_nac_pet documents the physics), then Poisson-thinned, e.g. from the
+as Poisson counts on the attenuated sinogram reconstructed without attenuation correction
+(jaxvol.data.degrade.simulate_low_count_pet documents the physics), e.g. from the
 SPM PET and transmission templates:
   python tools/prepare_data.py --task pet_ac --out data/pet_ac
 Launch:

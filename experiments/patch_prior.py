@@ -8,10 +8,12 @@ same network applied to the whole volume at once, with a fraction of the memory,
 Protocol. One prior (configs/patch_prior_train.py, variant `--variant`, trained through the
 library's own loop on random patches of the stroke T1's left hemisphere unless `--prior-workdir`
 already holds a checkpoint) is restored once. The test volume is a centred `--size` box of the
-held-out right hemisphere (RAS x in [0.5, 1]). For each task (MRI from simulated single-coil
-Cartesian k-space at R=4 or 8, equispaced with a fully sampled centre; super-resolution x2 or x4
-by block averaging) the measurement is simulated from the magnitude image in network units with
-Gaussian noise sigma = --noise (the same measurement for every reconstruction), then
+held-out right hemisphere (RAS x in [0.5, 1]); a `positions` prior encodes only the axes whose
+evaluation coordinates training covers (RAS y and z; `check_positions` refuses any other). For
+each task (MRI from simulated single-coil Cartesian k-space at R=4 or 8, equispaced with a fully
+sampled centre; super-resolution x2 or x4 by block averaging) the measurement is simulated from
+the magnitude image in network units with Gaussian noise sigma = --noise (the same measurement
+for every reconstruction), then
   zero_filled   the adjoint (nearest upsampling for SR),
   tv            total-variation least squares (Chambolle-Pock, --tv-iters iterations),
   SOLVER x {patch, whole}   DiffPIR / DPS with --steps prior evaluations each.
@@ -20,7 +22,8 @@ outputs - aliased; jaxvol.train.step.compiled_cost), `seconds` one run after
 compilation, PSNR/SSIM on the original intensity scale inside the target's brain mask over the
 preset's range. `--memory-sizes` adds compile-only memory records (nothing allocated) for cubic
 volumes of those sides. Writes OUT/patch_prior.json (records {task, solver, prior, bytes,
-seconds, psnr, ssim, size, steps}) and prints a table.
+seconds, psnr, ssim, size, steps}; `position_axes` the prior's encoded axes, [] for none) and
+prints a table.
 
   python experiments/patch_prior.py --out runs/patch_prior_exp
 """
@@ -73,7 +76,14 @@ def task_config(task: str, variant: str, store: str, prior_dir: str,
   c.pnp.prior_workdir = prior_dir
   if overlap is not None:
     c.inference.overlap = overlap
+  check_positions(c)
   return c
+
+
+def check_positions(config) -> None:
+  """Refuses position channels whose evaluation coordinates lie outside the training ones."""
+  pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
+                                   pipeline.position_axes(config.data))
 
 
 def ensure_prior(variant: str, store: str, prior_dir: pathlib.Path, log=print) -> None:
@@ -87,6 +97,7 @@ def ensure_prior(variant: str, store: str, prior_dir: pathlib.Path, log=print) -
   spec.loader.exec_module(mod)
   c = mod.get_config(variant)
   c.data.store = store
+  check_positions(c)
   # Data parallel over as many local devices as divide the batch.
   c.mesh.data = math.gcd(c.data.batch_size, jax.local_device_count())
   if not (prior_dir / "DONE").exists():
@@ -146,7 +157,8 @@ def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
   key = jax.random.PRNGKey(args.seed)
   xj = jnp.asarray(x)
   y = ops.simulate_measurement(op, xj, p.noise_std, jax.random.fold_in(key, 1))
-  positions = pipeline.position_grid(full_shape, box) if method.position_channels else None
+  axes = pipeline.position_axes(c.data)
+  positions = pipeline.position_grid(full_shape, box, axes) if method.position_channels else None
   base = {"task": task, "size": list(shape), "steps": args.steps, "checkpoint_step": step}
   records = []
 
@@ -278,8 +290,10 @@ def main(argv=None):
   for side in [int(s) for s in args.memory_sizes.split(",") if s]:
     records += memory_only(tasks[0], args, store, str(prior_dir), side)
   checks = verdicts(records)
+  axes = pipeline.position_axes(task_config(tasks[0], args.variant, store, str(prior_dir)).data)
   common.write_json(out / "patch_prior.json", {
-      "device": common.device_name(), "variant": args.variant, "steps": args.steps,
+      "device": common.device_name(), "variant": args.variant, "position_axes": list(axes),
+      "steps": args.steps,
       "noise_std": args.noise, "size": list(args.size), "overlap": args.overlap,
       "measurements": "simulated from the magnitude T1 in network units",
       "records": records, "checks": checks})

@@ -30,6 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (voxel centres mapped to [-1, 1] per axis): a patch-trained network then knows where its patch
   # lies (patch-based priors, jaxvol.inverse).
   d.position_channels = False
+  # The axes (0, 1, 2: RAS x, y, z) whose position channel holds coordinates; the others are 0, a
+  # constant the first convolution ignores. Encode only axes whose evaluation region lies inside
+  # the training region (jaxvol.data.pipeline.check_position_coverage refuses the others).
+  d.position_axes = (0, 1, 2)
   # Region splits of one volume: {"axis": (lo_frac, hi_frac)}, e.g. {"0": (0.0, 0.5)} trains on
   # the first half of the RAS x axis (one hemisphere) and {"0": (0.5, 1.0)} evaluates on the other.
   d.train_region = None
@@ -468,5 +472,6 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   if "cpu" in tokens:
     cpu_overrides(c)
   c.data.position_channels = "positions" in tokens
+  c.data.position_axes = (1, 2)  # the prior's: axis 0 is the train/eval split
   c.inference.window = tuple(c.data.crop_size)
   return c

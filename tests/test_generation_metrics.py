@@ -60,9 +60,9 @@ def test_ms_ssim_identity_noise_and_single_scale_reference():
   assert generation.ms_ssim_3d(x, x) == pytest.approx(1.0, abs=1e-12)
   values = [generation.ms_ssim_3d(x, x + s * noise, data_range=4.0) for s in (0.1, 0.3, 1.0)]
   assert 1.0 > values[0] > values[1] > values[2] >= 0.0
-  # One scale is plain SSIM as computed by jaxvol.eval.metrics.
+  # One scale is plain SSIM with the 7-voxel window of jaxvol.eval.metrics.ssim7.
   assert generation.ms_ssim_3d(x, x + 0.3 * noise, data_range=4.0, scales=1) == pytest.approx(
-      metrics.ssim(x + 0.3 * noise, x, data_range=4.0), rel=1e-12)
+      metrics.ssim7(x + 0.3 * noise, x, data_range=4.0), rel=1e-12)
   with pytest.raises(ValueError, match="too small"):
     generation.ms_ssim_scales((7, 64, 64))
 

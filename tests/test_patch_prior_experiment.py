@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,3 +44,39 @@ def test_patch_prior_experiment_writes_every_record(shared_data, tmp_path):
   assert mem[("dps", "whole")] > mem[("diffpir", "whole")]
   assert any("less memory" in c for c in doc["checks"])
   assert (out / "prior" / "DONE").exists()
+
+
+def _experiment():
+  from conftest import load_module  # pylint: disable=import-outside-toplevel
+  return load_module(os.path.join(ROOT, "experiments", "patch_prior.py"), "patch_prior_experiment")
+
+
+def _prior_config(variant):
+  from conftest import load_module  # pylint: disable=import-outside-toplevel
+  return load_module(os.path.join(ROOT, "configs", "patch_prior_train.py"),
+                     "patch_prior_train_cfg").get_config(variant)
+
+
+def test_position_channels_only_encode_axes_training_covers():
+  """Trained on RAS x in [0, 0.5), evaluated on [0.5, 1): no x channel, and a guard for one."""
+  from jaxvol.data import pipeline  # pylint: disable=import-outside-toplevel
+  exp = _experiment()
+  c = _prior_config("cpu,positions")
+  assert dict(c.data.train_region) == {"0": (0.0, 0.5)}
+  assert dict(c.data.eval_region) == {"0": (0.5, 1.0)}
+  assert pipeline.position_axes(c.data) == (1, 2)
+  exp.check_positions(c)
+  assert pipeline.position_axes(_prior_config("cpu").data) == ()
+  c.data.position_axes = (0, 1, 2)  # the x channel would be evaluated on unseen coordinates
+  with pytest.raises(ValueError, match="axis 0 evaluated on"):
+    exp.check_positions(c)
+
+
+def test_reconstruction_config_encodes_the_priors_position_axes():
+  """The plug-and-play config (jaxvol.config.pnp_config) agrees with the prior it restores."""
+  from jaxvol.data import pipeline  # pylint: disable=import-outside-toplevel
+  exp = _experiment()
+  for task in ("mri_r4", "sr_x2"):
+    c = exp.task_config(task, "cpu,positions", "store", "prior")
+    assert pipeline.position_axes(c.data) == (1, 2)
+    assert tuple(c.data.position_axes) == tuple(_prior_config("cpu,positions").data.position_axes)

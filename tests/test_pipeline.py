@@ -210,6 +210,63 @@ def test_crops_carry_their_positions_flipped_with_the_image(paired_store):
   assert seen_flip and seen_pad
 
 
+def test_position_grid_zeroes_the_axes_it_does_not_encode():
+  full = pipeline.position_grid((4, 2, 6))
+  g = pipeline.position_grid((4, 2, 6), ((1, 3), (0, 2), (2, 5)), axes=(1, 2))
+  np.testing.assert_array_equal(g[..., 0], 0.0)
+  np.testing.assert_array_equal(g[..., 1:], full[1:3, :, 2:5, 1:])
+  np.testing.assert_array_equal(pipeline.position_grid((4, 2, 6), axes=()), 0.0)
+
+
+def test_position_axes_reads_the_data_config():
+  assert pipeline.position_axes({"position_channels": False, "position_axes": (1, 2)}) == ()
+  assert pipeline.position_axes({"position_channels": True}) == (0, 1, 2)  # older configs
+  assert pipeline.position_axes({"position_channels": True, "position_axes": [2, 1]}) == (1, 2)
+  for bad in ((), (0, 0), (3,)):
+    with pytest.raises(ValueError, match="position_axes"):
+      pipeline.position_axes({"position_channels": True, "position_axes": bad})
+
+
+def test_position_coverage_refuses_coordinates_training_never_saw():
+  half, other = {"0": (0.0, 0.5)}, {"0": (0.5, 1.0)}
+  # The hemisphere split with an x channel: x in [0.5, 1) at evaluation, [0, 0.5) in training.
+  with pytest.raises(ValueError, match=r"axis 0 evaluated on \(0.5, 1.0\) but trained on "
+                     r"\(0.0, 0.5\).*position_axes = \(1, 2\)"):
+    pipeline.check_position_coverage(half, other, (0, 1, 2))
+  # Evaluating the whole volume leaves the training half too; the axes training covers pass.
+  with pytest.raises(ValueError, match="axis 0"):
+    pipeline.check_position_coverage(half, None, (0,))
+  pipeline.check_position_coverage(half, other, (1, 2))
+  pipeline.check_position_coverage(half, other, ())
+  pipeline.check_position_coverage(None, other, (0, 1, 2))  # trained on every coordinate
+  pipeline.check_position_coverage({2: (0.0, 0.8)}, {2: (0.1, 0.8)}, (0, 1, 2))  # inside
+  # Splitting on another axis moves the problem there; a partial overlap is refused too.
+  with pytest.raises(ValueError, match="axis 2"):
+    pipeline.check_position_coverage({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, (0, 1, 2))
+  with pytest.raises(ValueError, match="axis 1"):
+    pipeline.check_position_coverage({1: (0.2, 0.7)}, {1: (0.5, 0.9)}, (1,))
+  with pytest.raises(ValueError, match="0 <= lo < hi <= 1"):
+    pipeline.check_position_coverage({0: (0.5, 0.2)}, None, (1,))
+
+
+def test_crops_carry_only_the_encoded_position_axes(paired_store):
+  store = store_lib.Store(paired_store)
+  source = pipeline.CropSource(store, "train")
+  for crops in ("random", "grid"):
+    batch = next(_iter(store, with_meta=True, positions=(1, 2), crops=crops,
+                       region={0: (0.0, 0.5)}))
+    for j in range(4):
+      shape = store.shape(source.subject_ids[batch["subject_index"][j]])
+      np.testing.assert_array_equal(batch["position"][j][..., 0], 0.0)
+      # Axis 0's crop lies in the first half, but its channel carries nothing of it; axes 1, 2
+      # are the crop's own coordinates (flipped with the image).
+      start = batch["box_start"][j]
+      y = (2.0 * (start[1] + np.arange(8)) + 1.0) / shape[1] - 1.0
+      if batch["flips"][j][1]:
+        y = y[::-1]
+      np.testing.assert_allclose(batch["position"][j][0, :, 0, 1], y, atol=1e-6)
+
+
 def test_grid_starts_follow_the_authors_rule():
   # 50% overlap, plus one patch ending at the edge when the grid stops short of it.
   assert pipeline.grid_starts(0, 24, 8, 4) == [0, 4, 8, 12, 16]

@@ -4,7 +4,8 @@
 
 1. Builds an FDG-like PET phantom from the MNI152 grey/white-matter maps that nilearn ships
    (offline), six "subjects" that differ in noise, global scale and small hot lesions; full-count
-   and 10%-dose low-count versions (jaxvol.data.phantoms). Split 4/1/1. The subjects share one
+   and 10%-dose low-count PET reconstructed (FBP) from Poisson counts on the sinogram
+   (jaxvol.data.phantoms). Split 4/1/1. The subjects share one
    anatomy, so the config also splits the volume: training crops come from RAS z in [0, 0.6) and
    the test subject is scored on z in [0.6, 1], anatomy never trained on.
 2. Converts them into a store (tools/convert.py).

@@ -3,7 +3,7 @@
 Usage::
 
   python tools/prepare_data.py --task TASK --out DIR [--source ../shared/data] [--seed 0]
-      [--dose 0.1] [--counts 1e8] [--realisations 3] [--overwrite]
+      [--dose 0.1] [--counts 3e8] [--realisations 3] [--overwrite]
 
 Writes, under DIR:
   nifti/*.nii.gz    the simulated volumes (clean MRI and CT targets are read from the source)
@@ -29,36 +29,55 @@ Tasks:
       CSF 0.05 (`jaxvol.data.phantoms.FDG_RATIOS`), blurred with a 4 mm FWHM Gaussian (scanner
       resolution) at 1 mm, then averaged over 2x2x2 blocks onto a 2 mm grid (62x80x70), the
       voxel size of a clinical brain PET and of the template.
-  For each realisation, full-count = one Poisson realisation of the activity at ``--counts``
-  expected counts (`degrade.poisson_thinning` with dose 1), low-count = an independent one at
-  dose fraction ``--dose``, both rescaled so that their expectation is the activity. Modalities
-  ``pet_low`` and ``pet_full``, presets ``pet_low=pet``, ``pet_full=pet:ref=pet_low`` (one scale
-  for both). Subjects: ``pet_tmpl_0..N-1`` and ``pet_t1_0..N-1`` (train, N = ``--realisations``),
-  ``pet_tmpl_test`` and ``pet_t1_test`` (test, other noise seeds).
+  For each realisation, full-count = a reconstruction of Poisson counts drawn on the activity's
+  sinogram at ``--counts`` expected coincidences (`degrade.simulate_low_count_pet` with dose 1:
+  2D parallel-beam projections of every axial slice, scanner axis along RAS z, filtered
+  back-projection with a Hann-apodised ramp), low-count = an independent one at dose fraction
+  ``--dose``; both are scaled back to activity units and share one expectation (the activity as
+  seen through the reconstruction kernel). The noise is spatially correlated, as in a
+  reconstructed PET image; no attenuation, scatter or randoms. At the default 3e8 counts the
+  template's full-count image has about 7% noise (std / mean) in the brain, the 10% image about
+  23%. Modalities ``pet_low`` and ``pet_full``, presets ``pet_low=pet`` (its cap fitted on the
+  training subjects' training region, see "Presets" below) and ``pet_full=pet:ref=pet_low`` (one
+  scale for both). Subjects: ``pet_tmpl_0..N-1`` and ``pet_t1_0..N-1`` (train, N =
+  ``--realisations``), ``pet_tmpl_test`` and ``pet_t1_test`` (test, other noise seeds).
   With only two anatomies, the TEST SUBJECTS SHARE THEIR ANATOMY WITH TRAINING SUBJECTS; only the
-  noise differs. This measures denoising, not generalisation to unseen anatomy.
+  noise differs. The configs therefore also split each volume: training crops come from RAS z in
+  [0, 0.6) and evaluation is on [0.6, 1] (``TRAIN_REGIONS`` / ``EVAL_REGIONS``), so the evaluated
+  anatomy is never trained on.
 
 ``pet_ac``
   Joint denoising and attenuation correction from the SPM PET and transmission templates:
-  mu = `degrade.mu_from_transmission(Transm)` (1/cm at 511 keV), NAC = `degrade.simulate_nac_pet`
-  (PET, mu, spacing) with the scanner axis along RAS z (its docstring states the physics). Input
-  ``pet_nac_low`` = the NAC image Poisson-thinned at dose ``--dose``, with the count budget the
-  attenuation leaves (``--counts`` x sum(NAC) / sum(PET): the photons that reach the detector);
-  target ``pet_ac`` = a full-count realisation of the AC PET at ``--counts``. Presets
-  ``pet_nac_low=pet`` and ``pet_ac=pet``, fitted separately (the two images have different
-  scales), matching `configs/ppdm_pet_ac.py`. Subjects ``pet_ac_0..N-1`` (train) and
-  ``pet_ac_test`` (test): one anatomy, so again only the noise differs between train and test.
+  mu = `degrade.mu_from_transmission(Transm)` (1/cm at 511 keV). Both images come from one
+  simulated scan of the same injected dose (``--counts`` coincidences before attenuation at full
+  dose; `degrade.simulate_low_count_pet` with ``mu_map``, scanner axis along RAS z; its
+  docstring and the module's state the physics): every line of response of the PET's sinogram
+  is attenuated by exp(-integral of mu along the whole line), so the head keeps about a fifth to
+  a quarter of the counts, fewest through its centre. Input ``pet_nac_low`` = Poisson counts of
+  that attenuated sinogram at dose ``--dose``, reconstructed WITHOUT attenuation correction (the
+  NAC image: dark centre, bright rim; about 0.17 of the AC image's mean in the brain); target
+  ``pet_ac`` = the full-count scan reconstructed WITH attenuation correction (each bin divided by
+  its survival before FBP, which amplifies the noise of deep lines, as in a real scan). Both use
+  the same Hann-apodised FBP, so the pair differs only by attenuation and counts, not by
+  resolution. Presets ``pet_nac_low=pet`` and ``pet_ac=pet``, each fitted on the training
+  subjects' training region (the two images have different units, so the input is not scored as
+  a baseline), matching `configs/ppdm_pet_ac.py`. Subjects ``pet_ac_0..N-1`` (train) and
+  ``pet_ac_test`` (test): one anatomy, so the configs split each volume like pet_denoise (train
+  on RAS z in [0, 0.6), evaluate on [0.6, 1]).
 
 ``ct_denoise``
   Low-dose -> full-dose CT from the abdominal CT of `ct_abdomen/example_ct.nii.gz` (real HU,
   122x101x112 at 3 mm). Target ``ct`` = the source HU (read from the source file); input
   ``ct_low`` = `degrade.simulate_low_dose_ct` (projection-domain noise insertion, scanner axis
-  along RAS z; its docstring states the physics) at dose fraction ``--dose`` (default 0.1: about
-  95 HU of noise inside the body on top of the scan's own with the sharp ramp kernel, input PSNR
-  about 28 dB over the 2000 HU window; the organs stay readable in an abdominal window),
-  ``degrade.DEFAULT_CT_I0`` = 1e5 photons per ray per view at full dose, 360 views, the noise
-  reconstructed with the plain ramp filter (a sharp kernel: streaky, high-frequency noise; a
-  Hann-apodised kernel would give about 35 HU). Presets ``ct_low=ct`` (HU window
+  along RAS z; its docstring states the physics) at dose fraction ``--dose`` (default 0.1). The
+  source is a full-dose scan whose own noise is about 11 HU (`degrade.CT_FULL_DOSE_NOISE_HU`,
+  measured in its liver), so only the MISSING variance is added: 11^2 (1 / dose - 1) HU^2
+  averaged over the body, 33 HU at dose 0.1 (nothing at dose 1), for a total of about
+  11 / sqrt(0.1) = 35 HU as in a real 10% scan; input PSNR about 36 dB over the 2000 HU window.
+  The photon count per ray follows from that calibration for the kernel and the 360 views
+  used; the noise is reconstructed with the plain ramp filter (``CT_FILTER``: a sharp kernel,
+  fine streaky grain; a Hann kernel gives the same level with a smoother texture). Presets
+  ``ct_low=ct`` (HU window
   -1000..1000 -> [-1, 1], clipped outside it) and ``ct=ct:ref=ct_low``: one fixed scale for both,
   inverted by the evaluation so metrics are in HU. Subjects ``ct_abdomen_0..N-1`` (train, N noise
   realisations) and ``ct_abdomen_test`` (test, another noise seed). One volume: the configs train
@@ -84,9 +103,16 @@ Tasks:
   the configs split it by hemisphere like ``mri_t1_t2`` (train on RAS x in [0, 0.5), evaluate on
   [0.5, 1]).
 
-PET noise is drawn voxel by voxel in the image domain (no tomographic reconstruction), so it is
-white, not spatially correlated as in a reconstructed PET image; CT noise is reconstructed from
-projections, so it has the correlated, streaky texture of CT noise. Every output is a
+PET and CT noise are both reconstructed from projections by filtered back-projection, so they
+have the spatially correlated texture of real reconstructed images (blotchy for PET, streaky for
+CT); slices are reconstructed one by one (no oblique lines of response, no correlation across
+slices).
+
+Presets: percentile presets (PET caps, MRI lo/hi) are fitted here on the TRAINING subjects'
+TRAINING REGION only (`_training_presets`: the median over those subjects) and handed to the store
+as explicit numbers, so no evaluated voxel, and no target of an evaluated volume, sets a scale;
+mri_sr's inputs take the same numbers as their target (one scale, a comparable input).
+``describe`` prints them. Every output is a
 deterministic function of the arguments (``--seed``). Files are written atomically (temporary
 name, then rename); the store conversion is atomic and resumable. An existing DIR/store is never
 replaced without ``--overwrite``.
@@ -115,7 +141,7 @@ from jaxvol.data import store as store_lib
 TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "ct_gen", "mri_sr")
 DEFAULT_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DOSE = 0.1  # PET tasks
-DEFAULT_CT_DOSE = 0.1  # ct_denoise: ~95 HU of inserted noise in the body (see the docstring)
+DEFAULT_CT_DOSE = 0.1  # ct_denoise: ~33 HU of inserted noise in the body (see the docstring)
 CT_FILTER = "ramp"  # sharp reconstruction kernel for the inserted noise
 DEFAULT_DOSES = {"pet_denoise": DEFAULT_DOSE, "pet_ac": DEFAULT_DOSE, "ct_denoise": DEFAULT_CT_DOSE}
 CT_WINDOW_HU = (-1000.0, 1000.0)  # air .. dense bone, mapped to [-1, 1]
@@ -294,10 +320,12 @@ def _pet_denoise_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: flo
   ]
   rows = []
   for a, (name, activity, affine) in enumerate(anatomies):
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))  # RAS voxel sizes
     for suffix, split, k in _realisation_ids(realisations):
       rng = _rng(seed, a, k)
-      full = degrade.poisson_thinning(activity, 1.0, counts, rng)
-      low = degrade.poisson_thinning(activity, dose, counts, rng)
+      # Counts on the sinogram of every axial slice, FBP (Hann): `degrade.simulate_low_count_pet`.
+      full = degrade.simulate_low_count_pet(activity, counts, 1.0, spacing, rng, axis=2)
+      low = degrade.simulate_low_count_pet(activity, counts, dose, spacing, rng, axis=2)
       rows.append(_save_pair(out / "nifti", f"pet_{name}_{suffix}", split,
                              {"pet_low": low, "pet_full": full}, affine))
   return rows
@@ -311,14 +339,17 @@ def _pet_ac_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: float, c
                          (str(src / SOURCES["transm"]), transm_geom)])
   pet = np.clip(pet, 0.0, None)
   mu = degrade.mu_from_transmission(transm)
-  nac = degrade.simulate_nac_pet(pet, mu, _ras_spacing(geom), axis=2)
-  nac_counts = counts * float(nac.sum(dtype=np.float64) / pet.sum(dtype=np.float64))
+  spacing = _ras_spacing(geom)
   affine = nifti.ras_affine(geom)
   rows = []
   for suffix, split, k in _realisation_ids(realisations):
     rng = _rng(seed, 2, k)
-    target = degrade.poisson_thinning(pet, 1.0, counts, rng)
-    low_nac = degrade.poisson_thinning(nac, dose, nac_counts, rng)
+    # One injected dose (`counts` coincidences before attenuation at full dose), attenuated along
+    # each line of response. Target: the full-count scan reconstructed with attenuation
+    # correction; input: the low-dose scan reconstructed without it.
+    target = degrade.simulate_low_count_pet(pet, counts, 1.0, spacing, rng, mu_map=mu,
+                                            attenuation_correction=True, axis=2)
+    low_nac = degrade.simulate_low_count_pet(pet, counts, dose, spacing, rng, mu_map=mu, axis=2)
     rows.append(_save_pair(out / "nifti", f"pet_ac_{suffix}", split,
                            {"pet_nac_low": low_nac, "pet_ac": target}, affine))
   return rows

@@ -148,17 +148,104 @@ class CropSource(grain.sources.RandomAccessDataSource):
     return f"CropSource(store={self.store.path!r}, split={self.split!r}, n={len(self)})"
 
 
-def position_grid(shape: Sequence[int], box: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+AXES = (0, 1, 2)
+
+
+def position_axes(data_config) -> tuple[int, ...]:
+  """The axes a data config encodes as position channels; () without position channels.
+
+  Args:
+    data_config: `config.data`; reads `position_channels` and `position_axes` (absent: all three
+      axes, the behaviour of configs written before the field existed).
+
+  Returns:
+    The sorted axes whose channel holds coordinates (see `position_grid`).
+  """
+  if not data_config.get("position_channels", False):
+    return ()
+  axes = data_config.get("position_axes", None)
+  axes = AXES if axes is None else tuple(int(a) for a in axes)
+  if not axes or len(set(axes)) != len(axes) or any(a not in AXES for a in axes):
+    raise ValueError(f"position_axes must be distinct axes from {AXES}, at least one, got "
+                     f"{tuple(axes)} (set position_channels = False for none)")
+  return tuple(sorted(axes))
+
+
+def _region_fractions(region) -> dict[int, tuple[float, float]]:
+  """{axis: (lo, hi)} of every axis; axes a region does not name (or None) are (0, 1)."""
+  out = {a: (0.0, 1.0) for a in AXES}
+  for axis, fracs in (region or {}).items():
+    axis = int(axis)
+    if axis not in AXES:
+      raise ValueError(f"region axis must be 0, 1 or 2, got {axis}")
+    lo, hi = (float(f) for f in fracs)
+    if not 0.0 <= lo < hi <= 1.0:
+      raise ValueError(f"region for axis {axis} must satisfy 0 <= lo < hi <= 1, got ({lo}, {hi})")
+    out[axis] = (lo, hi)
+  return out
+
+
+def check_position_coverage(train_region, eval_region, axes: Sequence[int]) -> None:
+  """Refuses position channels whose evaluation coordinates were never seen in training.
+
+  A position channel holds a voxel's normalised coordinate in the whole volume, so training on
+  one slab of an axis and evaluating on another (e.g. one hemisphere and the other along RAS x)
+  hands the network values of that channel it was never trained on. Encode only the axes whose
+  evaluation range lies inside the training range (config.data.position_axes), or split on an
+  axis without a position channel.
+
+  Args:
+    train_region: the training region ({axis: (lo_frac, hi_frac)}, see `region_box`; None for the
+      whole volume).
+    eval_region: the evaluated region, same form (None: the whole volume).
+    axes: the axes with position channels (`position_axes`; () checks nothing).
+
+  Raises:
+    ValueError: naming every encoded axis whose evaluation fractions leave the training ones.
+  """
+  train, evaluate = _region_fractions(train_region), _region_fractions(eval_region)
+  bad = [(a, evaluate[a], train[a]) for a in sorted(int(a) for a in axes)
+         if evaluate[a][0] < train[a][0] or evaluate[a][1] > train[a][1]]
+  if bad:
+    covered = [a for a in AXES
+               if train[a][0] <= evaluate[a][0] and evaluate[a][1] <= train[a][1]]
+    raise ValueError(
+        "position channels evaluated outside the coordinates they were trained on: "
+        + ", ".join(f"axis {a} evaluated on {e} but trained on {t}" for a, e, t in bad)
+        + f"; encode only the covered axes (config.data.position_axes = {tuple(covered)}) or "
+        "split the regions along an axis without a position channel")
+
+
+def position_grid(shape: Sequence[int], box: Sequence[Sequence[int]] | None = None,
+                  axes: Sequence[int] = AXES) -> np.ndarray:
   """Normalised voxel positions (D, H, W, 3) of a box of a volume of `shape`.
 
   Voxel centres of the whole volume map to [-1, 1] per axis ((2 i + 1) / n - 1), so a voxel has
   the same code in a training crop and in a whole-volume or other-region evaluation. Box bounds
-  may lie outside [0, n) (crops of padded axes): positions extrapolate linearly.
+  may lie outside [0, n) (crops of padded axes): positions extrapolate linearly. The channel of
+  an axis not in `axes` is 0 everywhere: a constant zero input adds nothing to the network's
+  first (zero-padded) convolution, so the network sees only the encoded axes, with the channel
+  count of a full position code.
   """
   box = tuple((0, int(n)) for n in shape) if box is None else box
-  axes = [((2.0 * np.arange(lo, hi) + 1.0) / n - 1.0).astype(np.float32)
-          for (lo, hi), n in zip(box, shape)]
-  return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+  keep = {int(a) for a in axes}
+  coords = [((2.0 * np.arange(lo, hi) + 1.0) / n - 1.0).astype(np.float32)
+            for (lo, hi), n in zip(box, shape)]
+  grid = np.stack(np.meshgrid(*coords, indexing="ij"), axis=-1)
+  for a in AXES:
+    if a not in keep:
+      grid[..., a] = 0.0
+  return grid
+
+
+def _axes_of(positions: bool | Sequence[int]) -> tuple[int, ...]:
+  """`positions` of the crop maps and the iterator: False, True (every axis) or some axes."""
+  if isinstance(positions, (bool, np.bool_)):
+    return AXES if positions else ()
+  axes = tuple(int(a) for a in positions)
+  if len(set(axes)) != len(axes) or any(a not in AXES for a in axes):
+    raise ValueError(f"position axes must be distinct axes from {AXES}, got {axes}")
+  return axes
 
 
 class CropAndFlip:
@@ -171,9 +258,9 @@ class CropAndFlip:
 
   def __init__(self, store: Store, modalities: Mapping[str, str], crop_size: Sequence[int],
                flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
-               with_meta: bool = False, positions: bool = False):
+               with_meta: bool = False, positions: bool | Sequence[int] = False):
     self.store = store
-    self.positions = bool(positions)
+    self.positions = _axes_of(positions)
     self.modalities = dict(modalities)
     self.crop_size = tuple(int(c) for c in crop_size)
     self.flips = bool(flips)
@@ -207,7 +294,7 @@ class CropAndFlip:
     if self.positions:
       # The crop's own voxel positions, padded axes included, flipped with the image.
       crop_box = [(lo - o, lo - o + c) for (lo, _), o, c in zip(read_box, offsets, self.crop_size)]
-      pos = position_grid(self.store.shape(sid), crop_box)
+      pos = position_grid(self.store.shape(sid), crop_box, self.positions)
       if flip_axes:
         pos = np.flip(pos, axis=flip_axes)
       out["position"] = np.ascontiguousarray(pos)
@@ -227,13 +314,13 @@ class GridCrop:
 
   def __init__(self, store: Store, modalities: Mapping[str, str], crop_size: Sequence[int],
                region: Mapping[int, Sequence[float]] | None = None, with_meta: bool = False,
-               positions: bool = False):
+               positions: bool | Sequence[int] = False):
     self.store = store
     self.modalities = dict(modalities)
     self.crop_size = tuple(int(c) for c in crop_size)
     self.region = None if region is None else {int(k): tuple(v) for k, v in region.items()}
     self.with_meta = with_meta
-    self.positions = bool(positions)
+    self.positions = _axes_of(positions)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     sid = record["subject"]
@@ -250,7 +337,8 @@ class GridCrop:
       out[key] = np.ascontiguousarray(x, dtype=np.float32)[..., None]
     if self.positions:
       crop_box = [(lo, lo + c) for (lo, _), c in zip(read_box, self.crop_size)]
-      out["position"] = np.ascontiguousarray(position_grid(self.store.shape(sid), crop_box))
+      out["position"] = np.ascontiguousarray(
+          position_grid(self.store.shape(sid), crop_box, self.positions))
     if self.with_meta:
       out["subject_index"] = np.int32(record["index"])
       out["box_start"] = np.array([b[0] for b in read_box], dtype=np.int32)
@@ -269,7 +357,7 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
                         crop_size: Sequence[int], batch_size: int, seed: int, num_workers: int = 0,
                         flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
                         process_index: int | None = None, process_count: int | None = None,
-                        with_meta: bool = False, positions: bool = False,
+                        with_meta: bool = False, positions: bool | Sequence[int] = False,
                         crops: str = "random") -> grain.DatasetIterator:
   """Endless iterator of this host's share of random (or grid) paired crops.
 
@@ -288,7 +376,8 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
     process_count: number of blocks a global batch splits into (default jax.process_count()).
     with_meta: also yield "subject_index", "box_start" and "flips" per sample (for debugging).
     positions: also yield "position" (B, D, H, W, 3), the crop's normalised voxel positions in
-      the whole volume (see `position_grid`).
+      the whole volume (see `position_grid`): True for every axis, or the encoded axes
+      (`position_axes(config.data)`; the other channels are 0).
     crops: "random" (a random corner per sample, `CropAndFlip`) or "grid" (every patch of a
       50%-overlap grid, shuffled, never flipped: `GridSource`, `GridCrop`; `flips` is ignored).
 

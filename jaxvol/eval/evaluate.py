@@ -19,7 +19,8 @@ Metrics are on the original intensity scale, inside the body mask of the target 
 `config.eval.mask == "body"`; PSNR and SSIM use that target preset's range (hi - lo) as the data
 range, so volumes are scored on one fixed scale. The input is scored as a baseline only where it
 shares the target's units (`inference.shares_scale`); otherwise summary["input_baseline"] says
-"not comparable". summary.json also names the split, regions, mask, data range and presets. With a region split,
+"not comparable". summary.json also names the split, regions, mask, data range, presets and each
+metric's convention (summary["conventions"]; docs/metrics.md). With a region split,
 predictions cover the held-out region and the rest of the input's grid is filled with the
 preset's background value. Every process computes; process 0 writes.
 With `config.inference.window` set, samplers run in Gaussian-blended windows of that size spread
@@ -56,7 +57,7 @@ from jaxvol.eval import preview
 from jaxvol.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("jaxvol")
-METRICS = ("psnr", "ssim", "nmse", "mae", "hfen")
+METRICS = metrics_lib.METRICS
 
 
 def load_params(config, workdir: str, with_meta: bool = False):
@@ -133,7 +134,8 @@ def _volume_inputs(store, subject_id: str, config, box, rules=None):
     return np.asarray(x, np.float32)
   chans = np.stack([one(m) for m in config.data.inputs], axis=-1)
   if config.data.get("position_channels", False):
-    pos = pipeline.position_grid(store.shape(subject_id), box)
+    pos = pipeline.position_grid(store.shape(subject_id), box,
+                                 pipeline.position_axes(config.data))
     chans = np.concatenate([chans, pos], axis=-1)
   return chans[None].astype(np.float32)
 
@@ -193,6 +195,8 @@ class TrainingMeanFloor:
 def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool,
                   make_sampler=None) -> dict:
   """Runs the sampler over a split and writes NIfTI (+ metrics and previews if with_metrics)."""
+  pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
+                                   pipeline.position_axes(config.data))
   method = methods.build(config, jax.devices()[0].platform)
   sampler = make_volume_sampler(method, make_sampler)
   params, step, meta = load_params(config, workdir, with_meta=True)
@@ -302,6 +306,8 @@ def evaluate(config, workdir: str, make_sampler=None) -> dict:
         "(different units or presets), so the input is not scored as a prediction")
   summary["data_range"] = [r["data_range"] for r in scored]
   summary["presets"] = result["presets"]
+  summary["conventions"] = metrics_lib.conventions(
+      "target preset hi - lo (summary['data_range'])", config.eval.mask)
   summary["train_split"] = config.data.train_split
   summary["train_region"] = _plain(config.data.train_region)
   if jax.process_index() != 0:

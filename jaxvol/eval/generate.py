@@ -147,8 +147,10 @@ def _condition(method, config, shape):
   if method.cond_channels == 0:
     return jnp.zeros((1, *shape, 0), jnp.float32)
   if config.data.get("position_channels", False) and method.cond_channels == 3:
-    # A generated volume is a whole volume: its positions span [-1, 1] on every axis.
-    return jnp.asarray(pipeline.position_grid(shape)[None], jnp.float32)
+    # A generated volume is a whole volume: its positions span [-1, 1] on every encoded axis.
+    axes = pipeline.position_axes(config.data)
+    pipeline.check_position_coverage(config.data.train_region, None, axes)
+    return jnp.asarray(pipeline.position_grid(shape, axes=axes)[None], jnp.float32)
   raise ValueError(f"--mode=sample draws from noise only for unconditional configs; this one has "
                    f"inputs {tuple(config.data.inputs)} (use --mode=evaluate)")
 

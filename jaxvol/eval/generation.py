@@ -60,7 +60,7 @@ import numpy as np
 from scipy import linalg
 from scipy import ndimage
 
-from jaxvol.eval.metrics import SSIM_K1, SSIM_K2, SSIM_RADIUS, SSIM_SIGMA
+from jaxvol.eval.metrics import SSIM7_RADIUS, SSIM_K1, SSIM_K2, SSIM_SIGMA
 from jaxvol.models import medicalnet
 
 __all__ = [
@@ -94,8 +94,8 @@ AUTHORS_MS_SSIM_DATA_RANGE = 1.0
 _SQRTM_EPS = 1e-6
 # jaxvol protocol: random pairs per MS-SSIM diversity estimate.
 JAXVOL_DIVERSITY_PAIRS = 100
-# The Gaussian window of jaxvol.eval.metrics.ssim (sigma 1.5, radius 3: 7 voxels across).
-_WINDOW = 2 * SSIM_RADIUS + 1
+# The Gaussian window of jaxvol.eval.metrics.ssim7 (sigma 1.5, radius 3: 7 voxels across).
+_WINDOW = 2 * SSIM7_RADIUS + 1
 
 
 def _features(feats, name: str) -> np.ndarray:
@@ -282,12 +282,12 @@ def ms_ssim_scales(shape, max_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
 
 
 def _gauss(x):
-  return ndimage.gaussian_filter(x, sigma=SSIM_SIGMA, truncate=SSIM_RADIUS / SSIM_SIGMA,
+  return ndimage.gaussian_filter(x, sigma=SSIM_SIGMA, truncate=SSIM7_RADIUS / SSIM_SIGMA,
                                  mode="reflect")
 
 
 def _ssim_and_cs(x, y, data_range):
-  """Mean SSIM and mean contrast-structure term of one scale (the window of metrics.ssim)."""
+  """Mean SSIM and mean contrast-structure term of one scale (the window of metrics.ssim7)."""
   c1 = (SSIM_K1 * data_range) ** 2
   c2 = (SSIM_K2 * data_range) ** 2
   mu_x, mu_y = _gauss(x), _gauss(y)
@@ -311,7 +311,7 @@ def ms_ssim_3d(a, b, data_range=None, scales: int | None = None) -> float:
   prod_{j < M} cs_j^{w_j} * ssim_M^{w_M}: the contrast-structure term at the M - 1 finer scales
   and the full SSIM (with luminance) at the coarsest, each averaged over the volume, with
   2x average pooling between scales. The window, constants and border handling are those of
-  jaxvol.eval.metrics.ssim, so one scale reproduces it. With fewer than five scales the first M
+  jaxvol.eval.metrics.ssim7, so one scale reproduces it. With fewer than five scales the first M
   weights are renormalised to sum to 1. Negative scale means (possible for unrelated volumes)
   are clipped to 0 before the fractional powers, so the result lies in [0, 1].
 

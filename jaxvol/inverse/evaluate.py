@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxvol import fileio
 from jaxvol import methods
+from jaxvol.data import inference as inference_lib
 from jaxvol.data import nifti
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
@@ -70,6 +71,8 @@ def _fit(shape, op):
 def reconstruct(config, workdir: str) -> dict:
   p = config.pnp
   prior_dir = p.prior_workdir or workdir
+  axes = pipeline.position_axes(config.data)
+  pipeline.check_position_coverage(config.data.train_region, config.data.eval_region, axes)
   method = methods.build(config, jax.devices()[0].platform)
   params, step = evaluate_lib.load_params(config, prior_dir)
   if p.prior not in ("patch", "whole"):
@@ -80,6 +83,10 @@ def reconstruct(config, workdir: str) -> dict:
   if p.solver not in solvers.SOLVERS:
     raise ValueError(f"unknown solver {p.solver!r}; available: {sorted(solvers.SOLVERS)}")
   store = store_lib.Store(config.data.store)
+  # The measurements are simulated from the normalised target, and reconstructions mapped back
+  # with its preset: that preset must not come from the evaluated volume itself.
+  inference_lib.check_rules(inference_lib.rules_of(store, (), config.data.target), (),
+                            config.data.target, store.path)
   subjects = store.subjects(config.eval.split)
   if not subjects:
     raise ValueError(f"split {config.eval.split!r} of store {config.data.store} has no subjects")
@@ -100,8 +107,8 @@ def reconstruct(config, workdir: str) -> dict:
     box = tuple((a, a + s) for (a, _), s in zip(box, shape))
     x = jnp.asarray(x[:shape[0], :shape[1], :shape[2]])
     op = build_operator(p, shape)
-    positions = pipeline.position_grid(tuple(subj["shape"]), box) if method.position_channels \
-        else None
+    positions = pipeline.position_grid(tuple(subj["shape"]), box, axes) \
+        if method.position_channels else None
     prior = priors.from_method(method, params, window, positions=positions)
     key = jax.random.fold_in(jax.random.PRNGKey(p.seed), idx)
     y = ops.simulate_measurement(op, x, p.noise_std, jax.random.fold_in(key, 1))
@@ -151,7 +158,11 @@ def reconstruct(config, workdir: str) -> dict:
              "simulated": "measurements simulated from the ground truth in network units",
              "metrics": {n: {k: float(np.mean([r[f"{n}_{k}"] for r in rows])) for k in METRICS}
                          for n in names},
-             "seconds": {n: float(np.mean([r[f"{n}_seconds"] for r in rows])) for n in names}}
+             "seconds": {n: float(np.mean([r[f"{n}_seconds"] for r in rows])) for n in names},
+             "region": (None if config.data.eval_region is None else
+                        {str(k): list(v) for k, v in config.data.eval_region.items()}),
+             "conventions": {k: v for k, v in metrics_lib.conventions(
+                 "target preset hi - lo", "body").items() if k in METRICS}}
   if writes:
     fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
     fileio.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))

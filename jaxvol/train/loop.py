@@ -247,6 +247,8 @@ def compile_step(parts, config, batch_sharding=None):
 def train(config, workdir: str) -> dict:
   """Trains until config.train.steps (or a signal / time limit); returns the last metrics."""
   os.makedirs(workdir, exist_ok=True)
+  pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
+                                   pipeline.position_axes(config.data))
   parts = build_everything(config, workdir)
   transfer.check_complete(parts["transfer"])  # before any data worker or checkpoint starts
   mesh = parts["mesh"]
@@ -261,7 +263,7 @@ def train(config, workdir: str) -> dict:
       config.data.store, config.data.train_split, modality_keys(config), tuple(config.data.crop_size),
       config.data.batch_size, seed=config.seed, num_workers=config.data.num_workers,
       flips=config.data.flips, region=config.data.train_region,
-      positions=config.data.get("position_channels", False), process_index=shard,
+      positions=pipeline.position_axes(config.data), process_index=shard,
       process_count=num_shards, crops=config.data.get("crops", "random"))
   meta = run_meta(config, config.data.store)
   warn_inference_presets(config, config.data.store)
