@@ -374,7 +374,7 @@ def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> d
          (f"target ({config.data.target})", target_raw)],
         error_panel=("|prediction - target|", np.abs(pred_raw - target_raw)))
     log.info("%s (windowed): %s", sid,
-             ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "subject"))
+             ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, (int, float))))
     rows.append(row)
   metrics = {}
   for name in ("psnr", "ssim", "nmse", "mae", "hfen"):
