@@ -19,34 +19,6 @@ x channel would hold, at evaluation, coordinates the network never saw in traini
 (jaxvol.data.pipeline.check_position_coverage refuses such a config).
 """
 
-from jaxvol import config as base
-
-
-def get_config(variant: str | None = None):
-  c = base.set_method(base.base_config(), "full3d")
-  c.data.inputs = ()
-  c.data.target = "t1"
-  c.data.train_region = {"0": (0.0, 0.5)}
-  c.data.eval_region = {"0": (0.5, 1.0)}
-  # v prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v is near-identity at low noise, which
-  # a short-trained network otherwise fails to learn (its x0 estimate at t=50 was worse than x_t).
-  c.diffusion.parameterization = "v"
-  c.data.crop_size = (32, 32, 32)
-  c.data.batch_size = 4
-  c.model.base_width = 32
-  c.model.channel_mults = (1, 2, 4)
-  c.model.num_res_blocks = 2
-  c.inference.window = (32, 32, 32)
-  tokens = [t for t in (variant or "").split(",") if t]
-  if any(t not in ("smoke", "cpu", "positions") for t in tokens) or {"smoke", "cpu"} <= set(tokens):
-    raise ValueError(f"unknown variant {variant!r}: smoke or cpu, optionally with positions")
-  if "smoke" in tokens:
-    base.smoke_overrides(c)
-  if "cpu" in tokens:
-    base.cpu_overrides(c)
-    c.train.steps, c.train.time_limit_minutes = 4000, 15.0
-  c.data.position_channels = "positions" in tokens
-  # Axis 0 is the train/eval split: its channel would only ever be trained on the other half.
-  c.data.position_axes = (1, 2)
-  c.inference.window = tuple(c.data.crop_size)
-  return c
+# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
+# (`jaxvol train --config=patch_prior_train`); this file keeps the path form working.
+from jaxvol.configs.patch_prior_train import get_config  # noqa: F401

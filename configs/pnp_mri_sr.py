@@ -12,8 +12,6 @@ Launch (after training the prior into runs/patch_prior):
 `--config.pnp.solver=dps`, `--config.pnp.prior=whole` switch the solver and the prior's mode.
 """
 
-from jaxvol import config as base
-
-
-def get_config(variant: str | None = None):
-  return base.pnp_config("sr", variant)
+# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
+# (`jaxvol train --config=pnp_mri_sr`); this file keeps the path form working.
+from jaxvol.configs.pnp_mri_sr import get_config  # noqa: F401

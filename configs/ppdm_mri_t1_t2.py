@@ -11,8 +11,6 @@ Launch:
 Variant `smoke` runs in seconds on CPU. Same U-Net as every other method on this task.
 """
 
-from jaxvol import config as base
-
-
-def get_config(variant: str | None = None):
-  return base.mri_t1_t2_config("ppdm", variant)
+# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
+# (`jaxvol train --config=ppdm_mri_t1_t2`); this file keeps the path form working.
+from jaxvol.configs.ppdm_mri_t1_t2 import get_config  # noqa: F401

@@ -16,24 +16,6 @@ training-target mean that evaluation always reports.
 Variant `smoke` runs in seconds on CPU.
 """
 
-from jaxvol import config as base
-
-
-def get_config(variant: str | None = None):
-  c = base.base_config()
-  c.method = "ppdm"
-  c.data.inputs = ("pet_nac_low",)
-  c.data.target = "pet_ac"
-  c.data.crop_size = (64, 64, 64)
-  c.model.base_width = 32
-  c.model.channel_mults = (1, 2, 4)
-  c.model.num_res_blocks = 2
-  c.ppdm.factor = (2, 2, 2)
-  c.data.train_region, c.data.eval_region = base.pet_regions()
-  base.clamp_for_preset(c, "pet")  # for the baselines that clamp x0 (PPDM does not)
-  c.eval.input_baseline = False  # NAC units are not AC units (jaxvol.data.inference.shares_scale)
-  if variant == "smoke":
-    base.smoke_overrides(c)
-  elif variant not in (None, ""):
-    raise ValueError(f"unknown variant {variant!r}: use smoke")
-  return c
+# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
+# (`jaxvol train --config=ppdm_pet_ac`); this file keeps the path form working.
+from jaxvol.configs.ppdm_pet_ac import get_config  # noqa: F401

@@ -19,8 +19,6 @@ evaluation) and combines with the others, e.g.
 --config=configs/sparse_mri_sr.py:authors,cpu
 """
 
-from jaxvol import config as base
-
-
-def get_config(variant: str | None = None):
-  return base.sparse_config("mri_sr", variant)
+# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
+# (`jaxvol train --config=sparse_mri_sr`); this file keeps the path form working.
+from jaxvol.configs.sparse_mri_sr import get_config  # noqa: F401

@@ -12,14 +12,23 @@ import tempfile
 from typing import Any
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+def default_mode(directory: bool = False) -> int:
+  """The mode a plain `open()` (or `mkdir`) would give under the current umask: 0o644 (0o755)
+  under the usual 022. Temporary files are created owner-only, so atomic writes set this before
+  the rename, and other members of a cluster group can read the outputs."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return (0o777 if directory else 0o666) & ~mask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
   path = os.fspath(path)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w", newline="") as f:
       f.write(text)
-    os.chmod(tmp, mode)  # mkstemp creates owner-only files
+    os.chmod(tmp, default_mode() if mode is None else mode)  # mkstemp: owner-only
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -35,7 +44,7 @@ def write_bytes_atomic(path: str | os.PathLike, write) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, default_mode())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

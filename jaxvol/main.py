@@ -2,6 +2,9 @@
 
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:smoke --workdir=runs/pet \
       --mode=train|evaluate|sample|plan [--config.train.steps=200 ...]
+(the installed command `jaxvol train|evaluate|sample|plan ...` runs the same, jaxvol.cli; --config
+takes a config file or the NAME of a packaged config, `--config=ppdm_pet_denoise:smoke`:
+jaxvol.configs)
 (evaluate on a configs/pnp_*.py config runs plug-and-play reconstruction with its prior; sample
 on an unconditional config, such as configs/prdit_ct_gen.py, generates config.sample.num volumes
 from noise: jaxvol.eval.generate; plan compiles the train step and the sampler for a mesh from
@@ -17,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from jaxvol import configs
 from jaxvol.train import distributed
 
 FLAGS = flags.FLAGS
@@ -51,8 +55,8 @@ def main(argv):
   if FLAGS.distributed or distributed.requested(config):
     distributed.initialize(config)  # before anything starts a JAX backend
   if not config.data.store:
-    raise app.UsageError("config.data.store is empty: convert your data with tools/convert.py "
-                         "and pass --config.data.store=DIR")
+    raise app.UsageError("config.data.store is empty: convert your data with `jaxvol convert` "
+                         "(tools/convert.py) and pass --config.data.store=DIR")
   # Imported here so --help stays fast and absl flags are parsed before Grain workers start.
   from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
@@ -61,7 +65,17 @@ def main(argv):
   make_sampler = lambda method: sharded_sample.evaluation_sampler(config, method)
   if FLAGS.mode == "train":
     result = loop.train(config, FLAGS.workdir)
-    logging.info("training finished at step %d", result["step"])
+    if result.get("signal") is not None:
+      # A scheduler must tell "preempted, resume me" from "done": 128 + the signal, as a shell
+      # reports a process killed by it.
+      logging.info("stopped by signal %d at step %d: checkpoint saved; run the same command to "
+                   "resume", result["signal"], result["step"])
+      sys.exit(128 + int(result["signal"]))
+    if result.get("stopped"):
+      logging.info("stopped at step %d (%s): checkpoint saved; run the same command to resume",
+                   result["step"], result["stopped"])
+    else:
+      logging.info("training finished at step %d", result["step"])
   elif FLAGS.mode == "evaluate" and "pnp" in config:
     from jaxvol.inverse import evaluate as pnp_lib  # pylint: disable=g-import-not-at-top
     summary = pnp_lib.reconstruct(config, FLAGS.workdir)
@@ -91,5 +105,16 @@ def _plan(config):
     print(plan_lib.format_report(report), flush=True)
 
 
+def run(argv: list[str]) -> None:
+  """Runs `main` under absl on a full command line (argv[0] is the program name), after mapping
+  a config NAME to its packaged file; an unknown name prints one line and exits with status 2."""
+  try:
+    argv = configs.resolve_argv(argv)
+  except configs.UnknownConfigError as e:
+    print(f"{os.path.basename(argv[0])}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run(sys.argv)

@@ -209,3 +209,30 @@ def test_orientation_helpers_agree_with_nibabel():
     g = nifti.Geometry(aff, (3, 4, 5), (1, 1, 1), "".join(nib.aff2axcodes(aff)))
     ornt = nio.io_orientation(aff)
     assert g.ras_shape == tuple(np.array([3, 4, 5])[np.argsort(ornt[:, 0])])
+
+
+@pytest.mark.parametrize("dtype,label", [
+    (np.complex64, "complex64"), (np.complex128, "complex128"),
+    (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), "RGB")], ids=["c64", "c128", "rgb"])
+def test_non_real_voxels_are_refused(tmp_path, dtype, label):
+  data = np.zeros((4, 4, 4), dtype)
+  path = _write(tmp_path / "odd.nii.gz", data, np.eye(4))
+  assert nib.load(path).get_data_dtype() == np.dtype(dtype)  # nibabel kept the stored type
+  with pytest.raises(VolumeError, match=f"odd.nii.gz: voxels of type {label} are not real"):
+    nifti.load_volume(path)
+
+
+def test_outputs_are_group_readable_under_the_usual_umask(tmp_path):
+  """Atomic writes start from owner-only temporary files; what lands is readable like any file
+  written under the umask (0o644 under 022), so a cluster group can read predictions."""
+  import stat  # pylint: disable=g-import-not-at-top
+  from jaxvol import fileio  # pylint: disable=g-import-not-at-top
+  old = os.umask(0o022)
+  try:
+    nifti.save_volume(tmp_path / "p.nii.gz", np.zeros((4, 4, 4), np.float32), affine=np.eye(4))
+    fileio.write_text_atomic(tmp_path / "s.json", "{}")
+    fileio.write_bytes_atomic(tmp_path / "b.bin", lambda f: f.write(b"x"))
+    for name in ("p.nii.gz", "s.json", "b.bin"):
+      assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+  finally:
+    os.umask(old)

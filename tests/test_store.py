@@ -390,3 +390,170 @@ def test_real_stroke_store(shared_data, tmp_path):
   t2 = store.preset("stroke", "t2").inverse(store.read("stroke", "t2", box))
   np.testing.assert_allclose(t2, raw[40:72, 50:82, 60:92], rtol=1e-5, atol=1e-3)
   assert store.subjects()[0]["volumes"]["t2"]["stats"]["max"] == pytest.approx(raw.max())
+
+
+# ----------------------------------------------------------------------------------------------
+# MONAI Decathlon JSON datalists.
+
+
+def _decathlon(folder, obj, name="dataset.json"):
+  path = folder / name
+  path.write_text(json.dumps(obj))
+  return path
+
+
+def test_decathlon_datalist_splits_ids_and_dataroot(tmp_path):
+  obj = {
+      "name": "Toy", "labels": {"0": "background", "1": "lesion"}, "numTraining": 4,
+      "dataroot": "data",
+      "training": [
+          {"image": "imagesTr/case_a.nii.gz", "label": "labelsTr/case_a.nii.gz", "fold": 0},
+          {"image": "other/case_a.nii.gz", "label": "labelsTr/case_a2.nii.gz", "fold": 1},
+          {"label": "labelsTr/z.nii.gz", "image": "imagesTr/z.nii.gz", "id": "case_a-2"},
+          {"image": "x/case_a.nii", "label": "y/l.nii"},
+      ],
+      "validation": [{"image": "imagesTr/v 1+b.nii.gz", "label": "labelsTr/v.nii.gz"}],
+      "test": ["imagesTs/case_t.nii.gz", "imagesTs/case_a.NII.GZ", {"image": "/abs/t.nii"}],
+  }
+  dl = _decathlon(tmp_path, obj)
+  subjects = store_lib.read_datalist(dl)
+  root = tmp_path / "data"
+  assert [(s["subject"], s["split"]) for s in subjects] == [
+      ("case_a", "train"), ("case_a-1", "train"), ("case_a-2", "train"),
+      ("case_a-3", "train"),  # the explicit id case_a-2 is skipped over
+      ("v_1_b", "val"), ("case_t", "test"), ("case_a-4", "test"), ("t", "test")]
+  assert subjects[0]["volumes"] == {"image": str(root / "imagesTr" / "case_a.nii.gz"),
+                                    "label": str(root / "labelsTr" / "case_a.nii.gz")}
+  # Volumes keep the datalist's modality order, whatever the key order of an entry.
+  assert list(subjects[2]["volumes"]) == ["image", "label"]
+  # Bare-string test entries are the "image"; test subjects lack the label.
+  assert subjects[5]["volumes"] == {"image": str(root / "imagesTs" / "case_t.nii.gz")}
+  assert subjects[7]["volumes"] == {"image": "/abs/t.nii"}
+  # The dataroot argument wins over the JSON's; without either, the JSON's folder.
+  other = tmp_path / "elsewhere"
+  assert store_lib.read_datalist(dl, dataroot=other)[0]["volumes"]["image"] == str(
+      other / "imagesTr" / "case_a.nii.gz")
+  del obj["dataroot"]
+  obj["testing"] = obj.pop("test")  # MONAI's spelling
+  subjects = store_lib.read_datalist(_decathlon(tmp_path, obj, "plain.json"))
+  assert subjects[0]["volumes"]["label"] == str(tmp_path / "labelsTr" / "case_a.nii.gz")
+  assert [s["split"] for s in subjects][-3:] == ["test"] * 3
+  # Multi-modal entries: one modality per key; a given "subject" is kept.
+  subjects = store_lib.read_datalist(_decathlon(tmp_path, {"training": [
+      {"subject": "p1", "t1": "p1_t1.nii.gz", "t2": "p1_t2.nii.gz"}]}, "mm.json"))
+  assert subjects == [{"subject": "p1", "split": "train", "volumes": {
+      "t1": str(tmp_path / "p1_t1.nii.gz"), "t2": str(tmp_path / "p1_t2.nii.gz")}}]
+
+
+def test_test_subjects_may_lack_modalities_in_csv(tmp_path):
+  dl = tmp_path / "list.csv"
+  dl.write_text("subject,split,mr,target\na,train,a.nii,at.nii\nb,test,b.nii,\n")
+  subjects = store_lib.read_datalist(dl)
+  assert subjects[1]["volumes"] == {"mr": str(tmp_path / "b.nii")}
+  dl.write_text("subject,split,mr,target\na,train,a.nii,at.nii\nb,val,b.nii,\n")
+  with pytest.raises(VolumeError, match="list.csv.*'b' has no file for modality 'target'"):
+    store_lib.read_datalist(dl)
+  # A test subject listed first does not decide the store's modalities.
+  for name in ("a", "at", "b"):
+    _save(tmp_path / f"{name}.nii", np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+  dl.write_text("subject,split,mr,target\nb,test,b.nii,\na,train,a.nii,at.nii\n")
+  manifest = store_lib.convert(dl, tmp_path / "store", {"mr": "ct", "target": "ct"})
+  assert manifest["modalities"] == ["mr", "target"]
+  assert [list(s["volumes"]) for s in manifest["subjects"]] == [["mr"], ["mr", "target"]]
+  # A target fitted on its own volume needs no preset where it is missing.
+  manifest = store_lib.convert(dl, tmp_path / "store", {"mr": "ct", "target": {
+      "kind": "mri", "fit": "volume"}}, overwrite=True)
+  preset = manifest["subjects"][1]["volumes"]["target"]["preset"]
+  # The default 0.5 / 99.5 percentiles of the non-zero voxels 1..23.
+  assert [preset["lo"], preset["hi"]] == pytest.approx([1.11, 22.89], rel=1e-6)
+
+
+@pytest.mark.parametrize("obj,match", [
+    ({"name": "x", "numTraining": 0}, "Decathlon lists"),
+    ({"training": {"image": "a.nii"}}, "\"training\" must be a list"),
+    ({"training": [{"image": "a.nii"}, 3]}, "\"training\" entry 1 must be an object"),
+    ({"training": [], "test": []}, "empty"),
+    ({"training": [{"image": ["a.nii", "b.nii"]}]}, "list of files"),
+    ({"training": [{"image": "a.nii", "label": "al.nii"}], "validation": [{"image": "b.nii"}]},
+     "'b' has modalities \\['image'\\], subject 'a' has \\['image', 'label'\\]"),
+    ({"training": [{"image": "a.nii"}], "test": [{"image": "b.nii", "extra": "c.nii"}]},
+     "test subject 'b' has modalities \\['extra'\\]"),
+    ({"training": [{"image": "a.nii", "split": "val"}]}, "split 'val'"),
+    ({"dataroot": 3, "training": ["a.nii"]}, "dataroot"),
+    ({"training": [{"image": "a.nii", "id": "s"}, {"image": "b.nii", "id": "s"}]}, "twice"),
+])
+def test_malformed_decathlon_names_the_file(tmp_path, obj, match):
+  with pytest.raises(VolumeError, match=f"bad.json.*{match}"):
+    store_lib.read_datalist(_decathlon(tmp_path, obj, "bad.json"))
+
+
+def test_decathlon_converts_test_subjects_without_label(tmp_path):
+  """Test subjects without the target convert; fit=train scales come from train subjects only."""
+  rng = np.random.default_rng(1)
+  shape = (6, 5, 4)
+  (tmp_path / "imagesTr").mkdir()
+  (tmp_path / "imagesTs").mkdir()
+  raw = {}
+
+  def pair(name, scale, label=True):
+    full = rng.gamma(2.0, scale, size=shape).astype(np.float32)
+    image = tmp_path / ("imagesTr" if label else "imagesTs") / f"{name}.nii.gz"
+    _save(image, rng.poisson(full).astype(np.float32))
+    raw[name] = nifti.load_volume(image)[0]  # RAS, as the store holds it
+    if label:
+      _save(tmp_path / "imagesTr" / f"{name}_label.nii.gz", full)
+      raw[name + "_label"] = nifti.load_volume(tmp_path / "imagesTr" / f"{name}_label.nii.gz")[0]
+      return {"image": f"imagesTr/{name}.nii.gz", "label": f"imagesTr/{name}_label.nii.gz"}
+    return f"imagesTs/{name}.nii.gz"
+
+  obj = {"training": [pair("tr0", 3.0), pair("tr1", 4.0)],
+         "validation": [pair("va0", 50.0)],  # a scale far from the training split's
+         "test": [pair("te0", 3.0, label=False), pair("te1", 60.0, label=False)]}
+  dl = _decathlon(tmp_path, obj)
+  presets = {"image": {"kind": "pet", "ref": "label"}, "label": "pet"}
+  manifest = store_lib.convert(dl, tmp_path / "store", presets)
+  assert manifest["modalities"] == ["image", "label"]
+  store = store_lib.Store(tmp_path / "store")
+  assert [s["id"] for s in store.subjects("test")] == ["te0", "te1"]
+  hi = float(np.median([np.percentile(raw[f"tr{i}_label"], 99.9) for i in range(2)]))
+  for sid in ("tr0", "va0", "te0", "te1"):
+    preset = store.preset(sid, "image")
+    assert (preset.name, preset.lo) == ("pet", 0.0) and preset.hi == pytest.approx(hi, rel=1e-6)
+    np.testing.assert_allclose(store.preset(sid, "image").inverse(store.read(sid, "image")),
+                               raw[sid], rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(store.read("va0", "label"), raw["va0_label"] * 2 / hi - 1,
+                             rtol=1e-5, atol=1e-5)
+  for sid in ("te0", "te1"):
+    assert list(store.subjects("test")[int(sid[-1])]["volumes"]) == ["image"]
+    assert sorted(os.listdir(tmp_path / "store" / "volumes" / sid)) == ["image.zarr"]
+    for read in (store.read, store.preset, store.geometry):
+      with pytest.raises(KeyError, match=f"{sid}' has no modality 'label'"):
+        read(sid, "label")
+  # A target scale fitted on each volume itself cannot be had for a test subject without it.
+  with pytest.raises(VolumeError, match="te0.nii.gz.*no 'label' volume"):
+    store_lib.convert(dl, tmp_path / "store2",
+                      {"image": {"kind": "pet", "ref": "label"},
+                       "label": {"kind": "pet", "fit": "volume"}})
+  assert not (tmp_path / "store2").exists()
+
+
+def test_complex_voxels_refused_by_convert(tmp_path):
+  rows = _subjects(tmp_path, n=2, shape=(6, 5, 4))
+  rows[1]["pet_low"] = _save(tmp_path / "cplx.nii.gz", np.ones((6, 5, 4), np.complex64))
+  dl = _csv(tmp_path / "list.csv", rows)
+  with pytest.raises(VolumeError, match=r"cplx\.nii\.gz.*complex64.*not real"):
+    store_lib.convert(dl, tmp_path / "store", PRESETS)
+  assert not (tmp_path / "store").exists()
+
+
+def test_store_is_group_readable_under_the_usual_umask(tmp_path):
+  import stat  # pylint: disable=g-import-not-at-top
+  old = os.umask(0o022)
+  try:
+    dl = _csv(tmp_path / "list.csv", _subjects(tmp_path, n=2))
+    store_lib.convert(dl, tmp_path / "store", PRESETS)
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / "store" / "manifest.json").st_mode) == 0o644
+  vol = tmp_path / "store" / "volumes" / "s0" / "mr.zarr"
+  assert stat.S_IMODE(os.stat(vol).st_mode) == 0o755

@@ -171,9 +171,11 @@ def test_sigterm_saves_and_resume_finishes(tiny_store, tmp_path, monkeypatch):
 
   monkeypatch.setattr(loop, "assemble_batch", interrupt)
   result = loop.train(c, str(tmp_path / "w"))
-  assert result["step"] == 3
+  assert result["step"] == 3  # the step in progress when the signal came, then a checkpoint
+  assert result["signal"] == signal.SIGTERM and result["stopped"] == f"signal {signal.SIGTERM}"
   monkeypatch.setattr(loop, "assemble_batch", real)
-  assert loop.train(c, str(tmp_path / "w"))["step"] == 8
+  result = loop.train(c, str(tmp_path / "w"))
+  assert result["step"] == 8 and result["stopped"] is None
 
 
 @pytest.mark.parametrize("method", ["ppdm", "full3d", "wdm", "regression", "sparse"])

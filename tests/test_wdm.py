@@ -42,7 +42,9 @@ def _scaled_bands(x):
 
 def test_default_is_wdm3d():
   c = base.mri_t1_t2_config("wdm", None)
-  assert c.wdm.lll_scale == 3.0 and c.diffusion.clip_x0 == 1.0
+  # The image-space clamp of wdm-3d, at the bound that covers the MRI preset's range (its data
+  # are in [-1, 1]; the unclipped MRI preset reaches about 1.5: jaxvol.config.clamp_for_preset).
+  assert c.wdm.lll_scale == 3.0 and c.diffusion.clip_x0 == base.UNCLIPPED_CLAMP
   assert c.diffusion.parameterization == "x0"
 
 

@@ -128,6 +128,35 @@ def resolve(rules: Mapping[str, dict], modality: str, store, subject_id: str,
   return presets_lib.fit_preset(spec["kind"], volume, **kw)
 
 
+def resolve_raw(rules: Mapping[str, dict], modality: str, raw: Mapping[str, np.ndarray],
+                _seen: tuple = ()) -> presets_lib.Preset:
+  """`resolve` for volumes held in memory in original units (a user's NIfTI files, no store):
+  "volume" rules fit the preset on `raw[modality]` itself (an input), "ref" rules start from the
+  ref's preset and refit only what the spec's own keywords set."""
+  if modality in _seen:
+    raise ValueError(f"preset refs form a cycle: {_seen + (modality,)}")
+  rule = rules[modality]
+  spec = rule.get("spec", {})
+  kw = {k: v for k, v in spec.items() if k not in ("kind", "ref", "fit")}
+  if rule["rule"] == "fixed":
+    return presets_lib.Preset.from_dict(rule["preset"])
+  if rule["rule"] == "volume":
+    if modality not in raw:
+      raise ValueError(f"the preset of {modality!r} is fitted on its own volume, which is not "
+                       "among the inputs")
+    return presets_lib.fit_preset(spec["kind"], raw[modality], **kw)
+  ref = rule["ref"]
+  base = resolve_raw(rules, ref, raw, _seen + (modality,))
+  scale = {"lo": base.lo, "hi": base.hi}
+  if {"hi", "cap", "percentile", "upper"} & set(kw):
+    del scale["hi"]
+  if {"lo", "lower"} & set(kw):
+    del scale["lo"]
+  kw = {**scale, **kw}
+  volume = raw.get(ref) if presets_lib.depends_on_volume(spec["kind"], kw) else None
+  return presets_lib.fit_preset(spec["kind"], volume, **kw)
+
+
 def shares_scale(rules: Mapping[str, dict], inp: str, target: str) -> bool:
   """True when the input's original units are the target's: the target takes the input's scale
   (ref=input, no own scale keywords), or both are the same fixed map (identical presets, or CT

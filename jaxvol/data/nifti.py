@@ -8,8 +8,9 @@ overlay their inputs in any viewer, so every load records the original file's ge
 The reorientation is the one of `nibabel.as_closest_canonical`: only axis permutations and flips,
 never resampling, so it is exactly invertible (`to_original`).
 
-Every problem with an input file (missing, empty, truncated, not 3D, non-finite voxels, paired
-volumes on different grids) raises `VolumeError` with the file name and the reason.
+Every problem with an input file (missing, empty, truncated, not 3D, complex or RGB voxels,
+non-finite voxels, paired volumes on different grids) raises `VolumeError` with the file name and
+the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Iterable, Sequence
 import nibabel as nib
 from nibabel import orientations as nio
 import numpy as np
+
+from jaxvol import fileio
 
 _RAS_ORNT = nio.axcodes2ornt(("R", "A", "S"))
 
@@ -121,7 +124,8 @@ def load_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
 
   Raises:
     VolumeError: missing, empty, truncated or corrupt file; not a 3D volume (a 4D file is accepted
-      only when its fourth axis has length 1); a zero-sized axis; NaN or Inf voxels.
+      only when its fourth axis has length 1); a zero-sized axis; voxels that are not real numbers
+      (complex, RGB); NaN or Inf voxels.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -144,6 +148,14 @@ def load_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
     raise VolumeError(f"{path}: expected a 3D volume, got shape {shape} ({len(shape)}D{why})")
   if min(shape) == 0:
     raise VolumeError(f"{path}: zero-sized axis in shape {shape}")
+  stored = img.get_data_dtype()
+  if stored.kind not in "biuf":
+    # get_fdata would keep only the real part of complex voxels (with a warning) and fails on
+    # structured RGB voxels with an error that reads like a corrupt file.
+    label = img.header.get_value_label("datatype")
+    raise VolumeError(f"{path}: voxels of type {label} are not real numbers; "
+                      "store one real value per voxel (e.g. the magnitude of complex data, or "
+                      "one file per colour channel)")
   geometry = _geometry_of(img, path)
   dtype = np.dtype(dtype)
   # get_fdata applies scl_slope/scl_inter and byte order; read in float64 only when asked for.
@@ -277,6 +289,7 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry |
   os.close(fd)
   try:
     nib.save(img, tmp)
+    os.chmod(tmp, fileio.default_mode())  # mkstemp creates owner-only files
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -18,6 +18,9 @@ Manifest::
        "path" (relative to STORE), "source" (the NIfTI), "geometry" (Geometry.to_dict()),
        "preset" (Preset.to_dict()), "stats" (min, max, mean, std, p01, p99 of the raw volume)}}}]}
 
+A test subject may lack modalities (e.g. a Decathlon test list without the label); its "volumes"
+then holds only those it has.
+
 Safety rules of `convert`:
   * Every input is loaded and checked (readable, 3D, finite, paired volumes on one grid, presets
     fit) BEFORE anything is written, so a bad input fails with nothing created. The price is that
@@ -46,6 +49,7 @@ import logging
 import numpy as np
 import tensorstore as ts
 
+from jaxvol import fileio
 from jaxvol.data import nifti
 from jaxvol.data import presets as presets_lib
 from jaxvol.data.nifti import VolumeError
@@ -67,16 +71,45 @@ log = logging.getLogger("jaxvol")
 # Datalists.
 
 
-def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a datalist (JSON or CSV) naming the NIfTI files of each subject.
+# Decathlon (MONAI) list names -> splits, in the order their subjects are listed.
+_DECATHLON = (("training", "train"), ("validation", "val"), ("test", "test"), ("testing", "test"))
+_NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
-  JSON: a list of objects, or {"subjects": [...]}; each object maps modality -> file, plus optional
-  "subject" (or "id") and "split". CSV: a header row, one row per subject, one column per modality,
-  plus optional "subject" and "split" columns. Missing ids become "sub-0000", "sub-0001", ... by
-  position; missing splits are "train". Relative paths are relative to the datalist's folder.
+
+def read_datalist(path: str | os.PathLike,
+                  dataroot: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+  """Reads a datalist (CSV, JSON or MONAI Decathlon JSON) naming the NIfTI files of each subject.
+
+  CSV: a header row, one row per subject, one column per modality, plus optional "subject" and
+  "split" columns. JSON: a list of objects, or {"subjects": [...]}; each object maps modality ->
+  file, plus optional "subject" (or "id") and "split". In both, missing ids become "sub-0000",
+  "sub-0001", ... by position and missing splits are "train".
+
+  Decathlon JSON (MONAI's `dataset.json` / datalist layout): an object with lists under
+  "training", "validation" and/or "test" (or "testing"), whose subjects get the splits "train",
+  "val" and "test". Each entry maps keys (modalities, e.g. "image" and "label") to files; a bare
+  string entry, as in Decathlon's test lists, is the file of "image". An entry's "id" or "subject"
+  is its id; otherwise the id is the first file's name without .nii/.nii.gz (other characters
+  than letters, digits, '.', '_' and '-' become '_'; a repeated name gets -1, -2, ...). A "fold"
+  key (MONAI's cross-validation folds) is ignored; other keys of the object ("name", "labels",
+  "numTraining", ...) too.
+
+  Every train and val subject must have the same modalities. A test subject may lack some of them
+  (an empty CSV cell, a null or missing key, e.g. a test list without the target): it has no
+  volume of that modality in the store, and evaluation scores only the subjects that have the
+  target. It may not have modalities that the others lack.
+
+  Relative paths are relative to `dataroot` when given (itself relative to the working
+  directory), else to the "dataroot" of a JSON object (itself relative to the datalist's folder),
+  else to the datalist's folder.
+
+  Args:
+    path: the datalist; ".csv" is read as CSV, anything else as JSON.
+    dataroot: folder of the relative paths, overriding the datalist's own.
 
   Returns:
-    [{"subject": id, "split": split, "volumes": {modality: absolute path}}], in datalist order.
+    [{"subject": id, "split": split, "volumes": {modality: absolute path}}], in datalist order
+    (for Decathlon JSON: training, validation, then test subjects).
 
   Raises:
     VolumeError: naming the datalist, when it is missing, unparsable, empty, or inconsistent.
@@ -88,19 +121,29 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
   try:
     with open(path, newline="") as f:
       if path.lower().endswith(".csv"):
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
-                for r in csv.DictReader(f)]
+        obj = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+               for r in csv.DictReader(f)]
       else:
         obj = json.load(f)
-        rows = obj.get("subjects") if isinstance(obj, dict) else obj
   except (OSError, ValueError, csv.Error) as e:
     raise VolumeError(f"{path}: cannot parse datalist ({type(e).__name__}: {e})") from e
+  rows = obj
+  if isinstance(obj, dict):
+    root = obj.get("dataroot")
+    if root is not None:
+      if not isinstance(root, str) or not root:
+        raise VolumeError(f"{path}: \"dataroot\" must be a folder name, got {root!r}")
+      base = os.path.join(base, root)
+    rows = obj.get("subjects") if "subjects" in obj else _decathlon_rows(path, obj)
+  if dataroot is not None:
+    base = os.path.abspath(os.fspath(dataroot))
   if not isinstance(rows, list):
-    raise VolumeError(f"{path}: datalist must be a list of subjects or {{\"subjects\": [...]}}")
+    raise VolumeError(f"{path}: datalist must be a list of subjects, {{\"subjects\": [...]}} or "
+                      "a Decathlon object with \"training\"/\"validation\"/\"test\" lists")
   if not rows:
     raise VolumeError(f"{path}: datalist is empty (no subjects)")
 
-  out, seen, modalities = [], set(), None
+  out, seen = [], set()
   for i, row in enumerate(rows):
     if not isinstance(row, dict):
       raise VolumeError(f"{path}: entry {i} is not an object")
@@ -115,20 +158,95 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
     seen.add(sid)
     if split not in SPLITS:
       raise VolumeError(f"{path}: subject {sid!r} has split {split!r}; expected one of {SPLITS}")
+    if split == "test":  # A test subject may lack a modality (e.g. the target).
+      row = {mod: f for mod, f in row.items() if f is not None and f != ""}
     if not row:
       raise VolumeError(f"{path}: subject {sid!r} lists no volumes")
     for mod, f in row.items():
       if not _SAFE_NAME.match(mod):
         raise VolumeError(f"{path}: modality name {mod!r} must be letters, digits, '.', '_' or '-'")
+      if isinstance(f, list):
+        raise VolumeError(f"{path}: subject {sid!r} gives a list of files for modality {mod!r}; "
+                          "give each file (channel) its own modality name")
       if not isinstance(f, str) or not f:
         raise VolumeError(f"{path}: subject {sid!r} has no file for modality {mod!r}")
-    if modalities is None:
-      modalities = list(row)
-    elif set(row) != set(modalities):
-      raise VolumeError(f"{path}: subject {sid!r} has modalities {sorted(row)}, "
-                        f"the first subject has {sorted(modalities)}")
-    volumes = {m: os.path.normpath(os.path.join(base, row[m])) for m in modalities}
-    out.append({"subject": sid, "split": split, "volumes": volumes})
+    out.append({"subject": sid, "split": split, "volumes": row})
+
+  modalities = _datalist_modalities(out)
+  first = next((s for s in out if s["split"] != "test"), None)
+  for s in out:
+    have = set(s["volumes"])
+    if s["split"] == "test":
+      extra = sorted(have - set(modalities))
+      if extra:
+        raise VolumeError(f"{path}: test subject {s['subject']!r} has modalities {extra} that "
+                          f"the other subjects lack (they have {sorted(modalities)})")
+    elif have != set(modalities):
+      raise VolumeError(f"{path}: subject {s['subject']!r} has modalities {sorted(have)}, "
+                        f"subject {first['subject']!r} has {sorted(modalities)}")
+    s["volumes"] = {m: os.path.normpath(os.path.join(base, s["volumes"][m]))
+                    for m in modalities if m in have}
+  return out
+
+
+def _datalist_modalities(subjects: Sequence[dict]) -> list[str]:
+  """The modalities of a datalist: those of its first train or val subject (`read_datalist`
+  checks that the others have the same), or, with only test subjects, every one that any of them
+  has, in the order of their first appearance."""
+  for s in subjects:
+    if s["split"] != "test":
+      return list(s["volumes"])
+  return list(dict.fromkeys(m for s in subjects for m in s["volumes"]))
+
+
+def _decathlon_rows(path: str, obj: dict) -> list[dict[str, Any]]:
+  """The entries of a Decathlon object as JSON-datalist rows, with "split" and a unique
+  "subject" id set (see `read_datalist`)."""
+  lists = [(key, split) for key, split in _DECATHLON if key in obj]
+  if not lists:
+    raise VolumeError(f"{path}: a JSON object datalist needs a \"subjects\" list or Decathlon "
+                      "lists (\"training\", \"validation\", \"test\" or \"testing\"); it has keys "
+                      f"{sorted(obj)}")
+  rows = []
+  for key, split in lists:
+    entries = obj[key]
+    if not isinstance(entries, list):
+      raise VolumeError(f"{path}: \"{key}\" must be a list of entries, got "
+                        f"{type(entries).__name__}")
+    for j, entry in enumerate(entries):
+      if isinstance(entry, str):
+        entry = {"image": entry}
+      if not isinstance(entry, dict):
+        raise VolumeError(f"{path}: \"{key}\" entry {j} must be an object of files or a file name, "
+                          f"got {type(entry).__name__}")
+      entry = dict(entry)
+      entry.pop("fold", None)
+      if entry.get("split") not in (None, split):
+        raise VolumeError(f"{path}: \"{key}\" entry {j} has split {entry['split']!r}, but the "
+                          f"\"{key}\" list is the {split!r} split")
+      entry["split"] = split
+      rows.append((key, j, entry))
+  if not rows:
+    raise VolumeError(f"{path}: datalist is empty (the Decathlon lists "
+                      f"{[key for key, _ in lists]} have no entries)")
+  given = [str(e.get("subject") or e.get("id") or "") for _, _, e in rows]
+  taken = {g for g in given if g}
+  out = []
+  for (key, j, entry), sid in zip(rows, given):
+    if not sid:
+      files = [f for k, f in entry.items()
+               if k not in ("subject", "id", "split") and isinstance(f, str) and f]
+      # Without a file the entry is refused below; its id then says where it is.
+      stem = _NIFTI_SUFFIX.sub("", os.path.basename(files[0])) if files else f"{key}-{j}"
+      stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-") or f"{key}-{j}"
+      sid, n = stem, 0
+      while sid in taken:
+        n += 1
+        sid = f"{stem}-{n}"
+      taken.add(sid)
+    entry.pop("id", None)
+    entry["subject"] = sid
+    out.append(entry)
   return out
 
 
@@ -194,17 +312,23 @@ def _fit_presets(specs: dict[str, dict], arrays: dict[str, np.ndarray],
   A spec with fit=train takes `train_fitted[mod]` (fitted on the training split); fit=volume
   fits on this subject's own volume. A spec with `ref` takes the ref modality's FITTED preset
   (its lo/hi: the same scale, whatever keywords, e.g. a cap, the ref was given), with its own
-  keywords (lo, hi, cap, ...) overriding it."""
+  keywords (lo, hi, cap, ...) overriding it.
+
+  A modality missing from `arrays` (a test subject without the target) gets a preset only when a
+  present modality takes its scale, and only one that needs no volume of this subject."""
   fitted = {}
   for mod in sorted(specs, key=lambda m: specs[m].get("ref") is not None):  # refs first
     spec = specs[mod]
     kw = _kw(spec)
     ref = spec.get("ref")
     src = ref or mod
+    if mod not in arrays and not any(specs[m].get("ref") == mod for m in arrays):
+      continue
     try:
       if spec.get("fit") == "train" and train_fitted is not None:
         # Fitted on the training split; the own fit only checks the volume (e.g. not all zero).
-        presets_lib.fit_preset(spec["kind"], arrays[mod], **kw)
+        if mod in arrays:
+          presets_lib.fit_preset(spec["kind"], arrays[mod], **kw)
         fitted[mod] = train_fitted[mod]
         continue
       if ref is not None:
@@ -214,8 +338,12 @@ def _fit_presets(specs: dict[str, dict], arrays: dict[str, np.ndarray],
         if {"lo", "lower"} & set(kw):
           del scale["lo"]
         kw = {**scale, **kw}
-      fitted[mod] = presets_lib.fit_preset(spec["kind"], arrays[src], **kw)
+      fitted[mod] = presets_lib.fit_preset(spec["kind"], arrays.get(src), **kw)
     except ValueError as e:
+      if src not in arrays:
+        raise VolumeError(f"{next(iter(sources.values()))}: this subject has no {src!r} volume, "
+                          f"whose {specs[src]['kind']!r} preset sets the scale of a modality it "
+                          f"has ({e}); give that preset fit=train or a fixed lo/hi") from e
       raise VolumeError(f"{sources[src]}: cannot fit the {spec['kind']!r} preset for "
                         f"{mod!r}: {e}") from e
   return fitted
@@ -265,7 +393,7 @@ def _plan_subject(subject: dict, specs: dict[str, dict],
   entry = {"id": subject["subject"], "split": subject["split"],
            "shape": list(next(iter(arrays.values())).shape), "volumes": {}}
   fitted = _fit_presets(specs, arrays, subject["volumes"], train_fitted)
-  for mod in specs:
+  for mod in [m for m in specs if m in arrays]:  # a test subject may lack some modalities
     preset = fitted[mod]
     entry["volumes"][mod] = {
         "path": f"{VOLUMES}/{subject['subject']}/{mod}.zarr",
@@ -296,6 +424,7 @@ def _write_zarr(path: str, data: np.ndarray) -> None:
     if os.path.exists(path):
       # A rename landed but the crash came before the partial manifest recorded it.
       shutil.rmtree(path)
+    os.chmod(tmp, fileio.default_mode(directory=True))  # mkdtemp creates owner-only folders
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -310,6 +439,7 @@ def _write_json(path: str, obj: Any) -> None:
       json.dump(obj, f, indent=1)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, fileio.default_mode())  # mkstemp creates owner-only files
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -317,7 +447,8 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
-            presets: Mapping[str, Any], overwrite: bool = False) -> dict[str, Any]:
+            presets: Mapping[str, Any], overwrite: bool = False,
+            dataroot: str | os.PathLike | None = None) -> dict[str, Any]:
   """Converts the NIfTI volumes of a datalist into a store (see the module docstring for rules).
 
   Args:
@@ -329,6 +460,7 @@ def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
       a subject share one scale, also when the ref's preset has a cap.
     overwrite: replace an existing store (its manifest, partial manifest and volumes folder; other
       files in `out_dir` are left alone). Without it an existing complete store is an error.
+    dataroot: folder of the datalist's relative paths (`read_datalist`).
 
   Returns:
     The manifest dict (also written to out_dir/manifest.json).
@@ -340,8 +472,8 @@ def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,
   """
   datalist_path = os.path.abspath(os.fspath(datalist_path))
   out_dir = os.path.abspath(os.fspath(out_dir))
-  subjects = read_datalist(datalist_path)
-  modalities = list(subjects[0]["volumes"])
+  subjects = read_datalist(datalist_path, dataroot=dataroot)
+  modalities = _datalist_modalities(subjects)  # A test subject may lack some (e.g. the target).
   specs = _normalise_specs(presets, modalities)
   manifest_path = os.path.join(out_dir, MANIFEST)
   partial_path = os.path.join(out_dir, PARTIAL)

@@ -88,6 +88,11 @@ def reconstruct(config, workdir: str) -> dict:
   inference_lib.check_rules(inference_lib.rules_of(store, (), config.data.target), (),
                             config.data.target, store.path)
   subjects = store.subjects(config.eval.split)
+  lacking = [s["id"] for s in subjects if config.data.target not in s["volumes"]]
+  if lacking:  # measurements are simulated from the target: nothing to reconstruct without it
+    log.warning("skipping %d subject(s) without a %r volume: %s", len(lacking),
+                config.data.target, lacking)
+    subjects = [s for s in subjects if config.data.target in s["volumes"]]
   if not subjects:
     raise ValueError(f"split {config.eval.split!r} of store {config.data.store} has no subjects")
   out_dir = os.path.join(workdir, "pnp")

@@ -7,8 +7,10 @@
   Medical Image Synthesis", 2024; their code, pfriedri/wdm-3d): DDPM on the 8 orthonormal Haar
   sub-bands at half resolution with the LLL band divided by 3 (`wdm.lll_scale`), the condition
   transformed the same way (as in the authors' conditional cWDM, pfriedri/cwdm); while sampling,
-  the x0 estimate is clamped in image space (idwt -> clamp(-1, 1) -> dwt), and the sample is
-  rescaled and inverse transformed at the end.
+  the x0 estimate is clamped in image space (idwt -> clamp(-c, c) -> dwt, c = config.diffusion.
+  clip_x0: wdm-3d's 1 for data in [-1, 1]; the PET/MRI configs use 2, the range of their
+  unclipped presets, jaxvol.config.clamp_for_preset), and the sample is rescaled and inverse
+  transformed at the end.
 - `Regression`: the same network trained as a direct L1/L2 regressor (one forward pass), because
   users ask whether diffusion earns its cost ("Regression is all you need for medical image
   translation", 2025).

@@ -27,8 +27,9 @@ from clu import parameter_overview
 
 from jaxvol import fileio
 from jaxvol import methods
-from jaxvol.data import pipeline
 from jaxvol.data import inference as inference_lib
+from jaxvol.data import nifti
+from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import distributed
@@ -66,12 +67,22 @@ def presets_of(store) -> dict:
   return {s["id"]: {m: v["preset"] for m, v in s["volumes"].items()} for s in store.subjects()}
 
 
+def training_spacing(store, config) -> list[float] | None:
+  """The median RAS voxel size (mm) of the training split's volumes: what `jaxvol.predict`
+  resamples a user's scan to. None when the split is empty."""
+  mod = (list(config.data.inputs) or [config.data.target])[0]
+  sizes = [np.linalg.norm(nifti.ras_affine(store.geometry(s["id"], mod))[:3, :3], axis=0)
+           for s in store.subjects(config.data.train_split) if mod in s["volumes"]]
+  return [float(v) for v in np.median(sizes, axis=0)] if sizes else None
+
+
 def run_meta(config, store_path: str) -> dict:
   """The checkpoint metadata: config, every subject's preset, and how each input's and the
   target's preset is known at inference (jaxvol.data.inference rules), so that a store without
   targets, or a user's own store, is normalised and mapped back as training was."""
   store = store_lib.Store(store_path)
   return {"config": json.loads(config.to_json_best_effort()), "presets": presets_of(store),
+          "spacing": training_spacing(store, config),
           "inference_presets": inference_lib.rules_of(store, config.data.inputs,
                                                       config.data.target),
           "store": os.path.abspath(store_path)}
@@ -245,7 +256,12 @@ def compile_step(parts, config, batch_sharding=None):
 
 
 def train(config, workdir: str) -> dict:
-  """Trains until config.train.steps (or a signal / time limit); returns the last metrics."""
+  """Trains until config.train.steps (or a signal / time limit).
+
+  Returns:
+    {"step", the last logged metrics..., "stopped": why it stopped early ("signal 15", "time limit
+    of 10.0 min", ...) or None, "signal": the signal number or None}.
+  """
   os.makedirs(workdir, exist_ok=True)
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
                                    pipeline.position_axes(config.data))
@@ -303,6 +319,7 @@ def train(config, workdir: str) -> dict:
   total = int(config.train.steps)
   time_limit = float(config.train.time_limit_minutes) * 60.0
   history, last = [], {}
+  stopped = {"stopped": None, "signal": None}  # why training ended before config.train.steps
   t_start = t_log = time.time()
   steps_at_log = start
   step = start
@@ -322,6 +339,10 @@ def train(config, workdir: str) -> dict:
         batch = {k: jax.make_array_from_process_local_data(bsh, raw[k], global_shapes[k])
                  for k in ("cond", "target")}
         state, metrics = compiled(state, batch, rng)
+        if history:
+          # At most two steps in flight: the host does not run ahead of the device, so a signal
+          # or the time limit acts within a step, not after a long queue of dispatched steps.
+          jax.block_until_ready(history[-1]["loss"])
         history.append(metrics)
         step += 1
         stopping = agree(stop.signal is not None or (
@@ -347,12 +368,13 @@ def train(config, workdir: str) -> dict:
           why = f"signal {stop.signal}" if stop.signal is not None else (
               f"time limit of {time_limit / 60:.1f} min" if time_limit > 0 else "another host's stop")
           log.info("%s at step %d: checkpoint saved, exiting", why, step)
+          stopped = {"stopped": why, "signal": stop.signal}
           break
   finally:
     ckpt.close()
     writer.close()
     del data_iter  # stops Grain worker processes before interpreter shutdown
-  return {"step": step, **last}
+  return {"step": step, **last, **stopped}
 
 
 def agree(flag: bool) -> bool:
