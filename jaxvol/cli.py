@@ -138,7 +138,8 @@ def _run_absl(program: str, args: list[str]) -> int:
   """absl's app.run of jaxvol.main.main on `program args...` (flags parsed into absl's FLAGS)."""
   from absl import app  # pylint: disable=import-outside-toplevel
   from jaxvol import main as main_lib  # pylint: disable=import-outside-toplevel
-  return _call(program, lambda a: app.run(main_lib.main, argv=[program, *a]), args)
+  del app
+  return _call(program, lambda a: main_lib.run([program, *a]), args)
 
 
 def _call(program: str, fn: Callable[[list[str]], int | None], argv: list[str]) -> int:

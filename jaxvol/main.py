@@ -13,6 +13,7 @@ abstract shapes and prints per-device memory and FLOPs, needing no data: jaxvol.
 
 import logging
 import os
+import re
 import sys
 
 import jax
@@ -41,14 +42,45 @@ flags.DEFINE_string("plan_shape", "", "--mode=plan: sampled volume D,H,W (defaul
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def split_list_fields(config):
+  """`--config.data.inputs=T1,T2` arrives as the one-element tuple ('T1,T2',): split it into the
+  modalities it names (no modality name holds a comma: jaxvol.data.store.read_datalist)."""
+  inputs = tuple(x.strip() for item in config.data.inputs for x in str(item).split(",")
+                 if x.strip())
+  if inputs != tuple(config.data.inputs):
+    config.data.inputs = inputs
+  return config
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception's message on one line, without the quoting KeyError and ml_collections add."""
+  msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  msg = msg.replace("\\'", "'").replace("\\n", " ").strip("'\"")
+  typo = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', msg)
+  if typo:  # ml_collections' message for an override of a field that does not exist
+    return f"no config field {typo.group(2)!r}; did you mean {typo.group(1)!r}?"
+  return " ".join(msg.split())
+
+
 def main(argv):
+  """absl's entry: `_main`, with the mistakes a user makes (a missing store or file, a wrong
+  modality or subject, a bad volume) reported as one line and exit status 1, not a traceback."""
+  from jaxvol.data.nifti import VolumeError  # pylint: disable=g-import-not-at-top
+  try:
+    _main(argv)
+  except (VolumeError, FileNotFoundError, FileExistsError, KeyError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout,
                       force=True)
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  config = FLAGS.config
+  config = split_list_fields(FLAGS.config)
   if FLAGS.mode == "plan":
     _plan(config)  # one process, abstract shapes: no data, no other hosts
     return
@@ -108,12 +140,21 @@ def _plan(config):
 def run(argv: list[str]) -> None:
   """Runs `main` under absl on a full command line (argv[0] is the program name), after mapping
   a config NAME to its packaged file; an unknown name prints one line and exits with status 2."""
+  program = os.path.basename(argv[0])
   try:
     argv = configs.resolve_argv(argv)
   except configs.UnknownConfigError as e:
-    print(f"{os.path.basename(argv[0])}: error: {e}", file=sys.stderr)
+    print(f"{program}: error: {e}", file=sys.stderr)
     sys.exit(2)
-  app.run(main, argv=argv)
+  if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
+    app.run(main, argv=argv)
+    return
+  try:  # parse here (once), so a misspelled flag or override is one line, not a traceback
+    remaining = FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"{program}: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main, argv=argv, flags_parser=lambda _: remaining)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,9 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
 
   os.makedirs(output, exist_ok=True)
   method = methods.build(config, jax.devices()[0].platform)
+  if make_sampler is None:  # as --mode=evaluate: the volume split over config.mesh when > 1
+    from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
+    make_sampler = lambda m: sharded_sample.evaluation_sampler(config, m)
   sampler = evaluate_lib.make_volume_sampler(method, make_sampler)
   params, _ = evaluate_lib.load_params(config, workdir)
   params = sampler.put_params(params)

@@ -227,3 +227,35 @@ def test_non_editable_install_has_the_command_and_configs(tmp_path):
   assert r.returncode == 1 and "config.data.store is empty" in r.stdout + r.stderr, r.stderr
   r = run(program, "trian")
   assert r.returncode == 2 and "did you mean train?" in r.stderr
+
+
+def _jaxvol(*args, cwd=None):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, "-m", "jaxvol", *args], capture_output=True, text=True,
+                        check=False, cwd=cwd)
+
+
+def test_common_mistakes_are_one_line(tmp_path):
+  """A misspelled override (with its "did you mean"), a missing store and a missing --workdir end
+  in one line on stderr, not a traceback, with a usage (2) or input (1) exit status."""
+  typo = _jaxvol("train", "--config=ppdm_pet_denoise:smoke", f"--workdir={tmp_path}/w",
+                 "--config.train.stpes=5")
+  assert typo.returncode == 2, typo.stderr
+  assert typo.stderr.strip().splitlines()[-1:] == [
+      "jaxvol train: error: no config field 'stpes'; did you mean 'steps'?"]
+  assert "Traceback" not in typo.stderr
+  store = _jaxvol("train", "--config=ppdm_pet_denoise:smoke", f"--workdir={tmp_path}/w",
+                  f"--config.data.store={tmp_path}/nostore", "--config.mesh.data=1")
+  assert store.returncode == 1 and "Traceback" not in store.stderr
+  assert store.stderr.strip().splitlines()[-1].startswith("error: ") and "not a converted store" \
+      in store.stderr
+  workdir = _jaxvol("evaluate", "--config=ppdm_pet_denoise:smoke")
+  assert workdir.returncode == 2 and "--workdir" in workdir.stderr and "Traceback" not in \
+      workdir.stderr
+
+
+def test_comma_separated_inputs_are_several_modalities():
+  from jaxvol import main as main_lib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict({"data": {"inputs": ("T1,T2 ",)}})
+  assert main_lib.split_list_fields(c).data.inputs == ("T1", "T2")

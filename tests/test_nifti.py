@@ -236,3 +236,19 @@ def test_outputs_are_group_readable_under_the_usual_umask(tmp_path):
       assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
   finally:
     os.umask(old)
+
+
+def test_qform_and_sform_codes_are_kept(tmp_path):
+  """A prediction written on an input's geometry keeps the input's qform/sform codes (e.g. an
+  aligned-to-template sform, code 2), so viewers place it as they place the input."""
+  affine = np.diag([-1.5, 1.5, 2.0, 1.0])
+  img = nib.Nifti1Image(np.random.default_rng(0).random((6, 5, 4)).astype(np.float32), affine)
+  img.header.set_qform(affine, code=1)
+  img.header.set_sform(affine, code=2)
+  nib.save(img, tmp_path / "in.nii.gz")
+  arr, geom = nifti.load_volume(tmp_path / "in.nii.gz")
+  assert geom.codes == (1, 2) and nifti.Geometry.from_dict(geom.to_dict()).codes == (1, 2)
+  nifti.save_volume(tmp_path / "out.nii.gz", arr, geometry=geom)
+  out = nib.load(tmp_path / "out.nii.gz")
+  assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 2)
+  np.testing.assert_allclose(out.affine, affine)

@@ -111,7 +111,25 @@ def test_several_samples_give_mean_and_std(run, tmp_path):
   assert record["samples"] == 2 and record["seed"] == 3
 
 
-@pytest.mark.parametrize("case", ["4d", "nan", "missing", "not_nifti"])
+def test_decathlon_datalist_converts_and_predicts(run, tmp_path):
+  """A MONAI Decathlon dataset.json: training pairs convert into a store; its test list (inputs
+  only) predicts, with outputs named by subject."""
+  root, _, workdir = run
+  spec = {"training": [{"low": str(root / f"s{i}_low.nii.gz"),
+                        "full": str(root / f"s{i}_full.nii.gz")} for i in (0, 1)],
+          "test": [{"low": str(root / "s2_low.nii.gz")}]}
+  (tmp_path / "dataset.json").write_text(json.dumps(spec))
+  store_lib.convert(tmp_path / "dataset.json", tmp_path / "store",
+                    {"low": {"kind": "pet"}, "full": {"kind": "pet", "ref": "low"}})
+  store = store_lib.Store(tmp_path / "store")
+  assert [s["split"] for s in store.subjects()] == ["train", "train", "test"]
+  record = predict_lib.predict(workdir, [str(tmp_path / "dataset.json")], str(tmp_path / "out"))
+  assert [v["name"] for v in record["volumes"]] == [s["id"] for s in store.subjects()]
+  for v in record["volumes"]:
+    assert os.path.exists(v["output"])
+
+
+@pytest.mark.parametrize("case", ["4d", "nan", "missing", "not_nifti", "complex", "unreadable"])
 def test_bad_inputs_give_one_line_and_write_nothing(run, tmp_path, case, capsys):
   root, _, workdir = run
   bad = tmp_path / "bad.nii.gz"
@@ -124,6 +142,10 @@ def test_bad_inputs_give_one_line_and_write_nothing(run, tmp_path, case, capsys)
   elif case == "not_nifti":
     bad = tmp_path / "bad.txt"
     bad.write_text("x")
+  elif case == "complex":
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.complex64), np.eye(4)), bad)
+  elif case == "unreadable":
+    bad.write_bytes(b"\x1f\x8b not really gzip")
   out = tmp_path / "out"
   # A good file first: nothing is written for it either, since every input is checked first.
   status = predict_lib.main(["--workdir", workdir, "--input", str(root / "s2_low.nii.gz"),

@@ -205,6 +205,8 @@ def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
   assert os.path.exists(os.path.join(out, "previews", "s2.png"))
   assert not [f for f in os.listdir(out) if ".tmp" in f]
   if method == "ppdm":
+    table = open(os.path.join(workdir, "parameters.txt")).read()
+    assert "Total:" in table and "kernel" in table  # the table goes to a file, not the log
     _check_training_mean_floor(c, on_disk)
     _evaluate_without_targets(tiny_store, c, workdir, pred.get_fdata(), tmp_path)
 

@@ -42,18 +42,22 @@ class Geometry:
     shape: the original 3D shape.
     spacing: voxel sizes in mm from the header zooms.
     orientation: axis codes of the original file, e.g. "RAS" or "LPS".
+    codes: the file's (qform_code, sform_code), written back unchanged by `save_volume` (1, 1:
+      scanner-anatomical, for geometries that did not come from a file).
   """
 
   affine: np.ndarray
   shape: tuple[int, int, int]
   spacing: tuple[float, float, float]
   orientation: str
+  codes: tuple[int, int] = (1, 1)
 
   def __post_init__(self):
     self.affine = np.asarray(self.affine, dtype=np.float64).reshape(4, 4)
     self.shape = tuple(int(s) for s in self.shape)
     self.spacing = tuple(float(s) for s in self.spacing)
     self.orientation = str(self.orientation)
+    self.codes = tuple(int(c) for c in self.codes)
 
   def __eq__(self, other) -> bool:
     # The generated __eq__ would compare the affine arrays element-wise and fail on truth value.
@@ -70,12 +74,14 @@ class Geometry:
         "shape": list(self.shape),
         "spacing": list(self.spacing),
         "orientation": self.orientation,
+        "codes": list(self.codes),
     }
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Geometry":
     return cls(affine=np.asarray(d["affine"], dtype=np.float64), shape=tuple(d["shape"]),
-               spacing=tuple(d["spacing"]), orientation=d["orientation"])
+               spacing=tuple(d["spacing"]), orientation=d["orientation"],
+               codes=tuple(d.get("codes", (1, 1))))
 
   @property
   def ras_shape(self) -> tuple[int, int, int]:
@@ -108,8 +114,12 @@ def _geometry_of(img, path: str) -> Geometry:
   if np.isnan(ornt).any():
     raise VolumeError(f"{path}: degenerate affine (a zero-length axis), cannot orient it")
   zooms = img.header.get_zooms()[:3]
+  try:
+    codes = (int(img.header["qform_code"]), int(img.header["sform_code"]))
+  except (KeyError, TypeError, ValueError):  # not a NIfTI header (e.g. Analyze)
+    codes = (1, 1)
   return Geometry(affine=affine, shape=tuple(img.shape[:3]), spacing=tuple(zooms),
-                  orientation="".join(nio.ornt2axcodes(ornt)))
+                  orientation="".join(nio.ornt2axcodes(ornt)), codes=codes)
 
 
 def load_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
@@ -279,8 +289,9 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry |
 
   img = nib.Nifti1Image(data, out_affine)
   img.header.set_xyzt_units("mm", "sec")
-  img.header.set_qform(out_affine, code=1)
-  img.header.set_sform(out_affine, code=1)
+  qcode, scode = geometry.codes if geometry is not None else (1, 1)
+  img.header.set_qform(out_affine, code=qcode)
+  img.header.set_sform(out_affine, code=scode)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   suffix = ".nii.gz" if path.endswith(".nii.gz") else ".nii"

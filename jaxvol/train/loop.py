@@ -302,7 +302,10 @@ def train(config, workdir: str) -> dict:
     overview = parameter_overview.get_parameter_overview(
         state["params"], include_stats="global" if jax.process_count() > 1 else True)
     if is_main:
-      log.info("parameters:\n%s", overview)
+      table = os.path.join(workdir, "parameters.txt")
+      fileio.write_text_atomic(table, overview + "\n")
+      count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+      log.info("%s parameters; the table of every array is in %s", f"{count:,}", table)
   if is_main and parts["transfer"].labels is not None:
     log.info("parameter groups: %s",
              transfer.describe(parts["transfer"], parts["abstract_state"]["params"]))
@@ -348,7 +351,8 @@ def train(config, workdir: str) -> dict:
         stopping = agree(stop.signal is not None or (
             time_limit > 0 and time.time() - t_start > time_limit))
         done = step == total or stopping
-        if step % config.train.log_every == 0 or done:
+        if step % config.train.log_every == 0 or done or step == start + 1:
+          # (the first step too: progress and an ETA within seconds of the start)
           fetched = jax.device_get(history)
           last = average_metrics(fetched)
           if last["finite"] < 1.0:
