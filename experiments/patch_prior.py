@@ -5,15 +5,15 @@ Diffusion Priors in Inverse Problems for Medical Images", 2025): a diffusion pri
 whole volume as overlapping, Gaussian-blended, randomly shifted patches reconstructs as well as the
 same network applied to the whole volume at once, with a fraction of the memory, in every solver.
 
-Protocol. One prior (configs/patch_prior_train.py, variant `--variant`, trained through the
-library's own loop on random patches of the stroke T1's left hemisphere unless `--prior-workdir`
-already holds a checkpoint) is restored once. The test volume is a centred `--size` box of the
-held-out right hemisphere (RAS x in [0.5, 1]); a `positions` prior encodes only the axes whose
-evaluation coordinates training covers (RAS y and z; `check_positions` refuses any other). For
-each task (MRI from simulated single-coil Cartesian k-space at R=4 or 8, equispaced with a fully
-sampled centre; super-resolution x2 or x4 by block averaging) the measurement is simulated from
-the magnitude image in network units with Gaussian noise sigma = --noise (the same measurement
-for every reconstruction), then
+Protocol. One prior (configs/patch_prior_train.py, variant `--variant` plus `heldout`, trained
+through the library's own loop on random patches of the stroke T1's left hemisphere unless
+`--prior-workdir` already holds a checkpoint) is restored once. The test volume is a centred
+`--size` box of the held-out right hemisphere (RAS x in [0.5, 1]); a `positions` prior encodes only
+the axes whose evaluation coordinates training covers (RAS y and z; `check_positions` refuses any
+other). For each task (MRI from simulated single-coil Cartesian k-space at R=4 or 8, equispaced
+with a fully sampled centre; super-resolution x2 or x4 by block averaging) the measurement is
+simulated from the magnitude image in network units with Gaussian noise sigma = --noise (the same
+measurement for every reconstruction), then
   zero_filled   the adjoint (nearest upsampling for SR),
   tv            total-variation least squares (Chambolle-Pock, --tv-iters iterations),
   SOLVER x {patch, whole}   DiffPIR / DPS with --steps prior evaluations each.
@@ -71,7 +71,8 @@ def compiled_bytes(compiled) -> int:
 def task_config(task: str, variant: str, store: str, prior_dir: str,
                 overlap: float | None = None):
   kind, token = TASKS[task]
-  c = config_lib.pnp_config(kind, ",".join(t for t in (variant, token) if t))
+  # The prior's split: one hemisphere of the stroke T1 trained, the other reconstructed.
+  c = config_lib.pnp_config(kind, config_lib.with_tokens(variant, token, config_lib.HELDOUT))
   c.data.store = store
   c.pnp.prior_workdir = prior_dir
   if overlap is not None:
@@ -95,7 +96,7 @@ def ensure_prior(variant: str, store: str, prior_dir: pathlib.Path, log=print) -
   spec = importlib.util.spec_from_file_location("ppt", ROOT / "configs" / "patch_prior_train.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config(variant)
+  c = mod.get_config(config_lib.with_tokens(variant, config_lib.HELDOUT))
   c.data.store = store
   check_positions(c)
   # Data parallel over as many local devices as divide the batch.

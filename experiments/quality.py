@@ -16,10 +16,10 @@ Tasks (data built by tools/prepare_data.py into DIR/data/TASK unless already the
                the evaluated anatomy is never trained on (configs/ppdm_pet_denoise.py).
 
 Methods, each configured from the repository's configs (configs/{full3d,ppdm,wdm,regression}_
-mri_t1_t2.py, configs/ppdm_pet_denoise.py with `method` switched for the baselines), loaded by
-path and then overridden so that every method gets THE SAME BUDGET: the same number of steps,
-batch, crop, learning rate and U-Net (base width W, channel multipliers (1, 2, 4), one res block
-per level, GroupNorm 8, no attention):
+mri_t1_t2.py, configs/ppdm_pet_denoise.py with `method` switched for the baselines), loaded by path
+with their `heldout` variant (the region splits above) and then overridden so that every method
+gets THE SAME BUDGET: the same number of steps, batch, crop, learning rate and U-Net (base width W,
+channel multipliers (1, 2, 4), one res block per level, GroupNorm 8, no attention):
   full3d       full-resolution conditional DDPM, DDIM sampling (--sample-steps, 50 by default).
   ppdm2/ppdm4  PPDM with puzzle factor 2 / 4, bridge sampling (--ppdm-sample-steps, 10).
   wdm          wavelet (Haar) diffusion, factor 2, DDIM sampling like full3d.
@@ -148,7 +148,8 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   """The repository config of (task, method), overridden to the shared budget."""
   method, factor = METHODS[name]
   module = _load_module(config_path(task, method), f"quality_config_{task}_{method}")
-  c = base_config_lib.set_method(module.get_config(), method)
+  # The repository's stores hold one subject (MRI) or one anatomy (PET): the held-out split.
+  c = base_config_lib.set_method(module.get_config(base_config_lib.HELDOUT), method)
   c.data.store = store
   c.data.crop_size = (args.crop,) * 3
   c.data.batch_size = args.batch

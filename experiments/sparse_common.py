@@ -52,7 +52,7 @@ def run_config(args, store: str):
 
   Validation crops are training-size, so sampling runs in one pass (no windows).
   """
-  c = load_config(args.task, "cpu")
+  c = load_config(args.task, "cpu,heldout")
   c.data.store = store
   c.data.crop_size = (args.crop,) * 3
   c.data.batch_size = args.batch

@@ -2,9 +2,19 @@
 
 Every field is documented here once. Experiment configs override what they need and add a
 `smoke` variant that runs in seconds on a CPU.
+
+Splits. Without a variant token every MRI/PET/CT config trains on whole volumes of the `train`
+split and evaluates whole volumes of the `test` split: right for a datalist whose test subjects
+are other people. The token `heldout` restores the region split of the stores this repository
+builds (tools/prepare_data.py, the demo's phantom), whose test subjects are the training subject
+or share its anatomy (`HELDOUT_SPLITS`, `apply_split`); `whole` names the default explicitly and
+is kept so that older commands still run.
 """
 
+from typing import Iterable, Sequence
+
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,9 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   # the training region (jaxvol.data.pipeline.check_position_coverage refuses the others).
   d.position_axes = (0, 1, 2)
   # Region splits of one volume: {"axis": (lo_frac, hi_frac)}, e.g. {"0": (0.0, 0.5)} trains on
-  # the first half of the RAS x axis (one hemisphere) and {"0": (0.5, 1.0)} evaluates on the other.
-  d.train_region = None
-  d.eval_region = None
+  # the first half of the RAS x axis (one hemisphere) and {"0": (0.5, 1.0)} evaluates on the other;
+  # None = the whole volume (the configs' default; their `heldout` token sets HELDOUT_SPLITS).
+  # Either form is accepted on the command line: --config.data.eval_region=None or
+  # --config.data.eval_region="{'2': (0.6, 1.0)}" (`region_field`).
+  d.train_region = region_field()
+  d.eval_region = region_field()
   d.train_split = "train"
 
   c.model = m = ml_collections.ConfigDict()
@@ -200,6 +213,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.previews = True
   e.input_baseline = False     # also score the condition as the prediction (same-scale tasks only)
   e.seed = 0
+  # Largest box (D, H, W) scored per volume, centred in the evaluation region; () = the whole
+  # region. The smoke variants set a small one so a smoke evaluation takes seconds on a CPU.
+  e.max_box = ()
   # Feature network of the generation metrics (FID/MMD, jaxvol.eval.generation): a MedicalNet
   # checkpoint (tools/convert_medicalnet.py output) or "" for a randomly initialised MedicalNet
   # ResNet of feature_depth and feature_width (reported as "FD (random features)", not FID).
@@ -230,8 +246,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def region_field(value: dict | None = None) -> config_dict.FieldReference:
+  """A config field that holds a region ({axis: (lo, hi)}) or None, and takes either from the
+  command line.
+
+  ml_collections fixes a field's type when the config is built: a field holding None could not be
+  overridden from the command line at all, and one holding a dict refuses `None`. A field typed
+  `object` is parsed as a Python literal instead (`None`, `{'0': (0.5, 1.0)}`).
+  """
+  return config_dict.FieldReference(value, field_type=object)
+
+
 def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a config so one train/evaluate cycle runs in seconds on a CPU."""
+  """Shrinks a config so one train/evaluate cycle runs in seconds on a CPU (evaluation scores at
+  most a centred 32^3 box of each volume: config.eval.max_box)."""
+  c.eval.max_box = (32, 32, 32)
   c.model.base_width = 8
   c.model.channel_mults = (1, 2)
   c.model.num_res_blocks = 1
@@ -249,19 +278,20 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def mri_t1_t2_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """T1 -> T2 translation on one co-registered subject, split by hemisphere (RAS x axis).
+def mri_t1_t2_task(c: ml_collections.ConfigDict,
+                   heldout: bool = False) -> ml_collections.ConfigDict:
+  """T1 -> T2 translation: store modalities `t1` and `t2` (MRI percentile presets).
 
-  Store modalities `t1` and `t2` (MRI percentile presets). With one subject, training crops come
-  from the low-index half of the RAS x axis (the subject's left) and evaluation uses the other; every reported number
-  says so.
+  By default whole volumes of the `train` split train and whole volumes of the `test` split are
+  scored. `heldout` is the split of the repository's one co-registered subject
+  (tools/prepare_data.py --task mri_t1_t2): training crops come from the low-index half of the
+  RAS x axis (the subject's left), evaluation uses the other half of the same subject (split
+  `train`); every reported number says so.
   """
   c.data.inputs = ("t1",)
   c.data.target = "t2"
   c.data.train_split = "train"
-  c.data.train_region = {"0": (0.0, 0.5)}
-  c.data.eval_region = {"0": (0.5, 1.0)}
-  c.eval.split = "train"  # the same subject, other hemisphere
+  apply_split(c, "mri_t1_t2", heldout)
   c.eval.input_baseline = False  # T1 intensities are not a T2 prediction
   return clamp_for_preset(c, "mri")
 
@@ -280,11 +310,81 @@ def clamp_for_preset(c: ml_collections.ConfigDict, kind: str) -> ml_collections.
   return c
 
 
+# The held-out split of each task's shared-data stores (variant token `heldout`):
+# {task: (train_region, eval_region, eval split)}. The stores of tools/prepare_data.py hold one
+# subject (mri_t1_t2, mri_sr: one hemisphere trains, the other of the same subject, split
+# "train", is scored) or test subjects that share the training subjects' anatomy (pet_denoise,
+# pet_ac, the demo's phantom; ct_denoise: one CT with new noise): the lower 60% of RAS z trains,
+# the upper 40% of the test subjects is scored, so no evaluated anatomy is trained on. The regions
+# equal jaxvol.prepare's TRAIN_REGIONS / EVAL_REGIONS, which fit the stores' scales on the
+# training region (tests/test_configs.py checks it).
+HELDOUT_SPLITS = {
+    "mri_t1_t2": ({"0": (0.0, 0.5)}, {"0": (0.5, 1.0)}, "train"),
+    "mri_sr": ({"0": (0.0, 0.5)}, {"0": (0.5, 1.0)}, "train"),
+    "pet_denoise": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
+    "pet_ac": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
+    "ct_denoise": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
+}
+HELDOUT = "heldout"  # the variant token of HELDOUT_SPLITS
+WHOLE = "whole"      # the default named explicitly (older commands); excludes `heldout`
+SPLIT_TOKENS = (HELDOUT, WHOLE)
+
+
+def apply_split(c: ml_collections.ConfigDict, task: str,
+                heldout: bool) -> ml_collections.ConfigDict:
+  """Whole volumes, train split -> test split (default), or the task's HELDOUT_SPLITS entry."""
+  if heldout:
+    train, evaluate, split = HELDOUT_SPLITS[task]
+    c.data.train_region, c.data.eval_region = dict(train), dict(evaluate)
+    c.eval.split = split
+  else:
+    c.data.train_region = c.data.eval_region = None
+    c.eval.split = "test"
+  return c
+
+
 def pet_regions() -> tuple[dict, dict]:
-  """(train_region, eval_region) of the PET tasks whose subjects share one anatomy (the stores of
-  tools/prepare_data.py and the demo's phantom): RAS z in [0, 0.6) for training, [0.6, 1] for
-  evaluation, as tools/prepare_data.py's TRAIN_REGIONS / EVAL_REGIONS."""
-  return {"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}
+  """(train_region, eval_region) of the `heldout` split of the PET tasks whose subjects share one
+  anatomy (the stores of tools/prepare_data.py and the demo's phantom): RAS z in [0, 0.6) for
+  training, [0.6, 1] for evaluation."""
+  train, evaluate, _ = HELDOUT_SPLITS["pet_denoise"]
+  return dict(train), dict(evaluate)
+
+
+def variant_tokens(variant: str | None, known: Iterable[str],
+                   exclusive: Sequence[Iterable[str]] = ()) -> list[str]:
+  """The comma-separated tokens of a config variant, checked.
+
+  Args:
+    variant: the part of --config after ':' (None or "" for none).
+    known: the tokens the config takes.
+    exclusive: groups of tokens of which at most one may be given (`SPLIT_TOKENS` is always one).
+
+  Returns:
+    The tokens in the order given.
+
+  Raises:
+    ValueError: (its message says "variant") an unknown token, or two of one exclusive group.
+  """
+  tokens = [t.strip() for t in (variant or "").split(",") if t.strip()]
+  known = sorted(set(known))
+  groups = [tuple(g) for g in exclusive]
+  if set(SPLIT_TOKENS) <= set(known):
+    groups.append(SPLIT_TOKENS)
+  unknown = [t for t in tokens if t not in known]
+  clash = [g for g in groups if sum(t in g for t in tokens) > 1]
+  if unknown or clash:
+    why = (f"unknown token(s) {', '.join(unknown)}" if unknown else
+           "; ".join(f"at most one of {'/'.join(g)}" for g in clash))
+    raise ValueError(f"bad variant {variant!r}: {why} (comma-separated tokens from "
+                     f"{', '.join(known)})")
+  return tokens
+
+
+def with_tokens(variant: str | None, *tokens: str) -> str:
+  """`variant` with `tokens` appended where missing, e.g. ("cpu", "heldout") -> "cpu,heldout"."""
+  have = [t.strip() for t in (variant or "").split(",") if t.strip()]
+  return ",".join(have + [t for t in tokens if t not in have])
 
 
 def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -301,16 +401,22 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Conf
 
 
 def mri_t1_t2_config(method: str, variant: str | None) -> ml_collections.ConfigDict:
-  """The T1 -> T2 experiment for one method; every method shares the same U-Net and budget."""
-  c = set_method(mri_t1_t2_task(base_config()), method)
+  """The T1 -> T2 experiment for one method; every method shares the same U-Net and budget.
+
+  Variant tokens, comma-separated: `smoke` (seconds on CPU) or `cpu` (about 10 minutes of
+  training on 2 CPU cores: `cpu_task_overrides`), and `heldout` (the one-subject hemisphere split,
+  `mri_t1_t2_task`) or `whole` (the default: whole volumes, test split).
+  """
+  tokens = variant_tokens(variant, ("smoke", "cpu") + SPLIT_TOKENS, [("smoke", "cpu")])
+  c = set_method(mri_t1_t2_task(base_config(), HELDOUT in tokens), method)
   c.data.crop_size = (64, 64, 64)
   c.model.base_width = 32
   c.model.channel_mults = (1, 2, 4)
   c.model.num_res_blocks = 2
-  if variant == "smoke":
+  if "smoke" in tokens:
     smoke_overrides(c)
-  elif variant not in (None, ""):
-    raise ValueError(f"unknown variant {variant!r}: use smoke")
+  elif "cpu" in tokens:
+    cpu_task_overrides(c)
   return c
 
 
@@ -351,6 +457,39 @@ def cpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The budget of the PPDM quick start (tools/demo.py, ppdm_pet_denoise:demo): 32^3 crops, a
+  16-wide U-Net with one res block, AdamW 5e-4, 10 minutes (1785 steps on the idle 2-core CPU,
+  28.85 dB against the input's 23.08 on held-out anatomy: README "Quick start"). For networks
+  that run below the crop's resolution (PPDM r=2 on the puzzled grid, WDM on Haar bands)."""
+  m = c.model
+  m.base_width, m.channel_mults, m.num_res_blocks = 16, (1, 2, 4), 1
+  m.attention_levels, m.groups, m.time_embed_dim = (), 8, 64
+  c.data.crop_size = (32, 32, 32)
+  c.data.batch_size = 2
+  t = c.train
+  t.learning_rate, t.warmup_steps, t.steps = 5e-4, 20, 3000
+  t.log_every, t.checkpoint_every, t.time_limit_minutes = 50, 250, 10.0
+  c.ppdm.sample_steps = 5
+  return c
+
+
+def cpu_task_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `cpu` variant of a PPDM, WDM, full3d or regression config: about 10 minutes of training
+  on 2 CPU cores, enough to beat noise.
+
+  PPDM (r = 2) and WDM run their network at half the crop's resolution and get the quick start's
+  budget (`demo_overrides`); full3d and regression run at full resolution, 8x the voxels per
+  step, and get `cpu_overrides` (16^3 crops, width 8) with sampling in Gaussian-blended windows of
+  the crop (a 16^3-trained network transfers poorly to a whole-volume pass).
+  """
+  if c.method in ("ppdm", "wdm"):
+    return demo_overrides(c)
+  cpu_overrides(c)
+  c.inference.window = tuple(c.data.crop_size)
+  return c
+
+
 def _sparse_authors(c: ml_collections.ConfigDict, task: str, paper_size: bool) -> None:
   """The sparse-diffusion authors' network, sampler and training recipe (DESIGN.md 2.2, checked
   against mirthAI/sparse-3d-diffusion): their U-Net layout and STM encoder, their level sets and
@@ -373,42 +512,40 @@ def sparse_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
 
   Variant tokens, comma-separated: `smoke` (seconds on CPU) or `cpu` (minutes on 2 CPU cores),
   `authors` (the authors' network, sampler and training recipe: `_sparse_authors`; combines with
-  smoke/cpu, whose sizes it keeps), and for mri_sr the factor `x2` (default) or `x4`. Every
-  variant samples volumes larger than the training patch in Gaussian-blended windows of the patch
-  size.
+  smoke/cpu, whose sizes it keeps), `heldout` (the region split of the task's shared-data store,
+  `HELDOUT_SPLITS`; default: whole volumes, train -> test split; `whole` names the default), and
+  for mri_sr the factor `x2` (default) or `x4`. Every variant samples volumes larger than the
+  training patch in Gaussian-blended windows of the patch size.
   """
   if task not in SPARSE_TASKS:
     raise ValueError(f"unknown sparse task {task!r}; expected one of {SPARSE_TASKS}")
-  tokens = [t for t in (variant or "").split(",") if t]
-  known = {"smoke", "cpu", "authors"} | ({"x2", "x4"} if task == "mri_sr" else set())
-  unknown = [t for t in tokens if t not in known]
-  if unknown or ("smoke" in tokens and "cpu" in tokens) or ("x2" in tokens and "x4" in tokens):
-    raise ValueError(f"bad variant {variant!r} for {task}: combine at most one of smoke/cpu"
-                     + (" and one of x2/x4" if task == "mri_sr" else ""))
+  factors = ("x2", "x4") if task == "mri_sr" else ()
+  tokens = variant_tokens(variant, ("smoke", "cpu", "authors") + factors + SPLIT_TOKENS,
+                          [("smoke", "cpu")] + ([factors] if factors else []))
   c = set_method(base_config(), "sparse")
   _sparse_paper_model(c)
   c.eval.mask = "body"
   if task == "ct_denoise":
-    # One CT volume (tools/prepare_data.py --task ct_denoise): train on the lower 60% of the RAS z
-    # axis, evaluate (new noise) on the upper 40%; metrics in HU.
+    # Low-dose -> full-dose CT (tools/prepare_data.py --task ct_denoise: one CT, new noise on the
+    # test subject); metrics in HU.
     c.data.inputs, c.data.target = ("ct_low",), "ct"
-    c.data.train_region, c.data.eval_region = {"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}
-    c.eval.split, c.eval.input_baseline = "test", True
-    c.data.crop_size = (64, 64, 64)  # the paper's 128^3 does not fit this 122x101x67 training region
+    c.eval.input_baseline = True
+    # The paper's 128^3 does not fit this CT (122x101x112; 122x101x67 in the heldout training
+    # region).
+    c.data.crop_size = (64, 64, 64)
   elif task == "mri_sr":
     factor = 4 if "x4" in tokens else 2
-    # Thick-slice T1 -> T1 on the stroke subject, split by hemisphere (RAS x).
+    # Thick-slice T1 -> T1 (the stroke subject's, split by hemisphere (RAS x) under `heldout`).
     c.data.inputs, c.data.target = (f"t1_x{factor}",), "t1"
-    c.data.train_region, c.data.eval_region = {"0": (0.0, 0.5)}, {"0": (0.5, 1.0)}
-    c.eval.split, c.eval.input_baseline = "train", True
-    c.data.crop_size = (48, 96, 96)  # a hemisphere is 62 voxels wide
+    c.eval.input_baseline = True
+    c.data.crop_size = (48, 96, 96)  # a hemisphere of the stroke T1 is 62 voxels wide
   else:
-    # PET phantom (tools/prepare_data.py --task pet_denoise): new noise on the test subjects,
-    # whose anatomy training shares, so evaluation is on a held-out region (RAS z [0.6, 1]).
+    # Low-count -> full-count PET (tools/prepare_data.py --task pet_denoise: new noise on test
+    # subjects whose anatomy training shares, hence the `heldout` region split for that store).
     c.data.inputs, c.data.target = ("pet_low",), "pet_full"
-    c.data.train_region, c.data.eval_region = pet_regions()
-    c.eval.split, c.eval.input_baseline = "test", True
-    c.data.crop_size = (48, 48, 32)  # fits the training region (z: 42 of 70) of the T1 phantom
+    c.eval.input_baseline = True
+    c.data.crop_size = (48, 48, 32)  # fits the heldout training region (z: 42 of 70) of the phantom
+  apply_split(c, task, HELDOUT in tokens)
   clamp_for_preset(c, {"ct_denoise": "ct", "mri_sr": "mri", "pet_denoise": "pet"}[task])
   if "smoke" in tokens:
     smoke_overrides(c)
@@ -426,21 +563,19 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
 
   The model fields are the prior's (the checkpoint in `pnp.prior_workdir`, or the workdir itself).
   Variant tokens, comma-separated: `smoke` or `cpu` (the prior's variant of the same name);
-  `positions` for a prior trained with position channels; for mri `r4`/`r8` (acceleration) and
-  `multicoil`; for sr `x2`/`x4`.
+  `positions` for a prior trained with position channels; `heldout` for the stroke store's
+  hemisphere split (the prior's token of the same name: it trained on RAS x in [0, 0.5), the
+  other hemisphere of the same subject is reconstructed; default: whole volumes of the test
+  split); for mri `r4`/`r8` (acceleration) and `multicoil`; for sr `x2`/`x4`.
   """
-  tokens = [t for t in (variant or "").split(",") if t]
-  known = {"smoke", "cpu", "positions"} | (
-      {"r4", "r8", "multicoil"} if task == "mri" else {"x2", "x4"})
-  if any(t not in known for t in tokens):
-    raise ValueError(f"bad variant {variant!r} for pnp {task}: tokens from {sorted(known)}")
+  extra = ("r4", "r8", "multicoil") if task == "mri" else ("x2", "x4")
+  tokens = variant_tokens(variant, ("smoke", "cpu", "positions") + extra + SPLIT_TOKENS,
+                          [("smoke", "cpu"), ("r4", "r8") if task == "mri" else ("x2", "x4")])
   c = set_method(base_config(), "full3d")
   c.data.inputs = ()
   c.data.target = "t1"
   clamp_for_preset(c, "mri")
-  c.data.train_region = {"0": (0.0, 0.5)}
-  c.data.eval_region = {"0": (0.5, 1.0)}
-  c.eval.split = "train"  # the same subject, the other hemisphere
+  apply_split(c, "mri_t1_t2", HELDOUT in tokens)
   c.diffusion.parameterization = "v"  # the prior's (configs/patch_prior_train.py)
   c.data.crop_size = (32, 32, 32)
   c.data.batch_size = 4
@@ -472,6 +607,15 @@ def pnp_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   if "cpu" in tokens:
     cpu_overrides(c)
   c.data.position_channels = "positions" in tokens
-  c.data.position_axes = (1, 2)  # the prior's: axis 0 is the train/eval split
+  c.data.position_axes = prior_position_axes(HELDOUT in tokens)
   c.inference.window = tuple(c.data.crop_size)
   return c
+
+
+def prior_position_axes(heldout: bool) -> tuple[int, ...]:
+  """The axes the patch prior's position channels encode (configs/patch_prior_train.py, and the
+  reconstructions that restore it): all three on whole volumes; under `heldout` RAS y and z only,
+  because the prior trains on one hemisphere (RAS x in [0, 0.5)) and the other is reconstructed,
+  so an x channel would only ever see, at evaluation, coordinates it was never trained on
+  (jaxvol.data.pipeline.check_position_coverage refuses it)."""
+  return (1, 2) if heldout else (0, 1, 2)

@@ -15,7 +15,7 @@ Tasks:
 ``mri_t1_t2``
   stroke_T1 -> stroke_T2 of one subject (`mri_stroke/`), modalities ``t1`` and ``t2`` with MRI
   percentile presets, one subject ``stroke`` in the ``train`` split. The region split (train on RAS
-  x in [0, 0.5), evaluate on [0.5, 1]: one hemisphere each) is made by the configs
+  x in [0, 0.5), evaluate on [0.5, 1]: one hemisphere each) is made by the configs' ``heldout`` variant
   (`jaxvol.config.mri_t1_t2_task`), not here.
 
 ``pet_denoise``
@@ -42,7 +42,7 @@ Tasks:
   scale for both). Subjects: ``pet_tmpl_0..N-1`` and ``pet_t1_0..N-1`` (train, N =
   ``--realisations``), ``pet_tmpl_test`` and ``pet_t1_test`` (test, other noise seeds).
   With only two anatomies, the TEST SUBJECTS SHARE THEIR ANATOMY WITH TRAINING SUBJECTS; only the
-  noise differs. The configs therefore also split each volume: training crops come from RAS z in
+  noise differs. The configs' ``heldout`` variant therefore also splits each volume: training crops come from RAS z in
   [0, 0.6) and evaluation is on [0.6, 1] (``TRAIN_REGIONS`` / ``EVAL_REGIONS``), so the evaluated
   anatomy is never trained on.
 
@@ -62,7 +62,7 @@ Tasks:
   resolution. Presets ``pet_nac_low=pet`` and ``pet_ac=pet``, each fitted on the training
   subjects' training region (the two images have different units, so the input is not scored as
   a baseline), matching `configs/ppdm_pet_ac.py`. Subjects ``pet_ac_0..N-1`` (train) and
-  ``pet_ac_test`` (test): one anatomy, so the configs split each volume like pet_denoise (train
+  ``pet_ac_test`` (test): one anatomy, so the configs' ``heldout`` variant splits each volume like pet_denoise (train
   on RAS z in [0, 0.6), evaluate on [0.6, 1]).
 
 ``ct_denoise``
@@ -100,7 +100,7 @@ Tasks:
   axis 2) with factors 2 and 4: slices 2 or 4 mm thick (box profile), interpolated back onto the
   1 mm grid, so input and target share one grid and affine. Presets ``t1=mri`` and
   ``t1_x2``/``t1_x4`` = ``mri:ref=t1`` (the target's scale). One subject ``stroke`` in ``train``;
-  the configs split it by hemisphere like ``mri_t1_t2`` (train on RAS x in [0, 0.5), evaluate on
+  the configs' ``heldout`` variant splits it by hemisphere like ``mri_t1_t2`` (train on RAS x in [0, 0.5), evaluate on
   [0.5, 1]).
 
 PET and CT noise are both reconstructed from projections by filtered back-projection, so they
@@ -192,18 +192,18 @@ EVAL_REGIONS = {
     "ct_denoise": {"2": (0.6, 1.0)},
 }
 TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (only the noise "
-                   "differs), so the configs also hold out a region: the evaluated anatomy is "
-                   "never trained on")
+                   "differs), so run the configs with the token `heldout` (--config=NAME:heldout), "
+                   "which also holds out a region: the evaluated anatomy is never trained on")
 REGION_NOTES = {
-    "mri_t1_t2": "one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
+    "mri_t1_t2": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
                  "(one hemisphere each)",
-    "mri_sr": "one subject: the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
+    "mri_sr": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
               "(one hemisphere each)",
-    "pet_denoise": "the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
+    "pet_denoise": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
                    "subjects (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
-    "pet_ac": "the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
+    "pet_ac": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
               "subject (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
-    "ct_denoise": "one volume: the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] "
+    "ct_denoise": "one volume: with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] "
                   "(train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
     "ct_gen": "one volume: enough to show the mechanics of training and sampling, not to learn "
               "a generative model of a population of CT scans",

@@ -1,15 +1,19 @@
 """Every config loads, its smoke variant is small and consistent, and the CLI runs end to end."""
 
+import ast
 import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from jaxvol import config as base
 from jaxvol import methods
+from jaxvol import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -118,7 +122,7 @@ def test_cli_train_evaluate_sample(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  # One subject, as in the stroke task: the config trains on one half of x and evaluates the other.
+  # One subject, as in the stroke task: `heldout` trains on one half of x and evaluates the other.
   t1 = rng.uniform(0, 100, (32, 16, 16)).astype(np.float32)
   nib.save(nib.Nifti1Image(t1, np.eye(4)), tmp_path / "t1.nii.gz")
   nib.save(nib.Nifti1Image(100 - t1, np.eye(4)), tmp_path / "t2.nii.gz")
@@ -126,7 +130,8 @@ def test_cli_train_evaluate_sample(tmp_path):
   store_lib.convert(tmp_path / "list.csv", tmp_path / "store", {"t1": "mri", "t2": "mri"})
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(
       os.environ.get("TMPDIR", "/tmp"), f"jaxvol-test-cache-{os.getuid()}"))
-  base = [sys.executable, "-m", "jaxvol.main", "--config=configs/ppdm_mri_t1_t2.py:smoke",
+  base = [sys.executable, "-m", "jaxvol.main",
+          "--config=configs/ppdm_mri_t1_t2.py:smoke,heldout",
           f"--workdir={tmp_path / 'run'}", f"--config.data.store={tmp_path / 'store'}",
           "--config.train.steps=2", "--config.mesh.data=1"]
   for mode in ("train", "evaluate", "sample"):
@@ -146,3 +151,187 @@ def test_cli_train_evaluate_sample(tmp_path):
   r = subprocess.run([sys.executable, "-m", "jaxvol.main", "--config=configs/ppdm_mri_t1_t2.py:smoke",
                       f"--workdir={tmp_path / 'run2'}"], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode != 0 and "config.data.store" in (r.stdout + r.stderr)
+
+
+# Every config with a region split, and the task of tools/prepare_data.py whose store its
+# `heldout` token is for (the patch prior and the reconstructions use the stroke T1 of mri_t1_t2).
+SPLIT_TASKS = {
+    "ppdm_pet_denoise": "pet_denoise", "sparse_pet_denoise": "pet_denoise", "ppdm_pet_ac": "pet_ac",
+    "ppdm_mri_t1_t2": "mri_t1_t2", "full3d_mri_t1_t2": "mri_t1_t2", "wdm_mri_t1_t2": "mri_t1_t2",
+    "regression_mri_t1_t2": "mri_t1_t2", "patch_prior_train": "mri_t1_t2",
+    "pnp_mri_recon": "mri_t1_t2", "pnp_mri_sr": "mri_t1_t2", "sparse_mri_sr": "mri_sr",
+    "sparse_ct_denoise": "ct_denoise",
+}
+CPU_CONFIGS = ("ppdm_pet_denoise", "ppdm_pet_ac", "ppdm_mri_t1_t2", "full3d_mri_t1_t2",
+               "wdm_mri_t1_t2", "regression_mri_t1_t2")
+
+
+def _path(name):
+  return os.path.join(ROOT, "configs", f"{name}.py")
+
+
+def _json(c):
+  return json.loads(c.to_json_best_effort())
+
+
+def _plain(region):
+  return None if region is None else {str(k): tuple(float(f) for f in v) for k, v in region.items()}
+
+
+def test_every_split_config_is_listed():
+  names = {os.path.basename(p)[:-3] for p in CONFIGS}
+  assert names - set(SPLIT_TASKS) == {"prdit_ct_gen"}  # generation from one volume: no split
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_TASKS))
+def test_default_is_whole_volumes_and_the_test_split(name):
+  """A user's datalist with train/val/test splits needs no override: whole volumes train on the
+  `train` split and whole volumes of the `test` split are scored; `whole` is that default."""
+  for variant in (None, "smoke", "whole", "smoke,whole"):
+    c = load(_path(name), variant)
+    assert c.data.train_region is None and c.data.eval_region is None, (name, variant)
+    assert (c.data.train_split, c.eval.split) == ("train", "test"), (name, variant)
+  assert _json(load(_path(name), "whole")) == _json(load(_path(name)))
+  with pytest.raises(ValueError, match="variant"):
+    load(_path(name), "heldout,whole")
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_TASKS))
+def test_heldout_gives_the_regions_prepare_data_fits_on(name):
+  """`heldout` is the split of the repository's stores: the regions jaxvol.prepare fits their
+  scales on (TRAIN_REGIONS) and leaves for evaluation (EVAL_REGIONS), complementary slabs of one
+  axis; the one-subject MRI stores score the other half of their only (train) subject."""
+  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
+  task = SPLIT_TASKS[name]
+  first = "smoke" if name.startswith(("patch_prior", "pnp_")) else "cpu"
+  for variant in ("heldout", "smoke,heldout", f"heldout,{first}"):
+    c = load(_path(name), variant)
+    assert _plain(c.data.train_region) == _plain(prepare.TRAIN_REGIONS[task]), (name, variant)
+    assert _plain(c.data.eval_region) == _plain(prepare.EVAL_REGIONS[task]), (name, variant)
+    assert c.eval.split == ("train" if task in ("mri_t1_t2", "mri_sr") else "test"), name
+  # The two regions tile the split axis of a volume without overlap.
+  shape = (62, 80, 70)
+  train = pipeline.region_box(shape, c.data.train_region)
+  evaluate = pipeline.region_box(shape, c.data.eval_region)
+  (axis,) = [a for a in range(3) if train[a] != (0, shape[a])]
+  assert train[axis][0] == 0 and train[axis][1] == evaluate[axis][0] and evaluate[axis][1] == \
+      shape[axis]
+  assert [train[a] for a in range(3) if a != axis] == [evaluate[a] for a in range(3) if a != axis]
+  # Apart from the split, the held-out config is the default one.
+  a, b = _json(load(_path(name))), _json(load(_path(name), "heldout"))
+  for d in (a, b):
+    del d["data"]["train_region"], d["data"]["eval_region"], d["eval"]["split"]
+    d["data"].pop("position_axes")
+  assert a == b
+
+
+def test_heldout_splits_match_prepare_data():
+  assert set(base.HELDOUT_SPLITS) == set(prepare.TRAIN_REGIONS) == set(prepare.EVAL_REGIONS)
+  for task, (train, evaluate, _) in base.HELDOUT_SPLITS.items():
+    assert (_plain(train), _plain(evaluate)) == (_plain(prepare.TRAIN_REGIONS[task]),
+                                                 _plain(prepare.EVAL_REGIONS[task])), task
+
+
+def test_demo_keeps_its_held_out_split_and_whole_is_an_alias():
+  path = _path("ppdm_pet_denoise")
+  demo = load(path, "demo")
+  assert _plain(demo.data.eval_region) == {"2": (0.6, 1.0)} and demo.eval.split == "test"
+  assert _json(demo) == _json(load(path, "cpu,heldout"))  # demo = the cpu budget, held out
+  assert (demo.train.time_limit_minutes, demo.model.base_width, tuple(demo.data.crop_size)) == (
+      10.0, 16, (32, 32, 32))
+  assert load(path, "demo,whole").data.eval_region is None  # the old `demo,whole` command
+  assert _json(load(path, "demo,whole")) == _json(load(path, "cpu"))
+  for bad in ("demo,smoke", "cpu,demo", "heldout,whole", "hold"):
+    with pytest.raises(ValueError, match="variant"):
+      load(path, bad)
+
+
+def test_position_axes_follow_the_split():
+  """The prior encodes every axis on whole volumes, only those the training region covers under
+  `heldout`; the reconstructions restore the same axes."""
+  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
+  for split, axes in (("", (0, 1, 2)), (",heldout", (1, 2))):
+    for name in ("patch_prior_train", "pnp_mri_recon", "pnp_mri_sr"):
+      c = load(_path(name), "cpu,positions" + split)
+      assert pipeline.position_axes(c.data) == axes, (name, split)
+      pipeline.check_position_coverage(c.data.train_region, c.data.eval_region, axes)
+  c = load(_path("patch_prior_train"), "positions,heldout")
+  with pytest.raises(ValueError, match="axis 0 evaluated on"):
+    pipeline.check_position_coverage(c.data.train_region, c.data.eval_region, (0, 1, 2))
+
+
+def test_shared_data_launch_commands_carry_the_token():
+  """Every docstring command that trains on a store of tools/prepare_data.py (data/...) uses
+  `heldout`; the commands for a user's STORE use no split token."""
+  pattern = re.compile(r"python -m jaxvol\.main --config=(\S+?)(?::(\S+))? .*?"
+                       r"--config\.data\.store=(\S+)", re.S)
+  seen = 0
+  for path in CONFIGS:
+    name = os.path.basename(path)[:-3]
+    doc = ast.get_docstring(ast.parse(open(path).read()))
+    for command in doc.split("python -m jaxvol.main")[1:]:
+      m = pattern.match("python -m jaxvol.main" + command)
+      if not m or name not in SPLIT_TASKS:
+        continue
+      seen += 1
+      tokens = (m.group(2) or "").split(",")
+      if m.group(3).startswith("data/"):
+        assert "heldout" in tokens, (name, m.group(0))
+      else:
+        assert "heldout" not in tokens, (name, m.group(0))
+  assert seen >= 20
+
+
+@pytest.mark.parametrize("name", CPU_CONFIGS)
+def test_cpu_variant_is_a_ten_minute_cpu_budget(name):
+  """`cpu`: a small network on small crops, stopped after 10 minutes, whose train step and
+  sampler trace at those shapes (measured: 0.5-0.65 s per step on a busy 2-core CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  c = load(_path(name), "cpu")
+  assert c.train.time_limit_minutes == 10.0 and c.train.learning_rate == 5e-4
+  assert c.model.base_width <= 16 and max(c.data.crop_size) <= 32 and c.data.batch_size <= 4
+  # Half-resolution networks (PPDM r=2, WDM) afford the demo's 32^3 crops and width 16.
+  half = c.method in ("ppdm", "wdm")
+  assert (c.model.base_width, max(c.data.crop_size)) == ((16, 32) if half else (8, 16))
+  assert load(_path(name), "cpu").data.eval_region is None
+  assert _plain(load(_path(name), "cpu,heldout").data.eval_region) == _plain(
+      prepare.EVAL_REGIONS[SPLIT_TASKS[name]])
+  with pytest.raises(ValueError, match="variant"):
+    load(_path(name), "smoke,cpu")
+  c.mesh.data = 1
+  parts = loop.build_everything(c, "")
+  method, example = parts["method"], parts["example"]
+  loss, _ = jax.eval_shape(method.loss, parts["abstract_state"]["params"], example,
+                           jax.random.PRNGKey(0))
+  assert loss.shape == ()
+  cond = jax.ShapeDtypeStruct((1, 24, 40, 32, method.cond_channels), example["cond"].dtype)
+  pred = jax.eval_shape(method.sample, parts["abstract_state"]["params"], cond,
+                        jax.random.PRNGKey(0))
+  assert pred.shape == (1, 24, 40, 32, method.target_channels)
+
+
+_PARSE = """
+import json, sys
+from jaxvol import configs, main
+main.FLAGS(configs.resolve_argv(sys.argv))
+d = main.FLAGS.config.data
+print(json.dumps({"train": d.train_region, "eval": d.eval_region}))
+"""
+
+
+@pytest.mark.parametrize("variant,overrides,want", [
+    ("smoke,heldout", ["--config.data.eval_region=None", "--config.data.train_region=None"],
+     {"train": None, "eval": None}),
+    ("smoke", ["--config.data.eval_region={'2': (0.6, 1.0)}",
+               "--config.data.train_region={'2': [0.0, 0.6]}"],
+     {"train": {"2": [0.0, 0.6]}, "eval": {"2": [0.6, 1.0]}}),
+])
+def test_regions_override_from_the_command_line(variant, overrides, want):
+  """jaxvol.main's flags take None for a region a config sets and a dict for one it leaves
+  None (ml_collections would otherwise fix the field's type when the config is built)."""
+  argv = [f"--config=ppdm_pet_denoise:{variant}", "--workdir=unused", *overrides]
+  r = subprocess.run([sys.executable, "-c", _PARSE, *argv], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == want

@@ -164,8 +164,8 @@ def test_only_process_zero_writes(two_hosts):
   assert os.path.exists(os.path.join(work, "train_step_cost.json"))
   with open(os.path.join(out, "stderr_0.txt")) as f0, open(os.path.join(out, "stderr_1.txt")) as f1:
     log0, log1 = f0.read(), f1.read()
-  assert f"step {STEPS}/{STEPS}" in log0 and "parameters:" in log0
-  assert "step " not in log1 and "parameters:" not in log1
+  assert f"step {STEPS}/{STEPS}" in log0 and "parameters.txt" in log0
+  assert "step " not in log1 and "parameters" not in log1
   # Each host saved its own iterator state, and they agree.
   data = os.path.join(work, "checkpoints", str(STEPS), "data")
   states = []

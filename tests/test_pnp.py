@@ -191,7 +191,8 @@ def _load_cfg(name, variant):
   spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  # The fixture's store holds one subject: the configs' hemisphere split.
+  return mod.get_config(f"{variant},heldout")
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +296,46 @@ def test_pnp_evaluate_writes_reconstructions(trained_prior, tmp_path, name, vari
     np.testing.assert_allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]), atol=1e-5)
   assert (out / "previews" / "s0.png").exists() and (out / "metrics.csv").exists()
   assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_pnp_reconstructs_the_clipped_box_into_a_fresh_folder(trained_prior, tmp_path):
+  """config.eval.max_box: the measured, reconstructed and scored box is centred in the evaluation
+  region (the upper half of the 32x16x16 volume's axis 0); the folder of an earlier run is
+  replaced as a whole."""
+  import csv  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  from jaxvol.data import store as store_lib  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=import-outside-toplevel
+  c = _small(_load_cfg("pnp_mri_recon", "smoke"), trained_prior)
+  c.eval.split, c.data.eval_region = "train", {"0": (0.5, 1.0)}  # the store's one subject
+  c.eval.max_box = (12, 16, 13)
+  c.eval.previews = False
+  (tmp_path / "pnp" / "nifti").mkdir(parents=True)
+  (tmp_path / "pnp" / "nifti" / "s9_tv.nii.gz").write_bytes(b"an earlier run's subject")
+  summary = pnp_eval.reconstruct(c, str(tmp_path))
+  box = [[18, 30], [0, 16], [1, 14]]  # 16 -> 12: 2 either side; 16 -> 13: 1 before, 2 after
+  assert summary["max_box"] == [12, 16, 13] and summary["boxes"] == {"s0": box}
+  out = tmp_path / "pnp"
+  assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  with open(out / "metrics.csv") as f:
+    (row,) = list(csv.DictReader(f))
+  assert json.loads(row["box"]) == box
+  assert sorted(os.listdir(out)) == ["metrics.csv", "nifti", "summary.json"]
+  names = ("zero_filled", "tv", summary["solver"])
+  assert sorted(os.listdir(out / "nifti")) == sorted(f"s0_{n}.nii.gz" for n in names)
+  assert sorted(os.listdir(tmp_path)) == ["pnp"]  # no temporary or previous folder left beside
+  store = store_lib.Store(c.data.store)
+  preset = store.preset("s0", "t1")
+  inside = tuple(slice(a, b) for a, b in box)
+  target = preset.inverse(store.read("s0", "t1", tuple(map(tuple, box))))
+  for rec in names:
+    img = nib.load(out / "nifti" / f"s0_{rec}.nii.gz").get_fdata(dtype=np.float32)
+    outside = np.ones(img.shape, bool)
+    outside[inside] = False
+    np.testing.assert_allclose(img[outside], preset.inverse(-1.0), atol=1e-4)
+    psnr = metrics_lib.compute_all(img[inside], target, metrics_lib.body_mask(target),
+                                   float(preset.hi - preset.lo))["psnr"]
+    assert float(row[f"{rec}_psnr"]) == pytest.approx(psnr, rel=1e-4)

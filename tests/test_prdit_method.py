@@ -317,3 +317,24 @@ def test_stage2_can_freeze_the_stage1_ema_instead(ct_store, runs, tmp_path):
   assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
   for k in ema:
     np.testing.assert_array_equal(np.asarray(got[k]), ema[k], err_msg=k)
+
+
+def test_sample_mode_replaces_the_samples_of_an_earlier_run(ct_store, runs, tmp_path):
+  """Fewer samples, no metrics: no sample or generation_metrics.json of the run before stays."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(runs[1], workdir)
+  old = os.path.join(workdir, "samples")
+  shutil.rmtree(old, ignore_errors=True)  # runs[1] may hold another test's samples
+  os.makedirs(old)
+  for name in ("sample_000.nii.gz", "sample_001.nii.gz", "samples.json",
+               "generation_metrics.json"):
+    with open(os.path.join(old, name), "w") as f:
+      f.write("an earlier run's file")
+  c = smoke(ct_store)
+  c.sample.num, c.sample.shape, c.sample.metrics = 1, (16, 16, 16), False
+  result = generate_lib.generate(c, workdir)
+  assert sorted(os.listdir(old)) == ["sample_000.nii.gz", "samples.json"]
+  assert result["files"] == [os.path.join(old, "sample_000.nii.gz")]
+  assert nib.load(result["files"][0]).shape == (16, 16, 16)
+  assert json.load(open(os.path.join(old, "samples.json")))["num"] == 1
+  assert not [f for f in os.listdir(workdir) if f.startswith(".samples")]

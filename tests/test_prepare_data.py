@@ -300,6 +300,9 @@ def test_quality_configs_share_one_budget(tmp_path):
     else:
       assert c.data.inputs == ("pet_low",) and c.data.target == "pet_full"
       assert c.eval.input_baseline is True
+      # The configs' `heldout` split: the region prepare_data fits the scales on trains.
+      assert dict(c.data.train_region) == prepare_data.TRAIN_REGIONS["pet_denoise"]
+      assert c.data.eval_region["2"] == (0.6, 1.0) and c.eval.split == "test"
 
 
 def test_quality_sliding_window_fusion():

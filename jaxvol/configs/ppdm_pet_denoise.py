@@ -3,27 +3,31 @@
 Data: a store with modalities `pet_low` and `pet_full` sharing one intensity scale, e.g.
   python tools/convert.py --datalist list.csv --out STORE --preset pet_low=pet \
       --preset pet_full=pet:ref=pet_low
-Launch:
+Launch (your own subjects: whole volumes of the `train` split train, whole volumes of the `test`
+split are scored):
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py --workdir=runs/ppdm_pet \
       --config.data.store=STORE
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py --workdir=runs/ppdm_pet \
       --config.data.store=STORE --mode=evaluate
-Split: the stores this repository builds (tools/prepare_data.py --task pet_denoise, the demo's
-phantom) give every subject the same anatomy, only the noise differs, so training crops come from
-RAS z in [0, 0.6) and evaluation from [0.6, 1] of the test subjects: the evaluated anatomy is never
-trained on (`base.PET_TRAIN_REGION`). With a store whose test subjects are other people, add the
-variant token `whole` (train and evaluate whole volumes).
-Variants (comma-separated tokens): `smoke` (seconds on CPU), `demo` (the README quick start: about
-10 minutes on 2 CPU cores on the nilearn MNI152-based PET phantom), `whole`.
+Split `heldout`: the stores this repository builds (tools/prepare_data.py --task pet_denoise, the
+demo's phantom) give every subject the same anatomy, only the noise differs, so with them add the
+token `heldout`: training crops come from RAS z in [0, 0.6) and evaluation from [0.6, 1] of the
+test subjects, so the evaluated anatomy is never trained on (`base.HELDOUT_SPLITS`):
+  python tools/prepare_data.py --task pet_denoise --out data/pet_denoise
+  python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:heldout --workdir=runs/ppdm_pet \
+      --config.data.store=data/pet_denoise/store
+Variants (comma-separated tokens): `smoke` (seconds on CPU); `cpu` (32^3 crops, a 16-wide U-Net,
+about 10 minutes of training on 2 CPU cores: `base.demo_overrides`); `demo` (the README quick
+start on the nilearn MNI152-based PET phantom: `cpu` with `heldout`); `heldout`; `whole` (the
+default, named; older commands used it, and `demo,whole` drops the demo's held-out split).
 """
 
 from jaxvol import config as base
 
 
 def get_config(variant: str | None = None):
-  tokens = [t for t in (variant or "").split(",") if t]
-  if any(t not in ("smoke", "demo", "whole") for t in tokens) or {"smoke", "demo"} <= set(tokens):
-    raise ValueError(f"unknown variant {variant!r}: use smoke or demo, optionally with whole")
+  tokens = base.variant_tokens(variant, ("smoke", "cpu", "demo") + base.SPLIT_TOKENS,
+                               [("smoke", "cpu", "demo")])
   c = base.base_config()
   c.method = "ppdm"
   c.data.inputs = ("pet_low",)
@@ -36,25 +40,12 @@ def get_config(variant: str | None = None):
   c.ppdm.factor = (2, 2, 2)
   c.ppdm.sample_steps = 10
   c.eval.input_baseline = True
-  c.data.train_region, c.data.eval_region = base.pet_regions()
+  # The demo's phantom shares one anatomy over its subjects: `demo` holds out a region too.
+  heldout = base.HELDOUT in tokens or ("demo" in tokens and base.WHOLE not in tokens)
+  base.apply_split(c, "pet_denoise", heldout)
   base.clamp_for_preset(c, "pet")  # for the baselines that clamp x0 (PPDM does not)
-  if "whole" in tokens:
-    c.data.train_region = c.data.eval_region = None
   if "smoke" in tokens:
     base.smoke_overrides(c)
-  elif "demo" in tokens:
-    c.data.crop_size = (32, 32, 32)
-    c.data.batch_size = 2
-    c.model.base_width = 16
-    c.model.channel_mults = (1, 2, 4)
-    c.model.num_res_blocks = 1
-    c.model.groups = 8
-    c.model.time_embed_dim = 64
-    c.train.learning_rate = 5e-4
-    c.train.warmup_steps = 20
-    c.train.steps = 3000
-    c.train.log_every = 50
-    c.train.checkpoint_every = 250
-    c.train.time_limit_minutes = 10.0
-    c.ppdm.sample_steps = 5
+  elif "cpu" in tokens or "demo" in tokens:
+    base.demo_overrides(c)
   return c

@@ -22,11 +22,19 @@ shares the target's units (`inference.shares_scale`); otherwise summary["input_b
 "not comparable". summary.json also names the split, regions, mask, data range, presets and each
 metric's convention (summary["conventions"]; docs/metrics.md). With a region split,
 predictions cover the held-out region and the rest of the input's grid is filled with the
-preset's background value. Every process computes; process 0 writes.
+preset's background value. `config.eval.max_box` (D, H, W) limits the box predicted and scored
+per volume to at most that many voxels per axis, centred in the evaluation region (`eval_box`):
+the prediction, its metrics, the training-mean floor and the NIfTI all cover that box, which
+metrics.csv gives per volume ("box", [[start, stop], ...] voxels of the volume) and summary.json
+records (summary["max_box"], summary["boxes"]). Every process computes; process 0 writes.
 With `config.inference.window` set, samplers run in Gaussian-blended windows of that size spread
 over this process's devices (jaxvol.ops.windows), so volumes larger than the training patch are
-predicted as the network was trained. `sample(config, workdir)` writes predictions only (no target needed) under WORKDIR/samples/.
-Everything written is atomic (temp file + rename).
+predicted as the network was trained. `sample(config, workdir)` writes predictions only (no
+target needed) under WORKDIR/samples/.
+Everything written is atomic: each file (temp file + rename), and each output folder as a whole
+(`fresh_output_dir`: a run writes into a new folder beside WORKDIR/eval or WORKDIR/samples, which
+replaces the previous folder once the run is complete), so no file of an earlier run (another
+split's subjects, an older summary) is left among the new ones.
 
 Where volumes run is the caller's choice (`make_sampler`): by default the whole volume (or its
 windows) on this process's devices; main.py passes
@@ -37,9 +45,12 @@ volumes whose sampling does not fit one device. A sampler is any object with
 (1, D, H, W, C) numpy condition.
 """
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -140,10 +151,92 @@ def _volume_inputs(store, subject_id: str, config, box, rules=None):
   return chans[None].astype(np.float32)
 
 
-def _eval_box(store, subject, config):
+def max_box(config) -> tuple[int, int, int] | None:
+  """config.eval.max_box as 3 ints (each at least SSIM's 11-voxel window), or None for () (the
+  whole evaluation region)."""
+  value = tuple(config.eval.get("max_box", ()) or ())
+  if not value:
+    return None
+  if len(value) != 3 or any(int(v) != v for v in value):
+    raise ValueError(f"eval.max_box must be () or 3 ints (D, H, W), got {value}")
+  if min(value) < metrics_lib.SSIM_WIN_SIZE:
+    raise ValueError(f"eval.max_box {value} has a side under {metrics_lib.SSIM_WIN_SIZE} voxels, "
+                     "the window of the SSIM every evaluation reports")
+  return tuple(int(v) for v in value)
+
+
+def clip_box(box, limit):
+  """`box` ((start, stop) per axis) cut to at most `limit` voxels per axis, centred in it (the
+  extra voxel of an odd margin goes after the box); `box` itself when `limit` is None."""
+  if limit is None:
+    return tuple(box)
+  out = []
+  for (a, b), m in zip(box, limit):
+    if b - a > m:
+      a += (b - a - m) // 2
+      b = a + m
+    out.append((a, b))
+  return tuple(out)
+
+
+def eval_box(subject, config):
+  """The voxel box of a subject that is predicted and scored: config.data.eval_region (or the
+  whole volume), clipped to config.eval.max_box."""
   shape = tuple(subject["shape"])
   region = config.data.eval_region
-  return pipeline.region_box(shape, region) if region else tuple((0, s) for s in shape)
+  box = pipeline.region_box(shape, region) if region else tuple((0, s) for s in shape)
+  return clip_box(box, max_box(config))
+
+
+def _rmtree(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+@contextlib.contextmanager
+def fresh_output_dir(final: str, writes: bool = True):
+  """The folder one run writes its outputs into, which then replaces `final` as a whole.
+
+  With `writes`, yields a new, empty folder beside `final` (".NAME.new-XXXXXX", so on the same
+  file system); when the block completes, the previous `final` (if any) is renamed aside, the new
+  folder renamed to `final`, and the previous one deleted. A reader thus finds the previous run's
+  complete outputs or the new run's, never files of both. If the block raises, the new folder is
+  deleted and `final` left as it was; if the renames fail, `final` is left as it was and the error
+  names the new folder, kept. Without `writes` (every process but 0 of a multi-process run)
+  nothing is created, renamed or deleted, and `final` is yielded (not to be written).
+  """
+  if not writes:
+    yield final
+    return
+  final = os.path.abspath(final)
+  parent, name = os.path.split(final)
+  os.makedirs(parent, exist_ok=True)
+  work = tempfile.mkdtemp(dir=parent, prefix=f".{name}.new-")
+  try:
+    os.chmod(work, fileio.default_mode(directory=True))  # mkdtemp: owner-only
+    yield work
+  except BaseException:
+    _rmtree(work)
+    raise
+  old = None
+  if os.path.lexists(final):
+    old = os.path.join(parent, f".{name}.old-{os.path.basename(work).rsplit('-', 1)[-1]}")
+  try:
+    if old is not None:
+      os.rename(final, old)
+    try:
+      os.rename(work, final)
+    except OSError:
+      if old is not None:
+        os.rename(old, final)
+      raise
+  except OSError as e:  # e.g. a file of the previous folder held open (Windows): keep both
+    raise OSError(f"could not replace {final} with this run's outputs ({e}); they are in "
+                  f"{work}") from e
+  if old is not None:
+    _rmtree(old)
 
 
 class TrainingMeanFloor:
@@ -209,7 +302,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   if not subjects:
     raise ValueError(f"split {split!r} of store {config.data.store} has no subjects")
   writes = jax.process_index() == 0
-  if writes:
+  if writes:  # out_dir: the folder of this run (fresh_output_dir), on process 0 only
     os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
     if with_metrics and config.eval.previews:
       os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
@@ -218,7 +311,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   rows = []
   for idx, subject in enumerate(subjects):
     sid = subject["id"]
-    box = _eval_box(store, subject, config)
+    box = eval_box(subject, config)
     cond = _volume_inputs(store, sid, config, box, rules)
     t0 = time.time()
     pred = sampler(params, cond, jax.random.fold_in(base_rng, idx))[0, ..., 0]
@@ -232,7 +325,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
     full[tuple(slice(a, b) for a, b in box)] = pred_raw
     if writes:
       nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), full, geometry=geometry)
-    row = {"subject": sid, "seconds": seconds}
+    row = {"subject": sid, "box": [list(b) for b in box], "seconds": seconds}
     if with_metrics and not has_target:
       row["note"] = f"no {config.data.target!r} volume in the store: prediction only, not scored"
       log.warning("%s: %s", sid, row["note"])
@@ -273,7 +366,18 @@ def _plain(region):
 
 def evaluate(config, workdir: str, make_sampler=None) -> dict:
   """Predicts and scores the evaluation split (module docstring); `make_sampler` as there."""
-  out_dir = os.path.join(workdir, "eval")
+  writes = jax.process_index() == 0
+  with fresh_output_dir(os.path.join(workdir, "eval"), writes) as out_dir:
+    summary, rows = _evaluate_into(config, workdir, out_dir, make_sampler)
+    if writes:
+      fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
+      fileio.write_text_atomic(os.path.join(out_dir, "summary.json"),
+                               json.dumps(summary, indent=2))
+  return summary
+
+
+def _evaluate_into(config, workdir: str, out_dir: str, make_sampler) -> tuple[dict, list]:
+  """(summary, metrics rows) of evaluate; the predictions and previews written under out_dir."""
   result = predict_split(config, workdir, config.eval.split, out_dir, with_metrics=True,
                          make_sampler=make_sampler)
   rows = result["rows"]
@@ -310,14 +414,15 @@ def evaluate(config, workdir: str, make_sampler=None) -> dict:
       "target preset hi - lo (summary['data_range'])", config.eval.mask)
   summary["train_split"] = config.data.train_split
   summary["train_region"] = _plain(config.data.train_region)
-  if jax.process_index() != 0:
-    return summary
-  fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
-  fileio.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
-  return summary
+  limit = max_box(config)
+  summary["max_box"] = None if limit is None else list(limit)
+  summary["boxes"] = {r["subject"]: r["box"] for r in rows}
+  return summary, rows
 
 
 def sample(config, workdir: str, make_sampler=None) -> dict:
-  """Predictions only, under WORKDIR/samples/; `make_sampler` as in the module docstring."""
-  return predict_split(config, workdir, config.eval.split, os.path.join(workdir, "samples"),
-                       with_metrics=False, make_sampler=make_sampler)
+  """Predictions only, under WORKDIR/samples/ (replaced as a whole, `fresh_output_dir`);
+  `make_sampler` as in the module docstring."""
+  with fresh_output_dir(os.path.join(workdir, "samples"), jax.process_index() == 0) as out_dir:
+    return predict_split(config, workdir, config.eval.split, out_dir, with_metrics=False,
+                         make_sampler=make_sampler)

@@ -6,7 +6,10 @@ ICLR 2026; configs/prdit_ct_gen.py) and by any method trained without condition 
 `config.eval.checkpoint_step`, `config.eval.use_ema`) and draws `config.sample.num` volumes of
 `config.sample.shape` (default: the training crop), volume i from the key
 fold_in(PRNGKey(config.sample.seed), i), so a volume does not depend on how many are drawn. One
-compiled sampler serves every volume. Written under WORKDIR/samples/ (process 0 only, atomically):
+compiled sampler serves every volume. Written under WORKDIR/samples/ (process 0 only, atomically:
+each file, and the folder as a whole, which replaces the previous WORKDIR/samples once the run is
+complete, jaxvol.eval.evaluate.fresh_output_dir, so no sample or generation_metrics.json of an
+earlier run stays beside the new ones):
 
   sample_{i:03d}.nii.gz    float32, in the target's original units: the inverse of the store's
                            intensity preset of `config.data.target` (HU for the CT preset; CT
@@ -186,53 +189,52 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
 
   out_dir = os.path.join(workdir, "samples")
   writes = jax.process_index() == 0
-  if writes:
-    os.makedirs(out_dir, exist_ok=True)
-  base_key = jax.random.PRNGKey(config.sample.seed)
-  files, seconds, volumes = [], [], []
-  for i in range(num):
-    t0 = time.time()
-    x = sampler(params, cond, jax.random.fold_in(base_key, i))
-    seconds.append(time.time() - t0)
-    x = x[0, ..., 0].astype(np.float32)
-    if not np.all(np.isfinite(x)):
-      raise FloatingPointError(f"sample {i} has non-finite values; nothing more is written")
-    if preset.name == "ct":
-      x = np.clip(x, -1.0, 1.0)  # the CT training data were clipped to the HU window
-    raw = np.asarray(preset.inverse(x), np.float32)
-    volumes.append(x)
-    path = os.path.join(out_dir, f"sample_{i:03d}.nii.gz")
-    if writes:
-      nifti.save_volume(path, raw, affine=affine)
-    files.append(path)
-    log.info("sample %d/%d: %.1f s, %.4g..%.4g", i + 1, num, seconds[-1], raw.min(), raw.max())
+  with evaluate_lib.fresh_output_dir(out_dir, writes) as work:  # process 0's folder
+    base_key = jax.random.PRNGKey(config.sample.seed)
+    files, seconds, volumes = [], [], []
+    for i in range(num):
+      t0 = time.time()
+      x = sampler(params, cond, jax.random.fold_in(base_key, i))
+      seconds.append(time.time() - t0)
+      x = x[0, ..., 0].astype(np.float32)
+      if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"sample {i} has non-finite values; nothing more is written")
+      if preset.name == "ct":
+        x = np.clip(x, -1.0, 1.0)  # the CT training data were clipped to the HU window
+      raw = np.asarray(preset.inverse(x), np.float32)
+      volumes.append(x)
+      name = f"sample_{i:03d}.nii.gz"
+      if writes:
+        nifti.save_volume(os.path.join(work, name), raw, affine=affine)
+      files.append(os.path.join(out_dir, name))
+      log.info("sample %d/%d: %.1f s, %.4g..%.4g", i + 1, num, seconds[-1], raw.min(), raw.max())
 
-  info = {"method": config.method, "checkpoint_step": step, "use_ema": bool(config.eval.use_ema),
-          "num": num, "seed": int(config.sample.seed), "key": "fold_in(PRNGKey(seed), i)",
-          "shape": list(shape), "spacing_mm": list(spacing), "affine": affine.tolist(),
-          "orientation": "RAS, origin at the volume centre", "units": _units(preset),
-          "preset": preset.to_dict(), "files": [os.path.basename(f) for f in files],
-          "seconds_per_volume": float(np.mean(seconds[1:] or seconds)),
-          "first_call_seconds": float(seconds[0])}
-  if config.method == "prdit":
-    p = config.prdit
-    info["model"] = methods.prdit.model_name(p)
-    info["sampler"] = {"sampler": p.sampler, "predictor": p.predictor,
-                       "sample_steps": int(p.sample_steps)}
-  if writes:
-    fileio.write_json_atomic(os.path.join(out_dir, "samples.json"), info)
-
-  report = None
-  if config.sample.metrics:
-    report = metrics_report(config, store, preset, np.stack(volumes), shape)
-    report["checkpoint_step"] = step
+    info = {"method": config.method, "checkpoint_step": step, "use_ema": bool(config.eval.use_ema),
+            "num": num, "seed": int(config.sample.seed), "key": "fold_in(PRNGKey(seed), i)",
+            "shape": list(shape), "spacing_mm": list(spacing), "affine": affine.tolist(),
+            "orientation": "RAS, origin at the volume centre", "units": _units(preset),
+            "preset": preset.to_dict(), "files": [os.path.basename(f) for f in files],
+            "seconds_per_volume": float(np.mean(seconds[1:] or seconds)),
+            "first_call_seconds": float(seconds[0])}
+    if config.method == "prdit":
+      p = config.prdit
+      info["model"] = methods.prdit.model_name(p)
+      info["sampler"] = {"sampler": p.sampler, "predictor": p.predictor,
+                         "sample_steps": int(p.sample_steps)}
     if writes:
-      fileio.write_json_atomic(os.path.join(out_dir, "generation_metrics.json"), report)
-    log.info("[%s protocol] %s %.4g, %s %.4g, MS-SSIM diversity %s (real %s), features: %s",
-             report["protocol"], report["fid_label"], report["fid"], report["mmd_label"],
-             report["mmd"], _maybe(report["ms_ssim_diversity"]),
-             _maybe(report["ms_ssim_diversity_real"]), report["feature_network"])
-  return {"files": files, "samples": info, "metrics": report}
+      fileio.write_json_atomic(os.path.join(work, "samples.json"), info)
+
+    report = None
+    if config.sample.metrics:
+      report = metrics_report(config, store, preset, np.stack(volumes), shape)
+      report["checkpoint_step"] = step
+      if writes:
+        fileio.write_json_atomic(os.path.join(work, "generation_metrics.json"), report)
+      log.info("[%s protocol] %s %.4g, %s %.4g, MS-SSIM diversity %s (real %s), features: %s",
+               report["protocol"], report["fid_label"], report["fid"], report["mmd_label"],
+               report["mmd"], _maybe(report["ms_ssim_diversity"]),
+               _maybe(report["ms_ssim_diversity_real"]), report["feature_network"])
+    return {"files": files, "samples": info, "metrics": report}
 
 
 def _units(preset) -> str:
