@@ -1,27 +1,5 @@
-"""Full-resolution conditional 3D DDPM (the reference baseline) for MRI T1 -> T2 translation.
+"""The path form of the packaged config jaxvol/configs/full3d_mri_t1_t2.py (its docstring: data, launch
+commands, variants), so that `--config=configs/full3d_mri_t1_t2.py[:variant]` keeps working; an installed
+jaxvol finds it by name (`jaxvol train --config=full3d_mri_t1_t2`)."""
 
-Data: a store with modalities `t1` and `t2` (co-registered pairs). With your own datalist (train
-and test subjects, `jaxvol convert`), no variant is needed: whole volumes of the `train` split
-train, whole volumes of the `test` split are scored:
-  python -m jaxvol.main --config=configs/full3d_mri_t1_t2.py \
-      --workdir=runs/full3d_t1t2 --config.data.store=STORE
-The repository's store holds ONE subject (the stroke T1/T2):
-  python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2
-so it needs the token `heldout`: training crops come from RAS x in [0, 0.5) (one hemisphere) and
-the other hemisphere of the same subject (split `train`) is scored:
-  python -m jaxvol.main --config=configs/full3d_mri_t1_t2.py:heldout \
-      --workdir=runs/full3d_t1t2 --config.data.store=data/mri_t1_t2/store
-  python -m jaxvol.main --config=configs/full3d_mri_t1_t2.py:heldout \
-      --workdir=runs/full3d_t1t2 --config.data.store=data/mri_t1_t2/store --mode=evaluate
-Variant tokens, comma-separated (e.g. `:cpu,heldout`); same U-Net as every other method on this
-task without one:
-  smoke    seconds on CPU.
-  cpu      16^3 crops and an 8-wide U-Net: about 10 minutes of training on 2 CPU cores
-           (`base.cpu_task_overrides`), sampled in Gaussian-blended windows of the crop.
-  heldout  the one-subject hemisphere split above.
-  whole    the default (whole volumes, `test` split), named.
-"""
-
-# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
-# (`jaxvol train --config=full3d_mri_t1_t2`); this file keeps the path form working.
-from jaxvol.configs.full3d_mri_t1_t2 import get_config  # noqa: F401
+from jaxvol.configs.full3d_mri_t1_t2 import get_config  # noqa: F401  pylint: disable=unused-import

@@ -1,27 +1,5 @@
-"""PPDM for low-count PET denoising: low-count PET -> full-count PET (puzzle factor 2).
+"""The path form of the packaged config jaxvol/configs/ppdm_pet_denoise.py (its docstring: data, launch
+commands, variants), so that `--config=configs/ppdm_pet_denoise.py[:variant]` keeps working; an installed
+jaxvol finds it by name (`jaxvol train --config=ppdm_pet_denoise`)."""
 
-Data: a store with modalities `pet_low` and `pet_full` sharing one intensity scale, e.g.
-  python tools/convert.py --datalist list.csv --out STORE --preset pet_low=pet \
-      --preset pet_full=pet:ref=pet_low
-Launch (your own subjects: whole volumes of the `train` split train, whole volumes of the `test`
-split are scored):
-  python -m jaxvol.main --config=configs/ppdm_pet_denoise.py --workdir=runs/ppdm_pet \
-      --config.data.store=STORE
-  python -m jaxvol.main --config=configs/ppdm_pet_denoise.py --workdir=runs/ppdm_pet \
-      --config.data.store=STORE --mode=evaluate
-Split `heldout`: the stores this repository builds (tools/prepare_data.py --task pet_denoise, the
-demo's phantom) give every subject the same anatomy, only the noise differs, so with them add the
-token `heldout`: training crops come from RAS z in [0, 0.6) and evaluation from [0.6, 1] of the
-test subjects, so the evaluated anatomy is never trained on (`base.HELDOUT_SPLITS`):
-  python tools/prepare_data.py --task pet_denoise --out data/pet_denoise
-  python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:heldout --workdir=runs/ppdm_pet \
-      --config.data.store=data/pet_denoise/store
-Variants (comma-separated tokens): `smoke` (seconds on CPU); `cpu` (32^3 crops, a 16-wide U-Net,
-about 10 minutes of training on 2 CPU cores: `base.demo_overrides`); `demo` (the README quick
-start on the nilearn MNI152-based PET phantom: `cpu` with `heldout`); `heldout`; `whole` (the
-default, named; older commands used it, and `demo,whole` drops the demo's held-out split).
-"""
-
-# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
-# (`jaxvol train --config=ppdm_pet_denoise`); this file keeps the path form working.
-from jaxvol.configs.ppdm_pet_denoise import get_config  # noqa: F401
+from jaxvol.configs.ppdm_pet_denoise import get_config  # noqa: F401  pylint: disable=unused-import

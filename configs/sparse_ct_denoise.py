@@ -1,30 +1,5 @@
-"""Sparse voxel-space diffusion with STM for low-dose CT denoising (HU in, HU out).
+"""The path form of the packaged config jaxvol/configs/sparse_ct_denoise.py (its docstring: data, launch
+commands, variants), so that `--config=configs/sparse_ct_denoise.py[:variant]` keeps working; an installed
+jaxvol finds it by name (`jaxvol train --config=sparse_ct_denoise`)."""
 
-Data: a store with modalities `ct_low` and `ct` (HU window presets). With your own subjects,
-whole volumes of the `train` split train and whole volumes of the `test` split are scored, in
-Gaussian-blended windows of the training patch, metrics in HU:
-  python -m jaxvol.main --config=configs/sparse_ct_denoise.py --workdir=runs/sparse_ct_denoise \
-      --config.data.store=STORE
-The repository's data is one abdominal CT with simulated low-dose noise (see
-jaxvol.data.degrade.simulate_low_dose_ct):
-  python tools/prepare_data.py --task ct_denoise --out data/ct_denoise
-Its test subject is the same CT with new noise, so it needs the token `heldout`: training uses the
-lower 60% of the volume's z axis (3 noise realisations), evaluation the upper 40% of the
-new-noise realisation:
-  python -m jaxvol.main --config=configs/sparse_ct_denoise.py:heldout \
-      --workdir=runs/sparse_ct_denoise --config.data.store=data/ct_denoise/store
-  python -m jaxvol.main --config=configs/sparse_ct_denoise.py:heldout \
-      --workdir=runs/sparse_ct_denoise --config.data.store=data/ct_denoise/store --mode=evaluate
-Variants: `smoke` (seconds on CPU), `cpu` (an 8-wide U-Net, 16^3 patches, 10 minutes on 2 CPU
-cores); no variant is the paper's network (width 64, 5 levels, attention at 1/8) for accelerators.
-Every variant uses the authors' U-Net layout (`--config.model.layout=jaxvol` for jaxvol's; the
-authors' measured better); `authors` also switches to their sampler (11 evaluations) and training
-recipe (no clipping or warm-up, float32, a 50%-overlap patch grid without flips, raw weights at
-evaluation) and combines with the others, e.g.
---config=configs/sparse_ct_denoise.py:authors,cpu,heldout
-(`whole`, the default, may be named.)
-"""
-
-# The code lives in jaxvol.configs, where an installed jaxvol finds it by name
-# (`jaxvol train --config=sparse_ct_denoise`); this file keeps the path form working.
-from jaxvol.configs.sparse_ct_denoise import get_config  # noqa: F401
+from jaxvol.configs.sparse_ct_denoise import get_config  # noqa: F401  pylint: disable=unused-import

@@ -16,7 +16,8 @@ from jaxvol import methods
 from jaxvol import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+# The config modules themselves (configs/*.py re-export them for the path form).
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "jaxvol", "configs", "[!_]*.py")))
 
 
 def load(path, variant=None):
