@@ -114,7 +114,7 @@ def train_step_record(size: int, backend: str, args) -> dict:
   start = time.time()
   try:
     parts = loop.build_everything(config, args.out)
-    params = parts["abstract_state"]["params"]
+    params = parts.abstract_state["params"]
     rec["params"] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
     rec["trainable_params"] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(
         params["params"]["residual"])))

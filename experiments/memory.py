@@ -235,7 +235,7 @@ def measure(variant: str, size: int, attention: str, args: argparse.Namespace,
   except Exception as exc:  # pylint: disable=broad-except
     rec["error"] = f"build: {_error(exc)}"
     return rec
-  params = parts["abstract_state"]["params"]
+  params = parts.abstract_state["params"]
   rec["params"] = int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
 
   t0 = time.time()
@@ -249,7 +249,7 @@ def measure(variant: str, size: int, attention: str, args: argparse.Namespace,
 
   t0 = time.time()
   try:
-    cost = compile_sample(parts["method"], params, size, args.batch)
+    cost = compile_sample(parts.method, params, size, args.batch)
     rec.update(sample_bytes=cost["bytes"], sample_temp_bytes=cost["temp_bytes"],
                sample_gflops=cost["flops"] / 1e9,
                sample_gflops_x_steps=cost["flops"] / 1e9 * rec["sample_steps"])

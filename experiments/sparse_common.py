@@ -118,19 +118,19 @@ class Run:
   def __post_init__(self):
     c = self.config
     self.parts = loop.build_everything(c, self.workdir)
-    self.method = self.parts["method"]
+    self.method = self.parts.method
     self.compiled, self.cost = loop.compile_step(self.parts, c)
-    self.state = state_lib.create_state(self.method, self.parts["optimizer"],
-                                        jax.random.PRNGKey(c.seed), self.parts["example"],
-                                        self.parts["state_sharding"])
+    self.state = state_lib.create_state(self.method, self.parts.optimizer,
+                                        jax.random.PRNGKey(c.seed), self.parts.example,
+                                        self.parts.state_sharding)
     self.data = pipeline.make_train_iterator(
         c.data.store, c.data.train_split, loop.modality_keys(c), tuple(c.data.crop_size),
         c.data.batch_size, seed=c.seed, num_workers=c.data.num_workers, flips=c.data.flips,
         region=c.data.train_region)
-    mesh = self.parts["mesh"]
+    mesh = self.parts.mesh
     self.bsh = mesh_lib.batch_sharding(mesh)
     self.rng = jax.device_put(jax.random.PRNGKey(c.seed + 1), mesh_lib.replicated(mesh))
-    self.shapes = {k: v.shape for k, v in self.parts["example"].items()}
+    self.shapes = {k: v.shape for k, v in self.parts.example.items()}
     self.sample = jax.jit(self.method.sample)
     self.step = 0
     self.train_seconds = 0.0

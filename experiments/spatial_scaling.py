@@ -154,7 +154,7 @@ def measure(method: str, size: int, shards: int, args: argparse.Namespace) -> di
   except Exception as exc:  # pylint: disable=broad-except
     rec["error"] = f"build: {_error(exc)}"
     return rec
-  leaves = jax.tree.leaves(parts["abstract_state"])
+  leaves = jax.tree.leaves(parts.abstract_state)
   rec["state_bytes"] = int(sum(x.size * x.dtype.itemsize for x in leaves))
   rec["state_device_bytes"] = int(sum(
       math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves))
@@ -172,10 +172,10 @@ def measure(method: str, size: int, shards: int, args: argparse.Namespace) -> di
   rec["train_compile_s"] = round(time.time() - t0, 1)
   t0 = time.time()
   try:
-    mesh, method_obj = parts["mesh"], parts["method"]
-    psh = parts["compute_params_sharding"]  # as evaluation samples, whatever the state's layout
+    mesh, method_obj = parts.mesh, parts.method
+    psh = parts.compute_params_sharding  # as evaluation samples, whatever the state's layout
     sampler = sharded_sample.jit_sample(method_obj, mesh, psh)
-    abstract = sharded_sample.abstract_inputs(method_obj, mesh, parts["abstract_state"]["params"],
+    abstract = sharded_sample.abstract_inputs(method_obj, mesh, parts.abstract_state["params"],
                                               (size,) * 3, 1, psh)
     cost = step_lib.compiled_cost(sampler.lower(*abstract).compile())
     rec.update(sample_bytes=cost["bytes"], sample_temp_bytes=cost["temp_bytes"],

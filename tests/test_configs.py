@@ -302,12 +302,12 @@ def test_cpu_variant_is_a_ten_minute_cpu_budget(name):
     load(_path(name), "smoke,cpu")
   c.mesh.data = 1
   parts = loop.build_everything(c, "")
-  method, example = parts["method"], parts["example"]
-  loss, _ = jax.eval_shape(method.loss, parts["abstract_state"]["params"], example,
+  method, example = parts.method, parts.example
+  loss, _ = jax.eval_shape(method.loss, parts.abstract_state["params"], example,
                            jax.random.PRNGKey(0))
   assert loss.shape == ()
   cond = jax.ShapeDtypeStruct((1, 24, 40, 32, method.cond_channels), example["cond"].dtype)
-  pred = jax.eval_shape(method.sample, parts["abstract_state"]["params"], cond,
+  pred = jax.eval_shape(method.sample, parts.abstract_state["params"], cond,
                         jax.random.PRNGKey(0))
   assert pred.shape == (1, 24, 40, 32, method.target_channels)
 

@@ -104,9 +104,9 @@ def test_fresh_stage2_samples_what_stage1_samples(ct_store, runs, tmp_path):
   w1, _ = runs
   c2 = smoke(ct_store, stage1_workdir=w1)
   parts = loop.build_everything(c2, str(tmp_path))
-  state = state_lib.create_state(parts["method"], parts["optimizer"], jax.random.PRNGKey(5),
-                                 parts["example"], parts["state_sharding"])
-  state = transfer.load(parts["transfer"], state)
+  state = state_lib.create_state(parts.method, parts.optimizer, jax.random.PRNGKey(5),
+                                 parts.example, parts.state_sharding)
+  state = transfer.load(parts.transfer, state)
   c1 = smoke(ct_store, "stage1,smoke")
   stage1 = methods.build(c1, "cpu")
   cond = jnp.zeros((1, 16, 16, 24, 0))
@@ -114,7 +114,7 @@ def test_fresh_stage2_samples_what_stage1_samples(ct_store, runs, tmp_path):
   for sampler in ("pc", "euler"):
     c1.prdit.sampler = c2.prdit.sampler = sampler
     a = jax.jit(stage1.sample)(_restore(w1)["params"], cond, key)
-    b = jax.jit(parts["method"].sample)(state["ema_params"], cond, key)
+    b = jax.jit(parts.method.sample)(state["ema_params"], cond, key)
     assert a.shape == (1, 16, 16, 24, 1)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
 
@@ -130,7 +130,7 @@ def test_warm_start_copies_matching_shapes_with_scaled_learning_rate(ct_store, r
   _, w2 = runs  # depth 1; the new model has depth 2: block1 has no counterpart
   c = smoke(ct_store, depth=2, warm_start_workdir=w2, warm_start_lr_scale=0.1)
   parts = loop.build_everything(c, str(tmp_path))
-  plan = parts["transfer"]
+  plan = parts.transfer
   labels = _leaves(plan.labels)
   assert {v for k, v in labels.items() if k.startswith("params/local/")} == {"frozen"}
   assert {v for k, v in labels.items() if k.startswith("params/residual/block1/")} == {"fresh"}
@@ -140,8 +140,8 @@ def test_warm_start_copies_matching_shapes_with_scaled_learning_rate(ct_store, r
   assert {v for k, v in labels.items() if k.startswith("params/residual/time_fine/")} == {"fresh"}
   assert plan.lr_scales == {"warm_start": 0.1, "fresh": 1.0}
 
-  fresh = state_lib.create_state(parts["method"], parts["optimizer"], jax.random.PRNGKey(0),
-                                 parts["example"], parts["state_sharding"])
+  fresh = state_lib.create_state(parts.method, parts.optimizer, jax.random.PRNGKey(0),
+                                 parts.example, parts.state_sharding)
   warm = transfer.load(plan, fresh)
   src = _leaves(_restore(w2)["params"])  # the raw weights (config.prdit.source_weights)
   before, after = _leaves(fresh["params"]), _leaves(warm["params"])
@@ -150,7 +150,7 @@ def test_warm_start_copies_matching_shapes_with_scaled_learning_rate(ct_store, r
     np.testing.assert_array_equal(np.asarray(after[k]), want, err_msg=k)
 
   # With unit gradients AdamW's update is -lr per element (after one warm-up step at lr 0).
-  opt = parts["optimizer"]
+  opt = parts.optimizer
   ones = jax.tree.map(jnp.ones_like, warm["params"])
   opt_state = opt.init(warm["params"])
   for _ in range(2):
@@ -166,11 +166,11 @@ def test_frozen_leaves_pass_through_the_step_unchanged(ct_store, runs, tmp_path)
   w1, _ = runs
   c = smoke(ct_store, stage1_workdir=w1)
   parts = loop.build_everything(c, str(tmp_path))
-  state = transfer.load(parts["transfer"], state_lib.create_state(
-      parts["method"], parts["optimizer"], jax.random.PRNGKey(0), parts["example"],
-      parts["state_sharding"]))
-  step = jax.jit(step_lib.make_train_step(parts["method"], parts["optimizer"], 0.9,
-                                          frozen=parts["transfer"].frozen))
+  state = transfer.load(parts.transfer, state_lib.create_state(
+      parts.method, parts.optimizer, jax.random.PRNGKey(0), parts.example,
+      parts.state_sharding))
+  step = jax.jit(step_lib.make_train_step(parts.method, parts.optimizer, 0.9,
+                                          frozen=parts.transfer.frozen))
   batch = {"cond": jnp.zeros((2, 16, 16, 16, 0)),
            "target": jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 16, 1), minval=-1)}
   new = jax.tree.map(jnp.copy, state)
@@ -308,9 +308,9 @@ def test_stage2_can_freeze_the_stage1_ema_instead(ct_store, runs, tmp_path):
   w1, _ = runs
   parts = loop.build_everything(smoke(ct_store, stage1_workdir=w1, source_weights="ema"),
                                 str(tmp_path))
-  state = transfer.load(parts["transfer"], state_lib.create_state(
-      parts["method"], parts["optimizer"], jax.random.PRNGKey(0), parts["example"],
-      parts["state_sharding"]))
+  state = transfer.load(parts.transfer, state_lib.create_state(
+      parts.method, parts.optimizer, jax.random.PRNGKey(0), parts.example,
+      parts.state_sharding))
   s1 = _restore(w1)
   ema, raw = _leaves(s1["ema_params"]["params"]["local"]), _leaves(s1["params"]["params"]["local"])
   got = _leaves(state["params"]["params"]["local"])

@@ -65,8 +65,8 @@ def initial_state(method):
     config = _config(method)
     parts = loop.build_everything(config, "")
     _RUNS[key] = jax.device_get(state_lib.create_state(
-        parts["method"], parts["optimizer"], jax.random.PRNGKey(0), parts["example"],
-        parts["state_sharding"]))
+        parts.method, parts.optimizer, jax.random.PRNGKey(0), parts.example,
+        parts.state_sharding))
   return _RUNS[key]
 
 
@@ -79,11 +79,11 @@ def train_two_steps(method, layout=(1, 1, 1)):
   if key not in _RUNS:
     config = _config(method, layout)
     parts = loop.build_everything(config, "")
-    state = jax.device_put(initial_state(method), parts["state_sharding"])
+    state = jax.device_put(initial_state(method), parts.state_sharding)
     compiled, _ = loop.compile_step(parts, config)
-    bsh = mesh_lib.batch_sharding(parts["mesh"])
+    bsh = mesh_lib.batch_sharding(parts.mesh)
     batch = {k: jax.device_put(v, bsh) for k, v in _batch(config).items()}
-    rng = jax.device_put(jax.random.PRNGKey(3), mesh_lib.replicated(parts["mesh"]))
+    rng = jax.device_put(jax.random.PRNGKey(3), mesh_lib.replicated(parts.mesh))
     for _ in range(2):
       state, metrics = compiled(state, batch, rng)
     _RUNS[key] = dict(params=jax.device_get(state["params"]), metrics=jax.device_get(metrics),
@@ -127,7 +127,7 @@ def test_prdit_fsdp_and_token_sharding_equal_one_device():
   run = train_two_steps("prdit", (1, 2, 2))
   # The residual DiT's large kernels live on 1/model of the devices' memory each, their AdamW
   # moments and EMA alike; the frozen local denoiser stays replicated.
-  sh = run["parts"]["state_sharding"]
+  sh = run["parts"].state_sharding
   residual = sh["params"]["params"]["residual"]["block0"]
   assert residual["mlp_in"]["kernel"].spec == P(None, "model")
   assert residual["mlp_out"]["kernel"].spec == P("model", None)

@@ -89,17 +89,17 @@ def test_state_layouts_by_mode():
 def test_replicated_mode_is_the_layout_from_before():
   c = _config((2, 2))
   parts = loop.build_everything(c, "")
-  mesh, shapes = parts["mesh"], parts["abstract_state"]
+  mesh, shapes = parts.mesh, parts.abstract_state
   own, _ = sharding_lib.param_shardings(mesh, shapes["params"])
   before = sharding_lib.state_shardings(mesh, shapes, own)
-  assert parts["state_sharding"] == before and parts["state_sharding_mode"] == "replicated"
-  assert not _split(parts["state_sharding"])
+  assert parts.state_sharding == before and parts.state_sharding_mode == "replicated"
+  assert not _split(parts.state_sharding)
   del c.mesh["state_sharding"]  # a config written before the field existed
-  assert loop.build_everything(c, "")["state_sharding"] == before
+  assert loop.build_everything(c, "").state_sharding == before
 
 
 def test_build_everything_applies_the_mode():
-  zero1 = loop.build_everything(_config((2, 2), "zero1"), "")["state_sharding"]
+  zero1 = loop.build_everything(_config((2, 2), "zero1"), "").state_sharding
   assert not _split(zero1["params"])
   kernel = ("params", "mid0", "conv1", "kernel")  # (3, 3, 3, 16, 16)
   assert transfer.flat_paths(zero1["ema_params"])[kernel].spec == P(None, None, None, None, ZS)
@@ -107,11 +107,11 @@ def test_build_everything_applies_the_mode():
   for which in ("mu", "nu"):
     assert moments[(which,) + kernel].spec == P(None, None, None, None, ZS)
     assert sharding_lib.is_replicated(moments[(which,) + kernel[:-1] + ("bias",)])
-  fsdp = loop.build_everything(_config((2, 2), "fsdp"), "")["state_sharding"]
+  fsdp = loop.build_everything(_config((2, 2), "fsdp"), "").state_sharding
   assert transfer.flat_paths(fsdp["params"])[kernel].spec == P(None, None, None, None, ZS)
   assert len(_split(fsdp["params"])) == len(_split(zero1["ema_params"])) > 10
   one = loop.build_everything(_config((1, 1), "fsdp"), "")
-  assert one["state_sharding_mode"] == "replicated" and not _split(one["state_sharding"])
+  assert one.state_sharding_mode == "replicated" and not _split(one.state_sharding)
   with pytest.raises(ValueError, match="state_sharding 'zero2'"):
     loop.build_everything(_config((2, 2), "zero2"), "")
 
@@ -126,8 +126,8 @@ def _initial_state():
   if "init" not in _RUNS:
     parts = loop.build_everything(_config(), "")
     _RUNS["init"] = jax.device_get(state_lib.create_state(
-        parts["method"], parts["optimizer"], jax.random.PRNGKey(0), parts["example"],
-        parts["state_sharding"]))
+        parts.method, parts.optimizer, jax.random.PRNGKey(0), parts.example,
+        parts.state_sharding))
   return _RUNS["init"]
 
 
@@ -137,11 +137,11 @@ def _train(layout, mode, steps=2):
   if key not in _RUNS:
     c = _config(layout, mode)
     parts = loop.build_everything(c, "")
-    state = jax.device_put(_initial_state(), parts["state_sharding"])
+    state = jax.device_put(_initial_state(), parts.state_sharding)
     compiled, cost = loop.compile_step(parts, c)
-    bsh = mesh_lib.batch_sharding(parts["mesh"])
+    bsh = mesh_lib.batch_sharding(parts.mesh)
     batch = {k: jax.device_put(v, bsh) for k, v in _batch(c).items()}
-    rng = jax.device_put(jax.random.PRNGKey(3), mesh_lib.replicated(parts["mesh"]))
+    rng = jax.device_put(jax.random.PRNGKey(3), mesh_lib.replicated(parts.mesh))
     for _ in range(steps):
       state, _ = compiled(state, batch, rng)
     _RUNS[key] = dict(state=jax.device_get(state), cost=cost, hlo=compiled.as_text(),
@@ -183,7 +183,7 @@ def _restore(workdir, config):
   parts = loop.build_everything(config, workdir)
   ck = ckpt_lib.Checkpointer(workdir, with_data=False, async_save=False)
   try:
-    state, _ = ck.restore(parts["abstract_state"])
+    state, _ = ck.restore(parts.abstract_state)
   finally:
     ck.close()
   return state

@@ -12,11 +12,13 @@ On several hosts every process runs this same loop: each reads its block of the 
 take part in every checkpoint (Orbax writes each array once) and stop at the same step.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +173,37 @@ class SummaryWriter:
       self._w.close()
 
 
-def build_everything(config, workdir: str, check: bool = True):
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything a train step needs but data and values (`build_everything`).
+
+  Attributes:
+    mesh: the ("data", "spatial", "model") device mesh.
+    method: the method (jaxvol.methods), its network built for this platform's compute dtype.
+    optimizer: the optax optimizer, with the frozen / learning-rate groups of `transfer`.
+    example: the abstract batch ({"cond", "target"} ShapeDtypeStructs of the global batch).
+    abstract_state: the train state's ShapeDtypeStructs, carrying `state_sharding`.
+    state_sharding: the train state's shardings, with config.mesh.state_sharding applied.
+    state_sharding_mode: the mode in effect ("replicated" when data x spatial is one device).
+    param_notes: parameter axes that fell back to replication.
+    transfer: the parameter-transfer plan (jaxvol.train.transfer.Plan).
+    compute_params_sharding: the method's own parameter layout, where the network uses them
+      (samplers take it whatever the train state's layout).
+  """
+
+  mesh: jax.sharding.Mesh
+  method: Any
+  optimizer: Any
+  example: dict
+  abstract_state: Any
+  state_sharding: Any
+  state_sharding_mode: str
+  param_notes: list
+  transfer: Any
+  compute_params_sharding: Any
+
+
+def build_everything(config, workdir: str, check: bool = True) -> TrainSetup:
   """Mesh, method, optimizer, abstract state and shardings: everything but data and values.
 
   Args:
@@ -181,12 +213,7 @@ def build_everything(config, workdir: str, check: bool = True):
       instead).
 
   Returns:
-    dict with mesh, method, optimizer, example (abstract batch), abstract_state (with shardings),
-    state_sharding (with config.mesh.state_sharding applied), state_sharding_mode (the mode in
-    effect: "replicated" when data x spatial is one device), param_notes
-    (parameter axes that fell back to replication), transfer, and compute_params_sharding (the
-    method's own parameter layout, where the network uses them: samplers take it whatever the
-    train state's layout).
+    A TrainSetup.
 
   Raises:
     ValueError: an unknown config.mesh.state_sharding, or (with `check`) a batch or crop the mesh
@@ -222,9 +249,10 @@ def build_everything(config, workdir: str, check: bool = True):
                                                 moments_sharding=moments_sharding)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, state_sharding)
-  return dict(mesh=mesh, method=method, optimizer=optimizer, example=example,
-              abstract_state=abstract, state_sharding=state_sharding, param_notes=notes,
-              transfer=plan, state_sharding_mode=mode, compute_params_sharding=compute_sharding)
+  return TrainSetup(mesh=mesh, method=method, optimizer=optimizer, example=example,
+                    abstract_state=abstract, state_sharding=state_sharding,
+                    state_sharding_mode=mode, param_notes=notes, transfer=plan,
+                    compute_params_sharding=compute_sharding)
 
 
 def state_sharding_mode(config) -> str:
@@ -238,20 +266,20 @@ def compile_step(parts, config, batch_sharding=None):
   `batch_sharding` overrides the mesh's batch layout (jaxvol.train.plan, for crops the mesh does
   not divide). Traced with the logical axis rules active, so the models' constraints apply.
   """
-  method = parts["method"]
-  if parts.get("state_sharding_mode", "replicated") != "replicated":
+  method = parts.method
+  if parts.state_sharding_mode != "replicated":
     # ZeRO / FSDP: the network sees its parameters, and gives their gradients, in the method's own
     # layout; the state keeps the split one (jaxvol.train.sharding.GatheredMethod).
-    method = sharding_lib.GatheredMethod(method, parts["compute_params_sharding"])
-  step_fn = step_lib.make_train_step(method, parts["optimizer"], config.train.ema_decay,
-                                     frozen=getattr(parts.get("transfer"), "frozen", None))
-  mesh = parts["mesh"]
+    method = sharding_lib.GatheredMethod(method, parts.compute_params_sharding)
+  step_fn = step_lib.make_train_step(method, parts.optimizer, config.train.ema_decay,
+                                     frozen=getattr(parts.transfer, "frozen", None))
+  mesh = parts.mesh
   bsh = batch_sharding or mesh_lib.batch_sharding(mesh)
-  jitted = step_lib.jit_train_step(step_fn, parts["state_sharding"], bsh, mesh_lib.replicated(mesh))
-  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in parts["example"].items()}
+  jitted = step_lib.jit_train_step(step_fn, parts.state_sharding, bsh, mesh_lib.replicated(mesh))
+  abatch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in parts.example.items()}
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
   with sharding_lib.activated(mesh):
-    compiled = jitted.lower(parts["abstract_state"], abatch, rng).compile()
+    compiled = jitted.lower(parts.abstract_state, abatch, rng).compile()
   return compiled, step_lib.compiled_cost(compiled)
 
 
@@ -266,11 +294,11 @@ def train(config, workdir: str) -> dict:
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
                                    pipeline.position_axes(config.data))
   parts = build_everything(config, workdir)
-  transfer.check_complete(parts["transfer"])  # before any data worker or checkpoint starts
-  mesh = parts["mesh"]
+  transfer.check_complete(parts.transfer)  # before any data worker or checkpoint starts
+  mesh = parts.mesh
   is_main = jax.process_index() == 0
   bsh = mesh_lib.batch_sharding(mesh)
-  global_shapes = {k: v.shape for k, v in parts["example"].items()}
+  global_shapes = {k: v.shape for k, v in parts.example.items()}
 
   # This host reads the rows of the global batch that its devices hold, so step k trains on the
   # same global batch, row for row, on any number of hosts.
@@ -289,13 +317,13 @@ def train(config, workdir: str) -> dict:
   start = ckpt.latest_step()
   if start is not None:
     ckpt_lib.check_same_model(ckpt.restore_meta(start), config, ckpt.directory)
-    state, _ = ckpt.restore(parts["abstract_state"], start, data_iter=data_iter)
+    state, _ = ckpt.restore(parts.abstract_state, start, data_iter=data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
-    state = state_lib.create_state(parts["method"], parts["optimizer"],
-                                   jax.random.PRNGKey(config.seed), parts["example"],
-                                   parts["state_sharding"])
-    state = transfer.load(parts["transfer"], state)
+    state = state_lib.create_state(parts.method, parts.optimizer,
+                                   jax.random.PRNGKey(config.seed), parts.example,
+                                   parts.state_sharding)
+    state = transfer.load(parts.transfer, state)
     start = 0
     # The statistics are computations on global arrays, in which every host takes part (clu's
     # "global" mode); only process 0 logs them.
@@ -306,15 +334,15 @@ def train(config, workdir: str) -> dict:
       fileio.write_text_atomic(table, overview + "\n")
       count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
       log.info("%s parameters; the table of every array is in %s", f"{count:,}", table)
-  if is_main and parts["transfer"].labels is not None:
+  if is_main and parts.transfer.labels is not None:
     log.info("parameter groups: %s",
-             transfer.describe(parts["transfer"], parts["abstract_state"]["params"]))
+             transfer.describe(parts.transfer, parts.abstract_state["params"]))
 
   compiled, cost = compile_step(parts, config)
   if is_main:
     log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, "
              "mesh %s, state %s", cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20,
-             cost["flops"] / 1e9, dict(mesh.shape), parts["state_sharding_mode"])
+             cost["flops"] / 1e9, dict(mesh.shape), parts.state_sharding_mode)
     fileio.write_json_atomic(os.path.join(workdir, "train_step_cost.json"), cost)
 
   rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), mesh_lib.replicated(mesh))

@@ -179,10 +179,10 @@ def _state_summary(config, parts) -> dict:
       total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return int(total)
 
-  state = parts["abstract_state"]
+  state = parts.abstract_state
   by_part = {k: {"bytes": nbytes(v, False), "per_device_bytes": nbytes(v, True)}
              for k, v in state.items() if k in ("params", "ema_params", "opt_state")}
-  return {"mode": loop.state_sharding_mode(config), "in_effect": parts["state_sharding_mode"],
+  return {"mode": loop.state_sharding_mode(config), "in_effect": parts.state_sharding_mode,
           "min_size": int(config.mesh.get("state_sharding_min_size",
                                           sharding_lib.DEFAULT_MIN_SIZE)),
           "bytes": nbytes(state, False), "per_device_bytes": nbytes(state, True),
@@ -191,14 +191,14 @@ def _state_summary(config, parts) -> dict:
 
 def _compile_sample(parts, spatial, memory_bytes, warnings) -> dict:
   """Compiles the sampler for a condition of `spatial` as the config would run it."""
-  method, mesh = parts["method"], parts["mesh"]
-  params = parts["abstract_state"]["params"]
+  method, mesh = parts.method, parts.mesh
+  params = parts.abstract_state["params"]
   window = method.sliding_window()
   if window is None:
     batch = mesh.shape["data"]  # one volume per data-parallel group
     shape = (batch,) + tuple(spatial) + (method.cond_channels,)
     csh = _layout(mesh, shape, "sample", warnings)
-    psh = parts["compute_params_sharding"]  # as evaluation samples, whatever the state's layout
+    psh = parts.compute_params_sharding  # as evaluation samples, whatever the state's layout
     sampler = sharded_sample.jit_sample(method, mesh, psh, csh)
     compiled = sampler.lower(*sharded_sample.abstract_inputs(
         method, mesh, params, spatial, batch, psh, csh)).compile()
@@ -256,11 +256,11 @@ def plan(config, workdir: str, mesh_axes: dict | None = None,
         f"set before JAX initialises)")
   warnings = []
   parts = loop.build_everything(c, workdir, check=False)
-  mesh = parts["mesh"]
-  warnings += [f"parameter {note}: replicated over it instead" for note in parts["param_notes"]]
+  mesh = parts.mesh
+  warnings += [f"parameter {note}: replicated over it instead" for note in parts.param_notes]
   memory = None if device_memory_gb is None else float(device_memory_gb) * GB
   crop = tuple(int(s) for s in c.data.crop_size)
-  example = parts["example"]["target"]
+  example = parts.example["target"]
   bsh = _layout(mesh, example.shape, "train batch", warnings)
   compiled, _ = loop.compile_step(parts, c, batch_sharding=bsh)
   batch_in = compiled.input_shardings[0][1]["target"]
@@ -283,9 +283,9 @@ def plan(config, workdir: str, mesh_axes: dict | None = None,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "devices": {"count": int(mesh.devices.size), "platform": jax.devices()[0].platform,
                   "available": n},
-      "compute_dtype": str(np.dtype(parts["method"].dtype)),
+      "compute_dtype": str(np.dtype(parts.method.dtype)),
       "device_memory_gb": device_memory_gb,
-      "params": _param_summary(parts["abstract_state"]["params"]),
+      "params": _param_summary(parts.abstract_state["params"]),
       "state": _state_summary(c, parts),
       "train": train,
       "sample": sample,

@@ -108,7 +108,7 @@ def jit_sample(method, mesh: Mesh, params_sharding=None,
     method: the method (its `sample` and `sliding_window`).
     mesh: the ("data", "spatial", "model") mesh.
     params_sharding: a sharding or pytree of shardings for the parameters; None replicates them
-      (pass `loop.build_everything(...)["compute_params_sharding"]` for the DiT kernels over
+      (pass `loop.build_everything(...).compute_params_sharding` for the DiT kernels over
       "model"; not a zero1/fsdp train-state layout, whose split kernels would reach the
       activations).
     cond_sharding: layout of the condition and the prediction; default the batch sharding.
