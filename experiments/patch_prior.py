@@ -17,6 +17,7 @@ measurement for every reconstruction), then
   zero_filled   the adjoint (nearest upsampling for SR),
   tv            total-variation least squares (Chambolle-Pock, --tv-iters iterations),
   SOLVER x {patch, whole}   DiffPIR / DPS with --steps prior evaluations each.
+Every reconstruction is a predictor of the library's one inference path (jaxvol.eval.runner):
 `bytes` is XLA's compiled per-device memory of the whole reconstruction (temp + arguments +
 outputs - aliased; jaxvol.train.step.compiled_cost), `seconds` one run after
 compilation, PSNR/SSIM on the original intensity scale inside the target's brain mask over the
@@ -34,7 +35,6 @@ import argparse
 import math
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ from jaxvol import methods  # pylint: disable=wrong-import-position
 from jaxvol.data import pipeline  # pylint: disable=wrong-import-position
 from jaxvol.data import store as store_lib  # pylint: disable=wrong-import-position
 from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=wrong-import-position
-from jaxvol.eval import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from jaxvol.eval import runner  # pylint: disable=wrong-import-position
 from jaxvol.inverse import classical  # pylint: disable=wrong-import-position
 from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=wrong-import-position
 from jaxvol.inverse import operators as ops  # pylint: disable=wrong-import-position
@@ -123,14 +123,6 @@ def test_volume(config, size) -> tuple[np.ndarray, tuple, object, tuple]:
   return x, tuple(box), store.preset(subj["id"], config.data.target), shape
 
 
-def score(rec, x, preset) -> dict[str, float]:
-  raw = preset.inverse(np.asarray(rec)).astype(np.float32)
-  target = preset.inverse(np.asarray(x)).astype(np.float32)
-  m = metrics_lib.compute_all(raw, target, metrics_lib.body_mask(target),
-                              float(preset.hi - preset.lo))
-  return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"])}
-
-
 def solver_kwargs(p, solver: str, steps: int) -> dict:
   kw = {"num_steps": steps}
   if solver == "diffpir":
@@ -147,6 +139,9 @@ def build_priors(method, params, positions):
 
 
 def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
+  """zero-filled, TV and every solver x {patch, whole} prior on the test volume, through the
+  library's one inference path (jaxvol.eval.runner): each reconstruction is a predictor compiled
+  before it is timed, scored inside the target's body mask over the preset's range."""
   c = task_config(task, args.variant, store, prior_dir, args.overlap)
   p = c.pnp
   p.noise_std = args.noise
@@ -156,31 +151,42 @@ def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
   shape = x.shape
   op = pnp_eval.build_operator(p, shape)
   key = jax.random.PRNGKey(args.seed)
-  xj = jnp.asarray(x)
-  y = ops.simulate_measurement(op, xj, p.noise_std, jax.random.fold_in(key, 1))
+  # The runner's key of volume 0; measurement noise from its fold 1, the solvers' from fold 2.
+  y = ops.simulate_measurement(op, jnp.asarray(x), p.noise_std,
+                               jax.random.fold_in(jax.random.fold_in(key, 0), 1))
   axes = pipeline.position_axes(c.data)
   positions = pipeline.position_grid(full_shape, box, axes) if method.position_channels else None
-  base = {"task": task, "size": list(shape), "steps": args.steps, "checkpoint_step": step}
-  records = []
+  volume = runner.Volume(name="test", inputs=y,
+                         to_units=lambda r: preset.inverse(np.real(np.asarray(r))),
+                         target=preset.inverse(x).astype(np.float32),
+                         data_range=float(preset.hi - preset.lo))
 
-  def record(solver, prior_name, fn, *fn_args):
-    compiled = jax.jit(fn).lower(*fn_args).compile()
-    t0 = time.time()
-    rec = jax.block_until_ready(compiled(*fn_args))
-    seconds = time.time() - t0
-    r = {**base, "solver": solver, "prior": prior_name, "bytes": compiled_bytes(compiled),
-         "seconds": seconds, **score(jnp.real(rec), x, preset)}
-    log(f"  {task:7s} {solver:8s} {prior_name:11s} {r['bytes'] / 2**20:9.1f} MiB "
-        f"{seconds:8.1f} s  PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.4f}")
-    records.append(r)
+  def predictor(fn):
+    return runner.CompiledPredictor(lambda vol: (fn, (vol.inputs,)))
 
-  record("zero_filled", "zero_filled", lambda yy: classical.zero_filled(op, yy), y)
-  record("tv", "tv", lambda yy: classical.tv_reconstruction(op, yy, p.tv_lambda, args.tv_iters), y)
+  runs = {("zero_filled", "zero_filled"): predictor(
+              lambda yy, k: jnp.real(classical.zero_filled(op, yy))),
+          ("tv", "tv"): predictor(
+              lambda yy, k: jnp.real(classical.tv_reconstruction(op, yy, p.tv_lambda,
+                                                                 args.tv_iters)))}
   for prior_name, prior in build_priors(method, params, positions).items():
     for solver in args.solvers:
       kw = solver_kwargs(p, solver, args.steps)
-      fn = lambda yy, k, s=solver, pr=prior, kw=kw: solvers.SOLVERS[s](pr, op, yy, shape, k, **kw)
-      record(solver, prior_name, fn, y, jax.random.fold_in(key, 2))
+      runs[(solver, prior_name)] = predictor(
+          lambda yy, k, s=solver, pr=prior, kw=kw: solvers.SOLVERS[s](
+              pr, op, yy, shape, jax.random.fold_in(k, 2), **kw))
+  names = {f"{solver}_{prior_name}": (solver, prior_name) for solver, prior_name in runs}
+  row, = runner.run([volume], {n: runs[names[n]] for n in names}, key, None, mask="body",
+                    report=lambda line: None)
+  base = {"task": task, "size": list(shape), "steps": args.steps, "checkpoint_step": step}
+  records = []
+  for n, (solver, prior_name) in names.items():
+    r = {**base, "solver": solver, "prior": prior_name, "bytes": row[f"{n}_bytes"],
+         "seconds": row[f"{n}_seconds"], "psnr": float(row[f"{n}_psnr"]),
+         "ssim": float(row[f"{n}_ssim"])}
+    log(f"  {task:7s} {solver:8s} {prior_name:11s} {r['bytes'] / 2**20:9.1f} MiB "
+        f"{r['seconds']:8.1f} s  PSNR {r['psnr']:.2f}  SSIM {r['ssim']:.4f}")
+    records.append(r)
   return records
 
 

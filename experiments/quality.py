@@ -5,7 +5,7 @@ Usage::
   python experiments/quality.py --out DIR [--tasks mri_t1_t2,pet_denoise]
       [--methods full3d,ppdm2,ppdm4,wdm,regression] [--steps N] [--crop S] [--width W]
       [--batch B] [--lr LR] [--sample-steps K] [--ppdm-sample-steps K] [--eval-fraction F]
-      [--window-overlap O] [--clip-x0 C] [--no-whole-volume]
+      [--window-overlap O] [--window-batch B] [--clip-x0 C] [--no-whole-volume]
 
 Tasks (data built by tools/prepare_data.py into DIR/data/TASK unless already there):
   mri_t1_t2    stroke T1 -> T2, ONE subject split by region: training crops come from RAS x in
@@ -49,32 +49,29 @@ Every record also scores two floors: the input itself where it shares the target
 (`jaxvol.eval.evaluate.TrainingMeanFloor`), a predictor that ignores its input.
 `--eval-fraction 1` evaluates the whole held-out region / whole test volumes.
 
-Two evaluations of the same checkpoint (final step, EMA weights), metrics on the original
-intensity scale inside the target's body mask with the PSNR/SSIM range fixed to the target's
-intensity preset (hi - lo), as `jaxvol.eval.evaluate` computes them (for PET also the
-input-as-prediction floor):
-  windowed (psnr, ssim; the headline numbers)  the sampler runs on windows of the TRAINING CROP
-      size tiling the box (stride = crop * (1 - --window-overlap); the last window of each axis
-      is shifted to end at the border), batched 8 windows per call, and the window predictions
-      are fused with Gaussian weights (sigma = crop / 8). Each window draws its own noise.
-  whole-volume (psnr_whole, ssim_whole)  `jaxvol.eval.evaluate.evaluate`, which runs the sampler
-      once on the whole box, as the library does today (outputs in RUN/eval/).
+Two evaluations of the same checkpoint (final step, EMA weights), both through the library's one
+inference path (`jaxvol.eval.evaluate`, jaxvol.eval.runner): metrics on the original intensity
+scale inside the target's body mask with the PSNR/SSIM range fixed to the target's intensity
+preset (hi - lo), the input-as-prediction floor where comparable, the training-target mean:
+  windowed (psnr, ssim; the headline numbers)  config.inference.window = the TRAINING CROP, so
+      every sampler step evaluates the network on Gaussian-blended windows of the crop size
+      (overlap --window-overlap, --window-batch windows per call; jaxvol.ops.windows), with one
+      noise field for the whole volume (outputs in RUN/eval_windowed/).
+  whole-volume (psnr_whole, ssim_whole)  the sampler run once on the whole box (RUN/eval/).
 Why both: the networks are trained on 16^3 crops, and GroupNorm statistics (and the share of
 background) of a whole 62x80x70 box differ so much from those of a crop that whole-volume
-predictions of crop-trained models are badly off (measured: PPDM r=2 MAE 1.30 whole vs 0.23
-windowed on a 48^3 block, network units). DESIGN.md section 2.5 asks for sliding-window inference
-with Gaussian blending INSIDE the sampling loop; the library's samplers do not have it yet, so
-this script fuses per-window samples instead (independent noise per window, fused once at the
-end: a stopgap, not the design's shared-noise per-step fusion).
+predictions of crop-trained models are badly off. (Results in docs/results/quality_cpu.* up to
+the README's note were measured with an earlier stopgap that sampled each window independently
+and fused the finished samples; this script now uses the library's in-loop windows.)
 
 Timing (seconds, on whatever machine runs this; compare them as ratios within one run):
-  train_step_s  median seconds per step over the training run's logging windows, excluding the
-                first window (which pays for data-pipeline warm-up); the step is compiled ahead
-                of time before the loop, so no window includes compilation. Data loading is
-                included, as in real training.
-  sample_s      warm seconds per evaluation volume of the windowed sampler (compiled once ahead
-                of time for the fixed window batch, then every volume is timed).
-  sample_whole_s  evaluate()'s `seconds_per_volume` (whole-box sampling, INCLUDING compilation).
+  train_step_s  median seconds per step over the training loop's own progress records
+                (jaxvol.train.loop, WORKDIR/progress.jsonl), excluding the first window (which
+                pays for data-pipeline warm-up); the step is compiled ahead of time before the
+                loop, so no window includes compilation. Data loading is included.
+  sample_s      seconds per evaluation volume of the windowed sampler, compilation excluded
+                (the runner compiles for each volume shape before timing it).
+  sample_whole_s  the same for whole-box sampling.
 
 Outputs: DIR/quality.json (a list of records {task, method, factor, psnr, ssim, train_step_s,
 sample_s, steps, split, ...}, rewritten atomically after each record), DIR/quality.md (the table,
@@ -93,17 +90,14 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from jaxvol import config as base_config_lib
+from jaxvol import fileio
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("mri_t1_t2", "pet_denoise")
@@ -178,6 +172,7 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   t.keep_checkpoints = 2
   t.time_limit_minutes = 0.0
   c.data.eval_region = eval_region(c.data.eval_region, args.eval_fraction)
+  c.inference.window = ()  # whole-box sampling; `windowed_config` adds the windows
   c.eval.checkpoint_step = args.steps
   c.eval.previews = True
   c.eval.input_baseline = task == "pet_denoise"
@@ -215,18 +210,6 @@ def workdir_for(out: pathlib.Path, task: str, name: str, args: argparse.Namespac
   return out / "runs" / task / f"{name}_s{args.steps}_c{args.crop}_w{args.width}_lr{args.lr:g}"
 
 
-class StepTimes(logging.Handler):
-  """Collects (time, step) of the training loop's progress lines ("step %d/%d ...")."""
-
-  def __init__(self):
-    super().__init__(logging.INFO)
-    self.points: list[tuple[float, int]] = []
-
-  def emit(self, record):
-    if isinstance(record.msg, str) and record.msg.startswith("step %d/%d") and record.args:
-      self.points.append((record.created, int(record.args[0])))
-
-
 def median_step_seconds(points: Sequence[tuple[float, int]]) -> float | None:
   """Median seconds per step over logging windows, the first window excluded.
 
@@ -241,186 +224,23 @@ def median_step_seconds(points: Sequence[tuple[float, int]]) -> float | None:
   return statistics.median(rates) if rates else None
 
 
-def window_starts(n: int, window: int, stride: int) -> list[int]:
-  """Starts of windows of size `window` covering [0, n), `stride` apart; the last ends at n.
-
-  A length shorter than the window gives [0] (the caller pads).
-  """
-  if n <= window:
-    return [0]
-  return list(range(0, n - window, stride)) + [n - window]
-
-
-def blend_weights(window: int, sigma_fraction: float = 0.125) -> np.ndarray:
-  """Separable Gaussian fusion weights of a cubic window, peak 1 at its centre, never zero."""
-  x = np.arange(window, dtype=np.float64) - (window - 1) / 2.0
-  g = np.exp(-0.5 * (x / (sigma_fraction * window)) ** 2)
-  w = g[:, None, None] * g[None, :, None] * g[None, None, :]
-  return np.maximum(w, 1e-6).astype(np.float32)
+def windowed_config(config, args: argparse.Namespace):
+  """`config` sampling in the library's in-loop windows: windows of the training crop, overlap
+  --window-overlap, --window-batch windows per network call (jaxvol.ops.windows)."""
+  c = config.copy_and_resolve_references()
+  c.inference.window = (args.crop,) * 3
+  c.inference.overlap = args.window_overlap
+  c.inference.batch = args.window_batch
+  return c
 
 
-def sliding_predict(sample_batch, cond: np.ndarray, window: int, stride: int, chunk: int,
-                    pad_value: float = -1.0) -> np.ndarray:
-  """Fuses window predictions over a (D, H, W, C) condition with Gaussian weights.
-
-  Args:
-    sample_batch: (chunk index, (chunk, window, window, window, C) array) -> predictions
-      (chunk, window, window, window, 1).
-    cond: the condition, network range.
-    window: cubic window side (the training crop).
-    stride: distance between window starts.
-    chunk: windows per call; the last call is filled up by repeating its last window.
-    pad_value: fill for axes shorter than the window (the pipeline's background value).
-
-  Returns:
-    (D, H, W) float32 prediction.
-  """
-  shape = cond.shape[:3]
-  padded_shape = [max(s, window) for s in shape]
-  if list(shape) != padded_shape:
-    full = np.full(padded_shape + [cond.shape[3]], pad_value, np.float32)
-    full[:shape[0], :shape[1], :shape[2]] = cond
-    cond = full
-  starts = [(a, b, c) for a in window_starts(padded_shape[0], window, stride)
-            for b in window_starts(padded_shape[1], window, stride)
-            for c in window_starts(padded_shape[2], window, stride)]
-  weights = blend_weights(window)
-  acc = np.zeros(padded_shape, np.float32)
-  norm = np.zeros(padded_shape, np.float32)
-  for k in range(0, len(starts), chunk):
-    group = starts[k:k + chunk]
-    batch = np.stack([cond[a:a + window, b:b + window, c:c + window] for a, b, c in group])
-    if len(group) < chunk:
-      batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - len(group), axis=0)])
-    pred = np.asarray(sample_batch(k // chunk, batch))[..., 0]
-    for (a, b, c), p in zip(group, pred):
-      acc[a:a + window, b:b + window, c:c + window] += p * weights
-      norm[a:a + window, b:b + window, c:c + window] += weights
-  return (acc / norm)[:shape[0], :shape[1], :shape[2]]
+def progress_points(progress: Sequence[dict]) -> list[tuple[float, int]]:
+  """(training seconds, step) of the loop's own progress records (jaxvol.train.loop)."""
+  return [(float(r["seconds"]), int(r["step"])) for r in progress]
 
 
-def evaluate_windowed(config, workdir: str, overlap: float, chunk: int = 8) -> dict:
-  """Windowed evaluation of a checkpoint (see the module docstring); writes RUN/eval_windowed/.
-
-  Returns:
-    {"metrics": {name: {"model": mean, "input": mean (input_baseline only)}},
-     "seconds_per_volume": warm mean, "rows": per-volume dicts, "window", "stride"}.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from jaxvol import methods  # pylint: disable=g-import-not-at-top
-  from jaxvol.data import inference as inference_lib  # pylint: disable=g-import-not-at-top
-  from jaxvol.data import nifti  # pylint: disable=g-import-not-at-top
-  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
-  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from jaxvol.eval import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from jaxvol.eval import preview  # pylint: disable=g-import-not-at-top
-
-  window = int(config.data.crop_size[0])
-  stride = max(1, int(round(window * (1.0 - overlap))))
-  method = methods.build(config, jax.devices()[0].platform)
-  params, step, meta = evaluate_lib.load_params(config, workdir, with_meta=True)
-  store = store_lib.Store(config.data.store)
-  rules = evaluate_lib.inference_rules(config, store, meta, workdir)  # no target read
-  comparable = config.eval.input_baseline and inference_lib.shares_scale(
-      rules, config.data.inputs[0], config.data.target)
-  floor = evaluate_lib.TrainingMeanFloor(config, store)
-  n_in = len(config.data.inputs)
-  abstract = jax.ShapeDtypeStruct((chunk, window, window, window, n_in), jax.numpy.float32)
-  compiled = jax.jit(method.sample).lower(params, abstract, jax.random.PRNGKey(0)).compile()
-  base_rng = jax.random.PRNGKey(config.eval.seed)
-  out_dir = os.path.join(workdir, "eval_windowed")
-  os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
-  os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
-  rows = []
-  for idx, subject in enumerate(store.subjects(config.eval.split)):
-    sid = subject["id"]
-    box = pipeline.region_box(subject["shape"], config.data.eval_region)
-    cond = evaluate_lib._volume_inputs(store, sid, config, box, rules)[0]  # pylint: disable=protected-access
-    vol_rng = jax.random.fold_in(base_rng, idx)
-
-    def sample_batch(k, batch, vol_rng=vol_rng):
-      return jax.block_until_ready(compiled(params, batch, jax.random.fold_in(vol_rng, k)))
-
-    t0 = time.perf_counter()
-    pred = sliding_predict(sample_batch, cond, window, stride, chunk)
-    seconds = time.perf_counter() - t0
-    target_preset = inference_lib.resolve(rules, config.data.target, store, sid)
-    pred_raw = target_preset.inverse(pred).astype(np.float32)
-    target_raw = store.preset(sid, config.data.target).inverse(
-        store.read(sid, config.data.target, box)).astype(np.float32)
-    input_raw = inference_lib.resolve(rules, config.data.inputs[0], store, sid).inverse(
-        cond[..., 0]).astype(np.float32)
-    mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
-    # The fixed range of evaluate(): the target's intensity preset (not this volume's max - min).
-    data_range = float(target_preset.hi - target_preset.lo)
-    row = {"subject": sid, "seconds": seconds, "data_range": data_range}
-    for k, v in metrics_lib.compute_all(pred_raw, target_raw, mask, data_range).items():
-      row[f"model_{k}"] = v
-    if comparable:
-      for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
-        row[f"input_{k}"] = v
-    if floor.available():
-      floor_raw, row["train_mean_kind"] = floor(subject, box)
-      for k, v in metrics_lib.compute_all(floor_raw, target_raw, mask, data_range).items():
-        row[f"train_mean_{k}"] = v
-    full = np.full(tuple(subject["shape"]), target_preset.inverse(-1.0), np.float32)
-    full[tuple(slice(a, b) for a, b in box)] = pred_raw
-    nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), full,
-                      geometry=store.geometry(sid, config.data.inputs[0]))
-    preview.save_triplanar(
-        os.path.join(out_dir, "previews", f"{sid}.png"),
-        [(f"input ({config.data.inputs[0]})", input_raw), ("prediction (windowed)", pred_raw),
-         (f"target ({config.data.target})", target_raw)],
-        error_panel=("|prediction - target|", np.abs(pred_raw - target_raw)))
-    log.info("%s (windowed): %s", sid,
-             ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, (int, float))))
-    rows.append(row)
-  metrics = {}
-  for name in ("psnr", "ssim", "nmse", "mae", "hfen"):
-    metrics[name] = {"model": float(np.mean([r[f"model_{name}"] for r in rows]))}
-    if comparable:
-      metrics[name]["input"] = float(np.mean([r[f"input_{name}"] for r in rows]))
-    if all(f"train_mean_{name}" in r for r in rows):
-      metrics[name]["train_mean"] = float(np.mean([r[f"train_mean_{name}"] for r in rows]))
-  summary = {"checkpoint_step": step, "metrics": metrics,
-             "train_mean_floor": sorted({r.get("train_mean_kind", "") for r in rows}),
-             "train_region": plain_region(config.data.train_region),
-             "presets": inference_lib.describe(rules), "rows": rows, "window": window,
-             "stride": stride, "chunk": chunk, "region": plain_region(config.data.eval_region),
-             "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
-  write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
-  return summary
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".quality-",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".quality-",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+write_json_atomic = fileio.write_json_atomic
+write_text_atomic = fileio.write_text_atomic
 
 
 def _key(rec: dict) -> tuple:
@@ -550,6 +370,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="centred fraction kept along axes the eval region leaves whole (1: all)")
   p.add_argument("--window-overlap", type=float, default=0.0,
                  help="overlap fraction of the evaluation windows (0: tiles, last one shifted)")
+  p.add_argument("--window-batch", type=int, default=8,
+                 help="windows per network call (config.inference.batch)")
   p.add_argument("--whole-volume", action=argparse.BooleanOptionalAction, default=True,
                  help="also run jaxvol.eval.evaluate on the whole box (the library's sampler)")
   p.add_argument("--wdm-lll-scale", type=float, default=None,
@@ -612,6 +434,7 @@ def budget_of(args: argparse.Namespace) -> dict:
   return {"crop": args.crop, "batch": args.batch, "width": args.width, "lr": args.lr,
           "sample_steps": args.sample_steps, "ppdm_sample_steps": args.ppdm_sample_steps,
           "eval_fraction": args.eval_fraction, "window_overlap": args.window_overlap,
+          "window_batch": args.window_batch, "windows": "in-loop",
           "whole_volume": args.whole_volume}
 
 
@@ -637,23 +460,22 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
     timing = json.loads(timing_path.read_text())
     log.info("%s/%s: reusing the finished run in %s", task, name, workdir)
   else:
-    handler = StepTimes()
-    log.addHandler(handler)
     t0 = time.time()
-    try:
-      result = loop.train(config, str(workdir))
-    finally:
-      log.removeHandler(handler)
+    result = loop.train(config, str(workdir))
     if result["step"] < args.steps:
       raise SystemExit(f"{task}/{name}: training stopped at step {result['step']} of "
                        f"{args.steps} (signal?); run again to resume from {workdir}")
-    timing = {"train_step_s": median_step_seconds(handler.points),
-              "train_wall_s": time.time() - t0, "windows": handler.points}
+    # The loop's own records of this call (WORKDIR/progress.jsonl holds every call's).
+    points = progress_points(result["progress"])
+    timing = {"train_step_s": median_step_seconds(points), "train_wall_s": time.time() - t0,
+              "windows": points}
     write_json_atomic(timing_path, timing)
 
   variant = variant_of(method, args)
   eval_dir = eval_workdir(workdir, variant)
-  windowed = evaluate_windowed(config, str(eval_dir), args.window_overlap)
+  # Both evaluations go through the library's one inference path (jaxvol.eval.evaluate).
+  windowed = evaluate_lib.evaluate(windowed_config(config, args), str(eval_dir),
+                                   out_name="eval_windowed")
   whole = evaluate_lib.evaluate(config, str(eval_dir)) if args.whole_volume else None
   metrics = windowed["metrics"]
   whole_metric = lambda k: None if whole is None else whole["metrics"][k]["model"]
@@ -665,14 +487,14 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
       "input_psnr": metrics["psnr"].get("input"), "input_ssim": metrics["ssim"].get("input"),
       "train_mean_psnr": metrics["psnr"].get("train_mean"),
       "train_mean_ssim": metrics["ssim"].get("train_mean"),
-      "train_mean_floor": windowed["train_mean_floor"], "train_region": windowed["train_region"],
+      "train_mean_floor": windowed.get("train_mean_floor"),
+      "train_region": windowed["train_region"],
       "nmse": metrics["nmse"]["model"], "mae": metrics["mae"]["model"],
       "psnr_whole": whole_metric("psnr"), "ssim_whole": whole_metric("ssim"),
       "sample_whole_s": None if whole is None else whole["seconds_per_volume"],
-      "eval_mode": "windowed", "window": windowed["window"], "stride": windowed["stride"],
-      "eval_shapes": [[b - a for a, b in _box(store, r["subject"], config)]
-                      for r in windowed["rows"]],
-      "n_eval_volumes": len(windowed["rows"]), "eval_region": windowed["region"],
+      "eval_mode": "windowed", "window": args.crop, "overlap": args.window_overlap,
+      "eval_shapes": [[b - a for a, b in box] for box in windowed["boxes"].values()],
+      "n_eval_volumes": windowed["n_volumes"], "eval_region": windowed["region"],
       "checkpoint_step": windowed["checkpoint_step"], "train_wall_s": timing.get("train_wall_s"),
       "sample_steps": (args.ppdm_sample_steps if method == "ppdm" else
                        None if method == "regression" else args.sample_steps),
@@ -681,13 +503,6 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
       "eval_dir": str(eval_dir),
       "clip_x0": float(config.diffusion.clip_x0) if method in ("full3d", "wdm") else None,
   }
-
-
-def _box(store_path: str, subject_id: str, config):
-  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
-  shape = store_lib.Store(store_path).shape(subject_id)
-  return pipeline.region_box(shape, config.data.eval_region)
 
 
 def main(argv=None) -> list[dict]:

@@ -213,6 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.previews = True
   e.input_baseline = False     # also score the condition as the prediction (same-scale tasks only)
   e.seed = 0
+  e.samples = 1                # > 1: the prediction is the mean of N samples, plus a std map
   # Largest box (D, H, W) scored per volume, centred in the evaluation region; () = the whole
   # region. The smoke variants set a small one so a smoke evaluation takes seconds on a CPU.
   e.max_box = ()

@@ -92,9 +92,8 @@ def _main(argv):
   # Imported here so --help stays fast and absl flags are parsed before Grain workers start.
   from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
-  from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
-  # Evaluation and sampling split one volume over config.mesh.spatial x model devices when > 1.
-  make_sampler = lambda method: sharded_sample.evaluation_sampler(config, method)
+  # Evaluation and sampling split one volume over config.mesh.spatial x model devices when > 1
+  # (jaxvol.eval.runner.volume_sampler).
   if FLAGS.mode == "train":
     result = loop.train(config, FLAGS.workdir)
     if result.get("signal") is not None:
@@ -114,16 +113,16 @@ def _main(argv):
     for name, entry in summary["metrics"].items():
       logging.info("%-12s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif FLAGS.mode == "evaluate":
-    summary = evaluate_lib.evaluate(config, FLAGS.workdir, make_sampler)
+    summary = evaluate_lib.evaluate(config, FLAGS.workdir)
     for name, entry in summary["metrics"].items():
       logging.info("%-5s model %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif not config.data.inputs:
     from jaxvol.eval import generate as generate_lib  # pylint: disable=g-import-not-at-top
-    result = generate_lib.generate(config, FLAGS.workdir, make_sampler)
+    result = generate_lib.generate(config, FLAGS.workdir)
     logging.info("wrote %d samples to %s", len(result["files"]),
                  os.path.dirname(result["files"][0]))
   else:
-    evaluate_lib.sample(config, FLAGS.workdir, make_sampler)
+    evaluate_lib.sample(config, FLAGS.workdir)
 
 
 def _plan(config):

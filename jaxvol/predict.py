@@ -13,7 +13,8 @@ model) it:
   3. normalises it with the presets the checkpoint records (jaxvol.data.inference rules: fixed
      or training-split scales, or fitted on the input itself; never on a target);
   4. samples with the config's sampler (blended windows when config.inference.window is set, or
-     the volume split over config.mesh.spatial devices);
+     the volume split over config.mesh.spatial devices), through the same inference path as
+     `--mode=evaluate` (jaxvol.eval.runner);
   5. maps the prediction to the target's original units, resamples it back onto the input's own
      grid and writes DIR/<name>_pred.nii.gz with the input's affine; with --samples N > 1 the
      mean of N samples (seeds fold_in(seed, sample)) and their voxelwise standard deviation
@@ -177,6 +178,7 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
   from jaxvol.data import inference as inference_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
   from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import runner  # pylint: disable=g-import-not-at-top
 
   if samples < 1:
     raise ValueError(f"--samples must be >= 1, got {samples}")
@@ -206,13 +208,11 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
 
   os.makedirs(output, exist_ok=True)
   method = methods.build(config, jax.devices()[0].platform)
-  if make_sampler is None:  # as --mode=evaluate: the volume split over config.mesh when > 1
-    from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
-    make_sampler = lambda m: sharded_sample.evaluation_sampler(config, m)
-  sampler = evaluate_lib.make_volume_sampler(method, make_sampler)
+  # As --mode=evaluate: the volume split over config.mesh when > 1 (runner.volume_sampler).
+  sampler = runner.volume_sampler(config, method, make_sampler)
   params, _ = evaluate_lib.load_params(config, workdir)
   params = sampler.put_params(params)
-  base = jax.random.PRNGKey(config.eval.seed if seed is None else seed)
+  seed = int(config.eval.seed if seed is None else seed)
   axes = pipeline.position_axes(config.data)
   if config.data.get("position_channels", False):
     pipeline.check_position_coverage(config.data.train_region, None, axes)
@@ -220,45 +220,38 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
             "config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True,
                                                        default=str).encode()).hexdigest(),
             "train_spacing": train_spacing, "spacing_tolerance": tolerance, "samples": samples,
-            "seed": int(config.eval.seed if seed is None else seed),
-            "presets": inference_lib.describe(rules), "volumes": []}
+            "seed": seed, "presets": inference_lib.describe(rules), "volumes": []}
+
+  def volumes():
+    for s, (arrays, geometry) in zip(subjects, loaded):
+      shape = target_shape(geometry, train_spacing, tolerance)
+      raw = {m: resample(a, shape) for m, a in arrays.items()}
+      chans = [inference_lib.resolve_raw(rules, m, raw).forward(raw[m]) for m in mods]
+      if config.data.get("position_channels", False):
+        chans += list(np.moveaxis(pipeline.position_grid(shape, None, axes), -1, 0))
+      target_preset = inference_lib.resolve_raw(rules, config.data.target, raw)
+      yield runner.Volume(
+          name=s["name"], inputs=np.stack(chans, axis=-1)[None].astype(np.float32),
+          to_units=lambda x, p=target_preset: p.inverse(x).astype(np.float32),
+          place=lambda x, shape=geometry.ras_shape: resample(x, shape), geometry=geometry,
+          row={"inputs": s["volumes"], "spacing": [float(v) for v in ras_spacing(geometry)],
+               "shape": list(geometry.ras_shape),
+               "resampled_to": None if shape == tuple(geometry.ras_shape) else list(shape),
+               "target_preset": target_preset.to_dict()})
+
   started = time.time()
-  for idx, (s, (arrays, geometry)) in enumerate(zip(subjects, loaded)):
-    out_pred = os.path.join(output, f"{s['name']}_pred.nii.gz")
-    out_std = os.path.join(output, f"{s['name']}_std.nii.gz")
-    entry = {"name": s["name"], "inputs": s["volumes"], "output": out_pred,
-             "spacing": [float(v) for v in ras_spacing(geometry)],
-             "shape": list(geometry.ras_shape)}
-    if os.path.exists(out_pred) and not overwrite:
+  rows = runner.run(volumes(), {runner.MODEL: runner.SamplerPredictor(sampler, params)},
+                    jax.random.PRNGKey(seed), output, total=len(subjects), samples=samples,
+                    mask=None, nifti_dir="", previews=False, skip_existing=not overwrite,
+                    writes=True, report=lambda line: print(line, flush=True))
+  for row in rows:
+    entry = {"name": row.pop("subject"), **row}
+    entry["output"] = entry.pop("outputs", {}).get(runner.MODEL)
+    if "model_std_output" in entry:
+      entry["std"] = entry.pop("model_std_output")
+    if "skipped" in entry:
       entry["skipped"] = "output exists (pass --overwrite to replace it)"
-      record["volumes"].append(entry)
-      print(f"[{idx + 1}/{len(subjects)}] {s['name']}: {out_pred} exists, skipped", flush=True)
-      continue
-    t0 = time.time()
-    shape = target_shape(geometry, train_spacing, tolerance)
-    entry["resampled_to"] = None if shape == tuple(geometry.ras_shape) else list(shape)
-    raw = {m: resample(a, shape) for m, a in arrays.items()}
-    chans = [inference_lib.resolve_raw(rules, m, raw).forward(raw[m]) for m in mods]
-    if config.data.get("position_channels", False):
-      chans += list(np.moveaxis(pipeline.position_grid(shape, None, axes), -1, 0))
-    cond = np.stack(chans, axis=-1)[None].astype(np.float32)
-    target_preset = inference_lib.resolve_raw(rules, config.data.target, raw)
-    key = jax.random.fold_in(base, idx)
-    keys = [key] if samples == 1 else [jax.random.fold_in(key, k) for k in range(samples)]
-    draws = np.stack([target_preset.inverse(sampler(params, cond, k)[0, ..., 0]) for k in keys])
-    mean = resample(draws.mean(0), geometry.ras_shape)
-    nifti.save_volume(out_pred, mean.astype(np.float32), geometry=geometry)
-    if samples > 1:
-      std = resample(draws.std(0), geometry.ras_shape)
-      nifti.save_volume(out_std, np.maximum(std, 0).astype(np.float32), geometry=geometry)
-      entry["std"] = out_std
-    entry["seconds"] = time.time() - t0
-    entry["target_preset"] = target_preset.to_dict()
     record["volumes"].append(entry)
-    done = idx + 1
-    eta = (time.time() - started) / done * (len(subjects) - done)
-    print(f"[{done}/{len(subjects)}] {s['name']}: {entry['seconds']:.1f} s -> {out_pred}"
-          + (f" (ETA {eta:.0f} s)" if done < len(subjects) else ""), flush=True)
   record["seconds"] = time.time() - started
   fileio.write_text_atomic(os.path.join(output, "predict.json"), json.dumps(record, indent=2))
   print(f"wrote {len(record['volumes'])} prediction(s) and predict.json to {output}", flush=True)

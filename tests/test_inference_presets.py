@@ -112,7 +112,7 @@ def test_fixed_input_scale_is_renormalised(mri_data, tmp_path):
   store = store_lib.Store(tmp_path / "other")
   c = _config(tmp_path / "other")
   box = ((0, 20), (0, 18), (0, 16))
-  x = evaluate_lib._volume_inputs(store, "s2", c, box, rules)[0, ..., 0]
+  x = evaluate_lib.volume_inputs(store, "s2", c, box, rules)[0, ..., 0]
   raw = nib.load(str(mri_data / "s2_t1.nii.gz")).get_fdata()
   np.testing.assert_allclose(x, raw / 500.0 - 1.0, atol=2e-5)
 

@@ -305,26 +305,18 @@ def test_quality_configs_share_one_budget(tmp_path):
       assert c.data.eval_region["2"] == (0.6, 1.0) and c.eval.split == "test"
 
 
-def test_quality_sliding_window_fusion():
-  assert quality.window_starts(62, 16, 16) == [0, 16, 32, 46]
-  assert quality.window_starts(16, 16, 12) == [0]
-  assert quality.window_starts(10, 16, 16) == [0]
-  assert quality.window_starts(40, 16, 12) == [0, 12, 24]
-  w = quality.blend_weights(16)
-  assert w.shape == (16, 16, 16) and w.min() > 0 and w[7, 7, 7] == w.max()
+def test_quality_windows_are_the_librarys(tmp_path):
+  args = quality.parse_args(["--out", str(tmp_path), "--window-overlap", "0.25",
+                             "--window-batch", "3"])
+  c = quality.make_config("mri_t1_t2", "ppdm2", "STORE", args)
+  assert tuple(c.inference.window) == ()  # the whole-box evaluation
+  w = quality.windowed_config(c, args)
+  assert tuple(w.inference.window) == (16, 16, 16) and w.inference.overlap == 0.25
+  assert w.inference.batch == 3 and tuple(c.inference.window) == ()  # a copy
+  from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  window = methods.build(w).sliding_window()
+  assert window.window == (16, 16, 16) and window.batch == 3
+  progress = [{"step": 1, "seconds": 0.5}, {"step": 10, "seconds": 2.3},
+              {"step": 20, "seconds": 3.3}, {"step": 30, "seconds": 5.3}]
+  assert quality.median_step_seconds(quality.progress_points(progress)) == pytest.approx(0.2)
 
-  rng = np.random.default_rng(0)
-  cond = rng.normal(size=(21, 10, 18, 2)).astype(np.float32)
-  calls = []
-
-  def first_channel(k, batch):
-    calls.append((k, batch.shape))
-    return batch[..., :1] * 2.0
-
-  # A window-wise map that is the same everywhere fuses to that map exactly; short axes are padded
-  # and cropped back, and every call gets a full chunk.
-  pred = quality.sliding_predict(first_channel, cond, window=16, stride=12, chunk=3)
-  np.testing.assert_allclose(pred, 2.0 * cond[..., 0], rtol=1e-5, atol=1e-5)
-  n_windows = 2 * 1 * 2
-  assert [k for k, _ in calls] == list(range(-(-n_windows // 3)))
-  assert all(shape == (3, 16, 16, 16, 2) for _, shape in calls)

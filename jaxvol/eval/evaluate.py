@@ -36,13 +36,17 @@ Everything written is atomic: each file (temp file + rename), and each output fo
 replaces the previous folder once the run is complete), so no file of an earlier run (another
 split's subjects, an older summary) is left among the new ones.
 
-Where volumes run is the caller's choice (`make_sampler`): by default the whole volume (or its
-windows) on this process's devices; main.py passes
-jaxvol.train.sharded_sample.evaluation_sampler, which splits one volume's depth over
-config.mesh.spatial devices (and the DiT kernels over config.mesh.model) when those are > 1, for
-volumes whose sampling does not fit one device. A sampler is any object with
-`put_params(params)` and `sampler(placed_params, cond, rng) -> numpy prediction` for a
-(1, D, H, W, C) numpy condition.
+Volumes go through the one inference path, jaxvol.eval.runner: `store_volumes` turns a split into
+the runner's volumes, and the method's sampler becomes its predictor. The sampler is chosen by
+`runner.volume_sampler`: the volume split over config.mesh.spatial devices (and the DiT kernels
+over config.mesh.model) when those are > 1 (jaxvol.train.sharded_sample.VolumeSampler), otherwise
+one device or the windows spread over this process's devices; `make_sampler(method)` replaces
+that choice (tests), and may return any object with `put_params(params)` and
+`sampler(placed_params, cond, rng) -> numpy prediction` for a (1, D, H, W, C) numpy condition.
+The sampler is compiled for each new volume shape before the volume is timed: metrics.csv's
+`seconds` excludes compilation, `compile_seconds` holds it. With `config.eval.samples` N > 1 the
+prediction is the mean of N samples (keys fold_in(volume key, k)) and nifti/ also holds their
+voxelwise standard deviation (`{subject}_std.nii.gz`).
 """
 
 import contextlib
@@ -51,7 +55,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +63,10 @@ import numpy as np
 from jaxvol import fileio
 from jaxvol import methods
 from jaxvol.data import inference as inference_lib
-from jaxvol.data import nifti
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
-from jaxvol.eval import preview
+from jaxvol.eval import runner
 from jaxvol.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("jaxvol")
@@ -102,34 +104,15 @@ def inference_rules(config, store, meta: dict, where: str) -> dict:
   return rules
 
 
-class LocalSampler:
-  """`method.sample` on this process: one device, or the windows spread over its devices."""
-
-  def __init__(self, method):
-    self._fn = jax.jit(method.sample)
-    self._sharding = None
-    window = method.sliding_window()
-    if window is not None and window.mesh is not None:
-      # Windows are spread over this process's devices: params and inputs live on all of them.
-      self._sharding = jax.sharding.NamedSharding(window.mesh, jax.sharding.PartitionSpec())
-
-  def _put(self, x):
-    return jnp.asarray(x) if self._sharding is None else jax.device_put(x, self._sharding)
-
-  def put_params(self, params):
-    return jax.tree.map(self._put, params)
-
-  def __call__(self, params, cond, rng) -> np.ndarray:
-    return np.asarray(jax.block_until_ready(self._fn(params, self._put(cond), rng)))
+LocalSampler = runner.LocalSampler
 
 
-def make_volume_sampler(method, make_sampler=None):
-  """`make_sampler(method)` when given and not None, else a LocalSampler."""
-  sampler = make_sampler(method) if make_sampler is not None else None
-  return sampler if sampler is not None else LocalSampler(method)
+def make_volume_sampler(method, make_sampler=None, config=None):
+  """The sampler of `method` (jaxvol.eval.runner.volume_sampler)."""
+  return runner.volume_sampler(config, method, make_sampler)
 
 
-def _volume_inputs(store, subject_id: str, config, box, rules=None):
+def volume_inputs(store, subject_id: str, config, box, rules=None):
   """The condition (1, D, H, W, C) of a subject's box, each input on the scale `rules` give it
   (re-normalised from the store's own preset when the two differ: a store converted with other
   presets than the training store's)."""
@@ -285,78 +268,77 @@ class TrainingMeanFloor:
             f"mean intensity of {len(self._train)} training target(s)")
 
 
+def store_volumes(config, store, subjects, rules, with_metrics: bool, floor=None):
+  """The runner's volumes (jaxvol.eval.runner.Volume) of a store's subjects: each subject's
+  evaluation box (`eval_box`) as the condition, the target preset from the checkpoint's rules,
+  and with `with_metrics` the target and the reference predictions (the input where it shares
+  the target's scale and config.eval.input_baseline is on; the training-target mean `floor`)."""
+  first_input = config.data.inputs[0]
+  comparable = inference_lib.shares_scale(rules, first_input, config.data.target)
+  for subject in subjects:
+    sid = subject["id"]
+    box = eval_box(subject, config)
+    cond = volume_inputs(store, sid, config, box, rules)
+    # The target's scale from the rules: the same with or without the target in the store.
+    target_preset = inference_lib.resolve(rules, config.data.target, store, sid)
+    shape, background = tuple(subject["shape"]), float(target_preset.inverse(-1.0))
+
+    def place(raw, shape=shape, box=box, background=background):
+      full = np.full(shape, background, np.float32)
+      full[tuple(slice(a, b) for a, b in box)] = raw
+      return full
+
+    row = {"box": [list(b) for b in box]}
+    target = data_range = preview_input = None
+    references = {}
+    if with_metrics and config.data.target not in subject["volumes"]:
+      row["note"] = f"no {config.data.target!r} volume in the store: prediction only, not scored"
+      log.warning("%s: %s", sid, row["note"])
+    elif with_metrics:
+      target = store.preset(sid, config.data.target).inverse(
+          store.read(sid, config.data.target, box)).astype(np.float32)
+      input_raw = inference_lib.resolve(rules, first_input, store, sid).inverse(
+          cond[0, ..., 0]).astype(np.float32)
+      if config.eval.input_baseline and comparable:
+        references["input"] = input_raw
+      if floor is not None and floor.available():
+        references["train_mean"], row["train_mean_kind"] = floor(subject, box)
+      data_range = float(target_preset.hi - target_preset.lo)
+      preview_input = (f"input ({first_input})", input_raw)
+    yield runner.Volume(
+        name=sid, inputs=cond,
+        to_units=lambda x, p=target_preset: p.inverse(x).astype(np.float32), place=place,
+        geometry=store.geometry(sid, first_input), target=target, data_range=data_range,
+        references=references, preview_input=preview_input, row=row)
+
+
 def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool,
                   make_sampler=None) -> dict:
-  """Runs the sampler over a split and writes NIfTI (+ metrics and previews if with_metrics)."""
+  """Runs the method's sampler over a split through jaxvol.eval.runner and writes NIfTI (+
+  metrics and previews if with_metrics) under out_dir."""
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
                                    pipeline.position_axes(config.data))
   method = methods.build(config, jax.devices()[0].platform)
-  sampler = make_volume_sampler(method, make_sampler)
+  sampler = runner.volume_sampler(config, method, make_sampler)
   params, step, meta = load_params(config, workdir, with_meta=True)
   params = sampler.put_params(params)
   store = store_lib.Store(config.data.store)
   rules = inference_rules(config, store, meta, workdir)
-  first_input = config.data.inputs[0]
-  comparable = inference_lib.shares_scale(rules, first_input, config.data.target)
   subjects = store.subjects(split)
   if not subjects:
     raise ValueError(f"split {split!r} of store {config.data.store} has no subjects")
-  writes = jax.process_index() == 0
-  if writes:  # out_dir: the folder of this run (fresh_output_dir), on process 0 only
-    os.makedirs(os.path.join(out_dir, "nifti"), exist_ok=True)
-    if with_metrics and config.eval.previews:
-      os.makedirs(os.path.join(out_dir, "previews"), exist_ok=True)
-  base_rng = jax.random.PRNGKey(config.eval.seed)
   floor = TrainingMeanFloor(config, store) if with_metrics else None
-  rows = []
-  for idx, subject in enumerate(subjects):
-    sid = subject["id"]
-    box = eval_box(subject, config)
-    cond = _volume_inputs(store, sid, config, box, rules)
-    t0 = time.time()
-    pred = sampler(params, cond, jax.random.fold_in(base_rng, idx))[0, ..., 0]
-    seconds = time.time() - t0
-    # The target's scale from the rules: the same with or without the target in the store.
-    has_target = config.data.target in subject["volumes"]
-    target_preset = inference_lib.resolve(rules, config.data.target, store, sid)
-    pred_raw = target_preset.inverse(pred).astype(np.float32)
-    geometry = store.geometry(sid, first_input)
-    full = np.full(tuple(subject["shape"]), target_preset.inverse(-1.0), np.float32)
-    full[tuple(slice(a, b) for a, b in box)] = pred_raw
-    if writes:
-      nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_pred.nii.gz"), full, geometry=geometry)
-    row = {"subject": sid, "box": [list(b) for b in box], "seconds": seconds}
-    if with_metrics and not has_target:
-      row["note"] = f"no {config.data.target!r} volume in the store: prediction only, not scored"
-      log.warning("%s: %s", sid, row["note"])
-    elif with_metrics:
-      target_raw = store.preset(sid, config.data.target).inverse(
-          store.read(sid, config.data.target, box)).astype(np.float32)
-      input_raw = inference_lib.resolve(rules, first_input, store, sid).inverse(
-          cond[0, ..., 0]).astype(np.float32)
-      mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
-      data_range = float(target_preset.hi - target_preset.lo)
-      row["data_range"] = data_range
-      for k, v in metrics_lib.compute_all(pred_raw, target_raw, mask, data_range).items():
-        row[f"model_{k}"] = v
-      if config.eval.input_baseline and comparable:
-        for k, v in metrics_lib.compute_all(input_raw, target_raw, mask, data_range).items():
-          row[f"input_{k}"] = v
-      if floor.available():
-        floor_raw, row["train_mean_kind"] = floor(subject, box)
-        for k, v in metrics_lib.compute_all(floor_raw, target_raw, mask, data_range).items():
-          row[f"train_mean_{k}"] = v
-      if config.eval.previews and writes:
-        preview.save_triplanar(
-            os.path.join(out_dir, "previews", f"{sid}.png"),
-            [(f"input ({first_input})", input_raw), ("prediction", pred_raw),
-             (f"target ({config.data.target})", target_raw)],
-            error_panel=("|prediction - target|", np.abs(pred_raw - target_raw)))
-      log.info("%s: %s", sid, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                        if isinstance(v, (int, float))))
-    rows.append(row)
+  samples = int(config.eval.get("samples", 1))
+  rows = runner.run(
+      store_volumes(config, store, subjects, rules, with_metrics, floor),
+      {runner.MODEL: runner.SamplerPredictor(sampler, params)},
+      jax.random.PRNGKey(config.eval.seed), out_dir, total=len(subjects), samples=samples,
+      mask="body" if config.eval.mask == "body" else None,
+      previews=with_metrics and bool(config.eval.previews))
   return {"rows": rows, "step": step, "presets": inference_lib.describe(rules),
-          "input_comparable": comparable}
+          "samples": samples,
+          "input_comparable": inference_lib.shares_scale(rules, config.data.inputs[0],
+                                                         config.data.target)}
 
 
 def _plain(region):
@@ -364,10 +346,11 @@ def _plain(region):
   return None if region is None else {str(k): list(v) for k, v in region.items()}
 
 
-def evaluate(config, workdir: str, make_sampler=None) -> dict:
-  """Predicts and scores the evaluation split (module docstring); `make_sampler` as there."""
+def evaluate(config, workdir: str, make_sampler=None, out_name: str = "eval") -> dict:
+  """Predicts and scores the evaluation split into WORKDIR/`out_name` (module docstring);
+  `make_sampler` as there."""
   writes = jax.process_index() == 0
-  with fresh_output_dir(os.path.join(workdir, "eval"), writes) as out_dir:
+  with fresh_output_dir(os.path.join(workdir, out_name), writes) as out_dir:
     summary, rows = _evaluate_into(config, workdir, out_dir, make_sampler)
     if writes:
       fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
@@ -385,18 +368,18 @@ def _evaluate_into(config, workdir: str, out_dir: str, make_sampler) -> tuple[di
   summary = {"method": config.method, "checkpoint_step": result["step"], "split": config.eval.split,
              "n_volumes": len(rows), "n_scored": len(scored), "mask": config.eval.mask,
              "region": _plain(config.data.eval_region), "metrics": {},
-             "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
+             "samples": result["samples"],
+             "seconds_per_volume": float(np.mean([r["seconds"] for r in rows])),
+             "compile_seconds": float(sum(r["compile_seconds"] for r in rows))}
   if len(scored) < len(rows):
     summary["unscored"] = [r["subject"] for r in rows if "data_range" not in r]
     summary["note"] = (f"{len(rows) - len(scored)} volume(s) have no {config.data.target!r} "
                        "volume in the store: predicted, not scored; metrics average the rest")
+  means = runner.mean_metrics(scored, ("model", "input", "train_mean"))
   for k in METRICS if scored else ():
-    entry = {"model": float(np.mean([r[f"model_{k}"] for r in scored]))}
-    if config.eval.input_baseline and result["input_comparable"]:
-      entry["input"] = float(np.mean([r[f"input_{k}"] for r in scored]))
-    if all(f"train_mean_{k}" in r for r in scored):
-      entry["train_mean"] = float(np.mean([r[f"train_mean_{k}"] for r in scored]))
-    summary["metrics"][k] = entry
+    summary["metrics"][k] = {name: means[name][k] for name in ("model", "input", "train_mean")
+                             if k in means.get(name, {})
+                             and all(f"{name}_{k}" in r for r in scored)}
   if scored and all("train_mean_kind" in r for r in scored):
     summary["train_mean_floor"] = (
         "metrics[*].train_mean scores a predictor that ignores its input: "

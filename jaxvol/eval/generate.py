@@ -161,9 +161,9 @@ def _condition(method, config, shape):
 def generate(config, workdir: str, make_sampler=None) -> dict:
   """Draws config.sample.num volumes from the checkpoint in WORKDIR and writes them (module doc).
 
-  `make_sampler` places the sampling (jaxvol.eval.evaluate's module docstring): main.py passes
-  jaxvol.train.sharded_sample.evaluation_sampler, so config.mesh.spatial > 1 splits each
-  generated volume's depth over that many devices.
+  The sampling is placed by jaxvol.eval.runner.volume_sampler (config.mesh.spatial > 1 splits
+  each generated volume's depth over that many devices); `make_sampler(method)` replaces that
+  choice.
 
   Returns:
     {"files": [paths], "samples": metadata as in samples.json, "metrics": report or None}.
@@ -182,7 +182,7 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
   preset = store.preset(first, config.data.target)
   spacing = sample_spacing(config, store)
   affine = sample_affine(shape, spacing)
-  sampler = evaluate_lib.make_volume_sampler(method, make_sampler)
+  sampler = evaluate_lib.make_volume_sampler(method, make_sampler, config)
   params, step = evaluate_lib.load_params(config, workdir)
   params = sampler.put_params(params)
   cond = np.asarray(_condition(method, config, shape))

@@ -9,8 +9,10 @@ magnitude image; measurements are simulated, no raw k-space is used), then recon
   SOLVER        the plug-and-play solver (config.pnp.solver) with the diffusion prior restored
                 from the checkpoint (config.pnp.prior: `patch` = shifted Gaussian-blended windows of
                 config.inference.window, `whole` = one whole-volume pass).
-Writes under WORKDIR/pnp/: summary.json ({"metrics": {name: {psnr, ssim, nmse}}, ...}),
-metrics.csv, nifti/{subject}_{name}.nii.gz on the input's grid in original intensities, and
+Every reconstruction is a predictor of the one inference path (jaxvol.eval.runner), compiled for
+each volume before it is timed. Writes under WORKDIR/pnp/: summary.json ({"metrics": {name:
+{psnr, ssim, nmse}}, "seconds": {name: warm seconds per volume}, "compiled_bytes": {name: XLA's
+compiled memory}, ...}), metrics.csv, nifti/{subject}_{name}.nii.gz on the input's grid in original intensities, and
 previews/{subject}.png. Metrics on the original intensity scale inside the target's body mask,
 PSNR/SSIM over the preset's range. metrics.csv gives each volume's reconstructed box ("box",
 [[start, stop], ...] voxels), summary.json the limit ("max_box") and the boxes. The folder is
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +33,11 @@ import numpy as np
 from jaxvol import fileio
 from jaxvol import methods
 from jaxvol.data import inference as inference_lib
-from jaxvol.data import nifti
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.eval import metrics as metrics_lib
-from jaxvol.eval import preview
+from jaxvol.eval import runner
 from jaxvol.inverse import classical
 from jaxvol.inverse import operators as ops
 from jaxvol.inverse import priors
@@ -102,78 +102,78 @@ def reconstruct(config, workdir: str) -> dict:
   if not subjects:
     raise ValueError(f"split {config.eval.split!r} of store {config.data.store} has no subjects")
   writes = jax.process_index() == 0
-  with evaluate_lib.fresh_output_dir(os.path.join(workdir, "pnp"), writes) as out_dir:
-    if writes:
-      for sub in ("nifti", "previews") if config.eval.previews else ("nifti",):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    limit = evaluate_lib.max_box(config)
-    rows = []
+  limit = evaluate_lib.max_box(config)
+  base_key = jax.random.PRNGKey(p.seed)
+
+  def volumes():
     for idx, subj in enumerate(subjects):
       sid = subj["id"]
       box = evaluate_lib.eval_box(subj, config)
       x = store.read(sid, config.data.target, box).astype(np.float32)
-      probe = build_operator(p, x.shape)
-      shape = _fit(x.shape, probe)
+      shape = _fit(x.shape, build_operator(p, x.shape))
       box = tuple((a, a + s) for (a, _), s in zip(box, shape))
-      x = jnp.asarray(x[:shape[0], :shape[1], :shape[2]])
+      x = x[:shape[0], :shape[1], :shape[2]]
       op = build_operator(p, shape)
       positions = pipeline.position_grid(tuple(subj["shape"]), box, axes) \
           if method.position_channels else None
-      prior = priors.from_method(method, params, window, positions=positions)
-      key = jax.random.fold_in(jax.random.PRNGKey(p.seed), idx)
-      y = ops.simulate_measurement(op, x, p.noise_std, jax.random.fold_in(key, 1))
-      recs, seconds = {}, {}
-      t0 = time.time()
-      recs["zero_filled"] = jnp.real(classical.zero_filled(op, y))
-      seconds["zero_filled"] = time.time() - t0
-      t0 = time.time()
-      recs["tv"] = jnp.real(classical.tv_reconstruction(op, y, p.tv_lambda, p.tv_iters))
-      seconds["tv"] = time.time() - t0
-      kw = {"num_steps": p.num_steps}
-      if p.solver == "diffpir":
-        kw.update(noise_std=p.noise_std, lam=p.lam, zeta=p.zeta, min_rho=p.min_rho)
-      else:
-        kw.update(zeta=p.zeta, step=p.dps_step)
-      solve = jax.jit(lambda k: solvers.SOLVERS[p.solver](prior, op, y, shape, k, **kw))
-      t0 = time.time()
-      recs[p.solver] = jax.block_until_ready(solve(jax.random.fold_in(key, 2)))
-      seconds[p.solver] = time.time() - t0
+      # Volume idx's key is the runner's fold_in(base_key, idx): measurement noise from fold 1,
+      # the solver's from fold 2.
+      y = ops.simulate_measurement(op, jnp.asarray(x), p.noise_std,
+                                   jax.random.fold_in(jax.random.fold_in(base_key, idx), 1))
       preset = store.preset(sid, config.data.target)
-      target_raw = preset.inverse(np.asarray(x)).astype(np.float32)
-      mask = metrics_lib.body_mask(target_raw) if config.eval.mask == "body" else None
-      data_range = float(preset.hi - preset.lo)
-      geometry = store.geometry(sid, config.data.target)
-      row = {"subject": sid, "box": [list(b) for b in box]}
-      panels = [("target", target_raw)]
-      for name, rec in recs.items():
-        raw = preset.inverse(np.asarray(rec)).astype(np.float32)
-        m = metrics_lib.compute_all(raw, target_raw, mask, data_range)
-        for k in METRICS:
-          row[f"{name}_{k}"] = m[k]
-        row[f"{name}_seconds"] = seconds[name]
-        panels.append((name, raw))
-        if writes:
-          full = np.full(tuple(subj["shape"]), preset.inverse(-1.0), np.float32)
-          full[tuple(slice(a, b) for a, b in box)] = raw
-          nifti.save_volume(os.path.join(out_dir, "nifti", f"{sid}_{name}.nii.gz"), full,
-                            geometry=geometry)
-      if writes and config.eval.previews:
-        preview.save_triplanar(os.path.join(out_dir, "previews", f"{sid}.png"), panels)
-      log.info("%s: %s", sid, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                        if isinstance(v, (int, float))))
-      rows.append(row)
-    names = list(recs)
+      full_shape, background = tuple(subj["shape"]), float(preset.inverse(-1.0))
+
+      def place(raw, full_shape=full_shape, box=box, background=background):
+        full = np.full(full_shape, background, np.float32)
+        full[tuple(slice(a, b) for a, b in box)] = raw
+        return full
+
+      yield runner.Volume(
+          name=sid, inputs={"op": op, "y": y, "shape": shape, "positions": positions},
+          to_units=lambda r, preset=preset: preset.inverse(np.asarray(r)).astype(np.float32),
+          place=place, geometry=store.geometry(sid, config.data.target),
+          target=preset.inverse(x).astype(np.float32), data_range=float(preset.hi - preset.lo),
+          row={"box": [list(b) for b in box], "operator": type(op).__name__})
+
+  kw = {"num_steps": p.num_steps}
+  if p.solver == "diffpir":
+    kw.update(noise_std=p.noise_std, lam=p.lam, zeta=p.zeta, min_rho=p.min_rho)
+  else:
+    kw.update(zeta=p.zeta, step=p.dps_step)
+
+  def solve(vol):
+    v = vol.inputs
+    prior = priors.from_method(method, params, window, positions=v["positions"])
+    fn = lambda y, k: solvers.SOLVERS[p.solver](prior, v["op"], y, v["shape"],
+                                                 jax.random.fold_in(k, 2), **kw)
+    return fn, (v["y"],)
+
+  predictors = {
+      "zero_filled": runner.CompiledPredictor(lambda vol: (
+          lambda y, k: jnp.real(classical.zero_filled(vol.inputs["op"], y)), (vol.inputs["y"],))),
+      "tv": runner.CompiledPredictor(lambda vol: (
+          lambda y, k: jnp.real(classical.tv_reconstruction(vol.inputs["op"], y, p.tv_lambda,
+                                                            p.tv_iters)), (vol.inputs["y"],))),
+      p.solver: runner.CompiledPredictor(solve),
+  }
+  names = list(predictors)
+  with evaluate_lib.fresh_output_dir(os.path.join(workdir, "pnp"), writes) as out_dir:
+    rows = runner.run(volumes(), predictors, base_key, out_dir, total=len(subjects),
+                      mask="body" if config.eval.mask == "body" else None,
+                      previews=bool(config.eval.previews))
     summary = {"checkpoint_step": step, "prior": p.prior, "solver": p.solver, "task": p.task,
-               "operator": type(op).__name__, "acceleration": float(p.acceleration),
+               "operator": rows[0]["operator"],
+               "acceleration": float(p.acceleration),
                "noise_std": float(p.noise_std), "split": config.eval.split, "n_volumes": len(rows),
                "simulated": "measurements simulated from the ground truth in network units",
-               "metrics": {n: {k: float(np.mean([r[f"{n}_{k}"] for r in rows])) for k in METRICS}
-                           for n in names},
-               "seconds": {n: float(np.mean([r[f"{n}_seconds"] for r in rows])) for n in names},
+               "metrics": runner.mean_metrics(rows, names, METRICS),
+               "seconds": {n: runner.warm_seconds(rows, n) for n in names},
+               "compiled_bytes": {n: max(r[f"{n}_bytes"] for r in rows) for n in names},
+               "compile_seconds": float(sum(r["compile_seconds"] for r in rows)),
                "region": (None if config.data.eval_region is None else
                           {str(k): list(v) for k, v in config.data.eval_region.items()}),
                "conventions": {k: v for k, v in metrics_lib.conventions(
-                   "target preset hi - lo", "body").items() if k in METRICS},
+                   "target preset hi - lo", config.eval.mask).items() if k in METRICS},
                "max_box": None if limit is None else list(limit),
                "boxes": {r["subject"]: r["box"] for r in rows}}
     if writes:
