@@ -13,11 +13,15 @@ must leave alone, and `param_sources` names other runs' checkpoints to copy para
 the first step (jaxvol.train.transfer does the copying; methods never read files). With
 `config.inference.window` set, every sampler evaluates its network on overlapping Gaussian-blended
 windows of that size at each step (jaxvol.ops.windows), spread over this process's devices.
+Each method declares the config fields that define what its parameters mean (`MODEL_FIELDS`,
+`Method.model_fields`); a checkpoint is only restored under a config that agrees on them
+(jaxvol.train.checkpoint.check_same_model). Every other field (sampling steps, eta, learning rate,
+dropout, remat, windows, ...) may change between training, resumption and evaluation.
 """
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,25 @@ import ml_collections
 from jaxvol.models import unet3d
 from jaxvol.ops import puzzle as puzzle_lib
 from jaxvol.ops import windows as windows_lib
+
+
+# Fields every method's parameters depend on: which method, and the dtype they compute in.
+RUN_FIELDS = ("method", "compute_dtype")
+# The condition's channels (inputs, then position channels) and the predicted modality.
+DATA_FIELDS = ("data.inputs", "data.target", "data.position_channels", "data.position_axes")
+# The U-Net of `build_unet`; its dropout and remat change training, not the function.
+UNET_FIELDS = ("model.base_width", "model.channel_mults", "model.num_res_blocks",
+               "model.attention_levels", "model.num_heads", "model.groups",
+               "model.time_embed_dim", "model.layout")
+# STM's structure encoder (methods that pass the condition to it: baselines.Full3D and its kind).
+STM_FIELDS = ("model.stm", "model.stm_dim")
+# Fields that only matter while another field switches them on: field -> is_on(config). The switch
+# is declared too, so a checkpoint that differs in it is refused on the switch itself.
+SWITCHED_FIELDS = {
+    "data.position_axes": lambda c: bool(c.data.get("position_channels", False)),
+    "model.num_heads": lambda c: len(c.model.attention_levels) > 0,
+    "model.stm_dim": lambda c: bool(c.model.get("stm", False)),
+}
 
 
 def resolve_dtype(name: str, platform: str):
@@ -105,10 +128,27 @@ class ParamSource:
 
 @dataclasses.dataclass
 class Method:
-  """Base class holding the config-derived pieces; subclasses define the three functions."""
+  """Base class holding the config-derived pieces; subclasses define the three functions.
+
+  Subclasses also declare `MODEL_FIELDS`, the dotted config fields that define what their
+  parameters mean (every one must exist in the method's configs), and may add entries to
+  `SWITCHED_FIELDS` for fields that only matter while another is switched on.
+  """
+
+  MODEL_FIELDS: ClassVar[tuple[str, ...]] = RUN_FIELDS + DATA_FIELDS
+  SWITCHED_FIELDS: ClassVar[dict] = SWITCHED_FIELDS
 
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
+
+  @classmethod
+  def model_fields(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`MODEL_FIELDS` that matter for `config`: those switched off there are left out.
+
+    Reads the config only; no network is built.
+    """
+    return tuple(f for f in cls.MODEL_FIELDS
+                 if f not in cls.SWITCHED_FIELDS or cls.SWITCHED_FIELDS[f](config))
 
   def __post_init__(self):
     """Subclasses build their network and diffusion here (dataclass hook)."""

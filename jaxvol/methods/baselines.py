@@ -27,6 +27,12 @@ from jaxvol.ops import haar
 
 class Full3D(base.Method):
 
+  # The Gaussian schedule fixes what the time input and x_t mean; the parameterisation what the
+  # output means. STM reads the condition when model.stm is on.
+  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + base.STM_FIELDS + (
+      "diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
+      "diffusion.parameterization")
+
   def __post_init__(self):
     c = self.config.diffusion
     self.diffusion = gaussian.GaussianDiffusion(c.num_steps, c.beta_start, c.beta_end,
@@ -110,6 +116,8 @@ class Wavelet(Full3D):
   it lies within [-0.943, 0.943], about the [-1, 1] range the noise schedule is made for.
   """
 
+  MODEL_FIELDS = Full3D.MODEL_FIELDS + ("wdm.lll_scale",)  # the scale of the bands it sees
+
   def _out_channels(self):
     return 8 * self.target_channels
 
@@ -159,6 +167,8 @@ class Wavelet(Full3D):
 
 class Regression(base.Method):
   """The same U-Net as a one-pass regressor (time input fixed at 0)."""
+
+  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS  # no diffusion, no STM
 
   def __post_init__(self):
     self.net = base.build_unet(self.config.model, self.target_channels, self.dtype)

@@ -23,6 +23,11 @@ from jaxvol.ops import puzzle as puzzle_lib
 
 class PPDM(base.Method):
 
+  # The puzzle factor sets the network's channels; the bridge's T and variance fix what its time
+  # input and its x_t mean. No Gaussian schedule (config.diffusion) and no STM.
+  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + (
+      "ppdm.factor", "ppdm.num_steps", "ppdm.max_var")
+
   def __post_init__(self):
     c = self.config.ppdm
     self.factor = puzzle_lib.as_factor(c.factor if isinstance(c.factor, int) else tuple(c.factor))

@@ -74,6 +74,18 @@ def build_network(prdit_cfg, dtype) -> prdit_lib.PRDiT:
 
 class PRDiT(base.Method):
 
+  # The generated modality (the condition is empty), the network's sizes and stage, and the
+  # trigonometric diffusion; not the U-Net's fields. The residual DiT's depth, heads and MLP
+  # width exist in stage 2 only; its width also sets the shared time MLP's (prdit.time_width 0).
+  MODEL_FIELDS = base.RUN_FIELDS + ("data.target",) + (
+      "prdit.size", "prdit.patch", "prdit.stride", "prdit.width", "prdit.time_width",
+      "prdit.local_width", "prdit.local_blocks", "prdit.local_mlp_ratio", "prdit.stage",
+      "prdit.num_steps", "prdit.sigma", "prdit.layout", "prdit.depth", "prdit.heads",
+      "prdit.mlp_ratio")
+  SWITCHED_FIELDS = {**base.Method.SWITCHED_FIELDS,
+                     **{f"prdit.{k}": (lambda c: c.prdit.stage == 2)
+                        for k in ("depth", "heads", "mlp_ratio")}}
+
   def __post_init__(self):
     p = self.config.prdit
     if p.stage not in (1, 2):

@@ -25,6 +25,14 @@ from jaxvol.methods import baselines
 
 class Sparse(baselines.Full3D):
 
+  # Full3D's, and the level set the network is trained on (and sampled over): explicit
+  # `sparse.timesteps`, or f_steps and the level rule when none are given.
+  MODEL_FIELDS = baselines.Full3D.MODEL_FIELDS + (
+      "sparse.timesteps", "sparse.f_steps", "sparse.levels")
+  SWITCHED_FIELDS = {**baselines.Full3D.SWITCHED_FIELDS,
+                     "sparse.f_steps": lambda c: not c.sparse.timesteps,
+                     "sparse.levels": lambda c: not c.sparse.timesteps}
+
   def __post_init__(self):
     super().__post_init__()
     c = self.config.sparse

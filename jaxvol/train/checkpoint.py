@@ -2,9 +2,12 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. `meta` is JSON: the config and the
 intensity presets of the store, so evaluation can map predictions back to the original scale.
-Saves are asynchronous; `wait()` before exit. Restoring takes an abstract state that carries the
-shardings wanted now, so a checkpoint restores onto any mesh, and the data iterator restores on any
-number of hosts (`IteratorHandler`). Evaluation reads checkpoints through this module only.
+A checkpoint is restored (training resume, evaluation, parameter transfer) only under a config
+that agrees with its saved one on the fields its method declares to define its model
+(`check_same_model`, jaxvol.methods.model_fields). Saves are asynchronous; `wait()` before exit.
+Restoring takes an abstract state that carries the shardings wanted now, so a checkpoint restores
+onto any mesh, and the data iterator restores on any number of hosts (`IteratorHandler`).
+Evaluation reads checkpoints through this module only.
 """
 
 import dataclasses
@@ -16,21 +19,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxvol import methods
 
-# Fields that define what a checkpoint's parameters mean; everything else (sampling steps, eta,
-# learning rate, remat, dropout, ...) may change between training, resumption and evaluation.
-MODEL_DEFINING = ("method", "compute_dtype", "model.base_width", "model.channel_mults",
-                  "model.num_res_blocks", "model.attention_levels", "model.num_heads", "model.groups",
-                  "model.time_embed_dim", "model.stm", "model.stm_dim", "model.layout",
-                  "ppdm.factor",
-                  "ppdm.num_steps", "ppdm.max_var", "diffusion.num_steps", "diffusion.beta_start",
-                  "diffusion.beta_end", "diffusion.parameterization", "data.inputs", "data.target",
-                  "data.position_channels", "data.position_axes", "prdit.size", "prdit.patch",
-                  "prdit.stride",
-                  "prdit.depth", "prdit.width", "prdit.heads", "prdit.mlp_ratio",
-                  "prdit.local_width", "prdit.local_blocks", "prdit.local_mlp_ratio",
-                  "prdit.stage", "prdit.num_steps", "prdit.sigma", "prdit.time_width",
-                  "prdit.layout")
 
 # Fields added after checkpoints were written without them: (method, value an absent field had).
 # A PRDiT run saved before `prdit.layout` existed holds parameter layout 1.
@@ -40,15 +30,21 @@ HINTS = {"prdit.layout": "PRDiT parameter layout 1 predates the authors-parity r
                          "version: retrain, or use the jaxvol version that wrote it"}
 
 
-def check_same_model(meta: dict, config, directory: str, fields=MODEL_DEFINING) -> None:
+def check_same_model(meta: dict, config, directory: str, fields=None) -> None:
   """A clear error when a checkpoint was trained with another method, network or diffusion.
 
   Args:
     meta: the checkpoint's metadata (its "config" entry is compared).
     config: the config of this run.
     directory: named in the error.
-    fields: dotted config fields that must agree (those absent from the saved config are skipped).
+    fields: dotted config fields that must agree (those absent from the saved config are skipped);
+      None: the fields that define the model of `config.method` (jaxvol.methods.model_fields).
+
+  Raises:
+    ValueError: the configs differ in `fields` (each difference named), or an unknown method.
   """
+  if fields is None:
+    fields = methods.model_fields(config)
   saved = (meta or {}).get("config", {})
   now = json.loads(config.to_json_best_effort())
 

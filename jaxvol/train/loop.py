@@ -7,9 +7,21 @@ A fresh run first copies the parameters its method asks for from other runs (a f
 stage, a warm start: jaxvol.train.transfer), and the optimizer never updates frozen ones.
 Summaries: clu metrics for averaging, TensorBoard event files written with tensorboardX (no
 TensorFlow needed), progress lines with steps/s and ETA; only process 0 writes.
+
 On several hosts every process runs this same loop: each reads its block of the global batch
 (`distributed.batch_shard`), so a step trains on the same rows whatever the number of hosts; all
 take part in every checkpoint (Orbax writes each array once) and stop at the same step.
+
+Progress records: at every progress line (the first step, every `train.log_every` steps and the
+last step) process 0 appends one JSON object to WORKDIR/progress.jsonl, a line each, flushed:
+{"step", "time" (unix seconds), "seconds" (training wall seconds since step 0, summed over the
+resumed runs of this WORKDIR; setup and compilation excluded), "steps_per_s" (since the previous
+record), "loss", "grad_norm" (averaged since the previous record)}. `train` also returns this
+call's records as result["progress"], and `read_progress(workdir)` reads the file. A resumed run
+first drops the records past the step it resumes from (written by a run that died after its last
+checkpoint) and continues `seconds` from the last record it keeps. WORKDIR/train_step_cost.json
+holds the compiled step's per-device bytes, FLOPs and "compile_seconds" (the ahead-of-time
+compilation of this call).
 """
 
 import dataclasses
@@ -42,6 +54,8 @@ from jaxvol.train import step as step_lib
 from jaxvol.train import transfer
 
 log = logging.getLogger("jaxvol")
+
+PROGRESS_FILE = "progress.jsonl"
 
 
 def modality_keys(config) -> dict:
@@ -129,6 +143,49 @@ def warn_inference_presets(config, store_path: str) -> None:
                               config.data.inputs, config.data.target, store.path)
   except ValueError as e:
     log.warning("evaluation of this run will be refused: %s", e)
+
+
+def read_progress(workdir: str) -> list[dict]:
+  """The progress records of WORKDIR/progress.jsonl, oldest first; [] when there is none.
+
+  A last line cut short (a process killed while writing it) is left out.
+  """
+  path = os.path.join(workdir, PROGRESS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:  # no newline after it: the write was interrupted
+        break
+      raise ValueError(f"{path}, line {i + 1}: not a JSON progress record: {line[:80]!r}")
+  return records
+
+
+def _resume_progress(workdir: str, step: int, write: bool) -> float:
+  """Training seconds at `step` from the records so far; with `write`, drops later records.
+
+  Records past `step` come from a run that died after its last checkpoint: the steps they
+  describe are trained again, so they leave the file (rewritten atomically) and the clock
+  continues from the last record at or before `step`.
+  """
+  kept = [r for r in read_progress(workdir) if r["step"] <= step]
+  path = os.path.join(workdir, PROGRESS_FILE)
+  if write and os.path.exists(path):  # (also ends the file with a whole line before appending)
+    fileio.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+  return float(kept[-1]["seconds"]) if kept else 0.0
+
+
+def _append_progress(workdir: str, record: dict) -> None:
+  with open(os.path.join(workdir, PROGRESS_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
 
 
 class _StopFlag:
@@ -288,7 +345,8 @@ def train(config, workdir: str) -> dict:
 
   Returns:
     {"step", the last logged metrics..., "stopped": why it stopped early ("signal 15", "time limit
-    of 10.0 min", ...) or None, "signal": the signal number or None}.
+    of 10.0 min", ...) or None, "signal": the signal number or None, "progress": this call's
+    progress records (module docstring), oldest first}.
   """
   os.makedirs(workdir, exist_ok=True)
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
@@ -338,19 +396,23 @@ def train(config, workdir: str) -> dict:
     log.info("parameter groups: %s",
              transfer.describe(parts.transfer, parts.abstract_state["params"]))
 
+  t_compile = time.time()
   compiled, cost = compile_step(parts, config)
+  cost["compile_seconds"] = time.time() - t_compile
   if is_main:
-    log.info("train step compiled: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs per step, "
-             "mesh %s, state %s", cost.get("bytes", 0) / 2**20, cost.get("temp_bytes", 0) / 2**20,
-             cost["flops"] / 1e9, dict(mesh.shape), parts.state_sharding_mode)
+    log.info("train step compiled in %.1f s: %.1f MiB per device (temp %.1f MiB), %.2f GFLOPs "
+             "per step, mesh %s, state %s", cost["compile_seconds"], cost.get("bytes", 0) / 2**20,
+             cost.get("temp_bytes", 0) / 2**20, cost["flops"] / 1e9, dict(mesh.shape),
+             parts.state_sharding_mode)
     fileio.write_json_atomic(os.path.join(workdir, "train_step_cost.json"), cost)
 
   rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), mesh_lib.replicated(mesh))
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   total = int(config.train.steps)
   time_limit = float(config.train.time_limit_minutes) * 60.0
-  history, last = [], {}
+  history, last, progress = [], {}, []
   stopped = {"stopped": None, "signal": None}  # why training ended before config.train.steps
+  seconds_before = _resume_progress(workdir, start, write=is_main)  # earlier runs' training time
   t_start = t_log = time.time()
   steps_at_log = start
   step = start
@@ -392,6 +454,11 @@ def train(config, workdir: str) -> dict:
             log.info("step %d/%d  loss %.4f  grad_norm %.3f  %.2f steps/s  ETA %s", step, total,
                      last["loss"], last["grad_norm"], rate, _fmt_time(eta))
           writer.scalars(step, {f"train/{k}": v for k, v in last.items()} | {"train/steps_per_s": rate})
+          progress.append({"step": step, "time": now, "seconds": seconds_before + now - t_start,
+                           "steps_per_s": rate, "loss": last["loss"],
+                           "grad_norm": last["grad_norm"]})
+          if is_main:
+            _append_progress(workdir, progress[-1])
           t_log, steps_at_log, history = now, step, []
         if step % config.train.checkpoint_every == 0 or done:
           save(step, force=True)
@@ -406,7 +473,7 @@ def train(config, workdir: str) -> dict:
     ckpt.close()
     writer.close()
     del data_iter  # stops Grain worker processes before interpreter shutdown
-  return {"step": step, **last, **stopped}
+  return {"step": step, **last, **stopped, "progress": progress}
 
 
 def agree(flag: bool) -> bool:

@@ -1,0 +1,57 @@
+"""`jaxvol train` stopped by SIGTERM, as a scheduler stops it: a real process, its exit status,
+its output and the checkpoint it leaves."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
+
+STEP_LINE = re.compile(r"step (\d+)/100000 ")
+
+
+def test_sigterm_stops_within_steps_saves_and_exits_143(tiny_store, tmp_path):  # pylint: disable=redefined-outer-name
+  workdir = tmp_path / "w"
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                    f"jaxvol-test-cache-{os.getuid()}"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "jaxvol", "train", "--config=ppdm_pet_denoise:smoke",
+       f"--workdir={workdir}", f"--config.data.store={tiny_store / 'store'}",
+       "--config.train.steps=100000", "--config.train.log_every=1",
+       "--config.train.checkpoint_every=100000", "--config.mesh.data=1"],
+      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                            daemon=True)
+  reader.start()
+  try:
+    deadline = time.time() + 120
+    while not any("step 1/100000" in line for line in lines):
+      assert proc.poll() is None, "".join(lines)
+      assert time.time() < deadline, "no progress line within 120 s:\n" + "".join(lines)
+      time.sleep(0.05)
+    # The newest step the process has reported when the signal goes out.
+    seen = max(int(m.group(1)) for line in list(lines) if (m := STEP_LINE.search(line)))
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  reader.join(timeout=10)
+  out = "".join(lines)
+  assert status == 128 + signal.SIGTERM == 143, out
+  assert "Traceback" not in out, out
+  last = max(int(m.group(1)) for m in STEP_LINE.finditer(out))
+  stopped = re.search(r"stopped by signal 15 at step (\d+): checkpoint saved", out)
+  assert stopped, out
+  step = int(stopped.group(1))
+  # It finishes the step in flight (at most two are: jaxvol.train.loop), logs it, saves, exits.
+  assert step == last and seen <= step <= seen + 3, (seen, step, out)
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)], out
