@@ -18,8 +18,8 @@ Sliding windows (config.inference.window) are the other way to use several devic
 jaxvol.ops.windows spreads the windows, each whole on one device. The two do not combine;
 `jit_sample` asks for an empty window.
 
-`evaluation_sampler(config, method)` is what --mode=evaluate and --mode=sample use (main.py hands
-it to jaxvol.eval, which does not import train/): a `VolumeSampler` on a mesh of config.mesh's
+`evaluation_sampler(config, method)` is what --mode=evaluate, --mode=sample and `jaxvol predict`
+use when config.mesh asks for a split (jaxvol.eval.runner.volume_sampler chooses): a `VolumeSampler` on a mesh of config.mesh's
 "spatial" and "model" sizes with data = 1 (volumes are sampled one at a time), taking host
 (numpy) conditions of any shape and returning host predictions. It edge-pads the condition at the
 end of each axis up to the method's spatial multiple, as `method.sample` itself does, and the
