@@ -9,6 +9,12 @@ are other people. The token `heldout` restores the region split of the stores th
 builds (tools/prepare_data.py, the demo's phantom), whose test subjects are the training subject
 or share its anatomy (`HELDOUT_SPLITS`, `apply_split`); `whole` names the default explicitly and
 is kept so that older commands still run.
+
+Whole-volume training. The PPDM configs take the token `fullvolume` (`FULLVOLUME`,
+`apply_fullvolume`): every training example is a subject's WHOLE training region (the whole volume,
+or under `heldout` the whole training region of the split) edge-padded to the method's spatial
+multiple, instead of a random crop (config.data.crops = "whole"), and sampling runs in one pass.
+It says nothing about which subjects or regions are used (that is `heldout` / `whole`).
 """
 
 from typing import Iterable, Sequence
@@ -331,6 +337,27 @@ WHOLE = "whole"      # the default named explicitly (older commands); excludes `
 SPLIT_TOKENS = (HELDOUT, WHOLE)
 
 
+# The variant token of whole-volume training (the PPDM configs; `apply_fullvolume`). Not `whole`,
+# which names the split (whole volumes of the test split are scored).
+FULLVOLUME = "fullvolume"
+
+
+def apply_fullvolume(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Trains on whole regions instead of crops: the `fullvolume` token of the PPDM configs.
+
+  Sets config.data.crops = "whole" (jaxvol.data.pipeline.WholeRegion: each training example is a
+  subject's whole training region, edge-padded at its end, flips as configured) and samples in
+  one pass (config.inference.window = ()). The compiled train step has one shape, the padded
+  region: a config cannot know the store's shape, so training (and `jaxvol plan` with a store)
+  sets config.data.crop_size from the store's manifest (jaxvol.train.loop.resolve_whole_crop,
+  `jaxvol.data.pipeline.whole_crop_size`); a crop_size that does not cover every subject's region
+  stops before the first step with a message naming the region's shape.
+  """
+  c.data.crops = "whole"
+  c.inference.window = ()
+  return c
+
+
 def apply_split(c: ml_collections.ConfigDict, task: str,
                 heldout: bool) -> ml_collections.ConfigDict:
   """Whole volumes, train split -> test split (default), or the task's HELDOUT_SPLITS entry."""
@@ -406,9 +433,11 @@ def mri_t1_t2_config(method: str, variant: str | None) -> ml_collections.ConfigD
 
   Variant tokens, comma-separated: `smoke` (seconds on CPU) or `cpu` (about 10 minutes of
   training on 2 CPU cores: `cpu_task_overrides`), and `heldout` (the one-subject hemisphere split,
-  `mri_t1_t2_task`) or `whole` (the default: whole volumes, test split).
+  `mri_t1_t2_task`) or `whole` (the default: whole volumes, test split); for PPDM also
+  `fullvolume` (train on the whole training region instead of crops: `apply_fullvolume`).
   """
-  tokens = variant_tokens(variant, ("smoke", "cpu") + SPLIT_TOKENS, [("smoke", "cpu")])
+  extra = (FULLVOLUME,) if method == "ppdm" else ()
+  tokens = variant_tokens(variant, ("smoke", "cpu") + SPLIT_TOKENS + extra, [("smoke", "cpu")])
   c = set_method(mri_t1_t2_task(base_config(), HELDOUT in tokens), method)
   c.data.crop_size = (64, 64, 64)
   c.model.base_width = 32
@@ -418,6 +447,8 @@ def mri_t1_t2_config(method: str, variant: str | None) -> ml_collections.ConfigD
     smoke_overrides(c)
   elif "cpu" in tokens:
     cpu_task_overrides(c)
+  if FULLVOLUME in tokens:
+    apply_fullvolume(c)
   return c
 
 

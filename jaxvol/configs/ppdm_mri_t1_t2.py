@@ -20,6 +20,11 @@ task without one:
            minutes of training on 2 CPU cores (`base.cpu_task_overrides`).
   heldout  the one-subject hemisphere split above.
   whole    the default (whole volumes, `test` split), named.
+  fullvolume  train on WHOLE volumes (under `heldout`: the whole training hemisphere) edge-padded
+           to the spatial multiple instead of random crops, and sample in one pass
+           (`base.apply_fullvolume`). Training sets crop_size to the padded region from the
+           store (`jaxvol.train.loop.resolve_whole_crop`): for the repository's store under
+           `heldout`, (64, 160, 144) at r=2 or r=4. Not `whole`, which names the split.
 """
 
 from jaxvol import config as base

@@ -19,14 +19,19 @@ no input baseline is scored: the floor is the training-target mean that evaluati
 reports.
 Variants (comma-separated tokens): `smoke` (seconds on CPU); `cpu` (32^3 crops, a 16-wide U-Net,
 about 10 minutes of training on 2 CPU cores: `base.demo_overrides`); `heldout`; `whole` (the
-default, named). E.g. :cpu,heldout
+default, named); `fullvolume` (train on WHOLE volumes, under `heldout` the whole training region,
+edge-padded to the spatial multiple instead of random crops, and sample in one pass:
+`base.apply_fullvolume`; training sets crop_size to the padded region from the store,
+`jaxvol.train.loop.resolve_whole_crop`; not `whole`, which names the split).
+E.g. :cpu,heldout
 """
 
 from jaxvol import config as base
 
 
 def get_config(variant: str | None = None):
-  tokens = base.variant_tokens(variant, ("smoke", "cpu") + base.SPLIT_TOKENS, [("smoke", "cpu")])
+  tokens = base.variant_tokens(variant, ("smoke", "cpu", base.FULLVOLUME) + base.SPLIT_TOKENS,
+                               [("smoke", "cpu")])
   c = base.base_config()
   c.method = "ppdm"
   c.data.inputs = ("pet_nac_low",)
@@ -43,4 +48,6 @@ def get_config(variant: str | None = None):
     base.smoke_overrides(c)
   elif "cpu" in tokens:
     base.demo_overrides(c)
+  if base.FULLVOLUME in tokens:
+    base.apply_fullvolume(c)
   return c

@@ -19,15 +19,21 @@ test subjects, so the evaluated anatomy is never trained on (`base.HELDOUT_SPLIT
 Variants (comma-separated tokens): `smoke` (seconds on CPU); `cpu` (32^3 crops, a 16-wide U-Net,
 about 10 minutes of training on 2 CPU cores: `base.demo_overrides`); `demo` (the README quick
 start on the nilearn MNI152-based PET phantom: `cpu` with `heldout`); `heldout`; `whole` (the
-default, named; older commands used it, and `demo,whole` drops the demo's held-out split).
+default, named; older commands used it, and `demo,whole` drops the demo's held-out split);
+`fullvolume`: train on WHOLE volumes (under `heldout`: each subject's whole training region, RAS z
+in [0, 0.6)) edge-padded to the spatial multiple instead of random crops, and sample in one pass
+(`base.apply_fullvolume`; not `whole`, which names the split). Training sets crop_size to the
+padded region, the largest over the training subjects (smaller ones are edge-padded up to it),
+from the store (`jaxvol.train.loop.resolve_whole_crop`). E.g. :heldout,fullvolume
 """
 
 from jaxvol import config as base
 
 
 def get_config(variant: str | None = None):
-  tokens = base.variant_tokens(variant, ("smoke", "cpu", "demo") + base.SPLIT_TOKENS,
-                               [("smoke", "cpu", "demo")])
+  tokens = base.variant_tokens(
+      variant, ("smoke", "cpu", "demo", base.FULLVOLUME) + base.SPLIT_TOKENS,
+      [("smoke", "cpu", "demo")])
   c = base.base_config()
   c.method = "ppdm"
   c.data.inputs = ("pet_low",)
@@ -48,4 +54,6 @@ def get_config(variant: str | None = None):
     base.smoke_overrides(c)
   elif "cpu" in tokens or "demo" in tokens:
     base.demo_overrides(c)
+  if base.FULLVOLUME in tokens:
+    base.apply_fullvolume(c)
   return c

@@ -18,6 +18,14 @@ the shuffle permutes the patches, and the map reads the patch (no randomness, no
   source (subject, corner) of every grid patch of the split
     .shuffle(seed).repeat(None).map(read)   then batched and sliced as above
 
+With `crops="whole"` every element is the WHOLE training region of one subject (the whole
+volume without a region), read from its start and edge-padded at its end up to `crop_size` (the
+region padded to the method's spatial multiple: `whole_crop_size`), as the samplers pad a volume
+they predict in one pass; flips as with random crops:
+
+  source (subjects of one split)
+    .shuffle(seed).repeat(None).random_map(whole region + flips)   then batched as above
+
 Crops are drawn and grouped into per-host blocks BEFORE the per-host slice (our choice; Grain's
 usual recipe slices elements first): Grain derives each element's random generator from (seed,
 element index), and host p's k-th batch is block k * process_count + p, i.e. rows
@@ -74,7 +82,7 @@ def region_box(shape: Sequence[int],
   return tuple(box)
 
 
-CROP_MODES = ("random", "grid")
+CROP_MODES = ("random", "grid", "whole")
 
 
 def grid_starts(lo: int, hi: int, size: int, stride: int) -> list[int]:
@@ -346,6 +354,91 @@ class GridCrop:
     return out
 
 
+def region_shapes(store: Store, split: str,
+                  region: Mapping[int, Sequence[float]] | None = None) -> dict[str, tuple]:
+  """{subject id: the (D, H, W) of its region} for the subjects of one split (`region_box`)."""
+  ids = [s["id"] for s in store.subjects(split)]
+  if not ids:
+    raise ValueError(f"{store.path}: split {split!r} has no subjects")
+  return {sid: tuple(hi - lo for lo, hi in region_box(store.shape(sid), region)) for sid in ids}
+
+
+def whole_crop_size(store: Store | str, split: str,
+                    region: Mapping[int, Sequence[float]] | None,
+                    multiple: Sequence[int] = (1, 1, 1)) -> tuple[int, int, int]:
+  """The `crop_size` of `crops="whole"`: the split's training region padded to `multiple`.
+
+  Args:
+    store: a converted store (path or Store).
+    split: the training split.
+    region: the training region ({axis: (lo_frac, hi_frac)}, see `region_box`; None: whole
+      volumes).
+    multiple: the method's spatial multiple per axis (`method.spatial_multiple()`, e.g. 16 for
+      PPDM r=4 with a 3-level U-Net).
+
+  Returns:
+    Per axis, the largest region extent over the split's subjects rounded up to `multiple`. Where
+    the subjects' regions differ in shape, the smaller ones are edge-padded up to it
+    (`WholeRegion`).
+  """
+  store = store if isinstance(store, Store) else Store(store)
+  shapes = list(region_shapes(store, split, region).values())
+  mult = tuple(int(m) for m in multiple)
+  if len(mult) != 3 or min(mult) < 1:
+    raise ValueError(f"multiple must be 3 positive ints, got {tuple(multiple)}")
+  return tuple(-(-max(s[a] for s in shapes) // m) * m for a, m in enumerate(mult))
+
+
+class WholeRegion:
+  """A subject's whole region (or volume), edge-padded at its end to `crop_size`, random flips;
+  a picklable Grain random map (the `crops="whole"` mode).
+
+  Voxels past the region's end repeat its last voxel along each axis (numpy's "edge" mode), as
+  the samplers pad a volume to their spatial multiple (jaxvol.ops.puzzle.pad_to_multiple), so a
+  whole-region batch holds what a one-pass prediction of that region sees. Flips (the same for
+  every modality) act on the padded array.
+  """
+
+  def __init__(self, store: Store, modalities: Mapping[str, str], crop_size: Sequence[int],
+               flips: bool = True, region: Mapping[int, Sequence[float]] | None = None,
+               with_meta: bool = False, positions: bool | Sequence[int] = False):
+    self.store = store
+    self.modalities = dict(modalities)
+    self.crop_size = tuple(int(c) for c in crop_size)
+    self.flips = bool(flips)
+    self.region = None if region is None else {int(k): tuple(v) for k, v in region.items()}
+    self.with_meta = with_meta
+    self.positions = _axes_of(positions)
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    sid = record["subject"]
+    box = region_box(self.store.shape(sid), self.region)
+    pads = [(0, c - (hi - lo)) for (lo, hi), c in zip(box, self.crop_size)]
+    if any(p < 0 for _, p in pads):
+      raise ValueError(f"{sid}: region {tuple(hi - lo for lo, hi in box)} exceeds crop_size "
+                       f"{self.crop_size} (crops='whole', see whole_crop_size)")
+    flip_axes = [a for a, f in enumerate(rng.random(3) < 0.5) if f] if self.flips else []
+    out = {}
+    for key, modality in self.modalities.items():
+      x = np.asarray(self.store.read(sid, modality, box), np.float32)
+      if any(p for _, p in pads):
+        x = np.pad(x, pads, mode="edge")
+      if flip_axes:
+        x = np.flip(x, axis=flip_axes)
+      out[key] = np.ascontiguousarray(x)[..., None]
+    if self.positions:
+      crop_box = [(lo, lo + c) for (lo, _), c in zip(box, self.crop_size)]
+      pos = position_grid(self.store.shape(sid), crop_box, self.positions)
+      if flip_axes:
+        pos = np.flip(pos, axis=flip_axes)
+      out["position"] = np.ascontiguousarray(pos)
+    if self.with_meta:
+      out["subject_index"] = np.int32(record["index"])
+      out["box_start"] = np.array([lo for lo, _ in box], dtype=np.int32)
+      out["flips"] = np.array([a in flip_axes for a in range(3)], dtype=bool)
+    return out
+
+
 def _ensure_absl_flags_parsed() -> None:
   # Grain's worker processes read absl flags; unparsed flags raise UnparsedFlagAccessError there.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -359,7 +452,7 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
                         process_index: int | None = None, process_count: int | None = None,
                         with_meta: bool = False, positions: bool | Sequence[int] = False,
                         crops: str = "random") -> grain.DatasetIterator:
-  """Endless iterator of this host's share of random (or grid) paired crops.
+  """Endless iterator of this host's share of random (grid, whole-region) paired crops.
 
   Args:
     store_path: a converted store (path or Store).
@@ -378,8 +471,10 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
     positions: also yield "position" (B, D, H, W, 3), the crop's normalised voxel positions in
       the whole volume (see `position_grid`): True for every axis, or the encoded axes
       (`position_axes(config.data)`; the other channels are 0).
-    crops: "random" (a random corner per sample, `CropAndFlip`) or "grid" (every patch of a
-      50%-overlap grid, shuffled, never flipped: `GridSource`, `GridCrop`; `flips` is ignored).
+    crops: "random" (a random corner per sample, `CropAndFlip`), "grid" (every patch of a
+      50%-overlap grid, shuffled, never flipped: `GridSource`, `GridCrop`; `flips` is ignored) or
+      "whole" (each subject's whole region, edge-padded at its end to `crop_size`, which must
+      cover every subject's region: `WholeRegion`, `whole_crop_size`).
 
   Returns:
     A grain.DatasetIterator of dicts {key: float32 (B, D, H, W, 1)}; it supports get_state() and
@@ -419,6 +514,22 @@ def make_train_iterator(store_path: str | Store, split: str, modalities: Mapping
           .repeat(None)
           .map(GridCrop(store, modalities, crop_size, region=region, with_meta=with_meta,
                         positions=positions)))
+  elif crops == "whole":
+    shapes = region_shapes(store, split, region)  # checks every subject's region
+    large = {sid: s for sid, s in shapes.items() if any(n > c for n, c in zip(s, crop_size))}
+    if large:
+      need = tuple(max(s[a] for s in shapes.values()) for a in range(3))
+      sid, shape = next(iter(large.items()))
+      raise ValueError(
+          f"crops='whole' trains on each subject's whole training region, but {len(large)} of "
+          f"split {split!r} exceed crop_size {crop_size} (e.g. {sid}: {shape}): set crop_size "
+          f"to at least {need}, each side rounded up to the method's spatial multiple "
+          "(jaxvol.data.pipeline.whole_crop_size; e.g. 16 for PPDM r=4 with a 3-level U-Net)")
+    ds = (grain.MapDataset.source(CropSource(store, split))
+          .shuffle(seed=seed)
+          .repeat(None)
+          .random_map(WholeRegion(store, modalities, crop_size, flips=flips, region=region,
+                                  with_meta=with_meta, positions=positions), seed=seed))
   else:
     source = CropSource(store, split)
     # Fail now, not in a worker, when a region is malformed or empty for some subject.

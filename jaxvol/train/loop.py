@@ -260,6 +260,23 @@ class TrainSetup:
   compute_params_sharding: Any
 
 
+def resolve_whole_crop(config) -> None:
+  """With `config.data.crops == "whole"` (the PPDM configs' `fullvolume` token), sets
+  config.data.crop_size to the training split's whole training region padded to the method's
+  spatial multiple (jaxvol.data.pipeline.whole_crop_size), read from the store's manifest; a no-op
+  for crops of a configured size or when there is no store to read (`jaxvol plan` without data)."""
+  if config.data.get("crops", "random") != "whole":
+    return
+  if not config.data.store or not os.path.isfile(os.path.join(config.data.store, "manifest.json")):
+    return
+  mult = methods.build(config, jax.devices()[0].platform).spatial_multiple()
+  size = pipeline.whole_crop_size(config.data.store, config.data.train_split,
+                                  config.data.train_region, mult)
+  if tuple(config.data.crop_size) != tuple(size):
+    log.info("whole-region training: crop_size %s (the training region padded to %s)", size, mult)
+  config.data.crop_size = size
+
+
 def build_everything(config, workdir: str, check: bool = True) -> TrainSetup:
   """Mesh, method, optimizer, abstract state and shardings: everything but data and values.
 
@@ -349,6 +366,7 @@ def train(config, workdir: str) -> dict:
     progress records (module docstring), oldest first}.
   """
   os.makedirs(workdir, exist_ok=True)
+  resolve_whole_crop(config)
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
                                    pipeline.position_axes(config.data))
   parts = build_everything(config, workdir)

@@ -255,6 +255,7 @@ def plan(config, workdir: str, mesh_axes: dict | None = None,
         f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} (fake CPU devices; it must be "
         f"set before JAX initialises)")
   warnings = []
+  loop.resolve_whole_crop(c)
   parts = loop.build_everything(c, workdir, check=False)
   mesh = parts.mesh
   warnings += [f"parameter {note}: replicated over it instead" for note in parts.param_notes]
