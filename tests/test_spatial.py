@@ -119,7 +119,7 @@ def test_group_norm_statistics_are_exact_across_depth_shards():
 @pytest.mark.parametrize("method,layout", [("full3d", (1, 4, 1)), ("sparse", (2, 2, 1))])
 def test_spatial_train_step_equals_one_device(method, layout):
   run = train_two_steps(method, layout)
-  assert run["parts"]["mesh"].shape["spatial"] == layout[1]
+  assert run["parts"].mesh.shape["spatial"] == layout[1]
   assert_same_training(run, train_two_steps(method))
 
 
