@@ -102,3 +102,25 @@ def test_reading_states_both_comparisons():
   lines = curves.reading(recs, "t")
   assert "beats regression from step 10 (1/2 steps)" in lines[0]
   assert "beats the input from step 100" in lines[0]
+
+
+def test_missing_input_floor_is_filled_from_one_evaluation(run, monkeypatch):
+  root, argv, records = run
+  args = curves.parse_args(argv)
+  old = [dict(r, input_psnr=None, input_ssim=None, input_hfen=None) for r in records]
+  calls = []
+
+  def fake(config, workdir, step, samples):
+    calls.append((workdir, step, samples))
+    return {"metrics": {k: {"model": 0.0, "input": v} for k, v in
+                        (("psnr", 21.0), ("ssim", 0.5), ("hfen", 0.7))}}
+
+  monkeypatch.setattr(curves, "evaluate_at", fake)
+  saved = []
+  out = curves.fill_input_floor("pet_denoise", "ppdm4", str(root / "store"), root / "out", args,
+                                old, saved.append)
+  assert calls == [(str(root / "out" / "runs" / "pet_denoise" / "ppdm4"), 4, 1)]  # last step
+  assert all((r["input_psnr"], r["input_ssim"], r["input_hfen"]) == (21.0, 0.5, 0.7) for r in out)
+  assert saved and curves.fill_input_floor("pet_denoise", "ppdm4", "", root / "out", args, out,
+                                           saved.append) is out  # nothing lacking: no call
+  assert len(calls) == 1

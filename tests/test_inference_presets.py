@@ -214,3 +214,18 @@ def test_sampler_clamp_covers_the_preset_range(trained, caplog):
   with caplog.at_level("WARNING", logger="jaxvol"):
     loop.check_target_range(c, c.data.store)
   assert "clamps x0" not in caplog.text
+
+
+def test_ct_windows_share_hounsfield_units_whatever_the_ref():
+  """The shared-data CT store's target refers to the input and repeats the HU window: both are in
+  HU, so the low-dose input is scored as a floor; a PET target with its own window is not."""
+  ct = {"name": "ct", "lo": -1000.0, "hi": 1000.0}
+  rules = {"ct_low": {"rule": "fixed", "preset": ct, "spec": {"kind": "ct", "lo": -1000.0,
+                                                              "hi": 1000.0}},
+           "ct": {"rule": "ref", "ref": "ct_low",
+                  "spec": {"kind": "ct", "lo": -1000.0, "hi": 1000.0, "ref": "ct_low"}}}
+  assert inference_lib.shares_scale(rules, "ct_low", "ct")
+  pet = {"rule": "fixed", "preset": {"name": "pet", "lo": 0.0, "hi": 5.0}, "spec": {"kind": "pet"}}
+  rules = {"low": pet, "full": {"rule": "ref", "ref": "low",
+                                "spec": {"kind": "pet", "cap": 7.0, "ref": "low"}}}
+  assert not inference_lib.shares_scale(rules, "low", "full")

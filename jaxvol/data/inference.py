@@ -159,11 +159,14 @@ def resolve_raw(rules: Mapping[str, dict], modality: str, raw: Mapping[str, np.n
 
 def shares_scale(rules: Mapping[str, dict], inp: str, target: str) -> bool:
   """True when the input's original units are the target's: the target takes the input's scale
-  (ref=input, no own scale keywords), or both are the same fixed map (identical presets, or CT
-  windows: Hounsfield units are absolute)."""
+  (ref=input, no own scale keywords), or both are the same fixed map (identical presets), or both
+  are CT windows (Hounsfield units are absolute, whatever the window or ref)."""
   t, i = rules[target], rules[inp]
   if t["rule"] == "ref" and t["ref"] == inp:
-    return not set(_SCALE_KEYS) & set(t["spec"])
+    if not set(_SCALE_KEYS) & set(t["spec"]):
+      return True
+    # Its own scale keywords: the same units only where both are CT windows (absolute HU).
+    return t["spec"].get("kind") == "ct" and i["rule"] == "fixed" and i["preset"]["name"] == "ct"
   if t["rule"] == "fixed" and i["rule"] == "fixed":
     pt, pi = t["preset"], i["preset"]
     return pt["name"] == pi["name"] and (pt["name"] == "ct" or (
