@@ -1,29 +1,18 @@
 """experiments/curves.py at smoke size: segments of the library's loop, evaluations at the scheduled
 steps through the one inference path, mean-of-N records, plots, resumption."""
 
-import importlib.util
 import json
-import pathlib
 
-import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from jaxvol.data import store as store_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location("curves_under_test",
-                                                ROOT / "experiments" / "curves.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from conftest import ROOT
+from conftest import load_module
+from conftest import write_pet_store
 
 
-curves = _load()
+
+curves = load_module(ROOT / "experiments" / "curves.py", "curves_under_test")
 SHAPE = (32, 24, 32)
 
 
@@ -31,21 +20,11 @@ SHAPE = (32, 24, 32)
 def run(tmp_path_factory):
   """A PET-like store (2 training, 1 test subject) and one smoke run of two methods."""
   root = tmp_path_factory.mktemp("curves")
-  rng = np.random.default_rng(0)
-  rows = []
-  for i, split in enumerate(["train", "train", "test"]):
-    clean = ndimage.gaussian_filter(rng.gamma(2.0, 1.0, SHAPE), 2.0).astype(np.float32) * 10
-    noisy = np.maximum(clean + rng.normal(0, 1.0, SHAPE), 0).astype(np.float32)
-    for name, vol in (("low", noisy), ("full", clean)):
-      nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), root / f"s{i}_{name}.nii.gz")
-    rows.append(f"s{i},{split},s{i}_low.nii.gz,s{i}_full.nii.gz")
-  (root / "list.csv").write_text("subject,split,pet_low,pet_full\n" + "\n".join(rows) + "\n")
-  store_lib.convert(root / "list.csv", root / "store",
-                    {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}})
+  store = write_pet_store(root, SHAPE, ["train", "train", "test"])
   argv = ["--out", str(root / "out"), "--tasks", "pet_denoise", "--methods",
           "ppdm4", "--steps", "4", "--checkpoints", "2", "--width", "8",
           "--samples", "2", "--mean-every", "1", "--max-box", "16", "--sample-steps", "2",
-          "--ppdm-sample-steps", "2", "--no-compilation-cache", "--store", f"pet_denoise={root / 'store'}"]
+          "--ppdm-sample-steps", "2", "--no-compilation-cache", "--store", f"pet_denoise={store}"]
   records = curves.main(argv)
   return root, argv, records
 

@@ -13,8 +13,8 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
+from conftest import write_pet_store
 from jaxvol import config as base
 from jaxvol import fileio
 from jaxvol.data import store as store_lib
@@ -32,18 +32,7 @@ WANT_BOX = [[9, 21], [7, 19], [6, 24]]
 def store(tmp_path_factory):
   """Two training and two test 'subjects' of 30x27x24 (smooth activity, noisy condition)."""
   root = tmp_path_factory.mktemp("box")
-  rng = np.random.default_rng(0)
-  rows = []
-  for i, split in enumerate(["train", "train", "test", "test"]):
-    clean = ndimage.gaussian_filter(rng.gamma(2.0, 1.0, SHAPE), 2.0).astype(np.float32) * 10
-    noisy = np.maximum(clean + rng.normal(0, 1.0, SHAPE), 0).astype(np.float32)
-    for name, vol in (("low", noisy), ("full", clean)):
-      nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), root / f"s{i}_{name}.nii.gz")
-    rows.append(f"s{i},{split},s{i}_low.nii.gz,s{i}_full.nii.gz")
-  (root / "list.csv").write_text("subject,split,pet_low,pet_full\n" + "\n".join(rows) + "\n")
-  store_lib.convert(root / "list.csv", root / "store",
-                    {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}})
-  return store_lib.Store(str(root / "store"))
+  return store_lib.Store(write_pet_store(root, SHAPE, ["train", "train", "test", "test"]))
 
 
 class HalfSampler:

@@ -3,14 +3,12 @@ a rerun that skips what is done."""
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from conftest import ROOT
 from conftest import load_module
-from jaxvol.data import store as store_lib
+from conftest import write_pet_store
 
 SHAPE = (16, 16, 30)  # heldout PET split: train z [0, 18), evaluate z [18, 30) (12 slices)
 # PPDM r=2 is left out here (time); its branch that does not fit the budget is tested alone.
@@ -28,18 +26,7 @@ def mb():
 def store(tmp_path_factory):
   """Two training and one test PET 'subject' (smooth activity, noisy low-count input)."""
   root = tmp_path_factory.mktemp("budget")
-  rng = np.random.default_rng(0)
-  rows = []
-  for i, split in enumerate(["train", "train", "test"]):
-    clean = ndimage.gaussian_filter(rng.gamma(2.0, 1.0, SHAPE), 2.0).astype(np.float32) * 10
-    noisy = np.maximum(clean + rng.normal(0, 1.0, SHAPE), 0).astype(np.float32)
-    for name, vol in (("low", noisy), ("full", clean)):
-      nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), root / f"s{i}_{name}.nii.gz")
-    rows.append(f"s{i},{split},s{i}_low.nii.gz,s{i}_full.nii.gz")
-  (root / "list.csv").write_text("subject,split,pet_low,pet_full\n" + "\n".join(rows) + "\n")
-  store_lib.convert(root / "list.csv", root / "store",
-                    {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}})
-  return str(root / "store")
+  return write_pet_store(root, SHAPE, ["train", "train", "test"])
 
 
 @pytest.fixture(scope="module")
