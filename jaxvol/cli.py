@@ -24,7 +24,8 @@ from jaxvol import configs
 # Subcommand -> one line for `jaxvol --help`. The first four run jaxvol.main with --mode=<name>.
 ABSL_COMMANDS = {
     "train": "train a model from a config (--config, --workdir; resumes from the workdir)",
-    "evaluate": "score the latest checkpoint on config.eval.split: metrics, NIfTI, previews",
+    "evaluate": "score a checkpoint (best on validation, else latest; --checkpoint=) on "
+                "config.eval.split beside the floors and tuned classical references",
     "sample": "predictions only, or volumes generated from noise (unconditional configs)",
     "plan": "compile the train step and sampler for a mesh; print memory and FLOPs per device",
 }

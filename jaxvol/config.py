@@ -202,7 +202,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = t = ml_collections.ConfigDict()
   t.steps = 10000
   t.learning_rate = 1e-4
-  t.warmup_steps = 100         # linear warm-up from 0; 0 = the constant rate from the first step
+  t.warmup_steps = 100         # linear warm-up from 0; 0 = the full rate from the first step
+  t.lr_schedule = "constant"   # after warm-up: constant | cosine (decay to lr_final x the rate
+  #                              at train.steps)
+  t.lr_final = 0.0
   t.weight_decay = 1e-4
   t.grad_clip = 1.0            # global-norm clipping; 0 = none
   t.ema_decay = 0.999
@@ -210,9 +213,34 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3
   t.time_limit_minutes = 0.0   # > 0: stop (with a checkpoint) after this much training time
+  # Validation during training (jaxvol.train.loop.Validation): every validate_every steps (0 =
+  # never) the model is scored on config.eval.val_split / val_region through the one inference
+  # path; the best step by validate_metric is kept in WORKDIR/best_checkpoint (what evaluate,
+  # sample and predict use by default), the scores in WORKDIR/validation.jsonl; patience P > 0
+  # stops training after P validations in a row without improvement.
+  t.validate_every = 0
+  t.validate_metric = "psnr"
+  t.patience = 0
 
   c.eval = e = ml_collections.ConfigDict()
-  e.checkpoint_step = -1       # -1: latest
+  # Which checkpoint evaluate, sample and predict read (jaxvol.train.checkpoint.open_selected):
+  # auto (the best validation checkpoint when training validated, else the latest) | best |
+  # latest | a step number; `--checkpoint=` on the command line. checkpoint_step >= 0 (older
+  # commands) names a step and wins.
+  e.checkpoint = "auto"
+  e.checkpoint_step = -1
+  # The validation set of training (config.train.validate_every): a split, and a region of it
+  # (None: config.data.eval_region), disjoint from the training crops and from the test voxels.
+  e.val_split = "val"
+  e.val_region = region_field()
+  # Classical references scored beside the model (jaxvol.eval.references), tuned on the training
+  # split's training region: "auto" (Gaussian + BM4D or non-local means where the input shares
+  # the target's units; an intensity look-up table, alone and + Gaussian, where it does not), a
+  # comma-separated list of names, or "" for none. Tuning reads each training subject's region cut
+  # to a centred box of at most reference_tune_box voxels, from at most reference_tune_subjects.
+  e.references = "auto"
+  e.reference_tune_box = (48, 48, 48)
+  e.reference_tune_subjects = 4
   e.use_ema = True
   e.split = "test"
   e.mask = "body"              # body | none: where metrics are computed
@@ -268,6 +296,9 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config so one train/evaluate cycle runs in seconds on a CPU (evaluation scores at
   most a centred 32^3 box of each volume: config.eval.max_box)."""
   c.eval.max_box = (32, 32, 32)
+  c.eval.references = "gaussian"  # one cheap reference: the others cost seconds per volume
+  c.eval.reference_tune_box = (24, 24, 24)
+  c.eval.reference_tune_subjects = 2
   c.model.base_width = 8
   c.model.channel_mults = (1, 2)
   c.model.num_res_blocks = 1

@@ -31,6 +31,9 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan"], "Wha
 flags.DEFINE_bool("distributed", False, "Start JAX's multi-host runtime first, from "
                   "config.distributed or the cluster's environment (SLURM, Open MPI, Cloud TPU, "
                   "JAX_COORDINATOR_ADDRESS): jaxvol.train.distributed, docs/launch.md.")
+flags.DEFINE_string("checkpoint", None, "evaluate / sample: which checkpoint: auto (the best "
+                    "validation checkpoint when training validated, else the latest), best, "
+                    "latest or a step number (default: config.eval.checkpoint).")
 flags.DEFINE_string("plan_mesh", "", "--mode=plan: mesh sizes, e.g. data:1,spatial:4,model:1 "
                     "(default: config.mesh).")
 flags.DEFINE_float("plan_device_memory_gb", None, "--mode=plan: per-device memory in GB to check "
@@ -71,6 +74,11 @@ def main(argv):
   except (VolumeError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(1)
+  except ValueError as e:
+    if "checkpoint selection" not in str(e) and "validation set" not in str(e):
+      raise
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _main(argv):
@@ -81,6 +89,11 @@ def _main(argv):
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = split_list_fields(FLAGS.config)
+  if FLAGS.checkpoint is not None:
+    from jaxvol.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    with config.unlocked():
+      config.eval.checkpoint = str(ckpt_lib.parse_selection(FLAGS.checkpoint))
+      config.eval.checkpoint_step = -1
   if FLAGS.mode == "plan":
     _plan(config)  # one process, abstract shapes: no data, no other hosts
     return
@@ -95,7 +108,10 @@ def _main(argv):
   # Evaluation and sampling split one volume over config.mesh.spatial x model devices when > 1
   # (jaxvol.eval.runner.volume_sampler).
   if FLAGS.mode == "train":
-    result = loop.train(config, FLAGS.workdir)
+    validate = None
+    if int(config.train.get("validate_every", 0)) > 0 and config.data.inputs:
+      validate = evaluate_lib.validator(config, FLAGS.workdir)
+    result = loop.train(config, FLAGS.workdir, validate=validate)
     if result.get("signal") is not None:
       # A scheduler must tell "preempted, resume me" from "done": 128 + the signal, as a shell
       # reports a process killed by it.
@@ -114,8 +130,9 @@ def _main(argv):
       logging.info("%-12s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif FLAGS.mode == "evaluate":
     summary = evaluate_lib.evaluate(config, FLAGS.workdir)
+    logging.info("evaluated the %s", summary.get("checkpoint"))
     for name, entry in summary["metrics"].items():
-      logging.info("%-5s model %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
+      logging.info("%-5s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))
   elif not config.data.inputs:
     from jaxvol.eval import generate as generate_lib  # pylint: disable=g-import-not-at-top
     result = generate_lib.generate(config, FLAGS.workdir)

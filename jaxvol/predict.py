@@ -1,7 +1,7 @@
 """Apply a trained model to your own NIfTI files: no store, no target, the scan's own grid out.
 
   python -m jaxvol.predict --workdir RUN --input SCAN.nii.gz [SCAN2.nii.gz | FOLDER | LIST.csv]
-      --output DIR [--samples N] [--seed S] [--step N] [--no-resample] [--spacing-tolerance 0.05]
+      --output DIR [--samples N] [--seed S] [--checkpoint auto|best|latest|STEP] [--no-resample] [--spacing-tolerance 0.05]
       [--overwrite] [--config NAME_OR_PATH[:variant]]
 
 For every input volume (or every subject of a datalist, one column per input modality of the
@@ -147,24 +147,24 @@ def _load_config(workdir: str, step: int | None, config_arg: str | None):
   """(config, meta, step) from the checkpoint (its saved config unless --config is given)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from jaxvol.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  ckpt = ckpt_lib.Checkpointer(workdir, with_data=False, async_save=False)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise VolumeError(f"{ckpt.directory}: no checkpoint found; train first")
-    if step not in ckpt.all_steps():
-      raise VolumeError(f"{ckpt.directory}: no checkpoint at step {step} "
-                        f"(have {sorted(ckpt.all_steps())})")
+    ckpt, step, why = ckpt_lib.open_selected(workdir, "auto" if step is None else step)
+  except FileNotFoundError as e:
+    raise VolumeError(str(e)) from None
+  try:
     meta = ckpt.restore_meta(step) or {}
   finally:
     ckpt.close()
+  print(f"using the {why} of {workdir}", file=sys.stderr, flush=True)
   if config_arg:
     config = load_config(config_arg)
   else:
     if "config" not in meta:
       raise VolumeError(f"{workdir}: the checkpoint holds no config; pass --config")
     config = ml_collections.ConfigDict(meta["config"])
-  config.eval.checkpoint_step = int(step)
+  config.eval.checkpoint_step = -1
+  config.eval.checkpoint = str(int(step))
+  meta = dict(meta, checkpoint_choice=why)
   return config, meta, int(step)
 
 
@@ -217,6 +217,7 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
   if config.data.get("position_channels", False):
     pipeline.check_position_coverage(config.data.train_region, None, axes)
   record = {"workdir": os.path.abspath(workdir), "checkpoint_step": step,
+            "checkpoint": meta.get("checkpoint_choice"),
             "config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True,
                                                        default=str).encode()).hexdigest(),
             "train_spacing": train_spacing, "spacing_tolerance": tolerance, "samples": samples,
@@ -267,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--samples", type=int, default=1,
                   help="samples per volume: their mean, and with N > 1 a _std.nii.gz map")
   ap.add_argument("--seed", type=int, default=None, help="default: the config's eval.seed")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--checkpoint", default=None,
+                  help="auto (default: the best validation checkpoint when training validated, "
+                       "else the latest) | best | latest | a step number")
+  ap.add_argument("--step", type=int, default=None, help="a checkpoint step (same as "
+                  "--checkpoint=STEP)")
   ap.add_argument("--spacing-tolerance", type=float, default=0.05,
                   help="resample when a voxel size differs from training's by more than this "
                        "fraction")
@@ -283,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
   try:
     predict(args.workdir, args.input, args.output, samples=args.samples, seed=args.seed,
-            step=args.step, tolerance=-1.0 if args.no_resample else args.spacing_tolerance,
+            step=args.step if args.step is not None else args.checkpoint,
+            tolerance=-1.0 if args.no_resample else args.spacing_tolerance,
             overwrite=args.overwrite, config_arg=args.config)
   except (VolumeError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

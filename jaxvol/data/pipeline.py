@@ -82,6 +82,19 @@ def region_box(shape: Sequence[int],
   return tuple(box)
 
 
+def regions_overlap(a: Mapping[int | str, Sequence[float]] | None,
+                    b: Mapping[int | str, Sequence[float]] | None) -> bool:
+  """Whether two regions (as `region_box` takes them; None = whole) share any part of a volume:
+  they are disjoint only if, on some axis, their fraction intervals do not overlap."""
+  a = {int(k): tuple(float(f) for f in v) for k, v in (a or {}).items()}
+  b = {int(k): tuple(float(f) for f in v) for k, v in (b or {}).items()}
+  for axis in (0, 1, 2):
+    (alo, ahi), (blo, bhi) = a.get(axis, (0.0, 1.0)), b.get(axis, (0.0, 1.0))
+    if ahi <= blo or bhi <= alo:
+      return False
+  return True
+
+
 CROP_MODES = ("random", "grid", "whole")
 
 

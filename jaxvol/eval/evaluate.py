@@ -66,6 +66,7 @@ from jaxvol.data import inference as inference_lib
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
+from jaxvol.eval import references as references_lib
 from jaxvol.eval import runner
 from jaxvol.train import checkpoint as ckpt_lib
 
@@ -73,23 +74,32 @@ log = logging.getLogger("jaxvol")
 METRICS = metrics_lib.METRICS
 
 
+def checkpoint_selection(config):
+  """The checkpoint config.eval names: checkpoint_step when >= 0 (older commands), else
+  config.eval.checkpoint (auto | best | latest | a step)."""
+  step = config.eval.get("checkpoint_step", -1)
+  if step is not None and int(step) >= 0:
+    return int(step)
+  return ckpt_lib.parse_selection(config.eval.get("checkpoint", "auto"))
+
+
 def load_params(config, workdir: str, with_meta: bool = False):
-  """Restores (params, step) (and the checkpoint's metadata with `with_meta`) from WORKDIR's
-  checkpoints: EMA weights unless config.eval.use_ema is off."""
-  ckpt = ckpt_lib.Checkpointer(workdir, with_data=False, async_save=False)
+  """Restores (params, step) (and the checkpoint's metadata with `with_meta`) of the checkpoint
+  `checkpoint_selection` names (the best validation step by default, else the latest; logged):
+  EMA weights unless config.eval.use_ema is off. The metadata gets "checkpoint_choice", the line
+  that says which checkpoint it is."""
+  ckpt, step, why = ckpt_lib.open_selected(workdir, checkpoint_selection(config))
   try:
-    step = config.eval.checkpoint_step
-    step = ckpt.latest_step() if step is None or step < 0 else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint found under {ckpt.directory}: train first")
     meta = ckpt.restore_meta(step)
     ckpt_lib.check_same_model(meta, config, ckpt.directory)
     state, _ = ckpt.restore(None, step)  # onto this process's first device, whatever mesh saved it
   finally:
     ckpt.close()
+  log.info("using the %s of %s", why, workdir)
   params = state["ema_params"] if config.eval.use_ema else state["params"]
   params = jax.tree.map(jnp.asarray, params)
-  return (params, int(step), meta or {}) if with_meta else (params, int(step))
+  meta = dict(meta or {}, checkpoint_choice=why)
+  return (params, int(step), meta) if with_meta else (params, int(step))
 
 
 def inference_rules(config, store, meta: dict, where: str) -> dict:
@@ -227,8 +237,9 @@ class TrainingMeanFloor:
 
   Where every training subject shares the evaluated volume's grid (and training used whole
   volumes), the prediction is their voxelwise mean, in original units; otherwise (a region split,
-  or subjects on different grids) it is the mean intensity of the training targets over their
-  training regions. A model that does not beat this floor has not shown that it uses its input:
+  or subjects on different grids) it is the mean intensity of the training targets inside their
+  body masks (metrics.body_mask) over their training regions, the constant that scores best where
+  metrics are computed (a mean that counts the background scores far below it). A model that does not beat this floor has not shown that it uses its input:
   with test subjects whose anatomy the training set already holds, the voxelwise mean can score
   well without denoising anything.
   """
@@ -261,18 +272,22 @@ class TrainingMeanFloor:
       for s in self._train:
         region = pipeline.region_box(tuple(s["shape"]), self._region) if self._region else None
         v = self._raw(s["id"], region)
-        total, count = total + float(v.sum(dtype=np.float64)), count + v.size
-      self._cache["scalar"] = total / count
+        body = v[metrics_lib.body_mask(v)]  # the background would pull the floor to ~0
+        total, count = total + float(body.sum(dtype=np.float64)), count + body.size
+      self._cache["scalar"] = total / max(count, 1)
     box_shape = tuple(b - a for a, b in box)
     return (np.full(box_shape, self._cache["scalar"], np.float32),
-            f"mean intensity of {len(self._train)} training target(s)")
+            f"mean intensity inside the body of {len(self._train)} training target(s)")
 
 
-def store_volumes(config, store, subjects, rules, with_metrics: bool, floor=None):
+def store_volumes(config, store, subjects, rules, with_metrics: bool, floor=None,
+                  classical=None):
   """The runner's volumes (jaxvol.eval.runner.Volume) of a store's subjects: each subject's
   evaluation box (`eval_box`) as the condition, the target preset from the checkpoint's rules,
   and with `with_metrics` the target and the reference predictions (the input where it shares
-  the target's scale and config.eval.input_baseline is on; the training-target mean `floor`)."""
+  the target's scale and config.eval.input_baseline is on; the training-target mean `floor`;
+  the tuned classical references `classical` ({name: jaxvol.eval.references.tune_one entry}),
+  applied to the whole input volume and cut to the box)."""
   first_input = config.data.inputs[0]
   comparable = inference_lib.shares_scale(rules, first_input, config.data.target)
   for subject in subjects:
@@ -303,6 +318,13 @@ def store_volumes(config, store, subjects, rules, with_metrics: bool, floor=None
         references["input"] = input_raw
       if floor is not None and floor.available():
         references["train_mean"], row["train_mean_kind"] = floor(subject, box)
+      if classical:
+        whole = tuple((0, n) for n in shape)
+        whole_input = inference_lib.resolve(rules, first_input, store, sid).inverse(
+            volume_inputs(store, sid, config, whole, rules)[0, ..., 0]).astype(np.float32)
+        cut = tuple(slice(a, b) for a, b in box)
+        for name, tuned in classical.items():
+          references[name] = references_lib.apply(tuned, whole_input)[cut]
       data_range = float(target_preset.hi - target_preset.lo)
       preview_input = (f"input ({first_input})", input_raw)
     yield runner.Volume(
@@ -310,6 +332,84 @@ def store_volumes(config, store, subjects, rules, with_metrics: bool, floor=None
         to_units=lambda x, p=target_preset: p.inverse(x).astype(np.float32), place=place,
         geometry=store.geometry(sid, first_input), target=target, data_range=data_range,
         references=references, preview_input=preview_input, row=row)
+
+
+REFERENCES_CACHE = "references_tuned.json"
+
+
+def reference_pairs(config, store, rules) -> list:
+  """The classical references' tuning pairs (jaxvol.eval.references.Pair): each training-split
+  subject holding the input and the target, over its training region cut to a centred box of at
+  most config.eval.reference_tune_box voxels per axis, in original units; at most
+  config.eval.reference_tune_subjects of them (in store order)."""
+  first, target = config.data.inputs[0], config.data.target
+  limit = tuple(int(v) for v in config.eval.get("reference_tune_box", ()) or ()) or None
+  pairs = []
+  for subject in store.subjects(config.data.train_split):
+    if first not in subject["volumes"] or target not in subject["volumes"]:
+      continue
+    shape = tuple(subject["shape"])
+    region = config.data.train_region
+    box = pipeline.region_box(shape, region) if region else tuple((0, n) for n in shape)
+    box = clip_box(box, limit)
+    sid = subject["id"]
+    x = inference_lib.resolve(rules, first, store, sid).inverse(
+        volume_inputs(store, sid, config, box, rules)[0, ..., 0]).astype(np.float32)
+    y = store.preset(sid, target).inverse(store.read(sid, target, box)).astype(np.float32)
+    pairs.append(references_lib.Pair(sid, x, y))
+    if len(pairs) >= int(config.eval.get("reference_tune_subjects", 4)):
+      break
+  return pairs
+
+
+def tuned_references(config, store, rules, workdir: str | None) -> dict:
+  """The classical references of config.eval.references, tuned on the training data
+  (jaxvol.eval.references), from WORKDIR's cache when the same tuning was done before; {} when
+  none are named or the store has no training pair."""
+  comparable = inference_lib.shares_scale(rules, config.data.inputs[0], config.data.target)
+  names = references_lib.resolve_names(config.eval.get("references", ()), comparable)
+  if not names or not config.data.inputs:
+    return {}
+  train = [s for s in store.subjects(config.data.train_split)
+           if config.data.target in s["volumes"]]
+  if not train:
+    return {}
+  data_range = inference_lib.resolve(rules, config.data.target, store, train[0]["id"])
+  data_range = float(data_range.hi - data_range.lo)
+  key = references_lib.cache_key({
+      "store": os.path.abspath(store.path), "manifest": references_lib.cache_key(store.manifest),
+      "split": config.data.train_split, "region": _plain(config.data.train_region),
+      "input": config.data.inputs[0], "target": config.data.target, "names": names,
+      "rules": inference_lib.describe(rules), "data_range": data_range,
+      "box": list(config.eval.get("reference_tune_box", ()) or ()),
+      "subjects": int(config.eval.get("reference_tune_subjects", 4)),
+      "grids": references_lib.grid_version()})
+  cache = os.path.join(workdir, REFERENCES_CACHE) if workdir else None
+  stored = {}
+  if cache and os.path.exists(cache):
+    try:
+      with open(cache, encoding="utf-8") as f:
+        stored = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      stored = {}
+  if key in stored:
+    return stored[key]
+  pairs = reference_pairs(config, store, rules)
+  if not pairs:
+    return {}
+  tuned = references_lib.tune(names, pairs, data_range)
+  for entry in tuned.values():
+    entry["tuned_on"] = {"split": config.data.train_split,
+                         "region": _plain(config.data.train_region),
+                         "subjects": [p.name for p in pairs],
+                         "boxes_shape": [list(p.input.shape) for p in pairs],
+                         "criterion": "PSNR inside the target's body mask over the target "
+                                      "preset's range, mean over the training pairs",
+                         "data_range": data_range}
+  if cache and jax.process_index() == 0:
+    stored[key] = tuned
+    fileio.write_text_atomic(cache, json.dumps(stored))
+  return tuned
 
 
 def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: bool,
@@ -328,15 +428,16 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   if not subjects:
     raise ValueError(f"split {split!r} of store {config.data.store} has no subjects")
   floor = TrainingMeanFloor(config, store) if with_metrics else None
+  classical = tuned_references(config, store, rules, workdir) if with_metrics else {}
   samples = int(config.eval.get("samples", 1))
   rows = runner.run(
-      store_volumes(config, store, subjects, rules, with_metrics, floor),
+      store_volumes(config, store, subjects, rules, with_metrics, floor, classical),
       {runner.MODEL: runner.SamplerPredictor(sampler, params)},
       jax.random.PRNGKey(config.eval.seed), out_dir, total=len(subjects), samples=samples,
       mask="body" if config.eval.mask == "body" else None,
       previews=with_metrics and bool(config.eval.previews))
-  return {"rows": rows, "step": step, "presets": inference_lib.describe(rules),
-          "samples": samples,
+  return {"rows": rows, "step": step, "checkpoint": meta.get("checkpoint_choice"),
+          "presets": inference_lib.describe(rules), "samples": samples, "references": classical,
           "input_comparable": inference_lib.shares_scale(rules, config.data.inputs[0],
                                                          config.data.target)}
 
@@ -352,7 +453,11 @@ def evaluate(config, workdir: str, make_sampler=None, out_name: str = "eval") ->
   writes = jax.process_index() == 0
   with fresh_output_dir(os.path.join(workdir, out_name), writes) as out_dir:
     summary, rows = _evaluate_into(config, workdir, out_dir, make_sampler)
+    full = summary.pop("_references_full", None)
     if writes:
+      if full:  # the tuned references with their whole parameters (look-up tables)
+        fileio.write_text_atomic(os.path.join(out_dir, "references.json"),
+                                 json.dumps(full, indent=1))
       fileio.write_csv_atomic(os.path.join(out_dir, "metrics.csv"), rows)
       fileio.write_text_atomic(os.path.join(out_dir, "summary.json"),
                                json.dumps(summary, indent=2))
@@ -375,11 +480,23 @@ def _evaluate_into(config, workdir: str, out_dir: str, make_sampler) -> tuple[di
     summary["unscored"] = [r["subject"] for r in rows if "data_range" not in r]
     summary["note"] = (f"{len(rows) - len(scored)} volume(s) have no {config.data.target!r} "
                        "volume in the store: predicted, not scored; metrics average the rest")
-  means = runner.mean_metrics(scored, ("model", "input", "train_mean"))
+  classical = result["references"]
+  names = ("model", "input", "train_mean", *classical)
+  means = runner.mean_metrics(scored, names)
   for k in METRICS if scored else ():
-    summary["metrics"][k] = {name: means[name][k] for name in ("model", "input", "train_mean")
+    summary["metrics"][k] = {name: means[name][k] for name in names
                              if k in means.get(name, {})
                              and all(f"{name}_{k}" in r for r in scored)}
+  summary["checkpoint"] = result["checkpoint"]
+  if classical:
+    summary["references"] = references_lib.public(classical)
+    summary["_references_full"] = classical
+    scored_refs = [n for n in classical if n in summary["metrics"].get("psnr", {})]
+    if scored_refs:
+      best = max(scored_refs, key=lambda n: summary["metrics"]["psnr"][n])
+      summary["best_reference"] = best
+      summary["model_minus_best_reference_psnr"] = (
+          summary["metrics"]["psnr"]["model"] - summary["metrics"]["psnr"][best])
   if scored and all("train_mean_kind" in r for r in scored):
     summary["train_mean_floor"] = (
         "metrics[*].train_mean scores a predictor that ignores its input: "
@@ -409,3 +526,53 @@ def sample(config, workdir: str, make_sampler=None) -> dict:
   with fresh_output_dir(os.path.join(workdir, "samples"), jax.process_index() == 0) as out_dir:
     return predict_split(config, workdir, config.eval.split, out_dir, with_metrics=False,
                          make_sampler=make_sampler)
+
+
+def validation_config(config):
+  """config with the evaluation set replaced by the validation set (config.eval.val_split, and
+  config.eval.val_region or else config.data.eval_region); refused when those voxels are
+  training crops (the same split and an overlapping region)."""
+  val = config.copy_and_resolve_references()
+  region = config.eval.get("val_region") or config.data.eval_region
+  split = config.eval.get("val_split", "val")
+  with val.unlocked():
+    val.data.eval_region = region
+    val.eval.split = split
+  if split == config.data.train_split and pipeline.regions_overlap(config.data.train_region,
+                                                                  region):
+    raise ValueError(f"the validation set (split {split!r}, region {_plain(region)}) overlaps the "
+                     f"training crops (split {config.data.train_split!r}, region "
+                     f"{_plain(config.data.train_region)}): set config.eval.val_split / val_region")
+  return val
+
+
+def validator(config, workdir: str):
+  """`validate(params, step) -> {metric: mean over volumes}` for the training loop
+  (jaxvol.train.loop.Validation): the method's sampler over the validation set
+  (`validation_config`) through the one inference path, nothing written, no references. The
+  validation volumes are read once; the sampler compiles once per volume shape."""
+  val = validation_config(config)
+  store = store_lib.Store(config.data.store)
+  subjects = [s for s in store.subjects(val.eval.split) if val.data.target in s["volumes"]]
+  if not subjects:
+    raise ValueError(f"no validation volume: split {val.eval.split!r} of {store.path} has no "
+                     f"subject with a {val.data.target!r} volume (set config.eval.val_split)")
+  method = methods.build(val, jax.devices()[0].platform)
+  sampler = runner.volume_sampler(val, method)
+  rules = inference_lib.rules_of(store, val.data.inputs, val.data.target)
+  volumes = list(store_volumes(val, store, subjects, rules, with_metrics=True))
+  for v in volumes:
+    v.references = {}  # the model alone: the input baseline is not needed every K steps
+  del workdir
+
+  def validate(params, step):
+    del step
+    placed = sampler.put_params(params)
+    rows = runner.run(volumes, {runner.MODEL: runner.SamplerPredictor(sampler, placed)},
+                      jax.random.PRNGKey(val.eval.seed), None, total=len(volumes),
+                      samples=int(val.eval.get("samples", 1)),
+                      mask="body" if val.eval.mask == "body" else None, previews=False,
+                      report=lambda line: None)
+    return runner.mean_metrics(rows, (runner.MODEL,))[runner.MODEL]
+
+  return validate

@@ -110,10 +110,16 @@ class IteratorRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
-class Checkpointer:
+CHECKPOINTS = "checkpoints"
+BEST = "best_checkpoint"  # the step with the best validation score (keep 1; no data iterator)
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, with_data: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+
+class Checkpointer:
+  """An Orbax CheckpointManager over WORKDIR/`subdir` (the run's checkpoints, or BEST)."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, with_data: bool = True,
+               subdir: str = CHECKPOINTS, create: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), subdir)
     # The data handler is always registered so that readers which skip the iterator (evaluation)
     # still know the item; `with_data` decides whether it is saved and restored.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
@@ -123,7 +129,7 @@ class Checkpointer:
         self.directory,
         item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True),
+                                             create=create),
     )
 
   def latest_step(self):
@@ -178,3 +184,68 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def parse_selection(value) -> str | int:
+  """A checkpoint selection: "auto", "best", "latest" or a step (int, or a string of digits).
+
+  Raises:
+    ValueError: anything else.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"checkpoint selection must be auto, best, latest or a step, got {value!r}")
+  if isinstance(value, int):
+    if value < 0:
+      return "latest"
+    return value
+  text = str(value).strip().lower()
+  if text.isdigit():
+    return int(text)
+  if text in ("auto", "best", "latest"):
+    return text
+  raise ValueError(f"checkpoint selection must be auto, best, latest or a step number, got "
+                   f"{value!r}")
+
+
+def open_selected(workdir: str, selection="auto") -> tuple[Checkpointer, int, str]:
+  """(checkpointer, step, description) of the checkpoint a selection names; the caller closes it.
+
+  "best": the step kept in WORKDIR/best_checkpoint by validation during training
+  (jaxvol.train.loop); "latest": the newest of WORKDIR/checkpoints; "auto": best when training
+  validated, else latest; a step: that step in checkpoints/, or the best checkpoint if it holds it.
+
+  Raises:
+    FileNotFoundError: no checkpoint matches (the message lists what exists).
+  """
+  selection = parse_selection(selection)
+  main = Checkpointer(workdir, with_data=False, async_save=False, create=False)
+  best = Checkpointer(workdir, with_data=False, async_save=False, subdir=BEST, create=False)
+  try:
+    best_step, latest = best.latest_step(), main.latest_step()
+    if selection in ("best", "auto") and best_step is not None:
+      chosen, step, why = best, best_step, f"best validation checkpoint (step {best_step})"
+    elif selection == "best":
+      raise FileNotFoundError(f"{best.directory}: no best checkpoint (training kept one only "
+                              "with config.train.validate_every > 0); use --checkpoint=latest"
+                              + (f" (latest step {latest})" if latest is not None else ""))
+    elif selection in ("latest", "auto"):
+      if latest is None:
+        raise FileNotFoundError(f"no checkpoint found under {main.directory}: train first")
+      chosen, step = main, latest
+      why = (f"latest checkpoint (step {latest})" + (
+          "; no validation ran during training, so no best checkpoint exists"
+          if selection == "auto" else ""))
+    elif selection in main.all_steps():
+      chosen, step, why = main, selection, f"checkpoint step {selection} (chosen by step)"
+    elif selection == best_step:
+      chosen, step, why = best, selection, f"checkpoint step {selection} (the best one)"
+    else:
+      raise FileNotFoundError(
+          f"no checkpoint for step {selection} in {main.directory} (available: "
+          f"{sorted(main.all_steps())}; best: {best_step})")
+  except BaseException:
+    main.close()
+    best.close()
+    raise
+  (best if chosen is main else main).close()
+  return chosen, int(step), why

@@ -56,6 +56,8 @@ from jaxvol.train import transfer
 log = logging.getLogger("jaxvol")
 
 PROGRESS_FILE = "progress.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+LOWER_IS_BETTER = ("nmse", "mae", "hfen")
 
 
 def modality_keys(config) -> dict:
@@ -145,12 +147,13 @@ def warn_inference_presets(config, store_path: str) -> None:
     log.warning("evaluation of this run will be refused: %s", e)
 
 
-def read_progress(workdir: str) -> list[dict]:
-  """The progress records of WORKDIR/progress.jsonl, oldest first; [] when there is none.
+def read_progress(workdir: str, name: str = PROGRESS_FILE) -> list[dict]:
+  """The progress records of WORKDIR/progress.jsonl (or of another record file of the loop,
+  `name`: VALIDATION_FILE), oldest first; [] when there is none.
 
   A last line cut short (a process killed while writing it) is left out.
   """
-  path = os.path.join(workdir, PROGRESS_FILE)
+  path = os.path.join(workdir, name)
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
@@ -182,10 +185,99 @@ def _resume_progress(workdir: str, step: int, write: bool) -> float:
   return float(kept[-1]["seconds"]) if kept else 0.0
 
 
-def _append_progress(workdir: str, record: dict) -> None:
-  with open(os.path.join(workdir, PROGRESS_FILE), "a", encoding="utf-8") as f:
+def _append_progress(workdir: str, record: dict, name: str = PROGRESS_FILE) -> None:
+  with open(os.path.join(workdir, name), "a", encoding="utf-8") as f:
     f.write(json.dumps(record) + "\n")
     f.flush()
+
+
+def read_validation(workdir: str) -> list[dict]:
+  """The validation records of WORKDIR/validation.jsonl (`Validation`), oldest first."""
+  return read_progress(workdir, VALIDATION_FILE)
+
+
+class Validation:
+  """Scores the model on the validation set every config.train.validate_every steps and keeps
+  the best step's checkpoint.
+
+  `validate(params, step) -> {metric: value}` is handed in (jaxvol.eval.evaluate.validator: the
+  one inference path over config.eval.val_split / val_region); it receives the EMA parameters
+  (or the raw ones with config.eval.use_ema off) as host arrays. Each validation appends
+  {"step", "seconds", metric: value..., "best_step", "best"} to WORKDIR/validation.jsonl; when
+  config.train.validate_metric improves (higher PSNR/SSIM, lower NMSE/MAE/HFEN) the state is
+  saved to WORKDIR/best_checkpoint (one step kept, written synchronously; evaluate, sample and
+  predict use it by default: jaxvol.train.checkpoint.open_selected). With config.train.patience
+  P > 0, training stops after P validations in a row without improvement. A resumed run drops
+  the records past its step and recovers the best score and the patience count from the rest.
+  """
+
+  def __init__(self, config, workdir: str, validate, start: int, is_main: bool):
+    self.every = int(config.train.get("validate_every", 0))
+    self.patience = int(config.train.get("patience", 0))
+    self.metric = str(config.train.get("validate_metric", "psnr"))
+    self.sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+    self.workdir, self.validate, self.is_main = workdir, validate, is_main
+    self.use_ema = bool(config.eval.use_ema)
+    kept = [r for r in read_validation(workdir) if r["step"] <= start]
+    path = os.path.join(workdir, VALIDATION_FILE)
+    if is_main and os.path.exists(path):
+      fileio.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    self.best, self.best_step, self.since_best = None, None, 0
+    for r in kept:
+      self._count(r["step"], r[self.metric])
+    self.ckpt = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False, with_data=False,
+                                      subdir=ckpt_lib.BEST)
+
+  @property
+  def active(self) -> bool:
+    return self.every > 0 and self.validate is not None
+
+  def due(self, step: int, done: bool) -> bool:
+    return self.active and (step % self.every == 0 or done)
+
+  def _count(self, step: int, value: float) -> bool:
+    better = self.best is None or self.sign * value > self.sign * self.best
+    if better:
+      self.best, self.best_step, self.since_best = value, step, 0
+    else:
+      self.since_best += 1
+    return better
+
+  def __call__(self, step: int, state, meta: dict, writer) -> str | None:
+    """Validates at `step`; returns why training should stop (a plateau) or None."""
+    t0 = time.time()
+    params = _host_tree(state["ema_params"] if self.use_ema else state["params"])
+    scores = {k: float(v) for k, v in self.validate(params, step).items()}
+    if self.metric not in scores:
+      raise KeyError(f"validation returned {sorted(scores)}, not config.train.validate_metric "
+                     f"{self.metric!r}")
+    better = self._count(step, scores[self.metric])
+    if better:
+      self.ckpt.save(step, state, meta, force=True)
+      self.ckpt.wait()
+    record = {"step": step, "seconds": time.time() - t0, **scores, "best_step": self.best_step,
+              "best": self.best}
+    if self.is_main:
+      _append_progress(self.workdir, record, VALIDATION_FILE)
+      log.info("validation at step %d: %s%s (best %.4g at step %d, %.1f s)", step,
+               "  ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+               " new best, checkpoint kept" if better else "", self.best, self.best_step,
+               record["seconds"])
+    writer.scalars(step, {f"val/{k}": v for k, v in scores.items()})
+    if self.patience > 0 and self.since_best >= self.patience:
+      return (f"validation plateau: no better {self.metric} in {self.since_best} validations "
+              f"(best {self.best:.4g} at step {self.best_step})")
+    return None
+
+  def close(self):
+    self.ckpt.close()
+
+
+def _host_tree(tree):
+  """A train-state subtree as host numpy arrays (gathered over processes on several hosts)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class _StopFlag:
@@ -357,8 +449,14 @@ def compile_step(parts, config, batch_sharding=None):
   return compiled, step_lib.compiled_cost(compiled)
 
 
-def train(config, workdir: str) -> dict:
-  """Trains until config.train.steps (or a signal / time limit).
+def train(config, workdir: str, validate=None) -> dict:
+  """Trains until config.train.steps (or a signal / time limit / validation plateau).
+
+  Args:
+    config: the run's config.
+    workdir: checkpoints, records and summaries go here; an existing run resumes.
+    validate: `validate(params, step) -> {metric: value}` for `Validation` (None: no validation
+      even with config.train.validate_every > 0).
 
   Returns:
     {"step", the last logged metrics..., "stopped": why it stopped early ("signal 15", "time limit
@@ -424,6 +522,10 @@ def train(config, workdir: str) -> dict:
              parts.state_sharding_mode)
     fileio.write_json_atomic(os.path.join(workdir, "train_step_cost.json"), cost)
 
+  if int(config.train.get("validate_every", 0)) > 0 and validate is None:
+    log.warning("config.train.validate_every is set but no validation function was given: "
+                "no validation, no best checkpoint")
+  validation = Validation(config, workdir, validate, start, is_main)
   rng = jax.device_put(jax.random.PRNGKey(config.seed + 1), mesh_lib.replicated(mesh))
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   total = int(config.train.steps)
@@ -432,6 +534,7 @@ def train(config, workdir: str) -> dict:
   stopped = {"stopped": None, "signal": None}  # why training ended before config.train.steps
   seconds_before = _resume_progress(workdir, start, write=is_main)  # earlier runs' training time
   t_start = t_log = time.time()
+  paused = 0.0  # seconds spent validating
   steps_at_log = start
   step = start
 
@@ -472,26 +575,39 @@ def train(config, workdir: str) -> dict:
             log.info("step %d/%d  loss %.4f  grad_norm %.3f  %.2f steps/s  ETA %s", step, total,
                      last["loss"], last["grad_norm"], rate, _fmt_time(eta))
           writer.scalars(step, {f"train/{k}": v for k, v in last.items()} | {"train/steps_per_s": rate})
-          progress.append({"step": step, "time": now, "seconds": seconds_before + now - t_start,
+          progress.append({"step": step, "time": now,
+                           "seconds": seconds_before + now - t_start - paused,
                            "steps_per_s": rate, "loss": last["loss"],
                            "grad_norm": last["grad_norm"]})
           if is_main:
             _append_progress(workdir, progress[-1])
           t_log, steps_at_log, history = now, step, []
+        plateau = None
+        if validation.due(step, done):
+          t_val = time.time()
+          plateau = validation(step, state, meta, writer)
+          # Validation is not training: the step rate and the training seconds leave it out.
+          paused += time.time() - t_val
+          t_log += time.time() - t_val
+          if plateau is not None and not stopping:
+            stopping = done = True
         if step % config.train.checkpoint_every == 0 or done:
           save(step, force=True)
           history = []
         if stopping:
           why = f"signal {stop.signal}" if stop.signal is not None else (
+              plateau if plateau is not None else
               f"time limit of {time_limit / 60:.1f} min" if time_limit > 0 else "another host's stop")
           log.info("%s at step %d: checkpoint saved, exiting", why, step)
           stopped = {"stopped": why, "signal": stop.signal}
           break
   finally:
     ckpt.close()
+    validation.close()
     writer.close()
     del data_iter  # stops Grain worker processes before interpreter shutdown
-  return {"step": step, **last, **stopped, "progress": progress}
+  return {"step": step, **last, **stopped, "progress": progress,
+          "best_step": validation.best_step, "best": validation.best}
 
 
 def agree(flag: bool) -> bool:

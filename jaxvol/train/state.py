@@ -10,13 +10,22 @@ import optax
 
 
 def _schedule(train_cfg, scale: float = 1.0):
-  """Linear warm-up from 0 over warmup_steps, then constant; warmup_steps <= 0: constant."""
+  """Linear warm-up from 0 over warmup_steps (none when <= 0), then train.lr_schedule:
+  "constant", or "cosine" decay to train.lr_final x the rate at train.steps (a run stopped
+  earlier by its time limit ends before the decay does: set train.steps to what the time fits)."""
   lr = train_cfg.learning_rate * scale
-  if train_cfg.warmup_steps <= 0:
-    return optax.constant_schedule(lr)
-  warmup = train_cfg.warmup_steps
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  kind = str(train_cfg.get("lr_schedule", "constant"))
+  warmup = max(int(train_cfg.warmup_steps), 0)
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    after = optax.cosine_decay_schedule(lr, max(int(train_cfg.steps) - warmup, 1),
+                                        alpha=float(train_cfg.get("lr_final", 0.0)))
+  else:
+    raise ValueError(f"config.train.lr_schedule must be constant or cosine, got {kind!r}")
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def _clip(train_cfg) -> optax.GradientTransformation:
