@@ -357,11 +357,24 @@ def clamp_for_preset(c: ml_collections.ConfigDict, kind: str) -> ml_collections.
 # equal jaxvol.prepare's TRAIN_REGIONS / EVAL_REGIONS, which fit the stores' scales on the
 # training region (tests/test_configs.py checks it).
 HELDOUT_SPLITS = {
-    "mri_t1_t2": ({"0": (0.0, 0.5)}, {"0": (0.5, 1.0)}, "train"),
-    "mri_sr": ({"0": (0.0, 0.5)}, {"0": (0.5, 1.0)}, "train"),
+    "mri_t1_t2": ({"0": (0.0, 0.5)}, {"0": (0.6, 1.0)}, "train"),
+    "mri_sr": ({"0": (0.0, 0.5)}, {"0": (0.6, 1.0)}, "train"),
     "pet_denoise": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
     "pet_ac": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
     "ct_denoise": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
+}
+# The validation set of each held-out split (config.eval.val_split / val_region, used by
+# validation during training): {task: (split, region)}, disjoint from the training crops and from
+# the evaluated voxels. The one-subject MRI stores validate on the slab RAS x in [0.5, 0.6)
+# between the training hemisphere and the evaluated [0.6, 1]; the PET and CT stores have a
+# validation realisation (split "val": its own noise, jaxvol.prepare), scored on the held-out
+# region like the test subject.
+HELDOUT_VALIDATION = {
+    "mri_t1_t2": ("train", {"0": (0.5, 0.6)}),
+    "mri_sr": ("train", {"0": (0.5, 0.6)}),
+    "pet_denoise": ("val", None),
+    "pet_ac": ("val", None),
+    "ct_denoise": ("val", None),
 }
 HELDOUT = "heldout"  # the variant token of HELDOUT_SPLITS
 WHOLE = "whole"      # the default named explicitly (older commands); excludes `heldout`
@@ -396,9 +409,12 @@ def apply_split(c: ml_collections.ConfigDict, task: str,
     train, evaluate, split = HELDOUT_SPLITS[task]
     c.data.train_region, c.data.eval_region = dict(train), dict(evaluate)
     c.eval.split = split
+    c.eval.val_split, val_region = HELDOUT_VALIDATION[task]
+    c.eval.val_region = None if val_region is None else dict(val_region)
   else:
     c.data.train_region = c.data.eval_region = None
     c.eval.split = "test"
+    c.eval.val_split, c.eval.val_region = "val", None
   return c
 
 

@@ -15,7 +15,7 @@ Tasks:
 ``mri_t1_t2``
   stroke_T1 -> stroke_T2 of one subject (`mri_stroke/`), modalities ``t1`` and ``t2`` with MRI
   percentile presets, one subject ``stroke`` in the ``train`` split. The region split (train on RAS
-  x in [0, 0.5), evaluate on [0.5, 1]: one hemisphere each) is made by the configs' ``heldout`` variant
+  x in [0, 0.5), validate on [0.5, 0.6), evaluate on [0.6, 1]) is made by the configs' ``heldout`` variant
   (`jaxvol.config.mri_t1_t2_task`), not here.
 
 ``pet_denoise``
@@ -100,8 +100,8 @@ Tasks:
   axis 2) with factors 2 and 4: slices 2 or 4 mm thick (box profile), interpolated back onto the
   1 mm grid, so input and target share one grid and affine. Presets ``t1=mri`` and
   ``t1_x2``/``t1_x4`` = ``mri:ref=t1`` (the target's scale). One subject ``stroke`` in ``train``;
-  the configs' ``heldout`` variant splits it by hemisphere like ``mri_t1_t2`` (train on RAS x in [0, 0.5), evaluate on
-  [0.5, 1]).
+  the configs' ``heldout`` variant splits it by hemisphere like ``mri_t1_t2`` (train on RAS x in [0, 0.5), validate on
+  [0.5, 0.6), evaluate on [0.6, 1]).
 
 PET and CT noise are both reconstructed from projections by filtered back-projection, so they
 have the spatially correlated texture of real reconstructed images (blotchy for PET, streaky for
@@ -185,8 +185,8 @@ TRAIN_REGIONS = {
     "ct_denoise": {"2": (0.0, 0.6)},
 }
 EVAL_REGIONS = {
-    "mri_t1_t2": {"0": (0.5, 1.0)},
-    "mri_sr": {"0": (0.5, 1.0)},
+    "mri_t1_t2": {"0": (0.6, 1.0)},
+    "mri_sr": {"0": (0.6, 1.0)},
     "pet_denoise": {"2": (0.6, 1.0)},
     "pet_ac": {"2": (0.6, 1.0)},
     "ct_denoise": {"2": (0.6, 1.0)},
@@ -195,10 +195,10 @@ TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (on
                    "differs), so run the configs with the token `heldout` (--config=NAME:heldout), "
                    "which also holds out a region: the evaluated anatomy is never trained on")
 REGION_NOTES = {
-    "mri_t1_t2": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
-                 "(one hemisphere each)",
-    "mri_sr": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) and evaluate on [0.5, 1] "
-              "(one hemisphere each)",
+    "mri_t1_t2": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5), validate on "
+                 "[0.5, 0.6) and evaluate on [0.6, 1]",
+    "mri_sr": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5), validate on "
+              "[0.5, 0.6) and evaluate on [0.6, 1]",
     "pet_denoise": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
                    "subjects (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
     "pet_ac": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
@@ -306,9 +306,10 @@ def _mri_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
 
 
 def _realisation_ids(realisations: int) -> list[tuple[str, str, int]]:
-  """(suffix, split, noise index) of every realisation: N train ones, then one test one."""
+  """(suffix, split, noise index) of every realisation: N train ones, one validation one (for
+  checkpoint selection during training), then one test one."""
   ids = [(str(k), "train", k) for k in range(realisations)]
-  return ids + [("test", "test", 1000)]
+  return ids + [("val", "val", 999), ("test", "test", 1000)]
 
 
 def _pet_denoise_rows(src: pathlib.Path, out: pathlib.Path, seed: int, dose: float, counts: float,

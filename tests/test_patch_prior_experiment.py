@@ -58,12 +58,12 @@ def _prior_config(variant):
 
 
 def test_position_channels_only_encode_axes_training_covers():
-  """Trained on RAS x in [0, 0.5), evaluated on [0.5, 1): no x channel, and a guard for one."""
+  """Trained on RAS x in [0, 0.5), evaluated on [0.6, 1): no x channel, and a guard for one."""
   from jaxvol.data import pipeline  # pylint: disable=import-outside-toplevel
   exp = _experiment()
   c = _prior_config("cpu,positions,heldout")  # the experiment's split (patch_prior.ensure_prior)
   assert dict(c.data.train_region) == {"0": (0.0, 0.5)}
-  assert dict(c.data.eval_region) == {"0": (0.5, 1.0)}
+  assert dict(c.data.eval_region) == {"0": (0.6, 1.0)}
   assert pipeline.position_axes(c.data) == (1, 2)
   exp.check_positions(c)
   assert pipeline.position_axes(_prior_config("cpu").data) == ()
@@ -79,6 +79,6 @@ def test_reconstruction_config_encodes_the_priors_position_axes():
   for task in ("mri_r4", "sr_x2"):
     c = exp.task_config(task, "cpu,positions", "store", "prior")
     assert pipeline.position_axes(c.data) == (1, 2)
-    assert dict(c.data.eval_region) == {"0": (0.5, 1.0)} and c.eval.split == "train"
+    assert dict(c.data.eval_region) == {"0": (0.6, 1.0)} and c.eval.split == "train"
     assert tuple(c.data.position_axes) == tuple(
         _prior_config("cpu,positions,heldout").data.position_axes)

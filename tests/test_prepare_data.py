@@ -68,8 +68,8 @@ def test_pet_denoise(shared_data, tmp_path):
   assert store.manifest["presets"]["pet_low"] == {"kind": "pet", "lo": 0.0,
                                                   "hi": pytest.approx(np.median(his), rel=1e-4)}
   splits = {s["id"]: s["split"] for s in store.subjects()}
-  assert splits == {"pet_tmpl_0": "train", "pet_tmpl_test": "test",
-                    "pet_t1_0": "train", "pet_t1_test": "test"}
+  assert splits == {"pet_tmpl_0": "train", "pet_tmpl_val": "val", "pet_tmpl_test": "test",
+                    "pet_t1_0": "train", "pet_t1_val": "val", "pet_t1_test": "test"}
   assert [r["subject"] for r in _datalist(tmp_path)] == list(splits)
   assert store.shape("pet_t1_0") == (62, 80, 70)  # the 1 mm stroke grid pooled to 2 mm
   for sid in splits:
@@ -114,6 +114,7 @@ def test_pet_ac(shared_data, tmp_path):
   for m, spec in store.manifest["presets"].items():  # fixed scales, fitted on training data
     assert set(spec) == {"kind", "lo", "hi"} and spec["lo"] == 0.0, (m, spec)
   assert {s["id"]: s["split"] for s in store.subjects()} == {"pet_ac_0": "train",
+                                                             "pet_ac_val": "val",
                                                              "pet_ac_test": "test"}
   for sid in ("pet_ac_0", "pet_ac_test"):
     nac, ac = _raw(store, sid, "pet_nac_low"), _raw(store, sid, "pet_ac")
@@ -134,7 +135,7 @@ def test_ct_denoise(shared_data, tmp_path, capsys):
   window = {"kind": "ct", "lo": -1000.0, "hi": 1000.0}
   assert store.manifest["presets"] == {"ct_low": window, "ct": dict(window, ref="ct_low")}
   splits = {s["id"]: s["split"] for s in store.subjects()}
-  assert splits == {"ct_abdomen_0": "train", "ct_abdomen_test": "test"}
+  assert splits == {"ct_abdomen_0": "train", "ct_abdomen_val": "val", "ct_abdomen_test": "test"}
   hu, geom = nifti.load_volume(shared_data / "ct_abdomen" / "example_ct.nii.gz")
   low = {}
   for sid in splits:
@@ -296,7 +297,8 @@ def test_quality_configs_share_one_budget(tmp_path):
     c = configs["full3d"]
     if task == "mri_t1_t2":
       assert dict(c.data.train_region) == {"0": (0.0, 0.5)}
-      assert c.data.eval_region["0"] == (0.5, 1.0) and c.eval.input_baseline is False
+      assert c.data.eval_region["0"] == (0.6, 1.0) and c.eval.input_baseline is False
+      assert c.eval.val_split == "train" and dict(c.eval.val_region) == {"0": (0.5, 0.6)}
     else:
       assert c.data.inputs == ("pet_low",) and c.data.target == "pet_full"
       assert c.eval.input_baseline is True

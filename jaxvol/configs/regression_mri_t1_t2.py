@@ -8,7 +8,7 @@ train, whole volumes of the `test` split are scored:
 The repository's store holds ONE subject (the stroke T1/T2):
   python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2
 so it needs the token `heldout`: training crops come from RAS x in [0, 0.5) (one hemisphere) and
-the other hemisphere of the same subject (split `train`) is scored:
+RAS x in [0.6, 1] of the same subject (split `train`) is scored ([0.5, 0.6) validates):
   python -m jaxvol.main --config=configs/regression_mri_t1_t2.py:heldout \
       --workdir=runs/regression_t1t2 --config.data.store=data/mri_t1_t2/store
   python -m jaxvol.main --config=configs/regression_mri_t1_t2.py:heldout \

@@ -9,9 +9,11 @@ inside the target's body mask over the target preset's range, averaged over the 
   nlm           scikit-image's 3D non-local means (fast mode, 3^3 patches, search radius 4),
                 its strength h from a grid of multiples of the noise level measured on the
                 training pairs (std of input - target in the body).
-  bm4d          BM4D (the `bm4d` PyPI package, free for non-commercial use, installed by the
-                `references` extra), white-noise profile, sigma from the same kind of grid.
-                Offered only when the package imports.
+  bm4d          BM4D (the `bm4d` PyPI package: Tampere University's binaries, free for
+                non-commercial use only; `make setup` installs it through the `references`
+                extra, `pip install jaxvol` does not), white-noise profile, sigma from the same
+                kind of grid. Offered only when the package imports. (Its correlated-noise
+                profile, which takes a noise PSD, calls numpy.trapz, gone from NumPy 2.)
   lut           an intensity look-up table fitted on the training pairs: the mean target
                 intensity in each of 128 input-intensity bins (between the input's 0.1 and 99.9
                 percentiles), linear between bin centres, empty bins bridged (cross-modal
@@ -25,7 +27,8 @@ inside the target's body mask over the target preset's range, averaged over the 
 `config.eval.references` names the references scored; "auto" takes gaussian and the non-local
 denoiser (bm4d when it imports, else nlm) where the input shares the target's units, and lut and
 lut_gaussian where it does not. `tune` returns, per reference, its parameters, its tuning score
-and every grid point tried; evaluation writes them to summary.json["references"] and
+and every grid point tried (the one-parameter grids of gaussian, nlm and bm4d are walked in
+increasing strength and stop two points after the peak); evaluation writes them to summary.json["references"] and
 references.json, and caches them in WORKDIR/references_tuned.json under a key of everything the
 tuning read (store, split, region, modalities, data range, grids), so the evaluations of a run's
 checkpoints tune once.
@@ -54,7 +57,8 @@ log = logging.getLogger("jaxvol")
 
 GAUSSIAN_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # voxels; 0 = the input itself
 NLM_H = (0.4, 0.6, 0.8, 1.0, 1.3)       # h / noise std
-BM4D_SIGMA = (0.5, 1.0, 1.5, 2.0, 3.0)  # sigma / noise std
+BM4D_SIGMA = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # sigma / noise std (FBP noise is correlated: the
+#                                             white-noise profile wants more than its std)
 LUT_BINS = 128
 BSPLINE_FACTORS = (1, 2, 3, 4)
 DENOISING = ("gaussian", "nonlocal")
@@ -69,12 +73,16 @@ class Pair:
   target: np.ndarray
 
 
-def bm4d_available() -> bool:
+def _imports(module: str) -> bool:
   try:
-    import bm4d  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    __import__(module)
   except Exception:  # pylint: disable=broad-except
     return False
   return True
+
+
+def bm4d_available() -> bool:
+  return _imports("bm4d")
 
 
 def resolve_names(names, comparable: bool) -> list[str]:
@@ -86,10 +94,17 @@ def resolve_names(names, comparable: bool) -> list[str]:
     group = (DENOISING if comparable else TRANSLATION) if n == "auto" else (n,)
     for m in group:
       if m == "nonlocal":
-        m = "bm4d" if bm4d_available() else "nlm"
+        m = "bm4d" if bm4d_available() else "nlm" if _imports("skimage") else None
+        if m is None:
+          log.warning("no non-local denoiser to score: install bm4d or scikit-image "
+                      "(pip install 'jaxvol[references]')")
+          continue
       if m not in REFERENCES:
         raise ValueError(f"unknown classical reference {m!r} in config.eval.references; known: "
                          f"{', '.join(sorted(REFERENCES))}, auto, nonlocal")
+      if m == "nlm" and not _imports("skimage"):
+        raise ValueError("config.eval.references names nlm but scikit-image does not import here: "
+                         "pip install 'jaxvol[references]'")
       if m == "bm4d" and not bm4d_available():
         raise ValueError("config.eval.references names bm4d but the bm4d package does not import "
                          "here: pip install 'jaxvol[references]', or name nlm")
@@ -111,6 +126,7 @@ def noise_std(pairs: Sequence[Pair]) -> float:
 
 class Gaussian:
   name = "gaussian"
+  unimodal = True
 
   def candidates(self, pairs):
     del pairs
@@ -124,6 +140,7 @@ class Gaussian:
 
 class NonLocalMeans:
   name = "nlm"
+  unimodal = True
 
   def candidates(self, pairs):
     sd = noise_std(pairs)
@@ -138,6 +155,7 @@ class NonLocalMeans:
 
 class BM4D:
   name = "bm4d"
+  unimodal = True
 
   def candidates(self, pairs):
     sd = noise_std(pairs)
@@ -243,7 +261,13 @@ def tune_one(name: str, pairs: Sequence[Pair], data_range: float) -> dict:
   for params in ref.candidates(pairs):
     s = float(np.mean([score(ref.apply(p.input, params), p.target, data_range) for p in pairs]))
     tried.append((params, s))
-  best, best_score = max(tried, key=lambda t: t[1] if math.isfinite(t[1]) else -np.inf)
+    # One-parameter grids in increasing strength: the score rises to one peak and falls, so
+    # two points in a row below the best end the search (the non-local denoisers cost seconds).
+    scores = [t[1] for t in tried]
+    if getattr(ref, "unimodal", False) and len(scores) >= 3 and max(scores[-2:]) < max(scores):
+      if scores.index(max(scores)) < len(scores) - 2:
+        break
+  best, best_score = max(tried, key=lambda t: -np.inf if math.isnan(t[1]) else t[1])
   brief = lambda p: {k: v for k, v in p.items() if k not in ("x", "y")}
   return {"name": name, "label": LABELS[name], "params": best, "train_psnr": best_score,
           "grid": [[brief(p), s] for p, s in tried]}
@@ -276,7 +300,7 @@ def cache_key(parts: dict) -> str:
 def grid_version() -> str:
   """A hash of the grids and rules above: a cached tuning is redone when they change."""
   return cache_key({"gaussian": GAUSSIAN_SIGMAS, "nlm": NLM_H, "bm4d": BM4D_SIGMA, "lut": LUT_BINS,
-                    "bspline": BSPLINE_FACTORS, "version": 1})
+                    "bspline": BSPLINE_FACTORS, "version": 2})
 
 
 def public(tuned: dict[str, dict]) -> dict[str, dict]:
