@@ -8,7 +8,7 @@ same network applied to the whole volume at once, with a fraction of the memory,
 Protocol. One prior (configs/patch_prior_train.py, variant `--variant` plus `heldout`, trained
 through the library's own loop on random patches of the stroke T1's left hemisphere unless
 `--prior-workdir` already holds a checkpoint) is restored once. The test volume is a centred
-`--size` box of the held-out right hemisphere (RAS x in [0.5, 1]); a `positions` prior encodes only
+`--size` box of the held-out slab of the right hemisphere (RAS x in [0.6, 1]); a `positions` prior encodes only
 the axes whose evaluation coordinates training covers (RAS y and z; `check_positions` refuses any
 other). For each task (MRI from simulated single-coil Cartesian k-space at R=4 or 8, equispaced
 with a fully sampled centre; super-resolution x2 or x4 by block averaging) the measurement is

@@ -155,7 +155,7 @@ def _load_config(workdir: str, step: int | None, config_arg: str | None):
     meta = ckpt.restore_meta(step) or {}
   finally:
     ckpt.close()
-  print(f"using the {why} of {workdir}", file=sys.stderr, flush=True)
+
   if config_arg:
     config = load_config(config_arg)
   else:
@@ -255,7 +255,9 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
     record["volumes"].append(entry)
   record["seconds"] = time.time() - started
   fileio.write_text_atomic(os.path.join(output, "predict.json"), json.dumps(record, indent=2))
-  print(f"wrote {len(record['volumes'])} prediction(s) and predict.json to {output}", flush=True)
+  print(f"wrote {len(record['volumes'])} prediction(s) and predict.json to {output} (the "
+        f"{record['checkpoint'] or 'checkpoint step %d' % record['checkpoint_step']} of "
+        f"{workdir})", flush=True)
   return record
 
 

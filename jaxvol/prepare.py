@@ -195,10 +195,10 @@ TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (on
                    "differs), so run the configs with the token `heldout` (--config=NAME:heldout), "
                    "which also holds out a region: the evaluated anatomy is never trained on")
 REGION_NOTES = {
-    "mri_t1_t2": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5), validate on "
-                 "[0.5, 0.6) and evaluate on [0.6, 1]",
-    "mri_sr": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5), validate on "
-              "[0.5, 0.6) and evaluate on [0.6, 1]",
+    "mri_t1_t2": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) (one hemisphere), "
+                 "validate on [0.5, 0.6) and evaluate on [0.6, 1] (the other hemisphere)",
+    "mri_sr": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) (one hemisphere), "
+              "validate on [0.5, 0.6) and evaluate on [0.6, 1] (the other hemisphere)",
     "pet_denoise": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
                    "subjects (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
     "pet_ac": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "

@@ -142,8 +142,8 @@ def test_cli_train_evaluate_sample(tmp_path):
   summary = json.load(open(tmp_path / "run" / "eval" / "summary.json"))
   # T1 is not a T2 prediction: no input row; the floor that ignores the input is there (a
   # region split of one subject: the training region's mean intensity).
-  assert set(summary["metrics"]["psnr"]) == {"model", "train_mean"}
-  assert "mean intensity of 1 training target(s)" in summary["train_mean_floor"]
+  assert set(summary["metrics"]["psnr"]) == {"model", "train_mean", "lut"}
+  assert "mean intensity inside the body of 1 training target(s)" in summary["train_mean_floor"]
   pred = nib.load(tmp_path / "run" / "eval" / "nifti" / "s0_pred.nii.gz")
   assert pred.shape == (32, 16, 16) and np.allclose(pred.affine, np.eye(4))  # the input's grid
   data = pred.get_fdata()
@@ -210,18 +210,28 @@ def test_heldout_gives_the_regions_prepare_data_fits_on(name):
     assert _plain(c.data.train_region) == _plain(prepare.TRAIN_REGIONS[task]), (name, variant)
     assert _plain(c.data.eval_region) == _plain(prepare.EVAL_REGIONS[task]), (name, variant)
     assert c.eval.split == ("train" if task in ("mri_t1_t2", "mri_sr") else "test"), name
-  # The two regions tile the split axis of a volume without overlap.
+  # The regions tile the split axis of a volume without overlap: training, then (for the
+  # one-subject stores, whose validation set is a slab of the same subject) validation, then
+  # evaluation.
   shape = (62, 80, 70)
   train = pipeline.region_box(shape, c.data.train_region)
   evaluate = pipeline.region_box(shape, c.data.eval_region)
   (axis,) = [a for a in range(3) if train[a] != (0, shape[a])]
-  assert train[axis][0] == 0 and train[axis][1] == evaluate[axis][0] and evaluate[axis][1] == \
+  middle = train[axis][1]
+  if c.eval.val_split == c.eval.split:
+    val = pipeline.region_box(shape, c.eval.val_region)
+    assert val[axis][0] == middle
+    middle = val[axis][1]
+  else:
+    assert c.eval.val_split == "val" and c.eval.val_region is None  # another realisation
+  assert train[axis][0] == 0 and middle == evaluate[axis][0] and evaluate[axis][1] == \
       shape[axis]
   assert [train[a] for a in range(3) if a != axis] == [evaluate[a] for a in range(3) if a != axis]
   # Apart from the split, the held-out config is the default one.
   a, b = _json(load(_path(name))), _json(load(_path(name), "heldout"))
   for d in (a, b):
     del d["data"]["train_region"], d["data"]["eval_region"], d["eval"]["split"]
+    del d["eval"]["val_split"], d["eval"]["val_region"]  # the split's validation set
     d["data"].pop("position_axes")
   assert a == b
 
@@ -237,11 +247,19 @@ def test_demo_keeps_its_held_out_split_and_whole_is_an_alias():
   path = _path("ppdm_pet_denoise")
   demo = load(path, "demo")
   assert _plain(demo.data.eval_region) == {"2": (0.6, 1.0)} and demo.eval.split == "test"
-  assert _json(demo) == _json(load(path, "cpu,heldout"))  # demo = the cpu budget, held out
+  # demo = the cpu budget, held out, with validation and its sampler and reference settings.
+  assert (demo.train.validate_every, demo.ppdm.sample_steps) == (200, 1)
+
+  def common(c):
+    c.train.validate_every = c.ppdm.sample_steps = c.eval.reference_tune_subjects = 0
+    c.eval.reference_tune_box = ()
+    return _json(c)
+
+  assert common(demo) == common(load(path, "cpu,heldout"))
   assert (demo.train.time_limit_minutes, demo.model.base_width, tuple(demo.data.crop_size)) == (
       10.0, 16, (32, 32, 32))
   assert load(path, "demo,whole").data.eval_region is None  # the old `demo,whole` command
-  assert _json(load(path, "demo,whole")) == _json(load(path, "cpu"))
+  assert common(load(path, "demo,whole")) == common(load(path, "cpu"))
   for bad in ("demo,smoke", "cpu,demo", "heldout,whole", "hold"):
     with pytest.raises(ValueError, match="variant"):
       load(path, bad)

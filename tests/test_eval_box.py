@@ -167,7 +167,7 @@ def test_a_new_evaluation_replaces_every_file_of_the_previous_one(store, tmp_pat
   c.eval.previews = False
   summary, _ = _run(c, tmp_path)
   out = tmp_path / "eval"
-  assert sorted(os.listdir(out)) == ["metrics.csv", "nifti", "summary.json"]
+  assert sorted(os.listdir(out)) == ["metrics.csv", "nifti", "references.json", "summary.json"]
   assert sorted(os.listdir(out / "nifti")) == ["s0_pred.nii.gz", "s1_pred.nii.gz"]
   assert json.loads((out / "summary.json").read_text())["boxes"] == summary["boxes"]
   assert oct(os.stat(out).st_mode & 0o777) == oct(fileio.default_mode(directory=True))
@@ -177,7 +177,7 @@ def test_a_new_evaluation_replaces_every_file_of_the_previous_one(store, tmp_pat
   _run(_config(store, split="test", max_box=(11, 11, 11)), tmp_path, mode="sample")
   assert sorted(os.listdir(tmp_path / "samples")) == ["nifti"]
   assert sorted(os.listdir(tmp_path / "samples" / "nifti")) == ["s2_pred.nii.gz", "s3_pred.nii.gz"]
-  assert sorted(os.listdir(tmp_path)) == ["eval", "samples"]
+  assert sorted(os.listdir(tmp_path)) == ["eval", "references_tuned.json", "samples"]
 
 
 def test_a_failed_evaluation_leaves_the_previous_outputs(store, tmp_path, no_checkpoint):

@@ -78,6 +78,8 @@ def test_resolve_names():
   assert refs.resolve_names("auto", comparable=False) == ["lut", "lut_gaussian"]
   assert refs.resolve_names("gaussian, lut", comparable=True) == ["gaussian", "lut"]
   assert refs.resolve_names("", comparable=True) == []
+  assert refs.resolve_names("cheap", comparable=True) == ["gaussian"]
+  assert refs.resolve_names("cheap", comparable=False) == ["lut"]
   with pytest.raises(ValueError, match="unknown classical reference 'wiener'"):
     refs.resolve_names("wiener", comparable=True)
 

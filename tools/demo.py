@@ -47,9 +47,11 @@ def main(argv=None):
   if not os.path.exists(os.path.join(store, "manifest.json")):
     from jaxvol.data import phantoms  # pylint: disable=g-import-not-at-top
     print(f"writing the PET phantom dataset to {data_dir}", flush=True)
-    datalist = phantoms.write_demo_pet_dataset(data_dir, dose_fraction=0.1, seed=0, crop_margin=2)
-    run([py, "tools/convert.py", "--datalist", datalist, "--out", store,
-         "--preset", "pet_low=pet", "--preset", "pet_full=pet:ref=pet_low"])
+    datalist = phantoms.write_demo_pet_dataset(data_dir, **phantoms.DEMO_DATASET)
+    presets = [f"{m}={spec['kind']}" + "".join(f":{k}={v}" for k, v in spec.items() if k != "kind")
+               for m, spec in phantoms.DEMO_PRESETS.items()]
+    run([py, "tools/convert.py", "--datalist", datalist, "--out", store]
+        + [arg for p in presets for arg in ("--preset", p)])
 
   common = [py, "-m", "jaxvol.main", "--config=configs/ppdm_pet_denoise.py:demo",
             f"--workdir={workdir}", f"--config.data.store={store}"]

@@ -54,6 +54,16 @@ def get_config(variant: str | None = None):
     base.smoke_overrides(c)
   elif "cpu" in tokens or "demo" in tokens:
     base.demo_overrides(c)
+  if "demo" in tokens:
+    # Validation on the phantom's `val` subject (the held-out region; anatomy never trained on,
+    # noise and lesions of its own) every 200 steps; evaluate uses the best step.
+    c.train.validate_every = 200
+    # One bridge step from x_T = y, chosen on that validation subject after 800 steps: 27.29 dB
+    # against 26.81 with 5 steps (README "Quick start").
+    c.ppdm.sample_steps = 1
+    # Tuning BM4D costs ~5 s per 40^3 box and grid point on 2 cores: two training subjects.
+    c.eval.reference_tune_subjects = 2
+    c.eval.reference_tune_box = (40, 40, 40)
   if base.FULLVOLUME in tokens:
     base.apply_fullvolume(c)
   return c

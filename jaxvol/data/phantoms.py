@@ -266,6 +266,12 @@ def _write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[
   fileio.write_text_atomic(path, buf.getvalue())
 
 
+# The quick start's dataset (tools/demo.py) and its store presets: the low-count scale fitted on the
+# training subjects, the full-count target on the same scale.
+DEMO_DATASET = {"dose_fraction": 0.1, "seed": 0, "crop_margin": 2}
+DEMO_PRESETS = {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}}
+
+
 def write_demo_pet_dataset(
     out_dir,
     dose_fraction: float = 0.1,

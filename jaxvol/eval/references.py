@@ -26,7 +26,7 @@ inside the target's body mask over the target preset's range, averaged over the 
 
 `config.eval.references` names the references scored; "auto" takes gaussian and the non-local
 denoiser (bm4d when it imports, else nlm) where the input shares the target's units, and lut and
-lut_gaussian where it does not. `tune` returns, per reference, its parameters, its tuning score
+lut_gaussian where it does not; "cheap" (the smoke configs) gaussian or lut alone. `tune` returns, per reference, its parameters, its tuning score
 and every grid point tried (the one-parameter grids of gaussian, nlm and bm4d are walked in
 increasing strength and stop two points after the peak); evaluation writes them to summary.json["references"] and
 references.json, and caches them in WORKDIR/references_tuned.json under a key of everything the
@@ -91,7 +91,12 @@ def resolve_names(names, comparable: bool) -> list[str]:
     names = [n.strip() for n in names.split(",") if n.strip()]
   out = []
   for n in names:
-    group = (DENOISING if comparable else TRANSLATION) if n == "auto" else (n,)
+    if n == "auto":
+      group = DENOISING if comparable else TRANSLATION
+    elif n == "cheap":  # one reference that costs milliseconds (the smoke configs)
+      group = ("gaussian",) if comparable else ("lut",)
+    else:
+      group = (n,)
     for m in group:
       if m == "nonlocal":
         m = "bm4d" if bm4d_available() else "nlm" if _imports("skimage") else None
@@ -101,7 +106,7 @@ def resolve_names(names, comparable: bool) -> list[str]:
           continue
       if m not in REFERENCES:
         raise ValueError(f"unknown classical reference {m!r} in config.eval.references; known: "
-                         f"{', '.join(sorted(REFERENCES))}, auto, nonlocal")
+                         f"{', '.join(sorted(REFERENCES))}, auto, cheap, nonlocal")
       if m == "nlm" and not _imports("skimage"):
         raise ValueError("config.eval.references names nlm but scikit-image does not import here: "
                          "pip install 'jaxvol[references]'")
@@ -311,3 +316,21 @@ def public(tuned: dict[str, dict]) -> dict[str, dict]:
     params = {k: v for k, v in entry["params"].items() if k not in ("x", "y")}
     out[name] = {**{k: v for k, v in entry.items() if k != "params"}, "params": params}
   return out
+
+
+def from_summary(summary: dict, metrics=("psnr", "ssim", "hfen")) -> dict[str, dict]:
+  """{name: {"label", "params", metric: value...}} of the classical references an evaluation
+  summary scored (the rows experiments add to their tables); {} when it scored none."""
+  out = {}
+  for name, entry in (summary.get("references") or {}).items():
+    scores = {k: summary["metrics"].get(k, {}).get(name) for k in metrics}
+    out[name] = {"label": entry.get("label", name), "params": entry.get("params", {}), **scores}
+  return out
+
+
+def table_label(name: str, entry: dict) -> str:
+  """'Gaussian blur (sigma 1, tuned on training data)' for a table row."""
+  params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in entry.get("params", {}).items()
+                     if k not in ("bins", "sigma_over_noise", "h_over_sigma"))
+  return f"{entry.get('label', name)} ({params + ', ' if params else ''}tuned on training data)"

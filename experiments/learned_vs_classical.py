@@ -1,0 +1,241 @@
+"""Learned vs classical: does training a model beat what a user gets without training?
+
+Usage::
+
+  python experiments/learned_vs_classical.py --out DIR [--tasks demo,pet_denoise,ct_denoise,mri_t1_t2]
+      [--methods ppdm,regression,sparse] [--seeds 0,1,2] [--steps N] [--validate-every K]
+      [--patience P] [--source ../shared/data]
+
+For every task, method and seed: train the task's CPU recipe (`recipe`: the packaged config's
+`cpu,heldout` variant, or `demo` for the quick start's phantom, with the settings below) through
+the library's loop with validation every K steps on the task's validation set (disjoint from the
+training crops and the test voxels: jaxvol.config.HELDOUT_VALIDATION, the phantom's `val`
+subject), keep the best checkpoint by validation PSNR (stopping after P validations without
+improvement), then evaluate THAT checkpoint on the WHOLE held-out region of the test split
+(windows as the method samples) through jaxvol.eval.evaluate, beside the floors (the input; the
+training targets' body mean) and the classical references (jaxvol.eval.references, tuned on the
+training split's training region only; tuned once per task and shared by its runs).
+
+Everything resumes: training from its checkpoints, finished runs from DIR/learned_vs_classical.json
+(rewritten atomically after every run). Writes DIR/learned_vs_classical.json and
+DIR/learned_vs_classical.md: one block per task with the references and floors (one number each:
+they do not depend on a seed), each method's mean +- std over seeds, its validation-selected
+steps, and the paired difference to the best classical reference (model - reference PSNR per
+seed, mean +- std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TASKS = ("demo", "pet_denoise", "ct_denoise", "mri_t1_t2")
+METHODS = {"demo": ("ppdm", "regression"), "pet_denoise": ("ppdm", "regression"),
+           "ct_denoise": ("sparse", "regression"), "mri_t1_t2": ("ppdm", "regression")}
+# (packaged config, variant) of each task; other methods swap config.method in it.
+CONFIGS = {"demo": ("ppdm_pet_denoise", "demo"), "pet_denoise": ("ppdm_pet_denoise", "cpu,heldout"),
+           "ct_denoise": ("sparse_ct_denoise", "cpu,heldout"),
+           "mri_t1_t2": ("ppdm_mri_t1_t2", "cpu,heldout")}
+REFERENCES_CACHE = "references_tuned.json"
+log = logging.getLogger("jaxvol")
+
+
+def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespace):
+  """The config of one run: the task's packaged CPU variant for `method`, this experiment's
+  budget (steps, cosine decay, validation, patience), whole held-out regions scored."""
+  from jaxvol import config as base  # pylint: disable=g-import-not-at-top
+  name, variant = CONFIGS[task]
+  c = importlib.import_module(f"jaxvol.configs.{name}").get_config(variant)
+  if method != c.method:
+    c.method = method
+    if method == "regression":
+      c.model.stm = False  # STM modulates a time embedding that a one-pass regressor lacks
+    if task != "ct_denoise":
+      base.cpu_task_overrides(c)  # regression runs at full resolution: its own CPU budget
+  c.seed = seed
+  c.data.store = store
+  c.data.num_workers = 0
+  t = c.train
+  t.steps, t.time_limit_minutes = args.steps, 0.0
+  t.learning_rate = args.lr if args.lr else t.learning_rate
+  t.lr_schedule, t.lr_final = args.schedule, 0.0
+  t.validate_every, t.patience = args.validate_every, args.patience
+  t.checkpoint_every, t.keep_checkpoints = args.validate_every, 2
+  t.log_every = max(1, min(50, args.validate_every // 4))
+  c.eval.max_box = ()        # the whole held-out region
+  c.eval.previews = False
+  c.eval.references = "auto"
+  return c
+
+
+def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
+  """DIR/data/TASK/store: the demo's phantom, or `jaxvol prepare`'s store of the task."""
+  store = out / "data" / task / "store"
+  if (store / "manifest.json").is_file():
+    return str(store)
+  if task == "demo":
+    from jaxvol.data import phantoms  # pylint: disable=g-import-not-at-top
+    from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
+    datalist = phantoms.write_demo_pet_dataset(out / "data" / task, **phantoms.DEMO_DATASET)
+    store_lib.convert(datalist, store, phantoms.DEMO_PRESETS)
+    return str(store)
+  from jaxvol import prepare  # pylint: disable=g-import-not-at-top
+  return prepare.prepare(task, out / "data" / task, source=source)
+
+
+def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
+            args: argparse.Namespace) -> dict:
+  """Trains (or resumes) one run with validation, evaluates its best checkpoint; its record."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  c = recipe(task, method, store, seed, args)
+  workdir = out / "runs" / task / method / f"seed{seed}"
+  workdir.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  result = loop.train(c, str(workdir), validate=evaluate.validator(c, str(workdir)))
+  trained = time.time() - t0
+  # The references are tuned once per task (the tuning reads training data only, and the same
+  # for every run of the task): their cache travels between the task's workdirs.
+  shared = out / "runs" / task / REFERENCES_CACHE
+  if shared.exists():
+    shutil.copy(shared, workdir / REFERENCES_CACHE)
+  summary = evaluate.evaluate(c, str(workdir))
+  if (workdir / REFERENCES_CACHE).exists():
+    shutil.copy(workdir / REFERENCES_CACHE, shared)
+  m = summary["metrics"]
+  progress = loop.read_progress(str(workdir))
+  return {"task": task, "method": method, "seed": seed, "steps": result["step"],
+          "best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],
+          "stopped": result.get("stopped"), "train_seconds": progress[-1]["seconds"]
+          if progress else None, "wall_seconds": trained,
+          "metrics": {k: m[k] for k in ("psnr", "ssim", "hfen")},
+          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
+          "best_reference": summary.get("best_reference"),
+          "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
+          "data_range": summary["data_range"], "validation": loop.read_validation(str(workdir)),
+          "settings": settings_of(args)}
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+  return {k: getattr(args, k) for k in ("steps", "validate_every", "patience", "lr", "schedule")}
+
+
+def _mean_std(values, spec: str = ".2f") -> str:
+  """'mean ± std' (population std over the seeds), or the value alone for one seed."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if len(values) == 1:
+    return format(values[0], spec)
+  return f"{format(float(np.mean(values)), spec)} ± {format(float(np.std(values)), spec)}"
+
+
+def markdown(records: list[dict], args: argparse.Namespace) -> str:
+  """One block per task: floors, references, methods (mean ± std over seeds)."""
+  lines = ["# Learned vs classical", "",
+           "Each learned row: the checkpoint chosen by validation PSNR during training (validation "
+           "set disjoint from training and test), scored on the WHOLE held-out region of the test "
+           "split; mean ± std over the seeds listed. Classical references tuned on the training "
+           "split's training region only. Metrics in original units inside the target's body mask, "
+           "PSNR/SSIM over the target preset's range. Command: `python "
+           f"experiments/learned_vs_classical.py {' '.join(sys.argv[1:]) or '--out DIR'}`.", ""]
+  for task in dict.fromkeys(r["task"] for r in records):
+    rows = [r for r in records if r["task"] == task]
+    first = rows[0]
+    lines += [f"## {task}", "", f"Scored: split {first['split']!r}, region {first['region']}, "
+              f"mask {first['mask']}, data range {first['data_range']}.", "",
+              "| prediction | seeds | PSNR (dB) | SSIM | HFEN | selected steps (of trained) | "
+              "PSNR - best reference |", "|---|---|---|---|---|---|---|"]
+    shared = first["metrics"]["psnr"]
+    refs = [n for n in shared if n not in ("model", "input", "train_mean")]
+    best_ref = max(refs, key=lambda n: shared[n]) if refs else None
+    for name in ("input", "train_mean", *refs):
+      if name in shared:
+        label = {"input": "input (floor)", "train_mean": "training-target body mean (floor)"}.get(
+            name, f"{name} {first['references'].get(name, '')}")
+        lines.append(f"| {label}{' **(best reference)**' if name == best_ref else ''} | - | "
+                     f"{shared[name]:.2f} | {first['metrics']['ssim'][name]:.4f} | "
+                     f"{first['metrics']['hfen'][name]:.4f} | - | - |")
+    for method in dict.fromkeys(r["method"] for r in rows):
+      rs = [r for r in rows if r["method"] == method]
+      diff = [r["metrics"]["psnr"]["model"] - r["metrics"]["psnr"][best_ref] for r in rs] \
+          if best_ref else []
+      steps = ", ".join(f"{r['best_step']} ({r['steps']})" for r in rs)
+      ssim = _mean_std([r["metrics"]["ssim"]["model"] for r in rs], ".4f")
+      hfen = _mean_std([r["metrics"]["hfen"]["model"] for r in rs], ".4f")
+      lines.append(f"| {method} | {len(rs)} | "
+                   f"{_mean_std([r['metrics']['psnr']['model'] for r in rs])} | {ssim} | {hfen} | "
+                   f"{steps} | {_mean_std(diff)} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--tasks", default=",".join(TASKS))
+  p.add_argument("--methods", default="", help="default: each task's (METHODS)")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--steps", type=int, default=6000)
+  p.add_argument("--validate-every", type=int, default=500)
+  p.add_argument("--patience", type=int, default=4)
+  p.add_argument("--lr", type=float, default=0.0, help="0: the recipe's")
+  p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+  p.add_argument("--source", default=None, help="the shared volumes (default ../shared/data)")
+  args = p.parse_args(argv)
+  args.tasks = [t for t in args.tasks.split(",") if t]
+  unknown = [t for t in args.tasks if t not in TASKS]
+  if unknown:
+    p.error(f"unknown task(s) {unknown}; known: {TASKS}")
+  args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+  args.methods = [m for m in args.methods.split(",") if m]
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+  from jaxvol import fileio  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "learned_vs_classical.json"
+  records = json.loads(path.read_text())["records"] if path.exists() else []
+  settings = settings_of(args)
+
+  def save():
+    fileio.write_json_atomic(str(path), {"records": records})
+    fileio.write_text_atomic(str(out / "learned_vs_classical.md"), markdown(records, args))
+
+  for task in args.tasks:
+    store = prepare_store(out, task, args.source)
+    for method in args.methods or METHODS[task]:
+      for seed in args.seeds:
+        if any(r["task"] == task and r["method"] == method and r["seed"] == seed
+               and r["settings"] == settings for r in records):
+          continue
+        rec = run_one(task, method, seed, store, out, args)
+        records = [r for r in records if (r["task"], r["method"], r["seed"]) !=
+                   (task, method, seed)] + [rec]
+        save()
+        m = rec["metrics"]["psnr"]
+        print(f"-- {task}/{method}/seed {seed}: {m['model']:.2f} dB at step {rec['best_step']} "
+              f"(best reference {rec['best_reference']}: "
+              f"{m.get(rec['best_reference'], float('nan')):.2f} dB)", flush=True)
+  if records:
+    save()
+  return records
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  main()

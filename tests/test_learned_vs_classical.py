@@ -1,0 +1,66 @@
+"""experiments/learned_vs_classical.py: recipes with disjoint validation and test sets, and one
+tiny run end to end (validation-selected checkpoint, whole region, references, table)."""
+
+import json
+
+import pytest
+
+from jaxvol import config as base
+from jaxvol.data import pipeline
+from jaxvol.eval import evaluate
+from conftest import ROOT, load_module, write_pet_store
+
+exp = load_module(ROOT / "experiments" / "learned_vs_classical.py", "lvc_under_test")
+
+
+@pytest.mark.parametrize("task", exp.TASKS)
+def test_recipes_validate_on_voxels_neither_trained_nor_tested(task):
+  args = exp.parse_args(["--out", "x", "--tasks", task])
+  for method in exp.METHODS[task]:
+    c = exp.recipe(task, method, "STORE", 1, args)
+    assert c.method == method and c.seed == 1 and c.eval.max_box == ()
+    assert c.train.validate_every == args.validate_every and c.train.patience == args.patience
+    val = evaluate.validation_config(c)  # raises if it overlaps the training crops
+    # Validation and test: another split, or disjoint regions of one.
+    assert (val.eval.split != c.eval.split
+            or not pipeline.regions_overlap(val.data.eval_region, c.data.eval_region)), task
+    if method == "regression":
+      assert not c.model.stm
+
+
+def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
+  (tmp_path / "data").mkdir()
+  store = write_pet_store(tmp_path / "data", (24, 24, 32), ["train", "train", "val", "test"])
+  monkeypatch.setattr(exp, "prepare_store", lambda out, task, source: store)
+  recipe = exp.recipe
+
+  def tiny(task, method, store_path, seed, args):
+    c = recipe(task, method, store_path, seed, args)
+    base.smoke_overrides(c)
+    c.eval.max_box = ()
+    c.inference.window = ()
+    c.mesh.data = 1
+    c.train.steps, c.train.validate_every, c.train.checkpoint_every = 4, 2, 2
+    return c
+
+  monkeypatch.setattr(exp, "recipe", tiny)
+  out = tmp_path / "out"
+  records = exp.main(["--out", str(out), "--tasks", "pet_denoise", "--methods", "ppdm",
+                      "--seeds", "0,1", "--steps", "4", "--validate-every", "2"])
+  assert [(r["method"], r["seed"]) for r in records] == [("ppdm", 0), ("ppdm", 1)]
+  for r in records:
+    assert r["best_step"] in (2, 4) and [v["step"] for v in r["validation"]] == [2, 4]
+    best = max(r["validation"], key=lambda v: v["psnr"])
+    assert r["best_step"] == best["step"]
+    assert {"model", "input", "train_mean", "gaussian"} <= set(r["metrics"]["psnr"])
+    assert r["region"] == {"2": [0.6, 1.0]} and r["split"] == "test"
+  # One tuning per task, shared by its runs.
+  assert records[0]["references"] == records[1]["references"]
+  table = (out / "learned_vs_classical.md").read_text()
+  assert "| ppdm | 2 |" in table and "best reference" in table
+  saved = json.loads((out / "learned_vs_classical.json").read_text())["records"]
+  assert len(saved) == 2
+  # A rerun with the same settings finds every run done.
+  monkeypatch.setattr(exp, "run_one", lambda *a, **k: pytest.fail("ran again"))
+  assert len(exp.main(["--out", str(out), "--tasks", "pet_denoise", "--methods", "ppdm",
+                       "--seeds", "0,1", "--steps", "4", "--validate-every", "2"])) == 2
