@@ -9,12 +9,15 @@
    anatomy, so the config also splits the volume: training crops come from RAS z in [0, 0.6) and
    the test subject is scored on z in [0.6, 1], anatomy never trained on.
 2. Converts them into a store (tools/convert.py).
-3. Trains PPDM (configs/ppdm_pet_denoise.py:demo, puzzle factor 2) for at most --minutes.
-4. Evaluates the latest checkpoint on the test subject's held-out region and prints PSNR/SSIM of
-   the low-count input, of the PPDM output and of a floor that ignores its input (the training
-   targets' mean intensity over their training region) against the full-count image, and says
-   plainly whether PPDM beat both. Exit status 1 when it did not. Outputs:
-     WORKDIR/eval/summary.json, metrics.csv, nifti/*.nii.gz, previews/*.png
+3. Trains PPDM (configs/ppdm_pet_denoise.py:demo, puzzle factor 2) for at most --minutes,
+   validating every 200 steps on the `val` subject's held-out region and keeping the best step.
+4. Evaluates that best checkpoint on the test subject's held-out region and prints PSNR/SSIM of
+   the low-count input, of the classical references tuned on the training subjects' training
+   region (Gaussian blur; BM4D, or scikit-image's non-local means without the bm4d package), of
+   the PPDM output and of a floor that ignores its input (the training targets' mean intensity
+   inside the body) against the full-count image, and says plainly whether PPDM beat them all.
+   Exit status 1 when it did not. Outputs:
+     WORKDIR/eval/summary.json, metrics.csv, references.json, nifti/*.nii.gz, previews/*.png
 Steps 2-4 run the same commands a user runs; they are printed before they run.
 """
 

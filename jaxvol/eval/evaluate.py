@@ -366,9 +366,11 @@ def tuned_references(config, store, rules, workdir: str | None) -> dict:
   """The classical references of config.eval.references, tuned on the training data
   (jaxvol.eval.references), from WORKDIR's cache when the same tuning was done before; {} when
   none are named or the store has no training pair."""
+  if not config.data.inputs:
+    return {}
   comparable = inference_lib.shares_scale(rules, config.data.inputs[0], config.data.target)
   names = references_lib.resolve_names(config.eval.get("references", ()), comparable)
-  if not names or not config.data.inputs:
+  if not names:
     return {}
   train = [s for s in store.subjects(config.data.train_split)
            if config.data.target in s["volumes"]]

@@ -225,8 +225,7 @@ class Validation:
     self.best, self.best_step, self.since_best = None, None, 0
     for r in kept:
       self._count(r["step"], r[self.metric])
-    self.ckpt = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False, with_data=False,
-                                      subdir=ckpt_lib.BEST)
+    self.ckpt = None  # WORKDIR/best_checkpoint, opened at the first save
 
   @property
   def active(self) -> bool:
@@ -253,6 +252,9 @@ class Validation:
                      f"{self.metric!r}")
     better = self._count(step, scores[self.metric])
     if better:
+      if self.ckpt is None:
+        self.ckpt = ckpt_lib.Checkpointer(self.workdir, keep=1, async_save=False,
+                                          with_data=False, subdir=ckpt_lib.BEST)
       self.ckpt.save(step, state, meta, force=True)
       self.ckpt.wait()
     record = {"step": step, "seconds": time.time() - t0, **scores, "best_step": self.best_step,
@@ -270,7 +272,8 @@ class Validation:
     return None
 
   def close(self):
-    self.ckpt.close()
+    if self.ckpt is not None:
+      self.ckpt.close()
 
 
 def _host_tree(tree):
