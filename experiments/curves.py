@@ -131,6 +131,7 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
       c.ppdm.factor = (factor,) * 3
     c.eval.previews = False
   c.eval.max_box = (args.max_box,) * 3
+  c.eval.references = args.references
   c.train.log_every = max(1, min(25, args.steps // 16))
   c.train.checkpoint_every = 10 ** 9  # a checkpoint at the end of each segment only
   c.train.keep_checkpoints = 2
@@ -366,6 +367,8 @@ def markdown(records: Sequence[dict], args: argparse.Namespace) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True)
+  p.add_argument("--references", default="auto",
+                 help="classical references scored beside every model (config.eval.references)")
   p.add_argument("--tasks", type=quality._str_list, default=list(TASKS))  # pylint: disable=protected-access
   p.add_argument("--methods", type=quality._str_list, default=None,  # pylint: disable=protected-access
                  help="default: every method of each task (TASK_METHODS)")

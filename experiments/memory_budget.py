@@ -92,6 +92,8 @@ log = logging.getLogger("jaxvol")
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--references", default="auto",
+                 help="classical references scored beside every model (config.eval.references)")
   p.add_argument("--task", choices=TASKS, default="mri_t1_t2")
   p.add_argument("--steps", type=int, default=300, help="training steps, the same for every method")
   p.add_argument("--width", type=int, default=8, help="U-Net base width (every method)")
@@ -179,6 +181,7 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace, crop
   c.eval.checkpoint_step = args.steps
   c.eval.previews = True
   c.eval.max_box = ()  # the whole held-out region
+  c.eval.references = args.references
   c.eval.input_baseline = task == "pet_denoise"
   if method == "ppdm":
     c.inference.window = ()  # one pass over the whole region

@@ -176,6 +176,7 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   c.eval.checkpoint_step = args.steps
   c.eval.previews = True
   c.eval.input_baseline = task == "pet_denoise"
+  c.eval.references = getattr(args, "references", "auto")
   c.mesh.data = 1
   c.mesh.spatial = 1
   c.mesh.model = 1
@@ -360,6 +361,8 @@ def _str_list(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--references", default="auto",
+                 help="classical references scored beside every model (config.eval.references)")
   p.add_argument("--tasks", type=_str_list, default=list(TASKS))
   p.add_argument("--methods", type=_str_list, default=list(METHODS))
   p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")

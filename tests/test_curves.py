@@ -21,7 +21,7 @@ def run(tmp_path_factory):
   """A PET-like store (2 training, 1 test subject) and one smoke run of two methods."""
   root = tmp_path_factory.mktemp("curves")
   store = write_pet_store(root, SHAPE, ["train", "train", "test"])
-  argv = ["--out", str(root / "out"), "--tasks", "pet_denoise", "--methods",
+  argv = ["--references", "cheap", "--out", str(root / "out"), "--tasks", "pet_denoise", "--methods",
           "ppdm4", "--steps", "4", "--checkpoints", "2", "--width", "8",
           "--samples", "2", "--mean-every", "1", "--max-box", "16", "--sample-steps", "2",
           "--ppdm-sample-steps", "2", "--no-compilation-cache", "--store", f"pet_denoise={store}"]

@@ -32,7 +32,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(mb, store, tmp_path_factory):
   out = tmp_path_factory.mktemp("budget_out")
-  argv = ["--out", str(out), "--store", store] + ARGS
+  argv = ["--out", str(out), "--store", store, "--references", "cheap"] + ARGS
   return mb, out, argv, mb.main(argv)
 
 
