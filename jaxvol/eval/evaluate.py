@@ -239,9 +239,9 @@ class TrainingMeanFloor:
   volumes), the prediction is their voxelwise mean, in original units; otherwise (a region split,
   or subjects on different grids) it is the mean intensity of the training targets inside their
   body masks (metrics.body_mask) over their training regions, the constant that scores best where
-  metrics are computed (a mean that counts the background scores far below it). A model that does not beat this floor has not shown that it uses its input:
-  with test subjects whose anatomy the training set already holds, the voxelwise mean can score
-  well without denoising anything.
+  metrics are computed (a mean that counts the background scores far below it). A model that
+  does not beat this floor has not shown that it uses its input: with test subjects whose anatomy
+  the training set already holds, the voxelwise mean can score well without denoising anything.
   """
 
   def __init__(self, config, store):

@@ -26,9 +26,10 @@ inside the target's body mask over the target preset's range, averaged over the 
 
 `config.eval.references` names the references scored; "auto" takes gaussian and the non-local
 denoiser (bm4d when it imports, else nlm) where the input shares the target's units, and lut and
-lut_gaussian where it does not; "cheap" (the smoke configs) gaussian or lut alone. `tune` returns, per reference, its parameters, its tuning score
-and every grid point tried (the one-parameter grids of gaussian, nlm and bm4d are walked in
-increasing strength and stop two points after the peak); evaluation writes them to summary.json["references"] and
+lut_gaussian where it does not; "cheap" (the smoke configs) gaussian or lut alone. `tune`
+returns, per reference, its parameters, its tuning score and every grid point tried (the
+one-parameter grids of gaussian, nlm and bm4d are walked in increasing strength and stop two
+points after the peak); evaluation writes them to summary.json["references"] and
 references.json, and caches them in WORKDIR/references_tuned.json under a key of everything the
 tuning read (store, split, region, modalities, data range, grids), so the evaluations of a run's
 checkpoints tune once.
