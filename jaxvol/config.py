@@ -223,7 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.patience = 0
 
   c.eval = e = ml_collections.ConfigDict()
-  # Which checkpoint evaluate, sample and predict read (jaxvol.train.checkpoint.open_selected):
+  # Which checkpoint evaluate, sample and predict read (jaxvol.train.checkpoint.restore_selected):
   # auto (the best validation checkpoint when training validated, else the latest) | best |
   # latest | a step number; `--checkpoint=` on the command line. checkpoint_step >= 0 (older
   # commands) names a step and wins.

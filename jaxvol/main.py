@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 import jax
 from absl import app
@@ -22,6 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxvol import configs
+from jaxvol.errors import UserError
 from jaxvol.train import distributed
 
 FLAGS = flags.FLAGS
@@ -34,6 +36,9 @@ flags.DEFINE_bool("distributed", False, "Start JAX's multi-host runtime first, f
 flags.DEFINE_string("checkpoint", None, "evaluate / sample: which checkpoint: auto (the best "
                     "validation checkpoint when training validated, else the latest), best, "
                     "latest or a step number (default: config.eval.checkpoint).")
+flags.DEFINE_bool("force", False, "train: take over the workdir lock (WORKDIR/train.lock) held by "
+                  "another host's run, or a live one: only when that run is known to be gone.")
+flags.DEFINE_bool("verbose", False, "On an error, print the full traceback before its line.")
 flags.DEFINE_string("plan_mesh", "", "--mode=plan: mesh sizes, e.g. data:1,spatial:4,model:1 "
                     "(default: config.mesh).")
 flags.DEFINE_float("plan_device_memory_gb", None, "--mode=plan: per-device memory in GB to check "
@@ -67,16 +72,14 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv):
   """absl's entry: `_main`, with the mistakes a user makes (a missing store or file, a wrong
-  modality or subject, a bad volume) reported as one line and exit status 1, not a traceback."""
+  modality or subject, a bad volume, a damaged checkpoint, a busy workdir: jaxvol.errors)
+  reported as one line and exit status 1, not a traceback (which --verbose prints)."""
   from jaxvol.data.nifti import VolumeError  # pylint: disable=g-import-not-at-top
   try:
     _main(argv)
-  except (VolumeError, FileNotFoundError, FileExistsError, KeyError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(1)
-  except ValueError as e:
-    if "checkpoint selection" not in str(e) and "validation set" not in str(e):
-      raise
+  except (UserError, VolumeError, FileNotFoundError, FileExistsError, KeyError) as e:
+    if FLAGS.verbose:
+      traceback.print_exc()
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(1)
 
@@ -88,6 +91,11 @@ def _main(argv):
                       force=True)
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if not FLAGS.verbose:
+    # Orbax logs the traceback of a failed background save (absl's logger) before jaxvol raises
+    # it as one line (jaxvol.errors.CheckpointError); --verbose shows it.
+    for noisy in ("absl", "orbax"):
+      logging.getLogger(noisy).setLevel(logging.CRITICAL)
   config = split_list_fields(FLAGS.config)
   if FLAGS.checkpoint is not None:
     from jaxvol.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -111,7 +119,7 @@ def _main(argv):
     validate = None
     if int(config.train.get("validate_every", 0)) > 0 and config.data.inputs:
       validate = evaluate_lib.validator(config, FLAGS.workdir)
-    result = loop.train(config, FLAGS.workdir, validate=validate)
+    result = loop.train(config, FLAGS.workdir, validate=validate, force=FLAGS.force)
     if result.get("signal") is not None:
       # A scheduler must tell "preempted, resume me" from "done": 128 + the signal, as a shell
       # reports a process killed by it.

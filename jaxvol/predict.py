@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from jaxvol.data import nifti
 from jaxvol.data.nifti import VolumeError
+from jaxvol.errors import UserError
 
 log = logging.getLogger("jaxvol")
 SUFFIXES = (".nii.gz", ".nii")
@@ -148,13 +149,11 @@ def _load_config(workdir: str, step: int | None, config_arg: str | None):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from jaxvol.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   try:
-    ckpt, step, why = ckpt_lib.open_selected(workdir, "auto" if step is None else step)
+    found = ckpt_lib.restore_selected(workdir, "auto" if step is None else step)
   except FileNotFoundError as e:
     raise VolumeError(str(e)) from None
-  try:
-    meta = ckpt.restore_meta(step) or {}
-  finally:
-    ckpt.close()
+  meta, step, why = found.meta or {}, found.step, found.why
+  del found  # the parameters are read again under the final config (evaluate.load_params)
 
   if config_arg:
     config = load_config(config_arg)
@@ -293,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             step=args.step if args.step is not None else args.checkpoint,
             tolerance=-1.0 if args.no_resample else args.spacing_tolerance,
             overwrite=args.overwrite, config_arg=args.config)
-  except (VolumeError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (UserError, VolumeError, ValueError, FileNotFoundError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
   return 0
 

@@ -1,6 +1,6 @@
 """Validation during training: the best checkpoint by validation score, patience, resume, and the
 checkpoint that evaluate / sample / predict use (jaxvol.train.loop.Validation,
-jaxvol.train.checkpoint.open_selected, jaxvol.eval.evaluate.validator)."""
+jaxvol.train.checkpoint.restore_selected, jaxvol.eval.evaluate.validator)."""
 
 import json
 import os
@@ -50,12 +50,8 @@ def peaked(tiny_store, tmp_path_factory):  # pylint: disable=redefined-outer-nam
 
 
 def _restored(workdir, selection):
-  ckpt, step, why = ckpt_lib.open_selected(workdir, selection)
-  try:
-    state, _ = ckpt.restore(None, step)
-  finally:
-    ckpt.close()
-  return state, step, why
+  found = ckpt_lib.restore_selected(workdir, selection)
+  return found.state, found.step, found.why
 
 
 def test_best_checkpoint_is_the_step_with_the_best_validation_score(peaked):
@@ -105,7 +101,7 @@ def test_patience_stops_training_on_a_plateau(tiny_store, peaked, tmp_path):  # 
                       validate=FakeValidation())
   # Best at 4; 6 and 8 do not improve: the second miss stops at step 8, with a checkpoint there.
   assert result["step"] == 8 and "plateau" in result["stopped"] and result["best_step"] == 4
-  assert ckpt_lib.open_selected(workdir, "latest")[1] == 8
+  assert ckpt_lib.restore_selected(workdir, "latest").step == 8
 
 
 def test_resumed_run_keeps_the_best_and_drops_later_records(tiny_store, peaked, tmp_path):  # pylint: disable=redefined-outer-name
@@ -119,7 +115,7 @@ def test_resumed_run_keeps_the_best_and_drops_later_records(tiny_store, peaked, 
   records = loop.read_validation(workdir)
   assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12, 14]
   assert result["best_step"] == 4 and records[-1]["best_step"] == 4  # 24 < 25: still step 4
-  assert ckpt_lib.open_selected(workdir, "best")[1] == 4
+  assert ckpt_lib.restore_selected(workdir, "best").step == 4
 
 
 def test_selection_parsing_and_errors(tiny_store, tmp_path):  # pylint: disable=redefined-outer-name
@@ -128,9 +124,9 @@ def test_selection_parsing_and_errors(tiny_store, tmp_path):  # pylint: disable=
   with pytest.raises(ValueError, match="checkpoint selection"):
     ckpt_lib.parse_selection("newest")
   with pytest.raises(FileNotFoundError, match="train first"):
-    ckpt_lib.open_selected(str(tmp_path / "empty"), "auto")
+    ckpt_lib.restore_selected(str(tmp_path / "empty"), "auto")
   with pytest.raises(FileNotFoundError, match="no best checkpoint"):
-    ckpt_lib.open_selected(str(tmp_path / "empty"), "best")
+    ckpt_lib.restore_selected(str(tmp_path / "empty"), "best")
   assert not os.path.exists(tmp_path / "empty")  # looking creates nothing
 
 

@@ -62,6 +62,7 @@ import numpy as np
 
 from jaxvol import fileio
 from jaxvol import methods
+from jaxvol.errors import ConfigError
 from jaxvol.data import inference as inference_lib
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
@@ -87,14 +88,12 @@ def load_params(config, workdir: str, with_meta: bool = False):
   """Restores (params, step) (and the checkpoint's metadata with `with_meta`) of the checkpoint
   `checkpoint_selection` names (the best validation step by default, else the latest; logged):
   EMA weights unless config.eval.use_ema is off. The metadata gets "checkpoint_choice", the line
-  that says which checkpoint it is."""
-  ckpt, step, why = ckpt_lib.open_selected(workdir, checkpoint_selection(config))
-  try:
-    meta = ckpt.restore_meta(step)
-    ckpt_lib.check_same_model(meta, config, ckpt.directory)
-    state, _ = ckpt.restore(None, step)  # onto this process's first device, whatever mesh saved it
-  finally:
-    ckpt.close()
+  that says which checkpoint it is. A damaged checkpoint is skipped for the next older one
+  (with a warning) unless a step was chosen (jaxvol.train.checkpoint.restore_selected)."""
+  found = ckpt_lib.restore_selected(  # onto this process's first device, whatever mesh saved it
+      workdir, checkpoint_selection(config),
+      check=lambda meta: ckpt_lib.check_same_model(meta, config, workdir))
+  state, meta, step, why = found.state, found.meta, found.step, found.why
   log.info("using the %s of %s", why, workdir)
   params = state["ema_params"] if config.eval.use_ema else state["params"]
   params = jax.tree.map(jnp.asarray, params)
@@ -542,7 +541,7 @@ def validation_config(config):
     val.eval.split = split
   if split == config.data.train_split and pipeline.regions_overlap(config.data.train_region,
                                                                   region):
-    raise ValueError(f"the validation set (split {split!r}, region {_plain(region)}) overlaps the "
+    raise ConfigError(f"the validation set (split {split!r}, region {_plain(region)}) overlaps the "
                      f"training crops (split {config.data.train_split!r}, region "
                      f"{_plain(config.data.train_region)}): set config.eval.val_split / val_region")
   return val

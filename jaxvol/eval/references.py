@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from jaxvol.errors import ConfigError
 from jaxvol.eval import metrics as metrics_lib
 
 log = logging.getLogger("jaxvol")
@@ -106,13 +107,13 @@ def resolve_names(names, comparable: bool) -> list[str]:
                       "(pip install 'jaxvol[references]')")
           continue
       if m not in REFERENCES:
-        raise ValueError(f"unknown classical reference {m!r} in config.eval.references; known: "
+        raise ConfigError(f"unknown classical reference {m!r} in config.eval.references; known: "
                          f"{', '.join(sorted(REFERENCES))}, auto, cheap, nonlocal")
       if m == "nlm" and not _imports("skimage"):
-        raise ValueError("config.eval.references names nlm but scikit-image does not import here: "
+        raise ConfigError("config.eval.references names nlm but scikit-image does not import here: "
                          "pip install 'jaxvol[references]'")
       if m == "bm4d" and not bm4d_available():
-        raise ValueError("config.eval.references names bm4d but the bm4d package does not import "
+        raise ConfigError("config.eval.references names bm4d but the bm4d package does not import "
                          "here: pip install 'jaxvol[references]', or name nlm")
       if m not in out:
         out.append(m)

@@ -47,6 +47,7 @@ from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import distributed
+from jaxvol.train import lock as lock_lib
 from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
@@ -206,7 +207,7 @@ class Validation:
   {"step", "seconds", metric: value..., "best_step", "best"} to WORKDIR/validation.jsonl; when
   config.train.validate_metric improves (higher PSNR/SSIM, lower NMSE/MAE/HFEN) the state is
   saved to WORKDIR/best_checkpoint (one step kept, written synchronously; evaluate, sample and
-  predict use it by default: jaxvol.train.checkpoint.open_selected). With config.train.patience
+  predict use it by default: jaxvol.train.checkpoint.restore_selected). With config.train.patience
   P > 0, training stops after P validations in a row without improvement. A resumed run drops
   the records past its step and recovers the best score and the patience count from the rest.
   """
@@ -452,14 +453,17 @@ def compile_step(parts, config, batch_sharding=None):
   return compiled, step_lib.compiled_cost(compiled)
 
 
-def train(config, workdir: str, validate=None) -> dict:
+def train(config, workdir: str, validate=None, force: bool = False) -> dict:
   """Trains until config.train.steps (or a signal / time limit / validation plateau).
+
+  The workdir is locked while training runs (jaxvol.train.lock): a second run on it refuses.
 
   Args:
     config: the run's config.
     workdir: checkpoints, records and summaries go here; an existing run resumes.
     validate: `validate(params, step) -> {metric: value}` for `Validation` (None: no validation
       even with config.train.validate_every > 0).
+    force: take over a workdir lock held by a live run or another host.
 
   Returns:
     {"step", the last logged metrics..., "stopped": why it stopped early ("signal 15", "time limit
@@ -467,6 +471,12 @@ def train(config, workdir: str, validate=None) -> dict:
     progress records (module docstring), oldest first}.
   """
   os.makedirs(workdir, exist_ok=True)
+  with lock_lib.WorkdirLock(workdir, force=force, enabled=jax.process_index() == 0):
+    return _train(config, workdir, validate)
+
+
+def _train(config, workdir: str, validate) -> dict:
+  """`train` under the workdir lock."""
   resolve_whole_crop(config)
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region,
                                    pipeline.position_axes(config.data))
@@ -490,11 +500,17 @@ def train(config, workdir: str, validate=None) -> dict:
   warn_inference_presets(config, config.data.store)
   check_target_range(config, config.data.store)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-
-  start = ckpt.latest_step()
-  if start is not None:
-    ckpt_lib.check_same_model(ckpt.restore_meta(start), config, ckpt.directory)
-    state, _ = ckpt.restore(parts.abstract_state, start, data_iter=data_iter)
+  try:
+    # The newest checkpoint that restores; damaged newer ones are moved aside (STEP.damaged).
+    found = ckpt.restore_newest(
+        parts.abstract_state, data_iter=data_iter, move_damaged=True,
+        check=lambda meta: ckpt_lib.check_same_model(meta, config, ckpt.directory))
+  except BaseException:
+    ckpt.close()
+    del data_iter
+    raise
+  if found is not None:
+    start, state, _ = found
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
     state = state_lib.create_state(parts.method, parts.optimizer,
@@ -605,10 +621,12 @@ def train(config, workdir: str, validate=None) -> dict:
           stopped = {"stopped": why, "signal": stop.signal}
           break
   finally:
-    ckpt.close()
-    validation.close()
-    writer.close()
-    del data_iter  # stops Grain worker processes before interpreter shutdown
+    try:
+      ckpt.close()  # waits for the last save and verifies it (CheckpointError if it failed)
+    finally:
+      validation.close()
+      writer.close()
+      del data_iter  # stops Grain worker processes before interpreter shutdown
   return {"step": step, **last, **stopped, "progress": progress,
           "best_step": validation.best_step, "best": validation.best}
 

@@ -101,7 +101,7 @@ def source_shapes(source, config) -> dict:
   """
   ckpt = _checkpointer(source.workdir, source.name)
   try:
-    step = ckpt.latest_step()
+    step = ckpt.newest_sound(what=f"{source.name} checkpoint")
     if source.same_fields:
       ckpt_lib.check_same_model(ckpt.restore_meta(step), config, ckpt.directory,
                                 fields=source.same_fields)
@@ -209,8 +209,7 @@ def load(plan_: Plan, state: dict) -> dict:
   for source, matched in plan_.copies:
     ckpt = _checkpointer(source.workdir, source.name)
     try:
-      restored, _ = ckpt.restore(None)
-      step = ckpt.latest_step()
+      step, restored, _ = ckpt.restore_newest(what=f"{source.name} checkpoint")
     finally:
       ckpt.close()
     saved = flat_paths(restored[_tree(source)])
