@@ -121,16 +121,15 @@ replaced without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import sys
-import tempfile
-from typing import Any, Sequence
+from typing import Sequence
 
 from nibabel import orientations as nio
 import numpy as np
 
+from jaxvol import fileio
 from jaxvol.data import degrade
 from jaxvol.data import nifti
 from jaxvol.data import phantoms
@@ -273,18 +272,8 @@ def _pooled_affine(affine_ras: np.ndarray, pool: int) -> np.ndarray:
 
 def _write_datalist(path: pathlib.Path, modalities: Sequence[str], rows: Sequence[dict]) -> None:
   """Writes the CSV datalist atomically (temporary file, then rename)."""
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=["subject", "split", *modalities])
-      writer.writeheader()
-      writer.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.write_csv_atomic(path, [{k: row.get(k, "") for k in ("subject", "split", *modalities)}
+                                 for row in rows])
 
 
 def _save_pair(folder: pathlib.Path, subject: str, split: str, volumes: dict[str, np.ndarray],

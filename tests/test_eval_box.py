@@ -1,5 +1,5 @@
 """config.eval.max_box (the scored box, centred in the evaluation region) and output folders that
-each evaluation replaces as a whole (jaxvol.eval.evaluate.fresh_output_dir).
+each evaluation replaces as a whole (jaxvol.fileio.fresh_dir).
 
 The sampler is a stand-in (`make_sampler`): prediction = 0.5 x the condition, so every number
 written can be recomputed here from the store alone; no network is compiled.
@@ -214,7 +214,7 @@ def test_a_folder_that_cannot_be_replaced_keeps_both(tmp_path, monkeypatch, fail
 
   monkeypatch.setattr(os, "rename", rename)
   with pytest.raises(OSError, match="could not replace") as err:
-    with evaluate_lib.fresh_output_dir(str(final)) as work:
+    with fileio.fresh_dir(str(final)) as work:
       with open(os.path.join(work, "new.txt"), "w") as f:
         f.write("new")
   assert os.listdir(final) == ["old.txt"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import nibabel as nib
@@ -292,20 +291,9 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry |
   qcode, scode = geometry.codes if geometry is not None else (1, 1)
   img.header.set_qform(out_affine, code=qcode)
   img.header.set_sform(out_affine, code=scode)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  suffix = ".nii.gz" if path.endswith(".nii.gz") else ".nii"
-  # nibabel picks compression from the suffix, so the temp file keeps it.
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-  os.close(fd)
-  try:
-    nib.save(img, tmp)
-    os.chmod(tmp, fileio.default_mode())  # mkstemp creates owner-only files
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # nibabel picks compression from the suffix, so the temporary file keeps it.
+  fileio.write_path_atomic(path, lambda tmp: nib.save(img, tmp),
+                           suffix=".nii.gz" if path.endswith(".nii.gz") else ".nii")
 
 
 def check_same_grid(items: Iterable[tuple[str, Geometry]], atol: float = 1e-3) -> None:

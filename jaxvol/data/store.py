@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import logging
@@ -411,39 +410,20 @@ def _zarr_spec(path: str) -> dict[str, Any]:
 
 def _write_zarr(path: str, data: np.ndarray) -> None:
   """Writes `data` as a zarr array at `path`, atomically (temporary folder, then rename)."""
-  folder, name = os.path.split(path)
-  os.makedirs(folder, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
-  try:
+  def fill(tmp):
     spec = _zarr_spec(tmp)
     spec.update(create=True, delete_existing=True, metadata={
         "dtype": "<f4", "shape": list(data.shape),
         "chunks": [min(CHUNK, s) for s in data.shape], "compressor": _COMPRESSOR})
     arr = ts.open(spec).result()
     arr.write(data).result()
-    if os.path.exists(path):
-      # A rename landed but the crash came before the partial manifest recorded it.
-      shutil.rmtree(path)
-    os.chmod(tmp, fileio.default_mode(directory=True))  # mkdtemp creates owner-only folders
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+  # An existing `path` is replaced: a rename landed but the crash came before the partial
+  # manifest recorded it.
+  fileio.write_dir_atomic(path, fill)
 
 
 def _write_json(path: str, obj: Any) -> None:
-  folder = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, fileio.default_mode())  # mkstemp creates owner-only files
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  fileio.write_text_atomic(path, json.dumps(obj, indent=1), fsync=True)
 
 
 def convert(datalist_path: str | os.PathLike, out_dir: str | os.PathLike,

@@ -32,7 +32,7 @@ over this process's devices (jaxvol.ops.windows), so volumes larger than the tra
 predicted as the network was trained. `sample(config, workdir)` writes predictions only (no
 target needed) under WORKDIR/samples/.
 Everything written is atomic: each file (temp file + rename), and each output folder as a whole
-(`fresh_output_dir`: a run writes into a new folder beside WORKDIR/eval or WORKDIR/samples, which
+(`jaxvol.fileio.fresh_dir`: a run writes into a new folder beside WORKDIR/eval or WORKDIR/samples, which
 replaces the previous folder once the run is complete), so no file of an earlier run (another
 split's subjects, an older summary) is left among the new ones.
 
@@ -49,12 +49,9 @@ prediction is the mean of N samples (keys fold_in(volume key, k)) and nifti/ als
 voxelwise standard deviation (`{subject}_std.nii.gz`).
 """
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -178,57 +175,6 @@ def eval_box(subject, config):
   region = config.data.eval_region
   box = pipeline.region_box(shape, region) if region else tuple((0, s) for s in shape)
   return clip_box(box, max_box(config))
-
-
-def _rmtree(path: str) -> None:
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path, ignore_errors=True)
-  elif os.path.lexists(path):
-    os.remove(path)
-
-
-@contextlib.contextmanager
-def fresh_output_dir(final: str, writes: bool = True):
-  """The folder one run writes its outputs into, which then replaces `final` as a whole.
-
-  With `writes`, yields a new, empty folder beside `final` (".NAME.new-XXXXXX", so on the same
-  file system); when the block completes, the previous `final` (if any) is renamed aside, the new
-  folder renamed to `final`, and the previous one deleted. A reader thus finds the previous run's
-  complete outputs or the new run's, never files of both. If the block raises, the new folder is
-  deleted and `final` left as it was; if the renames fail, `final` is left as it was and the error
-  names the new folder, kept. Without `writes` (every process but 0 of a multi-process run)
-  nothing is created, renamed or deleted, and `final` is yielded (not to be written).
-  """
-  if not writes:
-    yield final
-    return
-  final = os.path.abspath(final)
-  parent, name = os.path.split(final)
-  os.makedirs(parent, exist_ok=True)
-  work = tempfile.mkdtemp(dir=parent, prefix=f".{name}.new-")
-  try:
-    os.chmod(work, fileio.default_mode(directory=True))  # mkdtemp: owner-only
-    yield work
-  except BaseException:
-    _rmtree(work)
-    raise
-  old = None
-  if os.path.lexists(final):
-    old = os.path.join(parent, f".{name}.old-{os.path.basename(work).rsplit('-', 1)[-1]}")
-  try:
-    if old is not None:
-      os.rename(final, old)
-    try:
-      os.rename(work, final)
-    except OSError:
-      if old is not None:
-        os.rename(old, final)
-      raise
-  except OSError as e:  # e.g. a file of the previous folder held open (Windows): keep both
-    raise OSError(f"could not replace {final} with this run's outputs ({e}); they are in "
-                  f"{work}") from e
-  if old is not None:
-    _rmtree(old)
 
 
 class TrainingMeanFloor:
@@ -452,7 +398,7 @@ def evaluate(config, workdir: str, make_sampler=None, out_name: str = "eval") ->
   """Predicts and scores the evaluation split into WORKDIR/`out_name` (module docstring);
   `make_sampler` as there."""
   writes = jax.process_index() == 0
-  with fresh_output_dir(os.path.join(workdir, out_name), writes) as out_dir:
+  with fileio.fresh_dir(os.path.join(workdir, out_name), writes) as out_dir:
     summary, rows = _evaluate_into(config, workdir, out_dir, make_sampler)
     full = summary.pop("_references_full", None)
     if writes:
@@ -522,9 +468,9 @@ def _evaluate_into(config, workdir: str, out_dir: str, make_sampler) -> tuple[di
 
 
 def sample(config, workdir: str, make_sampler=None) -> dict:
-  """Predictions only, under WORKDIR/samples/ (replaced as a whole, `fresh_output_dir`);
+  """Predictions only, under WORKDIR/samples/ (replaced as a whole, `fileio.fresh_dir`);
   `make_sampler` as in the module docstring."""
-  with fresh_output_dir(os.path.join(workdir, "samples"), jax.process_index() == 0) as out_dir:
+  with fileio.fresh_dir(os.path.join(workdir, "samples"), jax.process_index() == 0) as out_dir:
     return predict_split(config, workdir, config.eval.split, out_dir, with_metrics=False,
                          make_sampler=make_sampler)
 

@@ -8,7 +8,7 @@ ICLR 2026; configs/prdit_ct_gen.py) and by any method trained without condition 
 fold_in(PRNGKey(config.sample.seed), i), so a volume does not depend on how many are drawn. One
 compiled sampler serves every volume. Written under WORKDIR/samples/ (process 0 only, atomically:
 each file, and the folder as a whole, which replaces the previous WORKDIR/samples once the run is
-complete, jaxvol.eval.evaluate.fresh_output_dir, so no sample or generation_metrics.json of an
+complete, jaxvol.fileio.fresh_dir, so no sample or generation_metrics.json of an
 earlier run stays beside the new ones):
 
   sample_{i:03d}.nii.gz    float32, in the target's original units: the inverse of the store's
@@ -189,7 +189,7 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
 
   out_dir = os.path.join(workdir, "samples")
   writes = jax.process_index() == 0
-  with evaluate_lib.fresh_output_dir(out_dir, writes) as work:  # process 0's folder
+  with fileio.fresh_dir(out_dir, writes) as work:  # process 0's folder
     base_key = jax.random.PRNGKey(config.sample.seed)
     files, seconds, volumes = [], [], []
     for i in range(num):

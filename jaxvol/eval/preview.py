@@ -13,11 +13,11 @@ global state) and is safe to call from evaluation jobs.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from jaxvol import fileio
 
 __all__ = ["save_triplanar", "orient_slice"]
 
@@ -184,18 +184,5 @@ def save_triplanar(
   fig.suptitle(f"{suptitle}\n{title}" if suptitle else title, fontsize=9)
   fig.tight_layout()
 
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=dpi)
-    # mkstemp creates the file owner-only; a preview should be readable like any other output.
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  fileio.write_bytes_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi), suffix=".png")
   return path

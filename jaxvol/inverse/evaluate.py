@@ -16,7 +16,7 @@ compiled memory}, ...}), metrics.csv, nifti/{subject}_{name}.nii.gz on the input
 previews/{subject}.png. Metrics on the original intensity scale inside the target's body mask,
 PSNR/SSIM over the preset's range. metrics.csv gives each volume's reconstructed box ("box",
 [[start, stop], ...] voxels), summary.json the limit ("max_box") and the boxes. The folder is
-replaced as a whole when the run completes (jaxvol.eval.evaluate.fresh_output_dir): no file of an
+replaced as a whole when the run completes (jaxvol.fileio.fresh_dir): no file of an
 earlier run stays among the new ones. Process 0 writes.
 """
 
@@ -157,7 +157,7 @@ def reconstruct(config, workdir: str) -> dict:
       p.solver: runner.CompiledPredictor(solve),
   }
   names = list(predictors)
-  with evaluate_lib.fresh_output_dir(os.path.join(workdir, "pnp"), writes) as out_dir:
+  with fileio.fresh_dir(os.path.join(workdir, "pnp"), writes) as out_dir:
     rows = runner.run(volumes(), predictors, base_key, out_dir, total=len(subjects),
                       mask="body" if config.eval.mask == "body" else None,
                       previews=bool(config.eval.previews))

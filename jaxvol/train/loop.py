@@ -507,7 +507,7 @@ def _train(config, workdir: str, validate) -> dict:
         check=lambda meta: ckpt_lib.check_same_model(meta, config, ckpt.directory))
   except BaseException:
     ckpt.close()
-    del data_iter
+    data_iter = None  # stops Grain worker processes
     raise
   if found is not None:
     start, state, _ = found
