@@ -115,6 +115,7 @@ def test_forward_matches_their_unet(sparse_fx):
   assert err < 1e-4
 
 
+@pytest.mark.slow
 def test_sampler_matches_theirs(sparse_fx):
   f, net, v, cond = sparse_fx["f"], sparse_fx["net"], sparse_fx["variables"], sparse_fx["cond"]
   d = gaussian.GaussianDiffusion(1000, 1e-4, 0.02, "x0")

@@ -31,6 +31,9 @@ from jaxvol.train import loop
 from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 DAMAGE = ("overwritten_bytes", "truncated_data", "deleted_metadata", "no_commit_marker")
 ENV = dict(os.environ, PYTHONUNBUFFERED="1",
            JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ.get("TMPDIR", "/tmp"),

@@ -176,6 +176,7 @@ def _setuptools_major():
 
 @pytest.mark.skipif(_setuptools_major() < 77, reason="building jaxvol needs setuptools>=77 "
                     "(pyproject.toml's build-system); without it pip would download one")
+@pytest.mark.slow
 def test_non_editable_install_has_the_command_and_configs(tmp_path):
   """Builds a wheel offline, installs it into a fresh virtual environment and runs `jaxvol`
   there from a folder outside the checkout: the entry point, and configs found by name."""
@@ -237,6 +238,7 @@ def _jaxvol(*args, cwd=None):
                         check=False, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_common_mistakes_are_one_line(tmp_path):
   """A misspelled override (with its "did you mean"), a missing store and a missing --workdir end
   in one line on stderr, not a traceback, with a usage (2) or input (1) exit status."""

@@ -8,8 +8,12 @@ import subprocess
 import sys
 import threading
 import time
+import pytest
 
 from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
+
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
 
 STEP_LINE = re.compile(r"step (\d+)/100000 ")
 

@@ -117,6 +117,7 @@ def test_config_and_smoke_variant(path):
     load(path, "no-such-variant")
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_sample(tmp_path):
   """The documented command line: train (2 steps), evaluate and sample a smoke config."""
   import nibabel as nib  # pylint: disable=g-import-not-at-top

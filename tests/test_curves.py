@@ -10,6 +10,9 @@ from conftest import ROOT
 from conftest import load_module
 from conftest import write_pet_store
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 
 
 curves = load_module(ROOT / "experiments" / "curves.py", "curves_under_test")

@@ -38,6 +38,7 @@ def _gaussian_bridge_denoiser(br, mu, var, y):
   return denoise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eta", [1.0, 0.0])
 def test_bridge_sampler_recovers_gaussian_data(eta):
   # A sampler fed only E[x0 | x_t] misses Var(x0 | x_t) in each move, an error that vanishes as

@@ -9,6 +9,9 @@ import pytest
 from conftest import ROOT
 from conftest import load_module
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 SCRIPT = ROOT / "experiments" / "gpu_suite.py"
 
 

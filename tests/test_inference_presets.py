@@ -16,6 +16,9 @@ from jaxvol.data import store as store_lib
 from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.train import loop
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 SHAPE = (20, 18, 16)
 

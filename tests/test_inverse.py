@@ -250,6 +250,7 @@ def test_real_image_data_step_is_the_real_prox(name, shape, rho):
     assert res <= 1e-5 * np.linalg.norm(np.asarray(y)), res
 
 
+@pytest.mark.slow
 def test_multi_coil_cg_prox_converges_to_normal_equation_solution():
   shape, rho = (4, 6, 6), 0.1
   rng = np.random.default_rng(6)

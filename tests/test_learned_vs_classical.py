@@ -10,6 +10,9 @@ from jaxvol.data import pipeline
 from jaxvol.eval import evaluate
 from conftest import ROOT, load_module, write_pet_store
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 exp = load_module(ROOT / "experiments" / "learned_vs_classical.py", "lvc_under_test")
 
 

@@ -10,6 +10,9 @@ from conftest import ROOT
 from conftest import load_module
 from conftest import write_pet_store
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 SHAPE = (16, 16, 30)  # heldout PET split: train z [0, 18), evaluate z [18, 30) (12 slices)
 # PPDM r=2 is left out here (time); its branch that does not fit the budget is tested alone.
 ARGS = ["--task", "pet_denoise", "--steps", "2", "--width", "4", "--mults", "1,2",

@@ -1,9 +1,13 @@
 """Runs experiments/memory.py in-process on a tiny U-Net and volume and checks its JSON output."""
 
 import json
+import pytest
 
 from conftest import ROOT
 from conftest import load_module
+
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
 
 SCRIPT = ROOT / "experiments" / "memory.py"
 

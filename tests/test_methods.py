@@ -22,6 +22,7 @@ def smoke(method, **over):
 @pytest.mark.parametrize("method,over", [
     ("ppdm", {}), ("ppdm", {"ppdm__factor": (1, 2, 2)}), ("full3d", {}), ("wdm", {}),
 ])
+@pytest.mark.slow
 def test_sample_any_shape(method, over):
   m = methods.build(smoke(method, **over))
   batch = {"cond": jnp.zeros((1, 16, 16, 16, 1)), "target": jnp.zeros((1, 16, 16, 16, 1))}

@@ -26,6 +26,9 @@ from test_train import tiny_store  # noqa: F401  (a fixture)
 from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.train import loop
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "multihost_driver.py")
 TIMEOUT_S = 300

@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_patch_prior_experiment_writes_every_record(shared_data, tmp_path):
   out = tmp_path / "exp"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",

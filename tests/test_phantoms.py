@@ -101,6 +101,7 @@ def _read(csv_path):
   return rows, imgs
 
 
+@pytest.mark.slow
 def test_demo_dataset(maps, tmp_path):
   del maps  # requested only to skip without nilearn
   path = phantoms.write_demo_pet_dataset(tmp_path / "a", write_activity=True, n_train=2, n_val=1,

@@ -94,6 +94,7 @@ def test_state_checkpoint_resumes_exactly(paired_store):
   assert _same(_take(fresh, 3), expected)
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches(paired_store):
   ref = _take(_iter(paired_store), 3)
   it = _iter(paired_store, num_workers=2)

@@ -40,6 +40,7 @@ def test_too_large_a_mesh_names_the_device_flag(tmp_path):
     plan_lib.plan(full3d_smoke(), str(tmp_path), {"data": 1, "spatial": 16, "model": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
 def test_plan_compiles_without_allocating_the_state(tmp_path, monkeypatch):
   def no_state(*args, **kwargs):
@@ -83,6 +84,7 @@ def test_plan_warns_about_replicated_fallbacks(tmp_path):
   assert "DOES NOT FIT" in plan_lib.format_report(report)
 
 
+@pytest.mark.slow
 def test_plan_cli_on_more_fake_devices_than_the_process_had(tmp_path):
   """`--plan_devices=6` on a 4-device test environment: the CLI asks JAX for 6 before it starts.
 

@@ -11,6 +11,9 @@ from jaxvol.inverse import priors
 from jaxvol.inverse import solvers
 from jaxvol.ops import windows
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 MU, S, SN = 0.3, 0.5, 0.2
 SHAPE = (8, 10, 12)
 

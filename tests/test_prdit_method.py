@@ -126,6 +126,7 @@ def test_stage2_without_stage1_is_a_clear_error(ct_store, tmp_path):
     loop.build_everything(smoke(ct_store, stage1_workdir=str(tmp_path / "nothing")), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_warm_start_copies_matching_shapes_with_scaled_learning_rate(ct_store, runs, tmp_path):
   _, w2 = runs  # depth 1; the new model has depth 2: block1 has no counterpart
   c = smoke(ct_store, depth=2, warm_start_workdir=w2, warm_start_lr_scale=0.1)

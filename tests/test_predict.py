@@ -14,6 +14,9 @@ from jaxvol.data import store as store_lib
 from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.train import loop
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 N = 24  # voxels per side of the 1 mm training volumes
 
 

@@ -13,6 +13,9 @@ from jaxvol.data import presets as presets_lib
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 
 _load = load_module
 

@@ -11,6 +11,9 @@ from jaxvol.train import loop
 from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 KEYS = {"step", "time", "seconds", "steps_per_s", "loss", "grad_norm"}
 
 

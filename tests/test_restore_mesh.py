@@ -24,6 +24,9 @@ from jaxvol.eval import evaluate as evaluate_lib
 from jaxvol.train import loop
 from jaxvol.train import sharded_sample
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 STEPS, SPLIT = 6, 3
 LAYOUT = (2, 2)  # (data, spatial) of the run that writes the checkpoint
 

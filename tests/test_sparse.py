@@ -134,6 +134,7 @@ def _cfg(**kw):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param", ["x0", "eps", "v"])
 def test_sparse_method_trains_on_its_levels_only(param):
   m = methods.build(_cfg(diffusion__parameterization=param))

@@ -21,7 +21,9 @@ from jaxvol.train import sharded_sample
 from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
+# End to end (sharded runs against one device): `pytest -m 'not slow'` skips it.
+pytestmark = [pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices"),
+              pytest.mark.slow]
 
 
 _load = load_module

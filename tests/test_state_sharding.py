@@ -18,7 +18,9 @@ from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
 from jaxvol.train import transfer
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
+# End to end (sharded runs against one device): `pytest -m 'not slow'` skips it.
+pytestmark = [pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices"),
+              pytest.mark.slow]
 
 ZS = ("data", "spatial")
 MIN_SIZE = 1024  # the smoke U-Net's 3x3x3 kernels (>= 1,728 elements) split, its biases do not

@@ -86,6 +86,7 @@ def _run_steps(c, batch, devices, n=2):
 
 # (data, spatial): data parallel, mixed, and one volume over all four devices. The other methods'
 # spatial layouts are in test_spatial.
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [(4, 1), (2, 2), (1, 4)])
 def test_sharded_step_equals_unsharded(parts_and_batch, layout):
   if len(jax.devices()) < 4:
@@ -118,6 +119,7 @@ def _next_batch_after_restore(c, workdir):
   return next(it)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(tiny_store, tmp_path):
   c = smoke_config(tiny_store / "store", steps=6)
   c.train.checkpoint_every = 3
@@ -136,6 +138,7 @@ def test_resumed_run_equals_uninterrupted(tiny_store, tmp_path):
     np.testing.assert_array_equal(na[k], nb[k])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_checkpoint(tiny_store, tmp_path, monkeypatch):
   c = smoke_config(tiny_store / "store", steps=6)
   c.train.checkpoint_every = 2
@@ -157,6 +160,7 @@ def test_non_finite_loss_stops_before_checkpoint(tiny_store, tmp_path, monkeypat
   ck.close()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_finishes(tiny_store, tmp_path, monkeypatch):
   c = smoke_config(tiny_store / "store", steps=8)
   c.train.checkpoint_every = 100
@@ -178,6 +182,7 @@ def test_sigterm_saves_and_resume_finishes(tiny_store, tmp_path, monkeypatch):
   assert result["step"] == 8 and result["stopped"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ppdm", "full3d", "wdm", "regression", "sparse"])
 def test_train_then_evaluate_writes_everything(tiny_store, tmp_path, method):
   c = smoke_config(tiny_store / "store", method=method, steps=2)
@@ -260,6 +265,7 @@ def test_checkpoint_from_a_4_device_mesh_restores_on_one_device(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored["w"]), value)
 
 
+@pytest.mark.slow
 def test_resume_with_another_network_is_a_clear_error(tiny_store, tmp_path):
   c = smoke_config(tiny_store / "store", steps=2)
   loop.train(c, str(tmp_path / "w"))

@@ -17,6 +17,9 @@ from jaxvol.train import loop
 from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 # A validation score that peaks early (step 4) and never recovers.
 SCORES = {2: 20.0, 4: 25.0, 6: 22.0, 8: 21.0, 10: 23.0, 12: 24.0, 14: 20.0}
 

@@ -88,6 +88,7 @@ def test_every_sample_lies_in_the_image_range(volumes, parameterization):
   assert np.abs(np.asarray(free.sample(None, volumes["cond"], jax.random.PRNGKey(2)))).max() > 1.5
 
 
+@pytest.mark.slow
 def test_tiny_network_samples_lie_in_the_image_range(volumes):
   m = methods.build(_config())
   params = m.init(jax.random.PRNGKey(3), volumes)

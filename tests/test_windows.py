@@ -9,6 +9,9 @@ from jaxvol import config as config_lib
 from jaxvol import methods
 from jaxvol.ops import windows
 
+# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("size,window,overlap", [(16, 16, 0.5), (20, 8, 0.5), (37, 16, 0.25),
                                                  (9, 8, 0.0), (100, 32, 0.75)])
