@@ -142,30 +142,33 @@ def _mean_std(values, spec: str = ".2f") -> str:
 
 def markdown(records: list[dict], args: argparse.Namespace) -> str:
   """One block per task: floors, references, methods (mean ± std over seeds)."""
+  from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
   lines = ["# Learned vs classical", "",
            "Each learned row: the checkpoint chosen by validation PSNR during training (validation "
            "set disjoint from training and test), scored on the WHOLE held-out region of the test "
            "split; mean ± std over the seeds listed. Classical references tuned on the training "
            "split's training region only. Metrics in original units inside the target's body mask, "
-           "PSNR/SSIM over the target preset's range. Command: `python "
-           f"experiments/learned_vs_classical.py {' '.join(sys.argv[1:]) or '--out DIR'}`.", ""]
+           "PSNR/SSIM over the target preset's range; training minutes: training wall time "
+           "(validation and compilation excluded) on the machine that ran it.", ""]
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
     first = rows[0]
     lines += [f"## {task}", "", f"Scored: split {first['split']!r}, region {first['region']}, "
               f"mask {first['mask']}, data range {first['data_range']}.", "",
               "| prediction | seeds | PSNR (dB) | SSIM | HFEN | selected steps (of trained) | "
-              "PSNR - best reference |", "|---|---|---|---|---|---|---|"]
+              "training min | PSNR - best reference |", "|---|---|---|---|---|---|---|---|"]
     shared = first["metrics"]["psnr"]
     refs = [n for n in shared if n not in ("model", "input", "train_mean")]
     best_ref = max(refs, key=lambda n: shared[n]) if refs else None
     for name in ("input", "train_mean", *refs):
       if name in shared:
         label = {"input": "input (floor)", "train_mean": "training-target body mean (floor)"}.get(
-            name, f"{name} {first['references'].get(name, '')}")
+            name) or references.table_label(
+                name, {"label": references.LABELS.get(name, name),
+                       "params": first["references"].get(name, {})})
         lines.append(f"| {label}{' **(best reference)**' if name == best_ref else ''} | - | "
                      f"{shared[name]:.2f} | {first['metrics']['ssim'][name]:.4f} | "
-                     f"{first['metrics']['hfen'][name]:.4f} | - | - |")
+                     f"{first['metrics']['hfen'][name]:.4f} | - | - | - |")
     for method in dict.fromkeys(r["method"] for r in rows):
       rs = [r for r in rows if r["method"] == method]
       diff = [r["metrics"]["psnr"]["model"] - r["metrics"]["psnr"][best_ref] for r in rs] \
@@ -173,11 +176,29 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
       steps = ", ".join(f"{r['best_step']} ({r['steps']})" for r in rs)
       ssim = _mean_std([r["metrics"]["ssim"]["model"] for r in rs], ".4f")
       hfen = _mean_std([r["metrics"]["hfen"]["model"] for r in rs], ".4f")
+      minutes = _mean_std([r["train_seconds"] / 60 if r.get("train_seconds") else None
+                           for r in rs], ".1f")
       lines.append(f"| {method} | {len(rs)} | "
                    f"{_mean_std([r['metrics']['psnr']['model'] for r in rs])} | {ssim} | {hfen} | "
-                   f"{steps} | {_mean_std(diff)} |")
-    lines.append("")
+                   f"{steps} | {minutes} | {_mean_std(diff)} |")
+    lines += ["", f"Command: `{command_of(rows)}`", ""]
   return "\n".join(lines)
+
+
+def command_of(records: list[dict]) -> str:
+  """The command line that makes these records (a task's methods, seeds and settings)."""
+  st = records[0]["settings"]
+  parts = ["python experiments/learned_vs_classical.py --out DIR",
+           f"--tasks {','.join(dict.fromkeys(r['task'] for r in records))}",
+           f"--methods {','.join(dict.fromkeys(r['method'] for r in records))}",
+           f"--seeds {','.join(str(x) for x in sorted({r['seed'] for r in records}))}",
+           f"--steps {st['steps']}", f"--validate-every {st['validate_every']}",
+           f"--patience {st['patience']}"]
+  if st.get("lr"):
+    parts.append(f"--lr {st['lr']:g}")
+  if st.get("schedule", "constant") != "constant":
+    parts.append(f"--schedule {st['schedule']}")
+  return " ".join(parts)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -192,6 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", type=float, default=0.0, help="0: the recipe's")
   p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
   p.add_argument("--source", default=None, help="the shared volumes (default ../shared/data)")
+  p.add_argument("--report-only", action="store_true",
+                 help="rewrite DIR/learned_vs_classical.md from its JSON, training nothing")
   args = p.parse_args(argv)
   args.tasks = [t for t in args.tasks.split(",") if t]
   unknown = [t for t in args.tasks if t not in TASKS]
@@ -205,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+  for noisy in ("absl", "orbax"):  # Orbax logs every save's internals at INFO
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   from jaxvol import fileio  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +241,9 @@ def main(argv=None) -> list[dict]:
     fileio.write_json_atomic(str(path), {"records": records})
     fileio.write_text_atomic(str(out / "learned_vs_classical.md"), markdown(records, args))
 
+  if args.report_only:
+    save()
+    return records
   for task in args.tasks:
     store = prepare_store(out, task, args.source)
     for method in args.methods or METHODS[task]:
