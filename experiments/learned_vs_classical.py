@@ -4,7 +4,7 @@ Usage::
 
   python experiments/learned_vs_classical.py --out DIR [--tasks demo,pet_denoise,ct_denoise,mri_t1_t2]
       [--methods ppdm,regression,sparse] [--seeds 0,1,2] [--steps N] [--validate-every K]
-      [--patience P] [--source ../shared/data]
+      [--patience P] [--source ../shared/data] [--set KEY=VALUE ...] [--tag NAME]
 
 For every task, method and seed: train the task's CPU recipe (`recipe`: the packaged config's
 `cpu,heldout` variant, or `demo` for the quick start's phantom, with the settings below) through
@@ -15,6 +15,12 @@ improvement), then evaluate THAT checkpoint on the WHOLE held-out region of the 
 (windows as the method samples) through jaxvol.eval.evaluate, beside the floors (the input; the
 training targets' body mean) and the classical references (jaxvol.eval.references, tuned on the
 training split's training region only; tuned once per task and shared by its runs).
+
+Recipe search: `--set KEY=VALUE` (repeatable) overrides the recipe's config after the settings
+above (e.g. `--set ppdm.max_var=0.1 --set model.base_width=24`; values are Python literals, else
+strings), and `--tag NAME` names that variant: its runs live in runs/TASK/METHOD-NAME/seedS and its
+rows read `METHOD [NAME]`, beside the untagged recipe's. Compare variants on the table's
+validation column (the validation set of training), never on the test column, when choosing one.
 
 Everything resumes: training from its checkpoints, finished runs from DIR/learned_vs_classical.json
 (rewritten atomically after every run). Writes DIR/learned_vs_classical.json and
@@ -27,6 +33,7 @@ seed, mean +- std).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import logging
@@ -75,7 +82,39 @@ def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespa
   c.eval.max_box = ()        # the whole held-out region
   c.eval.previews = False
   c.eval.references = "auto"
+  for key, value in overrides_of(args).items():
+    set_field(c, key, value)
   return c
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
+  """{dotted config key: value} of the `--set KEY=VALUE` options."""
+  out = {}
+  for item in args.set or ():
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. ppdm.max_var=0.1")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
+
+
+def set_field(c, key: str, value) -> None:
+  """Sets the dotted `key` of a ConfigDict; an unknown key is an error, not a new field."""
+  *path, leaf = key.split(".")
+  node = c
+  for part in path:
+    if part not in node:
+      raise SystemExit(f"--set {key}: the config has no field {part!r}")
+    node = node[part]
+  if leaf not in node:
+    raise SystemExit(f"--set {key}: the config has no field {leaf!r}")
+  old = node[leaf]
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  node[leaf] = value
 
 
 def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
@@ -99,7 +138,7 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
   c = recipe(task, method, store, seed, args)
-  workdir = out / "runs" / task / method / f"seed{seed}"
+  workdir = out / "runs" / task / (method + (f"-{args.tag}" if args.tag else "")) / f"seed{seed}"
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   result = loop.train(c, str(workdir), validate=evaluate.validator(c, str(workdir)))
@@ -114,7 +153,7 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
     shutil.copy(workdir / REFERENCES_CACHE, shared)
   m = summary["metrics"]
   progress = loop.read_progress(str(workdir))
-  return {"task": task, "method": method, "seed": seed, "steps": result["step"],
+  return {"task": task, "method": method, "tag": args.tag, "seed": seed, "steps": result["step"],
           "best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],
           "stopped": result.get("stopped"), "train_seconds": progress[-1]["seconds"]
           if progress else None, "wall_seconds": trained,
@@ -127,7 +166,20 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
 
 
 def settings_of(args: argparse.Namespace) -> dict:
-  return {k: getattr(args, k) for k in ("steps", "validate_every", "patience", "lr", "schedule")}
+  settings = {k: getattr(args, k) for k in ("steps", "validate_every", "patience", "lr", "schedule")}
+  if args.set:
+    settings["set"] = list(args.set)
+  return settings
+
+
+def variant_of(record: dict) -> str:
+  """A record's row name: its method, and its `--tag` in brackets."""
+  return record["method"] + (f" [{record['tag']}]" if record.get("tag") else "")
+
+
+def best_validation(record: dict) -> float | None:
+  vals = [v["psnr"] for v in record.get("validation", ()) if "psnr" in v]
+  return max(vals) if vals else None
 
 
 def _mean_std(values, spec: str = ".2f") -> str:
@@ -156,7 +208,8 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
     lines += [f"## {task}", "", f"Scored: split {first['split']!r}, region {first['region']}, "
               f"mask {first['mask']}, data range {first['data_range']}.", "",
               "| prediction | seeds | PSNR (dB) | SSIM | HFEN | selected steps (of trained) | "
-              "training min | PSNR - best reference |", "|---|---|---|---|---|---|---|---|"]
+              "validation PSNR | training min | PSNR - best reference |",
+              "|---|---|---|---|---|---|---|---|---|"]
     shared = first["metrics"]["psnr"]
     refs = [n for n in shared if n not in ("model", "input", "train_mean")]
     best_ref = max(refs, key=lambda n: shared[n]) if refs else None
@@ -168,9 +221,9 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
                        "params": first["references"].get(name, {})})
         lines.append(f"| {label}{' **(best reference)**' if name == best_ref else ''} | - | "
                      f"{shared[name]:.2f} | {first['metrics']['ssim'][name]:.4f} | "
-                     f"{first['metrics']['hfen'][name]:.4f} | - | - | - |")
-    for method in dict.fromkeys(r["method"] for r in rows):
-      rs = [r for r in rows if r["method"] == method]
+                     f"{first['metrics']['hfen'][name]:.4f} | - | - | - | - |")
+    for variant in dict.fromkeys(variant_of(r) for r in rows):
+      rs = [r for r in rows if variant_of(r) == variant]
       diff = [r["metrics"]["psnr"]["model"] - r["metrics"]["psnr"][best_ref] for r in rs] \
           if best_ref else []
       steps = ", ".join(f"{r['best_step']} ({r['steps']})" for r in rs)
@@ -178,10 +231,14 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
       hfen = _mean_std([r["metrics"]["hfen"]["model"] for r in rs], ".4f")
       minutes = _mean_std([r["train_seconds"] / 60 if r.get("train_seconds") else None
                            for r in rs], ".1f")
-      lines.append(f"| {method} | {len(rs)} | "
+      lines.append(f"| {variant} | {len(rs)} | "
                    f"{_mean_std([r['metrics']['psnr']['model'] for r in rs])} | {ssim} | {hfen} | "
-                   f"{steps} | {minutes} | {_mean_std(diff)} |")
-    lines += ["", f"Command: `{command_of(rows)}`", ""]
+                   f"{steps} | {_mean_std([best_validation(r) for r in rs])} | {minutes} | "
+                   f"{_mean_std(diff)} |")
+    lines.append("")
+    for variant in dict.fromkeys(variant_of(r) for r in rows):
+      lines.append(f"Command ({variant}): `{command_of([r for r in rows if variant_of(r) == variant])}`")
+    lines.append("")
   return "\n".join(lines)
 
 
@@ -198,6 +255,9 @@ def command_of(records: list[dict]) -> str:
     parts.append(f"--lr {st['lr']:g}")
   if st.get("schedule", "constant") != "constant":
     parts.append(f"--schedule {st['schedule']}")
+  parts += [f"--set {item}" for item in st.get("set", ())]
+  if records[0].get("tag"):
+    parts.append(f"--tag {records[0]['tag']}")
   return " ".join(parts)
 
 
@@ -213,6 +273,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", type=float, default=0.0, help="0: the recipe's")
   p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
   p.add_argument("--source", default=None, help="the shared volumes (default ../shared/data)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field of the recipe (repeatable)")
+  p.add_argument("--tag", default="", help="the name of this --set variant (its rows and runs)")
   p.add_argument("--report-only", action="store_true",
                  help="rewrite DIR/learned_vs_classical.md from its JSON, training nothing")
   args = p.parse_args(argv)
@@ -222,7 +285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"unknown task(s) {unknown}; known: {TASKS}")
   args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
   args.methods = [m for m in args.methods.split(",") if m]
+  if args.set and not args.tag:
+    p.error("--set needs --tag NAME (the variant's runs and rows are kept apart by it)")
   return args
+
+
+def _key(record: dict) -> tuple:
+  return record["task"], record["method"], record.get("tag", ""), record["seed"]
 
 
 def main(argv=None) -> list[dict]:
@@ -248,12 +317,11 @@ def main(argv=None) -> list[dict]:
     store = prepare_store(out, task, args.source)
     for method in args.methods or METHODS[task]:
       for seed in args.seeds:
-        if any(r["task"] == task and r["method"] == method and r["seed"] == seed
-               and r["settings"] == settings for r in records):
+        key = (task, method, args.tag, seed)
+        if any(_key(r) == key and r["settings"] == settings for r in records):
           continue
         rec = run_one(task, method, seed, store, out, args)
-        records = [r for r in records if (r["task"], r["method"], r["seed"]) !=
-                   (task, method, seed)] + [rec]
+        records = [r for r in records if _key(r) != key] + [rec]
         save()
         m = rec["metrics"]["psnr"]
         print(f"-- {task}/{method}/seed {seed}: {m['model']:.2f} dB at step {rec['best_step']} "

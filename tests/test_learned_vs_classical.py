@@ -10,9 +10,6 @@ from jaxvol.data import pipeline
 from jaxvol.eval import evaluate
 from conftest import ROOT, load_module, write_pet_store
 
-# End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
-pytestmark = pytest.mark.slow
-
 exp = load_module(ROOT / "experiments" / "learned_vs_classical.py", "lvc_under_test")
 
 
@@ -31,6 +28,7 @@ def test_recipes_validate_on_voxels_neither_trained_nor_tested(task):
       assert not c.model.stm
 
 
+@pytest.mark.slow  # training runs: `pytest -m 'not slow'` skips it
 def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   (tmp_path / "data").mkdir()
   store = write_pet_store(tmp_path / "data", (24, 24, 32), ["train", "train", "val", "test"])
@@ -67,3 +65,34 @@ def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(exp, "run_one", lambda *a, **k: pytest.fail("ran again"))
   assert len(exp.main(["--out", str(out), "--tasks", "pet_denoise", "--methods", "ppdm",
                        "--seeds", "0,1", "--steps", "4", "--validate-every", "2"])) == 2
+
+
+def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
+  args = exp.parse_args(["--out", "x", "--tasks", "demo", "--set", "ppdm.max_var=0.1",
+                         "--set", "model.channel_mults=[1, 2]", "--set", "train.lr_schedule=cosine",
+                         "--tag", "mv"])
+  c = exp.recipe("demo", "ppdm", "STORE", 0, args)
+  assert c.ppdm.max_var == 0.1 and c.model.channel_mults == (1, 2)
+  assert c.train.lr_schedule == "cosine"
+  with pytest.raises(SystemExit, match="no field 'max_varr'"):
+    exp.recipe("demo", "ppdm", "STORE", 0,
+               exp.parse_args(["--out", "x", "--set", "ppdm.max_varr=1", "--tag", "t"]))
+  with pytest.raises(SystemExit):  # a variant without a name would mix with the recipe's rows
+    exp.parse_args(["--out", "x", "--set", "ppdm.max_var=0.1"])
+  metrics = {"psnr": {"model": 28.0, "input": 23.0, "gaussian": 27.0},
+             "ssim": {"model": 0.8, "input": 0.6, "gaussian": 0.7},
+             "hfen": {"model": 0.3, "input": 0.4, "gaussian": 0.35}}
+
+  def record(tag, seed, psnr, val):
+    m = json.loads(json.dumps(metrics))
+    m["psnr"]["model"] = psnr
+    return {"task": "demo", "method": "ppdm", "tag": tag, "seed": seed, "steps": 4,
+            "best_step": 4, "metrics": m, "references": {"gaussian": {"sigma": 1.0}},
+            "region": {}, "split": "test", "mask": "body", "data_range": [1.0],
+            "validation": [{"step": 2, "psnr": val - 1}, {"step": 4, "psnr": val}],
+            "settings": exp.settings_of(args if tag else exp.parse_args(["--out", "x"]))}
+
+  table = exp.markdown([record("", 0, 28.0, 26.0), record("mv", 0, 29.0, 27.5)], args)
+  assert "| ppdm | 1 | 28.00 |" in table and "| ppdm [mv] | 1 | 29.00 |" in table
+  assert "| 27.50 |" in table  # the best validation PSNR, the column variants are chosen on
+  assert "--set ppdm.max_var=0.1" in table and "--tag mv" in table
