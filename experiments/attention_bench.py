@@ -12,7 +12,7 @@ attends over every token of a volume: with 8^3-voxel tokens, 512 tokens is a 64^
 `jaxvol.models.attention` and each token count, `jax.value_and_grad` of the attention output's sum
 with respect to q, k and v is lowered with abstract inputs only (`jax.ShapeDtypeStruct`: nothing is
 allocated) and compiled; `compiled.memory_analysis()` gives bytes (temp + arguments + outputs -
-aliased, `jaxvol.train.step.compiled_cost`) and `compiled.cost_analysis()` the FLOPs. The xla
+aliased, `jaxvol.parallel.cost.compiled_cost`) and `compiled.cost_analysis()` the FLOPs. The xla
 backend at 32,768 tokens is compiled only: its heads x tokens^2 logits show up as bytes.
 
 Reading the numbers:
@@ -56,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import memory  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol import fileio  # noqa: E402
 from jaxvol.models import attention  # noqa: E402
-from jaxvol.train import step as step_lib  # noqa: E402
+from jaxvol.parallel import cost as cost_lib  # noqa: E402
 
 TOKENS = (512, 4096, 32768)
 BACKENDS = ("xla", "chunked", "splash")
@@ -143,7 +143,7 @@ def attention_records(tokens_list=TOKENS, heads: int = 12, head_dim: int = 64, b
       try:
         compiled = _with_timeout(
             lambda n=name: _fwd_bwd(n, chunk_size).lower(spec, spec, spec).compile(), timeout_s)
-        cost = step_lib.compiled_cost(compiled)
+        cost = cost_lib.compiled_cost(compiled)
         rec.update(bytes=cost.get("bytes"), gflops=cost["flops"] / 1e9,
                    **{k: cost.get(k) for k in ("temp_bytes", "argument_bytes", "output_bytes",
                                                 "alias_bytes")})

@@ -10,7 +10,7 @@ PRDiT ("Pixel-Level Residual Diffusion Transformer: Scalable 3D CT Volume Genera
 attends over every token of the volume: 4,096 tokens at 128^3, 32,768 at 256^3. Two kinds of
 records, both from abstract shapes only (`jax.ShapeDtypeStruct`, `jax.eval_shape`: nothing is
 allocated, nothing runs), bytes per device = temp + arguments + outputs - aliased of
-`compiled.memory_analysis()` (`jaxvol.train.step.compiled_cost`):
+`compiled.memory_analysis()` (`jaxvol.parallel.cost.compiled_cost`):
 
   attention   one attention layer's forward and backward pass, 12 heads x 64 (PRDiT-B), from
               experiments/attention_bench.py's `attention_records` (see its docstring for how

@@ -70,7 +70,7 @@ TASK_METHODS = {
 }
 def _ct_split() -> str:
   from jaxvol import prepare  # pylint: disable=g-import-not-at-top
-  return (f"one abdominal CT, simulated low dose ({prepare.DEFAULT_DOSES['ct_denoise']:g}, the "
+  return (f"one abdominal CT, simulated low dose ({prepare.default_dose('ct_denoise'):g}, the "
           "store's own): trained on RAS z in [0, 0.6) of 3 noise realisations, evaluated on z in "
           "[0.6, 1] of a new realisation")
 

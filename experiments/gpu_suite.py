@@ -92,7 +92,7 @@ from jaxvol import methods  # noqa: E402
 from jaxvol.data import pipeline  # noqa: E402
 from jaxvol.data import store as store_lib  # noqa: E402
 from jaxvol.train import loop  # noqa: E402
-from jaxvol.train import mesh as mesh_lib  # noqa: E402
+from jaxvol.parallel import mesh as mesh_lib  # noqa: E402
 from jaxvol.train import state as state_lib  # noqa: E402
 
 GIB = 2.0**30
@@ -413,13 +413,13 @@ def run_sampler(ctx: Context, variant: str) -> dict:
   rec = ctx.live
   rec.update(method=memory.VARIANTS[variant][0], size=size, batch=1,
              sample_steps=memory.sample_steps(config), compute_dtype=str(np.dtype(method.dtype)))
-  example = state_lib.abstract_batch(method, 1, (size,) * 3)
+  example = method.abstract_batch(1, (size,) * 3)
   # Random parameters drawn on the host: the sampler's speed does not depend on their values, and
   # this saves compiling the network's initialiser.
   rng = np.random.default_rng(0)
   params = jax.tree.map(
       lambda a: jnp.asarray((0.02 * rng.standard_normal(a.shape)).astype(a.dtype)),
-      state_lib.param_shapes(method, example))
+      method.param_shapes(example))
   cond = jax.random.uniform(jax.random.PRNGKey(1), example["cond"].shape, jnp.float32, -1, 1)
   key = jax.random.PRNGKey(2)
   t0 = time.perf_counter()
@@ -437,8 +437,8 @@ def run_sampler(ctx: Context, variant: str) -> dict:
 
 
 def _cost(compiled) -> dict:
-  from jaxvol.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  return step_lib.compiled_cost(compiled)
+  from jaxvol.parallel import cost as cost_lib  # pylint: disable=g-import-not-at-top
+  return cost_lib.compiled_cost(compiled)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Usage::
 For every task, method and seed: train the task's CPU recipe (`recipe`: the packaged config's
 `cpu,heldout` variant, or `demo` for the quick start's phantom, with the settings below) through
 the library's loop with validation every K steps on the task's validation set (disjoint from the
-training crops and the test voxels: jaxvol.config.HELDOUT_VALIDATION, the phantom's `val`
+training crops and the test voxels: jaxvol.data.tasks, the phantom's `val`
 subject), keep the best checkpoint by validation PSNR (stopping after P validations without
 improvement), then evaluate THAT checkpoint on the WHOLE held-out region of the test split
 (windows as the method samples) through jaxvol.eval.evaluate, beside the floors (the input; the

@@ -7,7 +7,7 @@ Usage::
 For every volume size S, attention setting and method, the train step and the sampler are lowered
 with abstract inputs only (`jax.ShapeDtypeStruct` and `jax.eval_shape`: nothing is allocated) and
 compiled; XLA's `memory_analysis()` and `cost_analysis()` give the numbers (DESIGN.md section 6).
-Bytes are per device: temp + arguments + outputs - aliased (`jaxvol.train.step.compiled_cost`).
+Bytes are per device: temp + arguments + outputs - aliased (`jaxvol.parallel.cost.compiled_cost`).
 
 Methods, all with the same U-Net:
   full3d         full-resolution conditional DDPM (`jaxvol.methods.baselines.Full3D`), factor 1.
@@ -73,8 +73,8 @@ import jax.numpy as jnp
 
 from jaxvol import config as config_lib
 from jaxvol import fileio
+from jaxvol.parallel import cost as cost_lib
 from jaxvol.train import loop
-from jaxvol.train import step as step_lib
 
 GIB = 2.0**30
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
@@ -208,7 +208,7 @@ def compile_sample(method, abstract_params, size: int, batch: int) -> dict:
   cond = jax.ShapeDtypeStruct((batch, size, size, size, method.cond_channels), jnp.float32)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   compiled = jax.jit(method.sample).lower(_plain(abstract_params), cond, key).compile()
-  return step_lib.compiled_cost(compiled)
+  return cost_lib.compiled_cost(compiled)
 
 
 def _error(exc: BaseException) -> str:

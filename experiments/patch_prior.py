@@ -19,7 +19,7 @@ measurement for every reconstruction), then
   SOLVER x {patch, whole}   DiffPIR / DPS with --steps prior evaluations each.
 Every reconstruction is a predictor of the library's one inference path (jaxvol.eval.runner):
 `bytes` is XLA's compiled per-device memory of the whole reconstruction (temp + arguments +
-outputs - aliased; jaxvol.train.step.compiled_cost), `seconds` one run after
+outputs - aliased; jaxvol.parallel.cost.compiled_cost), `seconds` one run after
 compilation, PSNR/SSIM on the original intensity scale inside the target's brain mask over the
 preset's range. `--memory-sizes` adds compile-only memory records (nothing allocated) for cubic
 volumes of those sides. Writes OUT/patch_prior.json (records {task, solver, prior, bytes,
@@ -50,22 +50,23 @@ from jaxvol import config as config_lib  # pylint: disable=wrong-import-position
 from jaxvol import methods  # pylint: disable=wrong-import-position
 from jaxvol.data import pipeline  # pylint: disable=wrong-import-position
 from jaxvol.data import store as store_lib  # pylint: disable=wrong-import-position
-from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=wrong-import-position
+from jaxvol.eval import volumes  # pylint: disable=wrong-import-position
 from jaxvol.eval import runner  # pylint: disable=wrong-import-position
+from jaxvol.eval import samplers  # pylint: disable=wrong-import-position
 from jaxvol.inverse import classical  # pylint: disable=wrong-import-position
-from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=wrong-import-position
+from jaxvol.eval import pnp as pnp_eval  # pylint: disable=wrong-import-position
 from jaxvol.inverse import operators as ops  # pylint: disable=wrong-import-position
 from jaxvol.inverse import priors  # pylint: disable=wrong-import-position
 from jaxvol.inverse import solvers  # pylint: disable=wrong-import-position
 from jaxvol.train import loop  # pylint: disable=wrong-import-position
-from jaxvol.train import step as step_lib  # pylint: disable=wrong-import-position
+from jaxvol.parallel import cost as cost_lib  # pylint: disable=wrong-import-position
 
 TASKS = {"mri_r4": ("mri", "r4"), "mri_r8": ("mri", "r8"), "sr_x2": ("sr", "x2"),
          "sr_x4": ("sr", "x4")}
 
 
 def compiled_bytes(compiled) -> int:
-  return step_lib.compiled_cost(compiled)["bytes"]
+  return cost_lib.compiled_cost(compiled)["bytes"]
 
 
 def task_config(task: str, variant: str, store: str, prior_dir: str,
@@ -146,7 +147,7 @@ def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
   p = c.pnp
   p.noise_std = args.noise
   method = methods.build(c, jax.devices()[0].platform)
-  params, step = evaluate_lib.load_params(c, prior_dir)
+  params, step = volumes.load_params(c, prior_dir)
   x, box, preset, full_shape = test_volume(c, args.size)
   shape = x.shape
   op = pnp_eval.build_operator(p, shape)
@@ -162,7 +163,7 @@ def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
                          data_range=float(preset.hi - preset.lo))
 
   def predictor(fn):
-    return runner.CompiledPredictor(lambda vol: (fn, (vol.inputs,)))
+    return samplers.CompiledPredictor(lambda vol: (fn, (vol.inputs,)))
 
   runs = {("zero_filled", "zero_filled"): predictor(
               lambda yy, k: jnp.real(classical.zero_filled(op, yy))),
@@ -196,7 +197,7 @@ def memory_only(task, args, store, prior_dir, side: int, log=print) -> list[dict
   p = c.pnp
   method = methods.build(c, jax.devices()[0].platform)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                        evaluate_lib.load_params(c, prior_dir)[0])
+                        volumes.load_params(c, prior_dir)[0])
   shape = (side,) * 3
   op = pnp_eval.build_operator(p, shape)
   y = jax.eval_shape(lambda: op.forward(jnp.zeros(shape, jnp.float32)))

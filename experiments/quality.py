@@ -46,7 +46,7 @@ the held-out slab x in [0.6, 1] (50 voxels) times the central half in y and z (8
 the held-out z in [0.6, 1] of each test volume times the central half in x and y.
 Every record also scores two floors: the input itself where it shares the target's units
 (`jaxvol.data.inference.shares_scale`; otherwise "not comparable"), and the training-target mean
-(`jaxvol.eval.evaluate.TrainingMeanFloor`), a predictor that ignores its input.
+(`jaxvol.eval.volumes.TrainingMeanFloor`), a predictor that ignores its input.
 `--eval-fraction 1` evaluates the whole held-out region / whole test volumes.
 
 Two evaluations of the same checkpoint (final step, EMA weights), both through the library's one

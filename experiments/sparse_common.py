@@ -30,7 +30,7 @@ from jaxvol.data import pipeline  # pylint: disable=wrong-import-position
 from jaxvol.data import store as store_lib  # pylint: disable=wrong-import-position
 from jaxvol.eval import metrics as metrics_lib  # pylint: disable=wrong-import-position
 from jaxvol.train import loop  # pylint: disable=wrong-import-position
-from jaxvol.train import mesh as mesh_lib  # pylint: disable=wrong-import-position
+from jaxvol.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
 from jaxvol.train import state as state_lib  # pylint: disable=wrong-import-position
 
 TASK_CONFIGS = {"ct_denoise": "configs/sparse_ct_denoise.py",

@@ -8,14 +8,14 @@ Usage::
 
 For every method, volume side S and shard count N, the library's own train step
 (`jaxvol.train.loop.build_everything` + `compile_step`, the step `loop.train` runs) and its own
-spatially sharded sampler (`jaxvol.train.sharded_sample.jit_sample`: the whole sampling loop, one
+spatially sharded sampler (`jaxvol.eval.samplers.jit_sample`: the whole sampling loop, one
 `lax.scan`, so its memory is that of one network evaluation plus the loop's carry) are compiled
 on a mesh data = 1, spatial = N, model = 1, from abstract shapes only: nothing is allocated and
 nothing runs. Bytes per device = temp + arguments + outputs - aliased (DESIGN.md section 6).
 The headline is the ratio (bytes at N shards) / (bytes at 1 shard) against the ideal 1/N and the
 target 1.2/N: what does not shrink (the replicated parameters, AdamW moments and EMA, and the
 convolution halos) is what separates the two. --state-sharding sets config.mesh.state_sharding
-(jaxvol.train.sharding.state_layouts) for every record: "zero1" splits the moments and the EMA copy
+(jaxvol.parallel.sharding.state_layouts) for every record: "zero1" splits the moments and the EMA copy
 over the N devices, "fsdp" the parameters too; one shard is the same in every mode. The sampler
 takes the parameters in the method's own (replicated) layout, as evaluation does, in every mode.
 
@@ -105,8 +105,8 @@ from jaxvol import config as config_lib  # noqa: E402  pylint: disable=wrong-imp
 from jaxvol import fileio  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol.train import loop  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol.train import plan as plan_lib  # noqa: E402  pylint: disable=wrong-import-position
-from jaxvol.train import sharded_sample  # noqa: E402  pylint: disable=wrong-import-position
-from jaxvol.train import step as step_lib  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol.eval import samplers  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol.parallel import cost as cost_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 GIB = 2.0**30
 TARGET = 1.2  # bytes at N shards <= TARGET / N of one device's
@@ -174,10 +174,10 @@ def measure(method: str, size: int, shards: int, args: argparse.Namespace) -> di
   try:
     mesh, method_obj = parts.mesh, parts.method
     psh = parts.compute_params_sharding  # as evaluation samples, whatever the state's layout
-    sampler = sharded_sample.jit_sample(method_obj, mesh, psh)
-    abstract = sharded_sample.abstract_inputs(method_obj, mesh, parts.abstract_state["params"],
+    sampler = samplers.jit_sample(method_obj, mesh, psh)
+    abstract = samplers.abstract_inputs(method_obj, mesh, parts.abstract_state["params"],
                                               (size,) * 3, 1, psh)
-    cost = step_lib.compiled_cost(sampler.lower(*abstract).compile())
+    cost = cost_lib.compiled_cost(sampler.lower(*abstract).compile())
     rec.update(sample_bytes=cost["bytes"], sample_temp_bytes=cost["temp_bytes"],
                sample_gflops=cost["flops"] / 1e9)
   except Exception as exc:  # pylint: disable=broad-except

@@ -7,7 +7,7 @@ Splits. Without a variant token every MRI/PET/CT config trains on whole volumes 
 split and evaluates whole volumes of the `test` split: right for a datalist whose test subjects
 are other people. The token `heldout` restores the region split of the stores this repository
 builds (tools/prepare_data.py, the demo's phantom), whose test subjects are the training subject
-or share its anatomy (`HELDOUT_SPLITS`, `apply_split`); `whole` names the default explicitly and
+or share its anatomy (jaxvol.data.tasks, `apply_split`); `whole` names the default explicitly and
 is kept so that older commands still run.
 
 Whole-volume training. The PPDM configs take the token `fullvolume` (`FULLVOLUME`,
@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import ml_collections
 from ml_collections import config_dict
+
+from jaxvol.data import tasks as tasks_lib
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.position_axes = (0, 1, 2)
   # Region splits of one volume: {"axis": (lo_frac, hi_frac)}, e.g. {"0": (0.0, 0.5)} trains on
   # the first half of the RAS x axis (one hemisphere) and {"0": (0.5, 1.0)} evaluates on the other;
-  # None = the whole volume (the configs' default; their `heldout` token sets HELDOUT_SPLITS).
+  # None = the whole volume (the configs' default; their `heldout` token sets the task's regions, jaxvol.data.tasks).
   # Either form is accepted on the command line: --config.data.eval_region=None or
   # --config.data.eval_region="{'2': (0.6, 1.0)}" (`region_field`).
   d.train_region = region_field()
@@ -171,7 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1             # -1: all devices not used by the other axes
   c.mesh.spatial = 1           # shards the volume depth axis of activations and batches
   c.mesh.model = 1
-  # Train state layout (jaxvol.train.sharding.state_layouts): "replicated" keeps every U-Net
+  # Train state layout (jaxvol.parallel.sharding.state_layouts): "replicated" keeps every U-Net
   # parameter, its AdamW moments and its EMA copy whole on every device; "zero1" (ZeRO stage 1)
   # splits the moments and the EMA copy over the data x spatial devices, on each leaf's largest
   # dimension they divide; "fsdp" splits the parameters too, at rest: the step all-gathers the whole
@@ -348,35 +350,14 @@ def clamp_for_preset(c: ml_collections.ConfigDict, kind: str) -> ml_collections.
   return c
 
 
-# The held-out split of each task's shared-data stores (variant token `heldout`):
-# {task: (train_region, eval_region, eval split)}. The stores of tools/prepare_data.py hold one
-# subject (mri_t1_t2, mri_sr: one hemisphere trains, the other of the same subject, split
-# "train", is scored) or test subjects that share the training subjects' anatomy (pet_denoise,
-# pet_ac, the demo's phantom; ct_denoise: one CT with new noise): the lower 60% of RAS z trains,
-# the upper 40% of the test subjects is scored, so no evaluated anatomy is trained on. The regions
-# equal jaxvol.prepare's TRAIN_REGIONS / EVAL_REGIONS, which fit the stores' scales on the
-# training region (tests/test_configs.py checks it).
-HELDOUT_SPLITS = {
-    "mri_t1_t2": ({"0": (0.0, 0.5)}, {"0": (0.6, 1.0)}, "train"),
-    "mri_sr": ({"0": (0.0, 0.5)}, {"0": (0.6, 1.0)}, "train"),
-    "pet_denoise": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
-    "pet_ac": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
-    "ct_denoise": ({"2": (0.0, 0.6)}, {"2": (0.6, 1.0)}, "test"),
-}
-# The validation set of each held-out split (config.eval.val_split / val_region, used by
-# validation during training): {task: (split, region)}, disjoint from the training crops and from
-# the evaluated voxels. The one-subject MRI stores validate on the slab RAS x in [0.5, 0.6)
-# between the training hemisphere and the evaluated [0.6, 1]; the PET and CT stores have a
-# validation realisation (split "val": its own noise, jaxvol.prepare), scored on the held-out
-# region like the test subject.
-HELDOUT_VALIDATION = {
-    "mri_t1_t2": ("train", {"0": (0.5, 0.6)}),
-    "mri_sr": ("train", {"0": (0.5, 0.6)}),
-    "pet_denoise": ("val", None),
-    "pet_ac": ("val", None),
-    "ct_denoise": ("val", None),
-}
-HELDOUT = "heldout"  # the variant token of HELDOUT_SPLITS
+# The held-out split of each task's shared-data stores (variant token `heldout`): the regions and
+# splits of jaxvol.data.tasks (one record per task). The stores of `jaxvol prepare` hold one
+# subject (mri_t1_t2, mri_sr: one hemisphere trains, the other of the same subject is scored) or
+# test subjects that share the training subjects' anatomy (pet_denoise, pet_ac, the demo's
+# phantom; ct_denoise: one CT with new noise), so no evaluated anatomy is trained on; validation
+# (config.eval.val_split / val_region, the best checkpoint and patience during training) is
+# disjoint from both.
+HELDOUT = "heldout"  # the variant token of the held-out split (jaxvol.data.tasks)
 WHOLE = "whole"      # the default named explicitly (older commands); excludes `heldout`
 SPLIT_TOKENS = (HELDOUT, WHOLE)
 
@@ -404,13 +385,16 @@ def apply_fullvolume(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def apply_split(c: ml_collections.ConfigDict, task: str,
                 heldout: bool) -> ml_collections.ConfigDict:
-  """Whole volumes, train split -> test split (default), or the task's HELDOUT_SPLITS entry."""
+  """Whole volumes, train split -> test split (default), or the task's held-out split
+  (jaxvol.data.tasks: training, validation and evaluation regions)."""
   if heldout:
-    train, evaluate, split = HELDOUT_SPLITS[task]
-    c.data.train_region, c.data.eval_region = dict(train), dict(evaluate)
-    c.eval.split = split
-    c.eval.val_split, val_region = HELDOUT_VALIDATION[task]
-    c.eval.val_region = None if val_region is None else dict(val_region)
+    t = tasks_lib.get(task)
+    if not t.heldout:
+      raise ValueError(f"task {task!r} has no held-out split (jaxvol.data.tasks)")
+    c.data.train_region, c.data.eval_region = dict(t.train_region), dict(t.eval_region)
+    c.eval.split = t.eval_split
+    c.eval.val_split = t.val_split
+    c.eval.val_region = None if t.val_region is None else dict(t.val_region)
   else:
     c.data.train_region = c.data.eval_region = None
     c.eval.split = "test"
@@ -422,8 +406,8 @@ def pet_regions() -> tuple[dict, dict]:
   """(train_region, eval_region) of the `heldout` split of the PET tasks whose subjects share one
   anatomy (the stores of tools/prepare_data.py and the demo's phantom): RAS z in [0, 0.6) for
   training, [0.6, 1] for evaluation."""
-  train, evaluate, _ = HELDOUT_SPLITS["pet_denoise"]
-  return dict(train), dict(evaluate)
+  t = tasks_lib.get("pet_denoise")
+  return dict(t.train_region), dict(t.eval_region)
 
 
 def variant_tokens(variant: str | None, known: Iterable[str],
@@ -593,7 +577,7 @@ def sparse_config(task: str, variant: str | None) -> ml_collections.ConfigDict:
   Variant tokens, comma-separated: `smoke` (seconds on CPU) or `cpu` (minutes on 2 CPU cores),
   `authors` (the authors' network, sampler and training recipe: `_sparse_authors`; combines with
   smoke/cpu, whose sizes it keeps), `heldout` (the region split of the task's shared-data store,
-  `HELDOUT_SPLITS`; default: whole volumes, train -> test split; `whole` names the default), and
+  jaxvol.data.tasks; default: whole volumes, train -> test split; `whole` names the default), and
   for mri_sr the factor `x2` (default) or `x4`. Every variant samples volumes larger than the
   training patch in Gaussian-blended windows of the patch size.
   """

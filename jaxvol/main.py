@@ -114,7 +114,7 @@ def _main(argv):
   from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
   # Evaluation and sampling split one volume over config.mesh.spatial x model devices when > 1
-  # (jaxvol.eval.runner.volume_sampler).
+  # (jaxvol.eval.samplers.choose).
   if FLAGS.mode == "train":
     validate = None
     if int(config.train.get("validate_every", 0)) > 0 and config.data.inputs:
@@ -132,7 +132,7 @@ def _main(argv):
     else:
       logging.info("training finished at step %d", result["step"])
   elif FLAGS.mode == "evaluate" and "pnp" in config:
-    from jaxvol.inverse import evaluate as pnp_lib  # pylint: disable=g-import-not-at-top
+    from jaxvol.eval import pnp as pnp_lib  # pylint: disable=g-import-not-at-top
     summary = pnp_lib.reconstruct(config, FLAGS.workdir)
     for name, entry in summary["metrics"].items():
       logging.info("%-12s %s", name, "  ".join(f"{k}={v:.4f}" for k, v in entry.items()))

@@ -153,7 +153,7 @@ def _load_config(workdir: str, step: int | None, config_arg: str | None):
   except FileNotFoundError as e:
     raise VolumeError(str(e)) from None
   meta, step, why = found.meta or {}, found.step, found.why
-  del found  # the parameters are read again under the final config (evaluate.load_params)
+  del found  # the parameters are read again under the final config (volumes.load_params)
 
   if config_arg:
     config = load_config(config_arg)
@@ -169,15 +169,16 @@ def _load_config(workdir: str, step: int | None, config_arg: str | None):
 
 def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
             seed: int | None = None, step: int | None = None, tolerance: float = 0.05,
-            overwrite: bool = False, config_arg: str | None = None, make_sampler=None) -> dict:
+            overwrite: bool = False, config_arg: str | None = None) -> dict:
   """Predicts every input (module docstring); returns the predict.json record."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxvol import fileio  # pylint: disable=g-import-not-at-top
   from jaxvol import methods  # pylint: disable=g-import-not-at-top
   from jaxvol.data import inference as inference_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import volumes  # pylint: disable=g-import-not-at-top
   from jaxvol.eval import runner  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import samplers  # pylint: disable=g-import-not-at-top
 
   if samples < 1:
     raise ValueError(f"--samples must be >= 1, got {samples}")
@@ -207,9 +208,9 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
 
   os.makedirs(output, exist_ok=True)
   method = methods.build(config, jax.devices()[0].platform)
-  # As --mode=evaluate: the volume split over config.mesh when > 1 (runner.volume_sampler).
-  sampler = runner.volume_sampler(config, method, make_sampler)
-  params, _ = evaluate_lib.load_params(config, workdir)
+  # As --mode=evaluate: the volume split over config.mesh when > 1 (samplers.choose).
+  sampler = samplers.choose(config, method)
+  params, _ = volumes.load_params(config, workdir)
   params = sampler.put_params(params)
   seed = int(config.eval.seed if seed is None else seed)
   axes = pipeline.position_axes(config.data)
@@ -240,7 +241,7 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
                "target_preset": target_preset.to_dict()})
 
   started = time.time()
-  rows = runner.run(volumes(), {runner.MODEL: runner.SamplerPredictor(sampler, params)},
+  rows = runner.run(volumes(), {runner.MODEL: samplers.SamplerPredictor(sampler, params)},
                     jax.random.PRNGKey(seed), output, total=len(subjects), samples=samples,
                     mask=None, nifti_dir="", previews=False, skip_existing=not overwrite,
                     writes=True, report=lambda line: print(line, flush=True))

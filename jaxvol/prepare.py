@@ -43,7 +43,7 @@ Tasks:
   ``--realisations``), ``pet_tmpl_test`` and ``pet_t1_test`` (test, other noise seeds).
   With only two anatomies, the TEST SUBJECTS SHARE THEIR ANATOMY WITH TRAINING SUBJECTS; only the
   noise differs. The configs' ``heldout`` variant therefore also splits each volume: training crops come from RAS z in
-  [0, 0.6) and evaluation is on [0.6, 1] (``TRAIN_REGIONS`` / ``EVAL_REGIONS``), so the evaluated
+  [0, 0.6) and evaluation is on [0.6, 1] (the task's regions, jaxvol.data.tasks), so the evaluated
   anatomy is never trained on.
 
 ``pet_ac``
@@ -136,17 +136,15 @@ from jaxvol.data import phantoms
 from jaxvol.data import pipeline
 from jaxvol.data import presets as presets_lib
 from jaxvol.data import store as store_lib
+from jaxvol.data import tasks as tasks_lib
 
-TASKS = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "ct_gen", "mri_sr")
+TASKS = tasks_lib.PREPARED
 # shared/data beside the checkout (jaxvol/prepare.py -> ../../shared/data); an installed jaxvol
 # has none there, so it needs --source.
 DEFAULT_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_DOSE = 0.1  # PET tasks
-DEFAULT_CT_DOSE = 0.1  # ct_denoise: ~33 HU of inserted noise in the body (see the docstring)
+DEFAULT_DOSE = 0.1  # a task without its own default dose
 CT_FILTER = "ramp"  # sharp reconstruction kernel for the inserted noise
-DEFAULT_DOSES = {"pet_denoise": DEFAULT_DOSE, "pet_ac": DEFAULT_DOSE, "ct_denoise": DEFAULT_CT_DOSE}
-CT_WINDOW_HU = (-1000.0, 1000.0)  # air .. dense bone, mapped to [-1, 1]
-SR_FACTORS = (2, 4)  # mri_sr: slice thickness in voxels of the simulated inputs
+SR_FACTORS = tasks_lib.SR_FACTORS
 # Expected counts of one full-count image, about a clinical brain scan (as in jaxvol.data.phantoms).
 DEFAULT_COUNTS = phantoms.DEFAULT_TOTAL_COUNTS
 DEFAULT_REALISATIONS = 3
@@ -162,51 +160,12 @@ SOURCES = {
     "transm": "templates_2mm/Transm.nii.gz",
     "ct": "ct_abdomen/example_ct.nii.gz",
 }
-_CT_PRESET = {"kind": "ct", "lo": CT_WINDOW_HU[0], "hi": CT_WINDOW_HU[1]}
-PRESETS = {
-    "mri_t1_t2": {"t1": {"kind": "mri"}, "t2": {"kind": "mri"}},
-    "pet_denoise": {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}},
-    "pet_ac": {"pet_nac_low": {"kind": "pet"}, "pet_ac": {"kind": "pet"}},
-    "ct_denoise": {"ct_low": dict(_CT_PRESET), "ct": dict(_CT_PRESET, ref="ct_low")},
-    "ct_gen": {"ct": dict(_CT_PRESET)},
-    # Inputs on the target's scale (fitted on the training region of the target, not on the
-    # evaluated one: `_training_presets`), so the input is a comparable baseline.
-    "mri_sr": {**{f"t1_x{f}": {"kind": "mri"} for f in SR_FACTORS}, "t1": {"kind": "mri"}},
-}
-# The region split of each task's configs (jaxvol.config): training crops come from this part of
-# every volume, evaluation from the rest. Percentile presets are fitted here, on the training
-# subjects' training region only (`_training_presets`), so no evaluated voxel sets a scale.
-TRAIN_REGIONS = {
-    "mri_t1_t2": {"0": (0.0, 0.5)},
-    "mri_sr": {"0": (0.0, 0.5)},
-    "pet_denoise": {"2": (0.0, 0.6)},
-    "pet_ac": {"2": (0.0, 0.6)},
-    "ct_denoise": {"2": (0.0, 0.6)},
-}
-EVAL_REGIONS = {
-    "mri_t1_t2": {"0": (0.6, 1.0)},
-    "mri_sr": {"0": (0.6, 1.0)},
-    "pet_denoise": {"2": (0.6, 1.0)},
-    "pet_ac": {"2": (0.6, 1.0)},
-    "ct_denoise": {"2": (0.6, 1.0)},
-}
-TEST_SPLIT_NOTE = ("test subjects share their anatomy with training subjects (only the noise "
-                   "differs), so run the configs with the token `heldout` (--config=NAME:heldout), "
-                   "which also holds out a region: the evaluated anatomy is never trained on")
-REGION_NOTES = {
-    "mri_t1_t2": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) (one hemisphere), "
-                 "validate on [0.5, 0.6) and evaluate on [0.6, 1] (the other hemisphere)",
-    "mri_sr": "one subject: with the token `heldout` the configs train on RAS x in [0, 0.5) (one hemisphere), "
-              "validate on [0.5, 0.6) and evaluate on [0.6, 1] (the other hemisphere)",
-    "pet_denoise": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
-                   "subjects (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
-    "pet_ac": "with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] of the test "
-              "subject (train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
-    "ct_denoise": "one volume: with the token `heldout` the configs train on RAS z in [0, 0.6) and evaluate on [0.6, 1] "
-                  "(train_region {'2': (0.0, 0.6)}, eval_region {'2': (0.6, 1.0)})",
-    "ct_gen": "one volume: enough to show the mechanics of training and sampling, not to learn "
-              "a generative model of a population of CT scans",
-}
+
+
+def default_dose(task: str) -> float:
+  """The task's dose fraction of the simulated low-count PET or low-dose CT (jaxvol.data.tasks)."""
+  dose = tasks_lib.get(task).default_dose
+  return DEFAULT_DOSE if dose is None else dose
 
 
 def source_dir(source: str | os.PathLike | None = None) -> pathlib.Path:
@@ -378,10 +337,11 @@ def _mri_sr_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
 
 def _training_presets(task: str, datalist: pathlib.Path) -> dict[str, dict]:
   """The task's preset specs with every percentile preset replaced by explicit lo/hi, fitted on
-  the training subjects' training region (`TRAIN_REGIONS`): the median over those subjects of
+  the training subjects' training region (the task's train_region, jaxvol.data.tasks): the
+  median over those subjects of
   `fit_preset` on the region. A `ref` spec keeps taking its ref's (now fixed) scale."""
-  specs = {m: dict(v) for m, v in PRESETS[task].items()}
-  region = TRAIN_REGIONS.get(task)
+  specs = {m: dict(v) for m, v in tasks_lib.get(task).presets.items()}
+  region = tasks_lib.get(task).train_region
   train = [s for s in store_lib.read_datalist(datalist) if s["split"] == "train"]
   for mod, spec in specs.items():
     kw = {k: v for k, v in spec.items() if k != "kind"}
@@ -424,7 +384,7 @@ def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | N
     source: folder of the shared real volumes (default: shared/data beside the repository).
     seed: noise seed.
     dose: dose fraction of the low-count PET or low-dose CT, in (0, 1]; None: the task's default
-      (`DEFAULT_DOSES`: 0.1 for the PET tasks and for ct_denoise). Unused by the MRI tasks.
+      (`default_dose`: 0.1 for the PET tasks and for ct_denoise). Unused by the MRI tasks.
     counts: expected counts of a full-count PET image.
     realisations: training noise realisations per anatomy (PET and CT tasks), >= 1.
     overwrite: replace an existing out_dir/store.
@@ -440,7 +400,7 @@ def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | N
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   if dose is None:
-    dose = DEFAULT_DOSES.get(task, DEFAULT_DOSE)
+    dose = default_dose(task)
   if not 0.0 < float(dose) <= 1.0:
     raise ValueError(f"dose must be in (0, 1], got {dose}")
   if not float(counts) > 0:
@@ -455,7 +415,7 @@ def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | N
   (out / "nifti").mkdir(parents=True, exist_ok=True)
   rows = _BUILDERS[task](src, out, seed=int(seed), dose=float(dose), counts=float(counts),
                          realisations=int(realisations))
-  modalities = list(PRESETS[task])
+  modalities = list(tasks_lib.get(task).modalities)
   datalist = out / "datalist.csv"
   _write_datalist(datalist, modalities, rows)
   store_lib.convert(datalist, store_path, _training_presets(task, datalist), overwrite=overwrite)
@@ -471,10 +431,11 @@ def describe(task: str, store_path: str) -> str:
     if subjects:
       lines.append(f"  {split}: " + ", ".join(
           f"{s['id']} {'x'.join(map(str, s['shape']))}" for s in subjects))
-  if task in REGION_NOTES:
-    lines.append(f"  {REGION_NOTES[task]}")
-  if task not in ("mri_t1_t2", "mri_sr", "ct_gen"):
-    lines.append(f"  note: {TEST_SPLIT_NOTE}")
+  record = tasks_lib.get(task)
+  lines.append(f"  note: {record.note}")
+  if record.heldout:
+    lines.append(f"  with the config token `heldout` (--config=NAME:heldout): "
+                 f"{tasks_lib.describe_split(record)}, so no evaluated anatomy is trained on")
   for mod in store.modalities:
     p = store.subjects()[0]["volumes"][mod]["preset"]
     lines.append(f"  preset {mod}: {p['name']} [{p['lo']:.6g}, {p['hi']:.6g}]")
@@ -490,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0, help="noise seed")
   parser.add_argument("--dose", type=float, default=None,
                       help="dose fraction of the low-count PET or low-dose CT (default: "
-                      + ", ".join(f"{t} {d}" for t, d in DEFAULT_DOSES.items()) + ")")
+                      + ", ".join(f"{t} {default_dose(t)}" for t in TASKS
+                                  if tasks_lib.get(t).default_dose is not None) + ")")
   parser.add_argument("--counts", type=float, default=DEFAULT_COUNTS,
                       help="expected counts of a full-count PET image")
   parser.add_argument("--realisations", type=int, default=DEFAULT_REALISATIONS,

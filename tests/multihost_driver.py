@@ -82,23 +82,21 @@ def main(argv=None) -> int:
   distributed.initialize(c)
   import jax  # pylint: disable=g-import-not-at-top
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import volumes  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
-  from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import samplers  # pylint: disable=g-import-not-at-top
 
   result = loop.train(c, args.workdir)
-  params, step = evaluate.load_params(c, args.workdir)
+  params, step = volumes.load_params(c, args.workdir)
   os.makedirs(args.out, exist_ok=True)
   np.savez(os.path.join(args.out, f"params_{args.process_id}.npz"), **flat(params))
   ce = eval_config(c)
   ce.mesh.data, ce.mesh.spatial = 1, jax.device_count()
-  samplers = []
-
-  def make_sampler(method):
-    samplers.append(sharded_sample.evaluation_sampler(ce, method))
-    return samplers[-1]
-
-  evaluate.evaluate(ce, args.workdir, make_sampler)
-  sampler = samplers[0]
+  used, choose = [], samplers.choose
+  # Records the sampler the one choice makes for the split config (a VolumeSampler over hosts).
+  samplers.choose = lambda config, method: used.append(choose(config, method)) or used[-1]
+  evaluate.evaluate(ce, args.workdir)
+  sampler = used[0]
   summary = {"process": jax.process_index(), "processes": jax.process_count(),
              "devices": jax.device_count(), "local_devices": jax.local_device_count(),
              "train_step": result["step"], "eval_step": step,

@@ -14,6 +14,7 @@ import pytest
 from jaxvol import config as base
 from jaxvol import methods
 from jaxvol import prepare
+from jaxvol.data import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The config modules themselves (configs/*.py re-export them for the path form).
@@ -200,16 +201,17 @@ def test_default_is_whole_volumes_and_the_test_split(name):
 
 @pytest.mark.parametrize("name", sorted(SPLIT_TASKS))
 def test_heldout_gives_the_regions_prepare_data_fits_on(name):
-  """`heldout` is the split of the repository's stores: the regions jaxvol.prepare fits their
-  scales on (TRAIN_REGIONS) and leaves for evaluation (EVAL_REGIONS), complementary slabs of one
-  axis; the one-subject MRI stores score the other half of their only (train) subject."""
+  """`heldout` is the split of the repository's stores: the regions of the task's record
+  (jaxvol.data.tasks, where jaxvol.prepare fits their scales on the training region),
+  complementary slabs of one axis; the one-subject MRI stores score the other half of their only
+  (train) subject."""
   from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
   task = SPLIT_TASKS[name]
   first = "smoke" if name.startswith(("patch_prior", "pnp_")) else "cpu"
   for variant in ("heldout", "smoke,heldout", f"heldout,{first}"):
     c = load(_path(name), variant)
-    assert _plain(c.data.train_region) == _plain(prepare.TRAIN_REGIONS[task]), (name, variant)
-    assert _plain(c.data.eval_region) == _plain(prepare.EVAL_REGIONS[task]), (name, variant)
+    assert _plain(c.data.train_region) == _plain(tasks.get(task).train_region), (name, variant)
+    assert _plain(c.data.eval_region) == _plain(tasks.get(task).eval_region), (name, variant)
     assert c.eval.split == ("train" if task in ("mri_t1_t2", "mri_sr") else "test"), name
   # The regions tile the split axis of a volume without overlap: training, then (for the
   # one-subject stores, whose validation set is a slab of the same subject) validation, then
@@ -237,11 +239,19 @@ def test_heldout_gives_the_regions_prepare_data_fits_on(name):
   assert a == b
 
 
-def test_heldout_splits_match_prepare_data():
-  assert set(base.HELDOUT_SPLITS) == set(prepare.TRAIN_REGIONS) == set(prepare.EVAL_REGIONS)
-  for task, (train, evaluate, _) in base.HELDOUT_SPLITS.items():
-    assert (_plain(train), _plain(evaluate)) == (_plain(prepare.TRAIN_REGIONS[task]),
-                                                 _plain(prepare.EVAL_REGIONS[task])), task
+def test_every_prepared_task_has_a_record_and_a_builder():
+  assert set(prepare.TASKS) == set(prepare._BUILDERS) <= set(tasks.TASKS)  # pylint: disable=protected-access
+  for name in prepare.TASKS:
+    t = tasks.get(name)
+    assert t.target in t.modalities and set(t.inputs) <= set(t.modalities), name
+    assert t.heldout == (t.eval_region is not None), name
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    tasks.get("nope")
+  with pytest.raises(ValueError, match="no held-out split"):
+    base.apply_split(base.base_config(), "ct_gen", heldout=True)
+  assert tasks.describe_split(tasks.get("pet_denoise")) == (
+      "training crops from RAS z in [0, 0.6) of split 'train'; validation on split 'val', "
+      "RAS z in [0.6, 1]; scored on RAS z in [0.6, 1] of split 'test'")
 
 
 def test_demo_keeps_its_held_out_split_and_whole_is_an_alias():
@@ -316,7 +326,7 @@ def test_cpu_variant_is_a_ten_minute_cpu_budget(name):
   assert (c.model.base_width, max(c.data.crop_size)) == ((16, 32) if half else (8, 16))
   assert load(_path(name), "cpu").data.eval_region is None
   assert _plain(load(_path(name), "cpu,heldout").data.eval_region) == _plain(
-      prepare.EVAL_REGIONS[SPLIT_TASKS[name]])
+      tasks.get(SPLIT_TASKS[name]).eval_region)
   with pytest.raises(ValueError, match="variant"):
     load(_path(name), "smoke,cpu")
   c.mesh.data = 1

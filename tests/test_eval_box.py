@@ -1,13 +1,14 @@
 """config.eval.max_box (the scored box, centred in the evaluation region) and output folders that
 each evaluation replaces as a whole (jaxvol.fileio.fresh_dir).
 
-The sampler is a stand-in (`make_sampler`): prediction = 0.5 x the condition, so every number
+The sampler is a stand-in (replacing `jaxvol.eval.samplers.choose`): prediction = 0.5 x the condition, so every number
 written can be recomputed here from the store alone; no network is compiled.
 """
 
 import csv
 import json
 import os
+from unittest import mock
 
 import jax
 import nibabel as nib
@@ -19,7 +20,9 @@ from jaxvol import config as base
 from jaxvol import fileio
 from jaxvol.data import store as store_lib
 from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.eval import volumes
 from jaxvol.eval import metrics as metrics_lib
+from jaxvol.eval import samplers
 
 SHAPE = (30, 27, 24)
 MAX_BOX = (12, 12, 32)
@@ -58,7 +61,7 @@ def no_checkpoint(monkeypatch):
   def load_params(config, workdir, with_meta=False):
     del config, workdir
     return ({}, 5, {}) if with_meta else ({}, 5)
-  monkeypatch.setattr(evaluate_lib, "load_params", load_params)
+  monkeypatch.setattr(volumes, "load_params", load_params)
 
 
 def _config(store, max_box=MAX_BOX, split="test"):
@@ -78,7 +81,8 @@ def _config(store, max_box=MAX_BOX, split="test"):
 
 def _run(c, workdir, sampler=None, mode="evaluate"):
   sampler = sampler or HalfSampler()
-  return getattr(evaluate_lib, mode)(c, str(workdir), lambda method: sampler), sampler
+  with mock.patch.object(samplers, "choose", lambda config, method: sampler):
+    return getattr(evaluate_lib, mode)(c, str(workdir)), sampler
 
 
 def _raw(store, sid, modality, box=None):
@@ -100,7 +104,7 @@ def _leftovers(workdir):
     (((0, 20), (0, 18), (0, 16)), None, ((0, 20), (0, 18), (0, 16))),
 ])
 def test_clipped_box_is_centred_inside_the_region(box, limit, want):
-  got = evaluate_lib.clip_box(box, limit)
+  got = volumes.clip_box(box, limit)
   assert got == want
   for (a, b), (lo, hi), m in zip(got, box, limit or (np.inf,) * 3):
     assert lo <= a < b <= hi and b - a == min(m, hi - lo)
@@ -111,7 +115,7 @@ def test_clipped_box_is_centred_inside_the_region(box, limit, want):
 def test_bad_max_box_is_an_error(store, value):
   c = _config(store, max_box=value)
   with pytest.raises(ValueError, match="max_box"):
-    evaluate_lib.max_box(c)
+    volumes.max_box(c)
 
 
 def test_evaluation_scores_and_writes_the_clipped_box(store, tmp_path, no_checkpoint):

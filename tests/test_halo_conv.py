@@ -14,8 +14,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvol.models import layers
-from jaxvol.train import mesh as mesh_lib
-from jaxvol.train import sharding as sharding_lib
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.parallel import sharding as sharding_lib
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
 

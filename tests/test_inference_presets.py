@@ -14,6 +14,7 @@ from jaxvol.data import inference as inference_lib
 from jaxvol.data import presets as presets_lib
 from jaxvol.data import store as store_lib
 from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.eval import volumes
 from jaxvol.train import loop
 
 # End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
@@ -115,7 +116,7 @@ def test_fixed_input_scale_is_renormalised(mri_data, tmp_path):
   store = store_lib.Store(tmp_path / "other")
   c = _config(tmp_path / "other")
   box = ((0, 20), (0, 18), (0, 16))
-  x = evaluate_lib.volume_inputs(store, "s2", c, box, rules)[0, ..., 0]
+  x = volumes.volume_inputs(store, "s2", c, box, rules)[0, ..., 0]
   raw = nib.load(str(mri_data / "s2_t1.nii.gz")).get_fdata()
   np.testing.assert_allclose(x, raw / 500.0 - 1.0, atol=2e-5)
 

@@ -52,7 +52,7 @@ def test_plan_compiles_without_allocating_the_state(tmp_path, monkeypatch):
   report = plan_lib.plan(config, str(tmp_path), {"data": 1, "spatial": 4, "model": 1},
                          device_memory_gb=80, sample_shape=(32, 16, 16))
   method = methods.build(config, "cpu")
-  abstract = state_lib.param_shapes(method, state_lib.abstract_batch(method, 2, (16, 16, 16)))
+  abstract = method.param_shapes(method.abstract_batch(2, (16, 16, 16)))
   param_shapes = {tuple(p.shape) for p in jax.tree.leaves(abstract) if len(p.shape) > 1}
   new = [a for a in jax.live_arrays() if id(a) not in before]
   assert not [a.shape for a in new if tuple(a.shape) in param_shapes]

@@ -233,11 +233,11 @@ def test_prior_trained_on_patches_plugs_into_the_solvers(trained_prior):
   """An unconditional full3d prior trains through the standard loop and runs in every solver."""
   from jaxvol import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxvol import methods  # pylint: disable=import-outside-toplevel
-  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import volumes  # pylint: disable=import-outside-toplevel
   c = _load_cfg("patch_prior_train", "smoke")
   c.data.store = str(trained_prior / "store")
   c.model.base_width = 4
-  params, step = evaluate_lib.load_params(c, str(trained_prior / "run"))
+  params, step = volumes.load_params(c, str(trained_prior / "run"))
   assert step == 2
   method = methods.build(c)
   prior = priors.from_method(method, params, method.sliding_window())
@@ -259,12 +259,12 @@ def test_prior_trained_on_patches_plugs_into_the_solvers(trained_prior):
 
 def test_position_channel_prior_reconstructs_through_evaluate(trained_prior, tmp_path):
   from jaxvol import methods  # pylint: disable=import-outside-toplevel
-  from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
-  from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import pnp as pnp_eval  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import volumes  # pylint: disable=import-outside-toplevel
   c = _small(_load_cfg("pnp_mri_recon", "smoke"), trained_prior)
   c.data.position_channels = True
   c.pnp.prior_workdir = str(trained_prior / "run_pos")
-  params, _ = evaluate_lib.load_params(c, c.pnp.prior_workdir)
+  params, _ = volumes.load_params(c, c.pnp.prior_workdir)
   assert params["params"]["stem"]["kernel"].shape[-2] == 4  # x_t + 3 position channels
   method = methods.build(c)
   with pytest.raises(ValueError, match="position channels"):
@@ -284,7 +284,7 @@ def test_pnp_evaluate_writes_reconstructions(trained_prior, tmp_path, name, vari
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
   import nibabel as nib  # pylint: disable=import-outside-toplevel
-  from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import pnp as pnp_eval  # pylint: disable=import-outside-toplevel
   c = _small(_load_cfg(name, variant), trained_prior)
   c.pnp.solver = solver
   summary = pnp_eval.reconstruct(c, str(tmp_path))
@@ -311,7 +311,7 @@ def test_pnp_reconstructs_the_clipped_box_into_a_fresh_folder(trained_prior, tmp
   import nibabel as nib  # pylint: disable=import-outside-toplevel
   from jaxvol.data import store as store_lib  # pylint: disable=import-outside-toplevel
   from jaxvol.eval import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from jaxvol.inverse import evaluate as pnp_eval  # pylint: disable=import-outside-toplevel
+  from jaxvol.eval import pnp as pnp_eval  # pylint: disable=import-outside-toplevel
   c = _small(_load_cfg("pnp_mri_recon", "smoke"), trained_prior)
   c.eval.split, c.data.eval_region = "train", {"0": (0.5, 1.0)}  # the store's one subject
   c.eval.max_box = (12, 16, 13)

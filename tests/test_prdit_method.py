@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +15,12 @@ from scipy import ndimage
 from conftest import ROOT
 from conftest import load_module
 from jaxvol import methods
+from jaxvol import trees
 from jaxvol.data import store as store_lib
 from jaxvol.eval import generate as generate_lib
+from jaxvol.eval import samplers
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import loop
-from jaxvol.train import sharded_sample
 from jaxvol.train import state as state_lib
 from jaxvol.train import step as step_lib
 from jaxvol.train import transfer
@@ -77,7 +79,7 @@ def runs(ct_store, tmp_path_factory):
 
 
 def _leaves(tree):
-  return {"/".join(p): v for p, v in transfer.flat_paths(tree).items()}
+  return {"/".join(p): v for p, v in trees.flat_paths(tree).items()}
 
 
 def test_stage2_keeps_stage1_weights_bit_identical(runs):
@@ -254,14 +256,11 @@ def test_sample_mode_split_over_devices_equals_one_device(ct_store, runs, tmp_pa
     c.mesh.spatial, c.mesh.model = spatial, model
     workdir = str(tmp_path / name)
     shutil.copytree(runs[1], workdir)
-    used = []
-
-    def make_sampler(method, c=c, used=used):
-      used.append(sharded_sample.evaluation_sampler(c, method))
-      return used[-1]
-
-    generate_lib.generate(c, workdir, make_sampler)
-    assert (used[0] is None) == (name == "one")
+    used, choose = [], samplers.choose
+    with mock.patch.object(samplers, "choose", lambda config, method, used=used: used.append(
+        choose(config, method)) or used[-1]):
+      generate_lib.generate(c, workdir)
+    assert isinstance(used[0], samplers.VolumeSampler) == (name != "one")
     vols.append(np.asarray(nib.load(os.path.join(workdir, "samples", "sample_000.nii.gz")).dataobj))
   np.testing.assert_allclose(vols[1], vols[0], rtol=0, atol=1e-3)  # HU
 

@@ -11,6 +11,7 @@ from conftest import load_module
 from jaxvol.data import nifti
 from jaxvol.data import presets as presets_lib
 from jaxvol.data import store as store_lib
+from jaxvol.data import tasks
 from jaxvol.eval import metrics as metrics_lib
 
 # End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
@@ -306,7 +307,7 @@ def test_quality_configs_share_one_budget(tmp_path):
       assert c.data.inputs == ("pet_low",) and c.data.target == "pet_full"
       assert c.eval.input_baseline is True
       # The configs' `heldout` split: the region prepare_data fits the scales on trains.
-      assert dict(c.data.train_region) == prepare_data.TRAIN_REGIONS["pet_denoise"]
+      assert dict(c.data.train_region) == dict(tasks.get("pet_denoise").train_region)
       assert c.data.eval_region["2"] == (0.6, 1.0) and c.eval.split == "test"
 
 

@@ -11,7 +11,7 @@ from scipy import ndimage
 from jaxvol import config as base
 from jaxvol.data import inference as inference_lib
 from jaxvol.data import store as store_lib
-from jaxvol.eval import evaluate
+from jaxvol.eval import volumes
 from jaxvol.eval import metrics as metrics_lib
 from jaxvol.eval import references as refs
 from conftest import write_pet_store
@@ -119,7 +119,7 @@ def test_tuned_parameters_do_not_depend_on_the_test_volume(two_stores):
     rules = inference_lib.rules_of(store, c.data.inputs, c.data.target)
     s = store.subjects()[2]
     vol = store.read(s["id"], "pet_full")
-    tuned.append((evaluate.tuned_references(c, store, rules, None), float(vol.mean())))
+    tuned.append((volumes.tuned_references(c, store, rules, None), float(vol.mean())))
   (ta, mean_a), (tb, mean_b) = tuned
   assert mean_a != pytest.approx(mean_b)  # the test volumes do differ
   assert set(ta) == set(ALL)
@@ -134,12 +134,12 @@ def test_tuning_is_cached_per_workdir(two_stores, tmp_path, monkeypatch):
   c = _config(path)
   c.eval.references = "gaussian"
   rules = inference_lib.rules_of(store, c.data.inputs, c.data.target)
-  first = evaluate.tuned_references(c, store, rules, str(tmp_path))
+  first = volumes.tuned_references(c, store, rules, str(tmp_path))
   monkeypatch.setattr(refs, "tune", lambda *a, **k: pytest.fail("tuned again"))
-  assert evaluate.tuned_references(c, store, rules, str(tmp_path)) == first
+  assert volumes.tuned_references(c, store, rules, str(tmp_path)) == first
   c.eval.reference_tune_box = (12, 12, 12)  # another tuning: not from the cache
   with pytest.raises(pytest.fail.Exception, match="tuned again"):
-    evaluate.tuned_references(c, store, rules, str(tmp_path))
+    volumes.tuned_references(c, store, rules, str(tmp_path))
 
 
 def test_floor_is_the_body_mean_of_the_training_targets(two_stores):
@@ -147,7 +147,7 @@ def test_floor_is_the_body_mean_of_the_training_targets(two_stores):
   store = store_lib.Store(path)
   c = _config(path)
   c.data.train_region = {"2": (0.0, 0.5)}
-  floor = evaluate.TrainingMeanFloor(c, store)
+  floor = volumes.TrainingMeanFloor(c, store)
   subject = store.subjects()[2]
   pred, kind = floor(subject, ((0, 4), (0, 4), (0, 4)))
   values = []
@@ -167,9 +167,9 @@ def test_unknown_test_volume_shape_is_cut_after_whole_volume_filtering(two_store
   c.eval.references = "gaussian"
   c.data.eval_region = {"0": (0.5, 1.0)}
   rules = inference_lib.rules_of(store, c.data.inputs, c.data.target)
-  tuned = evaluate.tuned_references(c, store, rules, None)
+  tuned = volumes.tuned_references(c, store, rules, None)
   subject = store.subjects()[2]
-  vol = next(evaluate.store_volumes(c, store, [subject], rules, True, None, tuned))
+  vol = next(volumes.store_volumes(c, store, [subject], rules, True, None, tuned))
   whole = store.preset(subject["id"], "pet_low").inverse(store.read(subject["id"], "pet_low"))
   want = refs.apply(tuned["gaussian"], whole)[10:20]
   np.testing.assert_allclose(vol.references["gaussian"], want, rtol=1e-5, atol=1e-5)

@@ -21,8 +21,9 @@ from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  (a fixture)
 from jaxvol import methods
 from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.eval import volumes
+from jaxvol.eval import samplers
 from jaxvol.train import loop
-from jaxvol.train import sharded_sample
 
 # End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_resume_on_fewer_devices_equals_uninterrupted(four_device_run, devices, 
 
 def test_evaluation_reads_a_four_device_checkpoint_on_one_device(four_device_run):
   c = four_device_run["config"]
-  params, step = evaluate_lib.load_params(c, four_device_run["workdir"])
+  params, step = volumes.load_params(c, four_device_run["workdir"])
   saved, _ = _params(four_device_run["workdir"])
   assert step == STEPS
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["ema_params"]), strict=True):
@@ -83,21 +84,17 @@ def _predictions(out_dir) -> dict:
 
 
 def test_sharded_evaluation_of_a_four_device_checkpoint_equals_one_device(four_device_run,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
   """--mode=evaluate with config.mesh.spatial = 2: each volume's depth split over 2 devices."""
   c, workdir = four_device_run["config"], four_device_run["workdir"]
   one = evaluate_lib.predict_split(c, workdir, c.eval.split, str(tmp_path / "one"), True)
   sharded = c.copy_and_resolve_references()
   sharded.mesh.data, sharded.mesh.spatial = 1, 2
-  used = []
-
-  def make_sampler(method):
-    used.append(sharded_sample.evaluation_sampler(sharded, method))
-    return used[-1]
-
-  two = evaluate_lib.predict_split(sharded, workdir, c.eval.split, str(tmp_path / "two"), True,
-                                   make_sampler=make_sampler)
-  assert isinstance(used[0], sharded_sample.VolumeSampler)
+  used, choose = [], samplers.choose
+  monkeypatch.setattr(samplers, "choose", lambda config, method: used.append(
+      choose(config, method)) or used[-1])
+  two = evaluate_lib.predict_split(sharded, workdir, c.eval.split, str(tmp_path / "two"), True)
+  assert isinstance(used[0], samplers.VolumeSampler)
   assert dict(used[0].mesh.shape) == {"data": 1, "spatial": 2, "model": 1}
   # 20 slices -> 10 puzzled: the full-resolution level's convolutions exchange halos themselves.
   assert used[0].halo_convolutions((20, 18, 16)) > 0
@@ -114,12 +111,12 @@ def test_evaluation_sampler_padding_and_errors(tiny_store):  # noqa: F811
   c = _config(tiny_store / "store", (1, 3))
   method = methods.build(c, "cpu")
   assert method.spatial_multiple() == (4, 4, 4)
-  sampler = sharded_sample.evaluation_sampler(c, method)
+  sampler = samplers.evaluation_sampler(c, method)
   assert sampler.multiple == (12, 4, 4)  # lcm(4, 3) slices on depth
   assert sampler.padded_shape((20, 18, 16)) == (24, 20, 16)
   assert sampler.padded_shape((24, 17, 16)) == (24, 20, 16)
   c.mesh.spatial = 1
-  assert sharded_sample.evaluation_sampler(c, method) is None  # one device: the local sampler
+  assert samplers.evaluation_sampler(c, method) is None  # one device: the local sampler
   c.mesh.spatial = jax.device_count() + 1
   with pytest.raises(ValueError, match="--config.mesh.spatial=1"):
-    sharded_sample.evaluation_sampler(c, method)
+    samplers.evaluation_sampler(c, method)

@@ -15,6 +15,7 @@ import pytest
 from jaxvol.data import nifti
 from jaxvol.eval import metrics as metrics_lib
 from jaxvol.eval import runner
+from jaxvol.eval import samplers
 
 SHAPE = (14, 13, 12)
 
@@ -134,7 +135,7 @@ def test_compiled_predictor_times_without_compilation():
     return (lambda x, k: jnp.tanh(x[0, ..., 0] @ jnp.ones((SHAPE[2], SHAPE[2])) * 1e-3)), (w,)
 
   vols = _volumes(2, with_target=False)
-  rows = runner.run(vols, {"model": runner.CompiledPredictor(build)}, jax.random.PRNGKey(0), None,
+  rows = runner.run(vols, {"model": samplers.CompiledPredictor(build)}, jax.random.PRNGKey(0), None,
                     report=lambda s: None)
   assert calls == ["v0", "v1"]  # compiled once per volume, in prepare
   assert all(r["model_bytes"] > 0 and r["compile_seconds"] > 0 for r in rows)

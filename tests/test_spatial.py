@@ -13,12 +13,12 @@ from conftest import ROOT
 from conftest import load_module
 from jaxvol import config as base
 from jaxvol import methods
+from jaxvol.eval import samplers
 from jaxvol.models import layers
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.parallel import sharding as sharding_lib
 from jaxvol.train import loop
-from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import plan as plan_lib
-from jaxvol.train import sharded_sample
-from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
 
 # End to end (sharded runs against one device): `pytest -m 'not slow'` skips it.
@@ -176,7 +176,7 @@ def test_sharded_sampler_equals_one_device(method):
   ref = jax.jit(m.sample)(params, cond, rng)
 
   mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 4, 1), mesh_lib.AXES)
-  sampler = sharded_sample.jit_sample(m, mesh)
+  sampler = samplers.jit_sample(m, mesh)
   out = sampler(params, jax.device_put(cond, mesh_lib.batch_sharding(mesh)), rng)
   assert out.shape == cond_shape[:4] + (1,)
   assert out.sharding.shard_shape(out.shape)[1] == 4  # every device holds a quarter of the depth
@@ -192,7 +192,7 @@ def test_sharded_sampler_refuses_windows():
   config.inference.window = (16, 16, 16)
   mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 4, 1), mesh_lib.AXES)
   with pytest.raises(ValueError, match="window"):
-    sharded_sample.jit_sample(methods.build(config, "cpu"), mesh)
+    samplers.jit_sample(methods.build(config, "cpu"), mesh)
 
 
 def test_spatial_unet_step_exchanges_halos_and_gathers_no_whole_volume():

@@ -10,13 +10,13 @@ from jax.sharding import Mesh, PartitionSpec as P
 from test_spatial import _batch
 from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  (a fixture)
+from jaxvol import trees
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.parallel import sharding as sharding_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import loop
-from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import plan as plan_lib
-from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
-from jaxvol.train import transfer
 
 # End to end (sharded runs against one device): `pytest -m 'not slow'` skips it.
 pytestmark = [pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices"),
@@ -104,13 +104,13 @@ def test_build_everything_applies_the_mode():
   zero1 = loop.build_everything(_config((2, 2), "zero1"), "").state_sharding
   assert not _split(zero1["params"])
   kernel = ("params", "mid0", "conv1", "kernel")  # (3, 3, 3, 16, 16)
-  assert transfer.flat_paths(zero1["ema_params"])[kernel].spec == P(None, None, None, None, ZS)
-  moments = {p[-5:]: s for p, s in transfer.flat_paths(zero1["opt_state"]).items()}
+  assert trees.flat_paths(zero1["ema_params"])[kernel].spec == P(None, None, None, None, ZS)
+  moments = {p[-5:]: s for p, s in trees.flat_paths(zero1["opt_state"]).items()}
   for which in ("mu", "nu"):
     assert moments[(which,) + kernel].spec == P(None, None, None, None, ZS)
     assert sharding_lib.is_replicated(moments[(which,) + kernel[:-1] + ("bias",)])
   fsdp = loop.build_everything(_config((2, 2), "fsdp"), "").state_sharding
-  assert transfer.flat_paths(fsdp["params"])[kernel].spec == P(None, None, None, None, ZS)
+  assert trees.flat_paths(fsdp["params"])[kernel].spec == P(None, None, None, None, ZS)
   assert len(_split(fsdp["params"])) == len(_split(zero1["ema_params"])) > 10
   one = loop.build_everything(_config((1, 1), "fsdp"), "")
   assert one.state_sharding_mode == "replicated" and not _split(one.state_sharding)
@@ -159,8 +159,8 @@ def test_sharded_state_trains_as_one_device(layout, mode):
   sh = run["shardings"]
   assert _split(sh["ema_params"]) and _split(sh["opt_state"])
   assert bool(_split(sh["params"])) == (mode == "fsdp")
-  paths = transfer.flat_paths(run["state"])
-  for path, want in transfer.flat_paths(ref["state"]).items():
+  paths = trees.flat_paths(run["state"])
+  for path, want in trees.flat_paths(ref["state"]).items():
     np.testing.assert_allclose(np.asarray(paths[path]), np.asarray(want), rtol=0, atol=1e-5,
                                err_msg="/".join(path))
   assert int(run["state"]["step"]) == 2

@@ -15,9 +15,9 @@ from scipy import ndimage
 from jaxvol import config as base
 from jaxvol.data import store as store_lib
 from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.parallel import mesh as mesh_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import loop
-from jaxvol.train import mesh as mesh_lib
 from jaxvol.train import state as state_lib
 from jaxvol.train import step as step_lib
 
@@ -70,7 +70,7 @@ def _run_steps(c, batch, devices, n=2):
   from jaxvol import methods  # pylint: disable=g-import-not-at-top
   method = methods.build(c, "cpu")
   opt = state_lib.make_optimizer(c.train)
-  example = state_lib.abstract_batch(method, 4, (16, 16, 16))
+  example = method.abstract_batch(4, (16, 16, 16))
   repl = mesh_lib.replicated(mesh)
   shapes = state_lib.state_shapes(method, opt, example)
   shard = jax.tree.map(lambda _: repl, shapes)

@@ -12,6 +12,7 @@ import pytest
 
 from jaxvol.data import pipeline
 from jaxvol.eval import evaluate
+from jaxvol.eval import volumes
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import loop
 from test_train import smoke_config
@@ -137,7 +138,7 @@ def test_real_validator_scores_the_validation_split(tiny_store, peaked):  # pyli
   workdir, _, _ = peaked
   c = _config(tiny_store / "store", 10)
   validate = evaluate.validator(c, workdir)
-  params, _ = evaluate.load_params(c, workdir)
+  params, _ = volumes.load_params(c, workdir)
   scores = validate(jax.device_get(params), 4)
   assert set(scores) >= {"psnr", "ssim", "nmse", "mae", "hfen"}
   # The same number as evaluating that checkpoint on the same split (references aside).
@@ -152,7 +153,7 @@ def test_real_validator_scores_the_validation_split(tiny_store, peaked):  # pyli
   c.data.train_region = {"0": (0.0, 0.5)}
   c.eval.val_region = {"0": (0.5, 1.0)}
   c.data.eval_region = {"0": (0.5, 1.0)}
-  assert evaluate._plain(evaluate.validation_config(c).data.eval_region) == {"0": [0.5, 1.0]}  # pylint: disable=protected-access
+  assert evaluate.plain_region(evaluate.validation_config(c).data.eval_region) == {"0": [0.5, 1.0]}  # pylint: disable=protected-access
 
 
 def test_regions_overlap():

@@ -13,7 +13,7 @@ transmission templates:
   python -m jaxvol.main --config=configs/ppdm_pet_ac.py:heldout --workdir=runs/ppdm_pet_ac \
       --config.data.store=data/pet_ac/store
 Split `heldout` (needed there): one anatomy for every subject, so training crops come from RAS z
-in [0, 0.6) and evaluation from [0.6, 1] of the test subject (`base.HELDOUT_SPLITS`). The NAC
+in [0, 0.6) and evaluation from [0.6, 1] of the test subject (jaxvol.data.tasks). The NAC
 input and the AC target have different scales (the input is not a prediction of the target), so
 no input baseline is scored: the floor is the training-target mean that evaluation always
 reports.

@@ -12,7 +12,7 @@ split are scored):
 Split `heldout`: the stores this repository builds (tools/prepare_data.py --task pet_denoise, the
 demo's phantom) give every subject the same anatomy, only the noise differs, so with them add the
 token `heldout`: training crops come from RAS z in [0, 0.6) and evaluation from [0.6, 1] of the
-test subjects, so the evaluated anatomy is never trained on (`base.HELDOUT_SPLITS`):
+test subjects, so the evaluated anatomy is never trained on (jaxvol.data.tasks):
   python tools/prepare_data.py --task pet_denoise --out data/pet_denoise
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:heldout --workdir=runs/ppdm_pet \
       --config.data.store=data/pet_denoise/store

@@ -27,6 +27,7 @@ from scipy import ndimage
 from jaxvol import fileio
 from jaxvol.data import degrade
 from jaxvol.data import nifti
+from jaxvol.data import tasks
 
 __all__ = [
     "FDG_RATIOS",
@@ -268,8 +269,8 @@ def _write_csv_atomic(path: str, header: Sequence[str], rows: Sequence[Sequence[
 
 # The quick start's dataset (tools/demo.py) and its store presets: the low-count scale fitted on the
 # training subjects, the full-count target on the same scale.
-DEMO_DATASET = {"dose_fraction": 0.1, "seed": 0, "crop_margin": 2}
-DEMO_PRESETS = {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}}
+DEMO_DATASET = {"dose_fraction": tasks.get("demo").default_dose, "seed": 0, "crop_margin": 2}
+DEMO_PRESETS = {m: dict(spec) for m, spec in tasks.get("demo").presets.items()}
 
 
 def write_demo_pet_dataset(

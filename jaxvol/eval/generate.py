@@ -47,8 +47,9 @@ from jaxvol import methods
 from jaxvol.data import nifti
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
-from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.eval import volumes
 from jaxvol.eval import generation
+from jaxvol.eval import samplers
 from jaxvol.models import medicalnet
 
 log = logging.getLogger("jaxvol")
@@ -158,12 +159,11 @@ def _condition(method, config, shape):
                    f"inputs {tuple(config.data.inputs)} (use --mode=evaluate)")
 
 
-def generate(config, workdir: str, make_sampler=None) -> dict:
+def generate(config, workdir: str) -> dict:
   """Draws config.sample.num volumes from the checkpoint in WORKDIR and writes them (module doc).
 
-  The sampling is placed by jaxvol.eval.runner.volume_sampler (config.mesh.spatial > 1 splits
-  each generated volume's depth over that many devices); `make_sampler(method)` replaces that
-  choice.
+  The sampling is placed by jaxvol.eval.samplers.choose (config.mesh.spatial > 1 splits each
+  generated volume's depth over that many devices).
 
   Returns:
     {"files": [paths], "samples": metadata as in samples.json, "metrics": report or None}.
@@ -182,8 +182,8 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
   preset = store.preset(first, config.data.target)
   spacing = sample_spacing(config, store)
   affine = sample_affine(shape, spacing)
-  sampler = evaluate_lib.make_volume_sampler(method, make_sampler, config)
-  params, step = evaluate_lib.load_params(config, workdir)
+  sampler = samplers.choose(config, method)
+  params, step = volumes.load_params(config, workdir)
   params = sampler.put_params(params)
   cond = np.asarray(_condition(method, config, shape))
 
@@ -191,7 +191,7 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
   writes = jax.process_index() == 0
   with fileio.fresh_dir(out_dir, writes) as work:  # process 0's folder
     base_key = jax.random.PRNGKey(config.sample.seed)
-    files, seconds, volumes = [], [], []
+    files, seconds, drawn = [], [], []
     for i in range(num):
       t0 = time.time()
       x = sampler(params, cond, jax.random.fold_in(base_key, i))
@@ -202,7 +202,7 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
       if preset.name == "ct":
         x = np.clip(x, -1.0, 1.0)  # the CT training data were clipped to the HU window
       raw = np.asarray(preset.inverse(x), np.float32)
-      volumes.append(x)
+      drawn.append(x)
       name = f"sample_{i:03d}.nii.gz"
       if writes:
         nifti.save_volume(os.path.join(work, name), raw, affine=affine)
@@ -226,7 +226,7 @@ def generate(config, workdir: str, make_sampler=None) -> dict:
 
     report = None
     if config.sample.metrics:
-      report = metrics_report(config, store, preset, np.stack(volumes), shape)
+      report = metrics_report(config, store, preset, np.stack(drawn), shape)
       report["checkpoint_step"] = step
       if writes:
         fileio.write_json_atomic(os.path.join(work, "generation_metrics.json"), report)

@@ -1,7 +1,7 @@
 """One inference path: volumes + predict functions -> predictions, NIfTI, metrics, previews, rows.
 
 Every command that turns a list of volumes into predictions goes through `run`: `--mode=evaluate`
-and `--mode=sample` (jaxvol.eval.evaluate), the plug-and-play evaluation (jaxvol.inverse.evaluate),
+and `--mode=sample` (jaxvol.eval.evaluate), the plug-and-play evaluation (jaxvol.eval.pnp),
 `jaxvol predict` (a user's NIfTI files) and the experiments (experiments/quality.py,
 experiments/patch_prior.py, experiments/curves.py). Callers hand it functions, not models:
 
@@ -33,7 +33,7 @@ and the files written. `mean_metrics` averages rows for a summary.
 
 The sampler a method's predictor runs on is chosen in one place, `volume_sampler`: the volume
 split over config.mesh's spatial (and model) devices when those are > 1
-(jaxvol.train.sharded_sample.VolumeSampler), otherwise `LocalSampler` (one device, or the
+(jaxvol.eval.samplers.VolumeSampler), otherwise `LocalSampler` (one device, or the
 config.inference windows spread over this process's devices, jaxvol.ops.windows).
 """
 
@@ -47,7 +47,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxvol.data import nifti
@@ -243,86 +242,3 @@ def warm_seconds(rows: Sequence[dict], name: str = MODEL) -> float | None:
   """Mean seconds per volume of one predictor, compilation excluded (None without rows)."""
   values = [r[f"{name}_seconds"] for r in rows if f"{name}_seconds" in r]
   return float(np.mean(values)) if values else None
-
-
-# Samplers: where a method's `sample` runs.
-
-
-class LocalSampler:
-  """`method.sample` on this process: one device, or the windows spread over its devices.
-
-  `compile(params, cond)` compiles ahead of time for a condition's shape (cached per shape), so
-  calls are timed without compilation.
-  """
-
-  def __init__(self, method):
-    self._jitted = jax.jit(method.sample)
-    self._compiled = {}
-    self._sharding = None
-    window = method.sliding_window()
-    if window is not None and window.mesh is not None:
-      # Windows are spread over this process's devices: params and inputs live on all of them.
-      self._sharding = jax.sharding.NamedSharding(window.mesh, jax.sharding.PartitionSpec())
-
-  def _put(self, x):
-    return jnp.asarray(x) if self._sharding is None else jax.device_put(x, self._sharding)
-
-  def put_params(self, params):
-    return jax.tree.map(self._put, params)
-
-  def compile(self, params, cond) -> None:
-    shape = tuple(np.shape(cond))
-    if shape not in self._compiled:
-      self._compiled[shape] = self._jitted.lower(params, self._put(cond),
-                                                 jax.random.PRNGKey(0)).compile()
-
-  def __call__(self, params, cond, rng) -> np.ndarray:
-    fn = self._compiled.get(tuple(np.shape(cond)), self._jitted)
-    return np.asarray(jax.block_until_ready(fn(params, self._put(cond), rng)))
-
-
-def volume_sampler(config, method, make_sampler=None):
-  """The sampler volumes of `config` run on: `make_sampler(method)` when given and not None,
-  else the spatially split VolumeSampler when config.mesh asks for one, else a LocalSampler."""
-  sampler = make_sampler(method) if make_sampler is not None else None
-  if sampler is None and config is not None:
-    from jaxvol.train import sharded_sample  # pylint: disable=g-import-not-at-top
-    sampler = sharded_sample.evaluation_sampler(config, method)
-  return sampler if sampler is not None else LocalSampler(method)
-
-
-class SamplerPredictor:
-  """A predictor from a sampler and its placed parameters: `volume.inputs` is the condition."""
-
-  def __init__(self, sampler, params):
-    self.sampler, self.params = sampler, params
-
-  def prepare(self, volume) -> None:
-    compile_fn = getattr(self.sampler, "compile", None)
-    if compile_fn is not None:
-      compile_fn(self.params, volume.inputs)
-
-  def __call__(self, volume, key) -> np.ndarray:
-    return self.sampler(self.params, volume.inputs, key)
-
-
-class CompiledPredictor:
-  """A predictor from `build(volume) -> (fn, args)`: jax.jit(fn) compiled for each volume in
-  `prepare` (which returns {"bytes": XLA's compiled memory}) and called as fn(*args, key)."""
-
-  def __init__(self, build: Callable[[Volume], tuple[Callable, tuple]]):
-    self._build = build
-    self._current = None
-
-  def prepare(self, volume) -> dict:
-    from jaxvol.train import step as step_lib  # pylint: disable=g-import-not-at-top
-    fn, args = self._build(volume)
-    compiled = jax.jit(fn).lower(*args, jax.random.PRNGKey(0)).compile()
-    self._current = (volume.name, compiled, args)
-    return {"bytes": int(step_lib.compiled_cost(compiled)["bytes"])}
-
-  def __call__(self, volume, key):
-    if self._current is None or self._current[0] != volume.name:
-      self.prepare(volume)
-    _, compiled, args = self._current
-    return np.asarray(jax.block_until_ready(compiled(*args, key)))

@@ -182,10 +182,26 @@ class Method:
   def init(self, rng, batch):
     raise NotImplementedError
 
+  def abstract_batch(self, batch_size: int, crop_size) -> dict:
+    """A training batch's {"cond", "target"} as ShapeDtypeStructs (float32, channels last)."""
+    spatial = tuple(int(s) for s in crop_size)
+    return {
+        "cond": jax.ShapeDtypeStruct((batch_size,) + spatial + (self.cond_channels,), jnp.float32),
+        "target": jax.ShapeDtypeStruct((batch_size,) + spatial + (self.target_channels,),
+                                       jnp.float32),
+    }
+
+  def param_shapes(self, example_batch):
+    """Abstract parameters for a batch like `example_batch` (nothing allocated)."""
+    def init(rng):
+      return self.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_batch))
+
+    return jax.eval_shape(init, jax.random.PRNGKey(0))
+
   def param_axes(self, batch):
     """Logical PartitionSpecs of the parameters (a pytree like `init`'s), or None.
 
-    jaxvol.train.sharding maps the names onto the mesh; None (the default, every U-Net method)
+    jaxvol.parallel.sharding maps the names onto the mesh; None (the default, every U-Net method)
     replicates every parameter. Shapes only: nothing is allocated.
     """
     del batch

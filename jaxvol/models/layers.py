@@ -13,14 +13,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxvol.models import attention
 
-# Logical names of a (B, D, H, W, C) volume's axes; jaxvol.train.sharding maps them onto the mesh.
+# Logical names of a (B, D, H, W, C) volume's axes; jaxvol.parallel.sharding maps them onto the mesh.
 VOLUME_AXES = ("batch", "depth", "height", "width", "channels")
 
 
 def constrain_volume(x):
   """Keeps a (B, D, H, W, C) array in the volume layout of the active logical axis rules.
 
-  A no-op unless the rules are active (jaxvol.train.sharding.activated); there it pins, e.g., a
+  A no-op unless the rules are active (jaxvol.parallel.sharding.activated); there it pins, e.g., a
   sampling loop's carry to the depth-sharded layout instead of leaving it to propagation.
   """
   return nn.with_logical_constraint(x, VOLUME_AXES)
@@ -112,7 +112,7 @@ def conv3d_same(x, kernel, strides=(1, 1, 1)):
   """'SAME' 3D convolution of (B, D, H, W, Cin) with a (kd, kh, kw, Cin, Cout) kernel.
 
   On one device, or when depth is not split, this is `lax.conv_general_dilated`. When the active
-  mesh splits depth (jaxvol.train.sharding.activated; a 3-deep kernel at stride 1 or 2, depth
+  mesh splits depth (jaxvol.parallel.sharding.activated; a 3-deep kernel at stride 1 or 2, depth
   divisible by shards x stride), the forward pass convolves each device's own slab with zero
   padding and adds the missing boundary terms itself: the neighbour's edge slice arrives by
   `ppermute` (one slice each way) and enters only through the kernel's first (or last) depth tap,

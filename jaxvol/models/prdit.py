@@ -45,7 +45,7 @@ jaxvol.models.convert_prdit permutes the window axis of the affected weights.
 
 Sharding: the residual DiT's large kernels carry logical axis names (`nn.with_logical_partitioning`:
 "embed" for the model width, "mlp" and "heads" for the wide sides), so `init` returns them boxed
-(`nn.Partitioned`; `nn.unbox` gives plain arrays) and jaxvol.train.sharding can shard them over
+(`nn.Partitioned`; `nn.unbox` gives plain arrays) and jaxvol.parallel.sharding can shard them over
 the mesh's "model" axis. Its token activations are constrained to TOKEN_AXES, whose "tokens" axis
 follows the depth split of a spatially sharded volume. Without active rules both are inert.
 """

@@ -45,11 +45,12 @@ from jaxvol.data import inference as inference_lib
 from jaxvol.data import nifti
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
+from jaxvol.parallel import cost as cost_lib
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.parallel import sharding as sharding_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import distributed
 from jaxvol.train import lock as lock_lib
-from jaxvol.train import mesh as mesh_lib
-from jaxvol.train import sharding as sharding_lib
 from jaxvol.train import state as state_lib
 from jaxvol.train import step as step_lib
 from jaxvol.train import transfer
@@ -398,10 +399,10 @@ def build_everything(config, workdir: str, check: bool = True) -> TrainSetup:
   if any(int(c) % m for c, m in zip(config.data.crop_size, mult)):
     raise ValueError(f"crop_size {tuple(config.data.crop_size)} must be a multiple of {mult} "
                      f"for method {config.method}")
-  example = state_lib.abstract_batch(method, config.data.batch_size, config.data.crop_size)
+  example = method.abstract_batch(config.data.batch_size, config.data.crop_size)
   # Frozen stages and warm starts (PRDiT) decide the optimizer's per-parameter labels; from
   # shapes and checkpoint metadata only, so planning allocates nothing.
-  plan = transfer.plan(config, method, state_lib.param_shapes(method, example))
+  plan = transfer.plan(config, method, method.param_shapes(example))
   optimizer = state_lib.make_optimizer(config.train, plan.labels, plan.lr_scales)
   shapes = state_lib.state_shapes(method, optimizer, example)
   # Replicated, except what the method names for sharding (the residual DiT's kernels over
@@ -439,7 +440,7 @@ def compile_step(parts, config, batch_sharding=None):
   method = parts.method
   if parts.state_sharding_mode != "replicated":
     # ZeRO / FSDP: the network sees its parameters, and gives their gradients, in the method's own
-    # layout; the state keeps the split one (jaxvol.train.sharding.GatheredMethod).
+    # layout; the state keeps the split one (jaxvol.parallel.sharding.GatheredMethod).
     method = sharding_lib.GatheredMethod(method, parts.compute_params_sharding)
   step_fn = step_lib.make_train_step(method, parts.optimizer, config.train.ema_decay,
                                      frozen=getattr(parts.transfer, "frozen", None))
@@ -450,7 +451,7 @@ def compile_step(parts, config, batch_sharding=None):
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
   with sharding_lib.activated(mesh):
     compiled = jitted.lower(parts.abstract_state, abatch, rng).compile()
-  return compiled, step_lib.compiled_cost(compiled)
+  return compiled, cost_lib.compiled_cost(compiled)
 
 
 def train(config, workdir: str, validate=None, force: bool = False) -> dict:

@@ -6,7 +6,7 @@
 
 The train step (the one `loop.train` runs: `loop.build_everything` + `loop.compile_step`) and the
 sampler (`method.sample`, the whole compiled loop, spatially sharded by
-jaxvol.train.sharded_sample, or in windows when config.inference.window is set) are lowered from
+jaxvol.eval.samplers, or in windows when config.inference.window is set) are lowered from
 `jax.ShapeDtypeStruct`s that carry their shardings and compiled; XLA's memory and cost analyses
 give the figures (DESIGN.md section 6). Per-device bytes = temp + arguments + outputs - aliased;
 "fits" compares them with --plan_device_memory_gb (GB = 1e9 bytes; JAX preallocates 75% of a
@@ -21,7 +21,7 @@ devices, with XLA's memory-minimising CPU scheduler, closer to what GPU and TPU 
 compute dtype is the config's ("auto" is float32 on CPU: pass --config.compute_dtype=bfloat16 to
 plan a GPU run's dtype).
 
-The train state's layout is config.mesh.state_sharding (jaxvol.train.sharding.state_layouts:
+The train state's layout is config.mesh.state_sharding (jaxvol.parallel.sharding.state_layouts:
 "replicated", "zero1" or "fsdp"; e.g. --config.mesh.state_sharding=fsdp): the report gives the
 mode and the state's bytes in all and per device, parameters, EMA and optimizer state apart. The
 sampler takes the parameters in the method's own layout, as evaluation does, whatever the mode.
@@ -42,12 +42,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxvol import fileio
+from jaxvol.eval import samplers
 from jaxvol.ops import windows as windows_lib
+from jaxvol.parallel import cost as cost_lib
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.parallel import sharding as sharding_lib
 from jaxvol.train import loop
-from jaxvol.train import mesh as mesh_lib
-from jaxvol.train import sharded_sample
-from jaxvol.train import sharding as sharding_lib
-from jaxvol.train import step as step_lib
 
 GB = 1e9
 MIB = 2.0**20
@@ -144,7 +144,7 @@ def _splits_depth(sharding, shape) -> bool:
 
 
 def _figures(compiled, memory_bytes: float | None) -> dict:
-  cost = step_lib.compiled_cost(compiled)
+  cost = cost_lib.compiled_cost(compiled)
   out = {k: cost.get(k) for k in ("bytes", "temp_bytes", "argument_bytes", "output_bytes",
                                   "alias_bytes", "flops")}
   out["fits"] = None if memory_bytes is None or cost.get("bytes") is None else bool(
@@ -199,8 +199,8 @@ def _compile_sample(parts, spatial, memory_bytes, warnings) -> dict:
     shape = (batch,) + tuple(spatial) + (method.cond_channels,)
     csh = _layout(mesh, shape, "sample", warnings)
     psh = parts.compute_params_sharding  # as evaluation samples, whatever the state's layout
-    sampler = sharded_sample.jit_sample(method, mesh, psh, csh)
-    compiled = sampler.lower(*sharded_sample.abstract_inputs(
+    sampler = samplers.jit_sample(method, mesh, psh, csh)
+    compiled = sampler.lower(*samplers.abstract_inputs(
         method, mesh, params, spatial, batch, psh, csh)).compile()
     out_sharding = compiled.output_shardings
     if mesh.shape["spatial"] > 1 and not _splits_depth(out_sharding, shape):

@@ -76,22 +76,6 @@ def init_fn(method, optimizer, example_batch):
   return init
 
 
-def param_shapes(method, example_batch):
-  """Abstract parameters of `method` for a batch like `example_batch` (nothing allocated)."""
-  def init(rng):
-    return method.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_batch))
-
-  return jax.eval_shape(init, jax.random.PRNGKey(0))
-
-
-def abstract_batch(method, batch_size: int, crop_size) -> dict:
-  spatial = tuple(int(s) for s in crop_size)
-  return {
-      "cond": jax.ShapeDtypeStruct((batch_size,) + spatial + (method.cond_channels,), jnp.float32),
-      "target": jax.ShapeDtypeStruct((batch_size,) + spatial + (method.target_channels,), jnp.float32),
-  }
-
-
 def create_state(method, optimizer, rng, example_batch, sharding):
   """Initialises the state directly into `sharding` (a sharding or a pytree of them)."""
   return jax.jit(init_fn(method, optimizer, example_batch), out_shardings=sharding)(rng)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxvol.train import checkpoint as ckpt_lib
+from jaxvol.trees import flat_paths, path_of
 
 log = logging.getLogger("jaxvol")
 
@@ -50,25 +51,6 @@ class Plan:
   lr_scales: dict = dataclasses.field(default_factory=dict)
   frozen: Any = None
   copies: list = dataclasses.field(default_factory=list)
-
-
-def path_of(key_path) -> tuple[str, ...]:
-  """A tree_util key path as a tuple of names ("params", "local", "out", "kernel")."""
-  out = []
-  for k in key_path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
-
-
-def flat_paths(tree) -> dict:
-  """{path tuple: leaf} of a pytree."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {path_of(p): leaf for p, leaf in leaves}
 
 
 def _under(path, prefix) -> bool:

@@ -1,10 +1,10 @@
 """Device mesh with ("data", "spatial", "model") axes and the shardings the train step uses.
 
 Batches (B, D, H, W, C) shard B on "data" and the depth axis D on "spatial" (XLA inserts the
-convolution halos), the layout jaxvol.train.sharding's logical rules give a volume. Parameters and
+convolution halos), the layout jaxvol.parallel.sharding's logical rules give a volume. Parameters and
 optimizer state are replicated for the U-Net methods unless config.mesh.state_sharding splits them
 over "data" x "spatial" (ZeRO-1 / FSDP); the residual DiT's large kernels (and their moments) are
-sharded over "model" (jaxvol.train.sharding).
+sharded over "model" (jaxvol.parallel.sharding).
 """
 
 import jax

@@ -3,7 +3,7 @@
 Model code names axes, never mesh axes: activations through `nn.with_logical_constraint`
 (volumes as `jaxvol.models.layers.VOLUME_AXES`, PRDiT tokens as `jaxvol.models.prdit.TOKEN_AXES`)
 and parameters through `nn.with_logical_partitioning` (the residual DiT's large kernels). RULES maps
-the names onto the ("data", "spatial", "model") mesh of jaxvol.train.mesh:
+the names onto the ("data", "spatial", "model") mesh of jaxvol.parallel.mesh:
 
   batch -> data        data parallelism
   depth -> spatial     one volume spans devices along its depth; XLA exchanges convolution halos
@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxvol.train import transfer
+from jaxvol import trees
 
 RULES = (
     ("batch", "data"),
@@ -101,8 +101,8 @@ def param_shardings(mesh: Mesh, abstract_params, logical_specs=None):
   """
   if logical_specs is None:
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params), []
-  shapes = transfer.flat_paths(abstract_params)
-  specs = transfer.flat_paths(logical_specs)  # PartitionSpecs are pytree leaves
+  shapes = trees.flat_paths(abstract_params)
+  specs = trees.flat_paths(logical_specs)  # PartitionSpecs are pytree leaves
   out, notes = {}, []
   for path, leaf in shapes.items():
     spec, fallbacks = fit_spec(mesh, mesh_axes(specs.get(path, P())), leaf.shape)
@@ -205,11 +205,11 @@ def state_shardings(mesh: Mesh, abstract_state: dict, params_sharding, *,
     moments_sharding = params_sharding
   repl = NamedSharding(mesh, P())
   by_path = {p: (s, tuple(a.shape)) for (p, s), a in zip(
-      transfer.flat_paths(moments_sharding).items(),
-      transfer.flat_paths(abstract_state["params"]).values())}
+      trees.flat_paths(moments_sharding).items(),
+      trees.flat_paths(abstract_state["params"]).values())}
 
   def like_param(key_path, leaf):
-    names = transfer.path_of(key_path)
+    names = trees.path_of(key_path)
     for start in range(len(names)):
       hit = by_path.get(names[start:])
       if hit is not None and hit[1] == tuple(leaf.shape):

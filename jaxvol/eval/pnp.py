@@ -35,9 +35,10 @@ from jaxvol import methods
 from jaxvol.data import inference as inference_lib
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
-from jaxvol.eval import evaluate as evaluate_lib
+from jaxvol.eval import volumes
 from jaxvol.eval import metrics as metrics_lib
 from jaxvol.eval import runner
+from jaxvol.eval import samplers
 from jaxvol.inverse import classical
 from jaxvol.inverse import operators as ops
 from jaxvol.inverse import priors
@@ -80,7 +81,7 @@ def reconstruct(config, workdir: str) -> dict:
   axes = pipeline.position_axes(config.data)
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region, axes)
   method = methods.build(config, jax.devices()[0].platform)
-  params, step = evaluate_lib.load_params(config, prior_dir)
+  params, step = volumes.load_params(config, prior_dir)
   if p.prior not in ("patch", "whole"):
     raise ValueError(f"config.pnp.prior must be patch or whole, got {p.prior!r}")
   window = method.sliding_window() if p.prior == "patch" else None
@@ -102,13 +103,13 @@ def reconstruct(config, workdir: str) -> dict:
   if not subjects:
     raise ValueError(f"split {config.eval.split!r} of store {config.data.store} has no subjects")
   writes = jax.process_index() == 0
-  limit = evaluate_lib.max_box(config)
+  limit = volumes.max_box(config)
   base_key = jax.random.PRNGKey(p.seed)
 
   def volumes():
     for idx, subj in enumerate(subjects):
       sid = subj["id"]
-      box = evaluate_lib.eval_box(subj, config)
+      box = volumes.eval_box(subj, config)
       x = store.read(sid, config.data.target, box).astype(np.float32)
       shape = _fit(x.shape, build_operator(p, x.shape))
       box = tuple((a, a + s) for (a, _), s in zip(box, shape))
@@ -149,12 +150,12 @@ def reconstruct(config, workdir: str) -> dict:
     return fn, (v["y"],)
 
   predictors = {
-      "zero_filled": runner.CompiledPredictor(lambda vol: (
+      "zero_filled": samplers.CompiledPredictor(lambda vol: (
           lambda y, k: jnp.real(classical.zero_filled(vol.inputs["op"], y)), (vol.inputs["y"],))),
-      "tv": runner.CompiledPredictor(lambda vol: (
+      "tv": samplers.CompiledPredictor(lambda vol: (
           lambda y, k: jnp.real(classical.tv_reconstruction(vol.inputs["op"], y, p.tv_lambda,
                                                             p.tv_iters)), (vol.inputs["y"],))),
-      p.solver: runner.CompiledPredictor(solve),
+      p.solver: samplers.CompiledPredictor(solve),
   }
   names = list(predictors)
   with fileio.fresh_dir(os.path.join(workdir, "pnp"), writes) as out_dir:

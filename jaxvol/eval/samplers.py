@@ -7,7 +7,7 @@ prediction sharded like the condition. XLA partitions every network evaluation i
 convolution halos travel by collective-permute and GroupNorm statistics by all-reduce, so each
 device holds 1/spatial of every full-resolution feature map. The methods pin their denoiser's
 output and the starting noise to the volume layout (`jaxvol.models.layers.constrain_volume`,
-active here through jaxvol.train.sharding), so the loop carry stays sharded whatever propagation
+active here through jaxvol.parallel.sharding), so the loop carry stays sharded whatever propagation
 would pick.
 
 The result equals one device's up to float reassociation in the sharded reductions: JAX's
@@ -19,7 +19,7 @@ jaxvol.ops.windows spreads the windows, each whole on one device. The two do not
 `jit_sample` asks for an empty window.
 
 `evaluation_sampler(config, method)` is what --mode=evaluate, --mode=sample and `jaxvol predict`
-use when config.mesh asks for a split (jaxvol.eval.runner.volume_sampler chooses): a `VolumeSampler` on a mesh of config.mesh's
+use when config.mesh asks for a split (jaxvol.eval.samplers.choose chooses): a `VolumeSampler` on a mesh of config.mesh's
 "spatial" and "model" sizes with data = 1 (volumes are sampled one at a time), taking host
 (numpy) conditions of any shape and returning host predictions. It edge-pads the condition at the
 end of each axis up to the method's spatial multiple, as `method.sample` itself does, and the
@@ -40,6 +40,8 @@ every model device.
 
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +50,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from jaxvol.train import mesh as mesh_lib
-from jaxvol.train import sharding as sharding_lib
-from jaxvol.train import state as state_lib
+from jaxvol.parallel import cost as cost_lib
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.parallel import sharding as sharding_lib
 
 log = logging.getLogger("jaxvol")
 
@@ -184,9 +186,9 @@ class VolumeSampler:
     """How many convolutions of the sampler exchange one-slice halos themselves
     (jaxvol.models.layers.conv3d_same) for a (D, H, W) volume; the others are partitioned by
     XLA (halo-extended copies) or not split. Traces the sampler; compiles nothing."""
+    example = self.method.abstract_batch(1, self.padded_shape(spatial))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                          state_lib.param_shapes(self.method, state_lib.abstract_batch(
-                              self.method, 1, self.padded_shape(spatial))))
+                          self.method.param_shapes(example))
     cond = jax.ShapeDtypeStruct((1,) + self.padded_shape(spatial) + (self.method.cond_channels,),
                                 jnp.float32)
     with sharding_lib.activated(self.mesh):
@@ -261,7 +263,85 @@ def evaluation_sampler(config, method, devices=None) -> VolumeSampler | None:
                 config.mesh.spatial, config.mesh.model)
     return None
   mesh = sampling_mesh(config.mesh, devices)
-  example = state_lib.abstract_batch(method, 1, config.data.crop_size)
-  shapes = state_lib.param_shapes(method, example)
+  example = method.abstract_batch(1, config.data.crop_size)
+  shapes = method.param_shapes(example)
   params_sharding, _ = sharding_lib.param_shardings(mesh, shapes, method.param_axes(example))
   return VolumeSampler(method, mesh, params_sharding)
+
+
+class LocalSampler:
+  """`method.sample` on this process: one device, or the windows spread over its devices.
+
+  `compile(params, cond)` compiles ahead of time for a condition's shape (cached per shape), so
+  calls are timed without compilation.
+  """
+
+  def __init__(self, method):
+    self._jitted = jax.jit(method.sample)
+    self._compiled = {}
+    self._sharding = None
+    window = method.sliding_window()
+    if window is not None and window.mesh is not None:
+      # Windows are spread over this process's devices: params and inputs live on all of them.
+      self._sharding = jax.sharding.NamedSharding(window.mesh, jax.sharding.PartitionSpec())
+
+  def _put(self, x):
+    return jnp.asarray(x) if self._sharding is None else jax.device_put(x, self._sharding)
+
+  def put_params(self, params):
+    return jax.tree.map(self._put, params)
+
+  def compile(self, params, cond) -> None:
+    shape = tuple(np.shape(cond))
+    if shape not in self._compiled:
+      self._compiled[shape] = self._jitted.lower(params, self._put(cond),
+                                                 jax.random.PRNGKey(0)).compile()
+
+  def __call__(self, params, cond, rng) -> np.ndarray:
+    fn = self._compiled.get(tuple(np.shape(cond)), self._jitted)
+    return np.asarray(jax.block_until_ready(fn(params, self._put(cond), rng)))
+
+
+def choose(config, method):
+  """The sampler the volumes of `config` run on, chosen here for every command (evaluate, sample,
+  generate, predict, validation during training): the spatially split `VolumeSampler` when
+  config.mesh asks for one, else a `LocalSampler`. Tests that need a stand-in sampler replace
+  this function (monkeypatch `jaxvol.eval.samplers.choose`); nothing else chooses."""
+  sampler = evaluation_sampler(config, method) if config is not None else None
+  return sampler if sampler is not None else LocalSampler(method)
+
+
+class SamplerPredictor:
+  """A predictor from a sampler and its placed parameters: `volume.inputs` is the condition."""
+
+  def __init__(self, sampler, params):
+    self.sampler, self.params = sampler, params
+
+  def prepare(self, volume) -> None:
+    compile_fn = getattr(self.sampler, "compile", None)
+    if compile_fn is not None:
+      compile_fn(self.params, volume.inputs)
+
+  def __call__(self, volume, key) -> np.ndarray:
+    return self.sampler(self.params, volume.inputs, key)
+
+
+class CompiledPredictor:
+  """A predictor from `build(volume) -> (fn, args)`: jax.jit(fn) compiled for each volume in
+  `prepare` (which returns {"bytes": XLA's compiled memory}) and called as fn(*args, key)."""
+
+  def __init__(self, build: Callable[[Any], tuple[Callable, tuple]]):
+    self._build = build
+    self._current = None
+
+  def prepare(self, volume) -> dict:
+    fn, args = self._build(volume)
+    compiled = jax.jit(fn).lower(*args, jax.random.PRNGKey(0)).compile()
+    self._current = (volume.name, compiled, args)
+    return {"bytes": int(cost_lib.compiled_cost(compiled)["bytes"])}
+
+  def __call__(self, volume, key):
+    if self._current is None or self._current[0] != volume.name:
+      self.prepare(volume)
+    _, compiled, args = self._current
+    return np.asarray(jax.block_until_ready(compiled(*args, key)))
