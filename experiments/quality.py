@@ -61,7 +61,7 @@ preset (hi - lo), the input-as-prediction floor where comparable, the training-t
 Why both: the networks are trained on 16^3 crops, and GroupNorm statistics (and the share of
 background) of a whole 62x80x70 box differ so much from those of a crop that whole-volume
 predictions of crop-trained models are badly off. (Results in docs/results/quality_cpu.* up to
-the README's note were measured with an earlier stopgap that sampled each window independently
+the note in docs/results.md were measured with an earlier stopgap that sampled each window independently
 and fused the finished samples; this script now uses the library's in-loop windows.)
 
 Timing (seconds, on whatever machine runs this; compare them as ratios within one run):

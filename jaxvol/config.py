@@ -489,7 +489,7 @@ SPARSE_TASKS = ("ct_denoise", "mri_sr", "pet_denoise")
 def _sparse_paper_model(c: ml_collections.ConfigDict) -> None:
   """The paper's network and optimiser (DESIGN.md 2.2): the authors' U-Net layout (additive time
   embedding, narrower decoder, their STM encoder; it measured 1.6 dB better than jaxvol's layout in
-  experiments/sparse_ablation.py, README "Sparse diffusion ablation"), width 64, mults
+  experiments/sparse_ablation.py, docs/results.md "Sparse diffusion ablation"), width 64, mults
   (1,1,2,2,4), 2 res blocks, 4-head attention at the 1/8 level, GroupNorm 32, dropout 0.1, time
   embedding 256, AdamW 1e-4 with weight decay 1e-4, EMA 0.99, batch 8."""
   m = c.model
@@ -502,7 +502,7 @@ def _sparse_paper_model(c: ml_collections.ConfigDict) -> None:
 
 
 def cpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A network and budget that train in minutes on a 2-core CPU (the README's measured runs)."""
+  """A network and budget that train in minutes on a 2-core CPU (docs/results.md's runs)."""
   # XLA's CPU 3D convolutions run at 3-6 GFLOP/s: width 16 at 32^3 (56 GFLOPs per step) would
   # take ~11 s per step, width 8 at 16^3 (~1.7 GFLOPs) about 0.3 s.
   m = c.model

@@ -223,7 +223,7 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
             "train_spacing": train_spacing, "spacing_tolerance": tolerance, "samples": samples,
             "seed": seed, "presets": inference_lib.describe(rules), "volumes": []}
 
-  def volumes():
+  def each_volume():
     for s, (arrays, geometry) in zip(subjects, loaded):
       shape = target_shape(geometry, train_spacing, tolerance)
       raw = {m: resample(a, shape) for m, a in arrays.items()}
@@ -241,7 +241,7 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
                "target_preset": target_preset.to_dict()})
 
   started = time.time()
-  rows = runner.run(volumes(), {runner.MODEL: samplers.SamplerPredictor(sampler, params)},
+  rows = runner.run(each_volume(), {runner.MODEL: samplers.SamplerPredictor(sampler, params)},
                     jax.random.PRNGKey(seed), output, total=len(subjects), samples=samples,
                     mask=None, nifti_dir="", previews=False, skip_existing=not overwrite,
                     writes=True, report=lambda line: print(line, flush=True))

@@ -163,7 +163,7 @@ SPLIT_TASKS = {
     "ppdm_mri_t1_t2": "mri_t1_t2", "full3d_mri_t1_t2": "mri_t1_t2", "wdm_mri_t1_t2": "mri_t1_t2",
     "regression_mri_t1_t2": "mri_t1_t2", "patch_prior_train": "mri_t1_t2",
     "pnp_mri_recon": "mri_t1_t2", "pnp_mri_sr": "mri_t1_t2", "sparse_mri_sr": "mri_sr",
-    "sparse_ct_denoise": "ct_denoise",
+    "sparse_ct_denoise": "ct_denoise", "mri_t1_t2": "mri_t1_t2",
 }
 CPU_CONFIGS = ("ppdm_pet_denoise", "ppdm_pet_ac", "ppdm_mri_t1_t2", "full3d_mri_t1_t2",
                "wdm_mri_t1_t2", "regression_mri_t1_t2")
@@ -259,10 +259,12 @@ def test_demo_keeps_its_held_out_split_and_whole_is_an_alias():
   demo = load(path, "demo")
   assert _plain(demo.data.eval_region) == {"2": (0.6, 1.0)} and demo.eval.split == "test"
   # demo = the cpu budget, held out, with validation and its sampler and reference settings.
-  assert (demo.train.validate_every, demo.ppdm.sample_steps) == (200, 1)
+  assert (demo.train.validate_every, demo.ppdm.sample_steps, demo.ppdm.max_var) == (200, 1, 0.1)
+  assert load(path, "cpu,heldout").ppdm.max_var == 1.0  # BBDM's, elsewhere
 
   def common(c):
     c.train.validate_every = c.ppdm.sample_steps = c.eval.reference_tune_subjects = 0
+    c.ppdm.max_var = 0.0
     c.eval.reference_tune_box = ()
     return _json(c)
 
@@ -365,3 +367,15 @@ def test_regions_override_from_the_command_line(variant, overrides, want):
                      text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   assert json.loads(r.stdout.strip().splitlines()[-1]) == want
+
+
+@pytest.mark.parametrize("method", ["ppdm", "full3d", "wdm", "regression"])
+def test_mri_t1_t2_is_one_config_and_the_method_names_are_aliases(method):
+  """One module per task, the method a variant token; the older names give the same config."""
+  for variant in ("", "cpu,heldout", "smoke"):
+    alias = load(_path(f"{method}_mri_t1_t2"), variant or None)
+    one = load(_path("mri_t1_t2"), ",".join(t for t in (method, variant) if t))
+    assert alias.method == method and _json(alias) == _json(one), (method, variant)
+  assert load(_path("mri_t1_t2")).method == "ppdm"
+  with pytest.raises(ValueError, match="at most one of"):
+    load(_path("mri_t1_t2"), f"{method},{'wdm' if method != 'wdm' else 'ppdm'}")

@@ -153,7 +153,7 @@ def test_real_validator_scores_the_validation_split(tiny_store, peaked):  # pyli
   c.data.train_region = {"0": (0.0, 0.5)}
   c.eval.val_region = {"0": (0.5, 1.0)}
   c.data.eval_region = {"0": (0.5, 1.0)}
-  assert evaluate.plain_region(evaluate.validation_config(c).data.eval_region) == {"0": [0.5, 1.0]}  # pylint: disable=protected-access
+  assert volumes.plain_region(evaluate.validation_config(c).data.eval_region) == {"0": [0.5, 1.0]}
 
 
 def test_regions_overlap():

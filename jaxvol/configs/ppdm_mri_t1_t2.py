@@ -1,34 +1,13 @@
-"""PPDM (puzzle factor 2) for MRI T1 -> T2 translation.
-
-Data: a store with modalities `t1` and `t2` (co-registered pairs). With your own datalist (train
-and test subjects, `jaxvol convert`), no variant is needed: whole volumes of the `train` split
-train, whole volumes of the `test` split are scored:
-  python -m jaxvol.main --config=configs/ppdm_mri_t1_t2.py \
-      --workdir=runs/ppdm_t1t2 --config.data.store=STORE
-The repository's store holds ONE subject (the stroke T1/T2):
-  python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2
-so it needs the token `heldout`: training crops come from RAS x in [0, 0.5) (one hemisphere) and
-RAS x in [0.6, 1] of the same subject (split `train`) is scored ([0.5, 0.6) validates):
+"""PPDM (puzzle factor 2) for MRI T1 -> T2 translation: the config mri_t1_t2 with the token `ppdm`
+(jaxvol/configs/mri_t1_t2.py: data, launch commands, variants), e.g.
+`--config=ppdm_mri_t1_t2:cpu,heldout` = `--config=mri_t1_t2:ppdm,cpu,heldout`:
   python -m jaxvol.main --config=configs/ppdm_mri_t1_t2.py:heldout \
       --workdir=runs/ppdm_t1t2 --config.data.store=data/mri_t1_t2/store
-  python -m jaxvol.main --config=configs/ppdm_mri_t1_t2.py:heldout \
-      --workdir=runs/ppdm_t1t2 --config.data.store=data/mri_t1_t2/store --mode=evaluate
-Variant tokens, comma-separated (e.g. `:cpu,heldout`); same U-Net as every other method on this
-task without one:
-  smoke    seconds on CPU.
-  cpu      the PET quick start's budget, 32^3 crops and a 16-wide U-Net: about 10
-           minutes of training on 2 CPU cores (`base.cpu_task_overrides`).
-  heldout  the one-subject hemisphere split above.
-  whole    the default (whole volumes, `test` split), named.
-  fullvolume  train on WHOLE volumes (under `heldout`: the whole training hemisphere) edge-padded
-           to the spatial multiple instead of random crops, and sample in one pass
-           (`base.apply_fullvolume`). Training sets crop_size to the padded region from the
-           store (`jaxvol.train.loop.resolve_whole_crop`): for the repository's store under
-           `heldout`, (64, 160, 144) at r=2 or r=4. Not `whole`, which names the split.
 """
 
 from jaxvol import config as base
+from jaxvol.configs import mri_t1_t2
 
 
 def get_config(variant: str | None = None):
-  return base.mri_t1_t2_config("ppdm", variant)
+  return mri_t1_t2.get_config(base.with_tokens("ppdm", *(variant or "").split(",")))

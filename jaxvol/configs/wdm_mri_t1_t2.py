@@ -1,30 +1,13 @@
-"""Wavelet-domain diffusion baseline (WDM, pfriedri/wdm-3d: LLL band / 3, x0 prediction, x0
-clamped in image space while sampling) for MRI T1 -> T2 translation.
-
-Data: a store with modalities `t1` and `t2` (co-registered pairs). With your own datalist (train
-and test subjects, `jaxvol convert`), no variant is needed: whole volumes of the `train` split
-train, whole volumes of the `test` split are scored:
-  python -m jaxvol.main --config=configs/wdm_mri_t1_t2.py \
-      --workdir=runs/wdm_t1t2 --config.data.store=STORE
-The repository's store holds ONE subject (the stroke T1/T2):
-  python tools/prepare_data.py --task mri_t1_t2 --out data/mri_t1_t2
-so it needs the token `heldout`: training crops come from RAS x in [0, 0.5) (one hemisphere) and
-RAS x in [0.6, 1] of the same subject (split `train`) is scored ([0.5, 0.6) validates):
+"""WDM (wavelet diffusion) for MRI T1 -> T2 translation: the config mri_t1_t2 with the token `wdm`
+(jaxvol/configs/mri_t1_t2.py: data, launch commands, variants), e.g.
+`--config=wdm_mri_t1_t2:cpu,heldout` = `--config=mri_t1_t2:wdm,cpu,heldout`:
   python -m jaxvol.main --config=configs/wdm_mri_t1_t2.py:heldout \
       --workdir=runs/wdm_t1t2 --config.data.store=data/mri_t1_t2/store
-  python -m jaxvol.main --config=configs/wdm_mri_t1_t2.py:heldout \
-      --workdir=runs/wdm_t1t2 --config.data.store=data/mri_t1_t2/store --mode=evaluate
-Variant tokens, comma-separated (e.g. `:cpu,heldout`); same U-Net as every other method on this
-task without one:
-  smoke    seconds on CPU.
-  cpu      the PET quick start's budget, 32^3 crops and a 16-wide U-Net on the Haar
-           bands: about 10 minutes of training on 2 CPU cores (`base.cpu_task_overrides`).
-  heldout  the one-subject hemisphere split above.
-  whole    the default (whole volumes, `test` split), named.
 """
 
 from jaxvol import config as base
+from jaxvol.configs import mri_t1_t2
 
 
 def get_config(variant: str | None = None):
-  return base.mri_t1_t2_config("wdm", variant)
+  return mri_t1_t2.get_config(base.with_tokens("wdm", *(variant or "").split(",")))

@@ -216,11 +216,7 @@ def generate(config, workdir: str) -> dict:
             "preset": preset.to_dict(), "files": [os.path.basename(f) for f in files],
             "seconds_per_volume": float(np.mean(seconds[1:] or seconds)),
             "first_call_seconds": float(seconds[0])}
-    if config.method == "prdit":
-      p = config.prdit
-      info["model"] = methods.prdit.model_name(p)
-      info["sampler"] = {"sampler": p.sampler, "predictor": p.predictor,
-                         "sample_steps": int(p.sample_steps)}
+    info.update(method.sampling_facts())
     if writes:
       fileio.write_json_atomic(os.path.join(work, "samples.json"), info)
 

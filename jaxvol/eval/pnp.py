@@ -106,7 +106,7 @@ def reconstruct(config, workdir: str) -> dict:
   limit = volumes.max_box(config)
   base_key = jax.random.PRNGKey(p.seed)
 
-  def volumes():
+  def each_volume():
     for idx, subj in enumerate(subjects):
       sid = subj["id"]
       box = volumes.eval_box(subj, config)
@@ -159,7 +159,7 @@ def reconstruct(config, workdir: str) -> dict:
   }
   names = list(predictors)
   with fileio.fresh_dir(os.path.join(workdir, "pnp"), writes) as out_dir:
-    rows = runner.run(volumes(), predictors, base_key, out_dir, total=len(subjects),
+    rows = runner.run(each_volume(), predictors, base_key, out_dir, total=len(subjects),
                       mask="body" if config.eval.mask == "body" else None,
                       previews=bool(config.eval.previews))
     summary = {"checkpoint_step": step, "prior": p.prior, "solver": p.solver, "task": p.task,

@@ -131,12 +131,16 @@ class Method:
   """Base class holding the config-derived pieces; subclasses define the three functions.
 
   Subclasses also declare `MODEL_FIELDS`, the dotted config fields that define what their
-  parameters mean (every one must exist in the method's configs), and may add entries to
-  `SWITCHED_FIELDS` for fields that only matter while another is switched on.
+  parameters mean (every one must exist in the method's configs), may add entries to
+  `SWITCHED_FIELDS` for fields that only matter while another is switched on, and set
+  `CLAMPS_X0` when their sampler clips its x0 estimate.
   """
 
   MODEL_FIELDS: ClassVar[tuple[str, ...]] = RUN_FIELDS + DATA_FIELDS
   SWITCHED_FIELDS: ClassVar[dict] = SWITCHED_FIELDS
+  # Whether the sampler clips its x0 estimate to config.diffusion.clip_x0 (training then warns
+  # when the normalised targets leave that range: jaxvol.train.loop.check_target_range).
+  CLAMPS_X0: ClassVar[bool] = False
 
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
@@ -212,6 +216,11 @@ class Method:
 
   def sample(self, params, cond, rng):
     raise NotImplementedError
+
+  def sampling_facts(self) -> dict:
+    """What a record of drawn samples should name about the model and its sampler
+    (jaxvol.eval.generate's samples.json); {} when the config says it all."""
+    return {}
 
   def sliding_window(self, domain_scale: int = 1) -> windows_lib.SlidingWindow | None:
     """The window evaluator from `config.inference`, or None for whole-volume passes.

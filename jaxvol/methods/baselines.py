@@ -32,6 +32,7 @@ class Full3D(base.Method):
   MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + base.STM_FIELDS + (
       "diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
       "diffusion.parameterization")
+  CLAMPS_X0 = True  # DDPM/DDIM clip x0_hat to config.diffusion.clip_x0 (also WDM, sparse)
 
   def __post_init__(self):
     c = self.config.diffusion

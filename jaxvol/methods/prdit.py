@@ -103,6 +103,12 @@ class PRDiT(base.Method):
     self.diffusion.sample_schedule(p.sample_steps, p.sampler)  # a clear error for a bad K now
     self.net = build_network(p, self.dtype)
 
+  def sampling_facts(self) -> dict:
+    p = self.config.prdit
+    return {"model": model_name(p),
+            "sampler": {"sampler": p.sampler, "predictor": p.predictor,
+                        "sample_steps": int(p.sample_steps)}}
+
   def spatial_multiple(self):
     s = self.config.prdit.stride
     return (s, s, s)

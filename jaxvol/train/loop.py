@@ -108,7 +108,6 @@ def run_meta(config, store_path: str) -> dict:
           "store": os.path.abspath(store_path)}
 
 
-CLAMPING_METHODS = ("full3d", "wdm", "sparse")  # samplers that clip their x0 estimate
 
 
 def check_target_range(config, store_path: str) -> float | None:
@@ -120,7 +119,7 @@ def check_target_range(config, store_path: str) -> float | None:
   method does not clamp).
   """
   bound = float(config.diffusion.clip_x0)
-  if config.method not in CLAMPING_METHODS or bound <= 0:
+  if not methods.method_class(config).CLAMPS_X0 or bound <= 0:
     return None
   store = store_lib.Store(store_path)
   peak = 0.0
