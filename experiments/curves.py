@@ -70,9 +70,10 @@ TASK_METHODS = {
 }
 def _ct_split() -> str:
   from jaxvol import prepare  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import tasks  # pylint: disable=g-import-not-at-top
   return (f"one abdominal CT, simulated low dose ({prepare.default_dose('ct_denoise'):g}, the "
-          "store's own): trained on RAS z in [0, 0.6) of 3 noise realisations, evaluated on z in "
-          "[0.6, 1] of a new realisation")
+          "store's own), 3 noise realisations train, a new one is scored: "
+          + tasks.describe_split(tasks.get("ct_denoise")))
 
 
 SPLITS = {"ct_denoise": _ct_split()}

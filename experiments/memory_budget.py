@@ -68,20 +68,20 @@ import time
 
 from jaxvol import config as config_lib
 from jaxvol import fileio
+from jaxvol.data import tasks
 from jaxvol.eval import references as references_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("mri_t1_t2", "pet_denoise")
 # name -> (config.method, puzzle factor)
 METHODS = {"ppdm_r4": ("ppdm", 4), "ppdm_r2": ("ppdm", 2), "full3d": ("full3d", 1)}
-SPLITS = {
-    "mri_t1_t2": ("one subject (stroke T1/T2, 1 mm, 124x160x140): trained on RAS x in [0, 0.5) "
-                  "(one hemisphere), evaluated on the whole of x in [0.6, 1] ([0.5, 0.6) "
-                  "validates), split 'train'"),
+SPLITS = {  # the regions come from the task registry (jaxvol.data.tasks), written once there
+    "mri_t1_t2": ("one subject (stroke T1/T2, 1 mm, 124x160x140), every region scored whole: "
+                  + tasks.describe_split(tasks.get("mri_t1_t2"))),
     "pet_denoise": ("train: noise realisations of 2 anatomies (SPM PET template 91x109x91, T1-"
-                    "derived FDG-like PET 62x80x70, 2 mm; 10% dose -> full count), RAS z in "
-                    "[0, 0.6); test: new noise realisations of both, evaluated on the whole of z "
-                    "in [0.6, 1]"),
+                    "derived FDG-like PET 62x80x70, 2 mm; 10% dose -> full count); test: new noise "
+                    "realisations of both, every region scored whole: "
+                    + tasks.describe_split(tasks.get("pet_denoise"))),
 }
 GIB = 2.0**30
 MIB = 2.0**20

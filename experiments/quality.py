@@ -98,6 +98,7 @@ from typing import Sequence
 
 from jaxvol import config as base_config_lib
 from jaxvol import fileio
+from jaxvol.data import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("mri_t1_t2", "pet_denoise")
@@ -109,13 +110,12 @@ METHODS = {
     "wdm": ("wdm", 2),
     "regression": ("regression", 1),
 }
-SPLITS = {
-    "mri_t1_t2": ("one subject (stroke T1/T2, 1 mm): trained on RAS x in [0, 0.5) (one "
-                  "hemisphere), evaluated on x in [0.6, 1] ([0.5, 0.6) validates)"),
+SPLITS = {  # the regions come from the task registry (jaxvol.data.tasks), written once there
+    "mri_t1_t2": "one subject (stroke T1/T2, 1 mm): " + tasks.describe_split(tasks.get("mri_t1_t2")),
     "pet_denoise": ("train: 3 noise realisations of each of 2 anatomies (SPM PET template, T1-"
-                    "derived FDG-like PET; 10% dose -> full count), crops from RAS z in [0, 0.6); "
-                    "test: 1 new noise realisation of each anatomy, evaluated on z in [0.6, 1] "
-                    "(anatomy never trained on)"),
+                    "derived FDG-like PET; 10% dose -> full count); test: 1 new noise realisation "
+                    "of each anatomy (anatomy never trained on): "
+                    + tasks.describe_split(tasks.get("pet_denoise"))),
 }
 PSNR_MARGIN_DB = 0.5
 
