@@ -59,3 +59,57 @@ def write_pet_store(root, shape, splits, seed: int = 0) -> str:
   store_lib.convert(root / "list.csv", root / "store",
                     {"pet_low": {"kind": "pet"}, "pet_full": {"kind": "pet", "ref": "pet_low"}})
   return str(root / "store")
+
+
+# `jaxvol` run as a user runs it, in its own process: unbuffered output, the suite's persistent
+# compilation cache (so a subprocess does not recompile what an earlier one compiled).
+CLI_ENV = dict(os.environ, PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                      f"jaxvol-test-cache-{os.getuid()}"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+class RunningCli:
+  """`python -m jaxvol ARGS` started in the background; its output lines collected as they come.
+
+  Use as a context manager: leaving it kills the process if it still runs and joins the reader.
+  """
+
+  def __init__(self, args, cwd):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    self.proc = subprocess.Popen([sys.executable, "-m", "jaxvol", *map(str, args)], cwd=cwd,
+                                 env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+    self.lines = []
+    self._reader = threading.Thread(
+        target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
+    self._reader.start()
+
+  @property
+  def pid(self) -> int:
+    return self.proc.pid
+
+  @property
+  def out(self) -> str:
+    return "".join(self.lines)
+
+  def wait_for(self, text: str, timeout: float) -> None:
+    """Returns once a line contains `text`; fails if the process ends or `timeout` passes."""
+    import time  # pylint: disable=import-outside-toplevel
+    deadline = time.time() + timeout
+    while not any(text in line for line in list(self.lines)):
+      assert self.proc.poll() is None, f"exited before {text!r}:\n{self.out}"
+      assert time.time() < deadline, f"no {text!r} within {timeout:g} s:\n{self.out}"
+      time.sleep(0.05)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self._reader.join(timeout=10)
+    return False

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import jax
@@ -28,6 +27,8 @@ from jaxvol.eval import evaluate
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import lock as lock_lib
 from jaxvol.train import loop
+from conftest import CLI_ENV
+from conftest import RunningCli
 from test_train import smoke_config
 from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
 
@@ -35,10 +36,7 @@ from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
 pytestmark = pytest.mark.slow
 
 DAMAGE = ("overwritten_bytes", "truncated_data", "deleted_metadata", "no_commit_marker")
-ENV = dict(os.environ, PYTHONUNBUFFERED="1",
-           JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                  f"jaxvol-test-cache-{os.getuid()}"),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+ENV = CLI_ENV
 
 
 def _config(store, steps):
@@ -240,32 +238,16 @@ def test_a_second_train_on_a_held_workdir_refuses_and_the_first_finishes(tiny_st
   common = ["train", "--config=ppdm_pet_denoise:smoke", f"--workdir={workdir}",
             f"--config.data.store={tiny_store / 'store'}", "--config.mesh.data=1",
             "--config.train.log_every=1"]
-  first = subprocess.Popen([sys.executable, "-m", "jaxvol", *common,
-                            "--config.train.steps=100000", "--config.train.time_limit_minutes=0.4",
-                            "--config.train.checkpoint_every=100000"],
-                           cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-  lines = []
-  reader = threading.Thread(target=lambda: lines.extend(iter(first.stdout.readline, "")),
-                            daemon=True)
-  reader.start()
-  try:
-    deadline = time.time() + 180
-    while not any(" step 1/100000" in line for line in lines):
-      assert first.poll() is None, "".join(lines)
-      assert time.time() < deadline, "".join(lines)
-      time.sleep(0.1)
+  with RunningCli([*common, "--config.train.steps=100000",
+                   "--config.train.time_limit_minutes=0.4",
+                   "--config.train.checkpoint_every=100000"], tmp_path) as first:
+    first.wait_for(" step 1/100000", timeout=180)
     holder = json.loads((workdir / lock_lib.LOCK_NAME).read_text())
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
     second = _cli([*common, "--config.train.steps=4"], tmp_path)
-    assert first.poll() is None, "the first run ended before the second tried"
-    status = first.wait(timeout=300)
-  finally:
-    if first.poll() is None:
-      first.kill()
-      first.wait()
-  reader.join(timeout=10)
-  out = "".join(lines)
+    assert first.proc.poll() is None, "the first run ended before the second tried"
+    status = first.proc.wait(timeout=300)
+  out = first.out
   assert second.returncode == 1, second.stdout + second.stderr
   assert second.stderr.strip().splitlines()[-1].startswith("error: ")
   assert f"in use by another training run (PID {first.pid} on host" in second.stderr

@@ -4,12 +4,10 @@ its output and the checkpoint it leaves."""
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
+
 import pytest
 
+from conftest import RunningCli
 from test_train import tiny_store  # noqa: F401  pylint: disable=unused-import
 
 # End to end (training runs, subprocesses or experiments): `pytest -m 'not slow'` skips it.
@@ -20,36 +18,16 @@ STEP_LINE = re.compile(r"step (\d+)/100000 ")
 
 def test_sigterm_stops_within_steps_saves_and_exits_143(tiny_store, tmp_path):  # pylint: disable=redefined-outer-name
   workdir = tmp_path / "w"
-  env = dict(os.environ, PYTHONUNBUFFERED="1",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                    f"jaxvol-test-cache-{os.getuid()}"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "jaxvol", "train", "--config=ppdm_pet_denoise:smoke",
-       f"--workdir={workdir}", f"--config.data.store={tiny_store / 'store'}",
-       "--config.train.steps=100000", "--config.train.log_every=1",
-       "--config.train.checkpoint_every=100000", "--config.mesh.data=1"],
-      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  lines = []
-  reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
-                            daemon=True)
-  reader.start()
-  try:
-    deadline = time.time() + 120
-    while not any("step 1/100000" in line for line in lines):
-      assert proc.poll() is None, "".join(lines)
-      assert time.time() < deadline, "no progress line within 120 s:\n" + "".join(lines)
-      time.sleep(0.05)
+  with RunningCli(["train", "--config=ppdm_pet_denoise:smoke", f"--workdir={workdir}",
+                   f"--config.data.store={tiny_store / 'store'}", "--config.train.steps=100000",
+                   "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+                   "--config.mesh.data=1"], tmp_path) as run:
+    run.wait_for("step 1/100000", timeout=120)
     # The newest step the process has reported when the signal goes out.
-    seen = max(int(m.group(1)) for line in list(lines) if (m := STEP_LINE.search(line)))
-    proc.send_signal(signal.SIGTERM)
-    status = proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  reader.join(timeout=10)
-  out = "".join(lines)
+    seen = max(int(m.group(1)) for line in list(run.lines) if (m := STEP_LINE.search(line)))
+    run.proc.send_signal(signal.SIGTERM)
+    status = run.proc.wait(timeout=60)
+  out = run.out
   assert status == 128 + signal.SIGTERM == 143, out
   assert "Traceback" not in out, out
   last = max(int(m.group(1)) for m in STEP_LINE.finditer(out))
