@@ -42,13 +42,9 @@ a markdown table, also written to DIR/attention_bench.md.
 
 import argparse
 import os
-import pathlib
 import statistics
-import sys
 import threading
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -38,11 +38,8 @@ attention's bytes as a multiple of it.
 import argparse
 import math
 import os
-import pathlib
 import sys
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 

@@ -40,7 +40,6 @@ A rerun skips records already in curves.json (same settings) and resumes trainin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import pathlib
@@ -49,6 +48,8 @@ import time
 from typing import Sequence
 
 import numpy as np
+
+from jaxvol import experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("mri_t1_t2", "pet_denoise", "ct_denoise")
@@ -79,15 +80,7 @@ def _ct_split() -> str:
 SPLITS = {"ct_denoise": _ct_split()}
 log = logging.getLogger("jaxvol")
 
-
-def _load(path: pathlib.Path, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-quality = _load(ROOT / "experiments" / "quality.py", "curves_quality")
+import quality  # noqa: E402  pylint: disable=wrong-import-position  (a sibling script)
 
 
 def schedule(steps: int, count: int, first: int | None = None) -> list[int]:
@@ -370,8 +363,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", required=True)
   p.add_argument("--references", default="auto",
                  help="classical references scored beside every model (config.eval.references)")
-  p.add_argument("--tasks", type=quality._str_list, default=list(TASKS))  # pylint: disable=protected-access
-  p.add_argument("--methods", type=quality._str_list, default=None,  # pylint: disable=protected-access
+  p.add_argument("--tasks", type=experiment.str_list, default=list(TASKS))
+  p.add_argument("--methods", type=experiment.str_list, default=None,
                  help="default: every method of each task (TASK_METHODS)")
   p.add_argument("--steps", type=int, default=1600)
   p.add_argument("--checkpoints", type=int, default=7, help="evaluated steps (log-spaced)")
@@ -438,7 +431,7 @@ def main(argv=None) -> list[dict]:
                                     "records": recs})
 
   for task in args.tasks:
-    store = stores.get(task) or quality.prepare_store(out, task, args.source)
+    store = stores.get(task) or experiment.task_store(out, task, args.source)
     names = [m for m in (args.methods or TASK_METHODS[task]) if m in TASK_METHODS[task]]
     print(f"== {task}: {split_of(task)}; methods {names}", flush=True)
     for name in names:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import logging
 import os
@@ -44,6 +43,8 @@ import sys
 import time
 
 import numpy as np
+
+from jaxvol import experiment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("demo", "pet_denoise", "ct_denoise", "mri_t1_t2")
@@ -62,7 +63,7 @@ def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespa
   budget (steps, cosine decay, validation, patience), whole held-out regions scored."""
   from jaxvol import config as base  # pylint: disable=g-import-not-at-top
   name, variant = CONFIGS[task]
-  c = importlib.import_module(f"jaxvol.configs.{name}").get_config(variant)
+  c = experiment.packaged_config(name, variant)
   if method != c.method:
     c.method = method
     if method == "regression":
@@ -115,21 +116,6 @@ def set_field(c, key: str, value) -> None:
   if isinstance(old, tuple) and isinstance(value, list):
     value = tuple(value)
   node[leaf] = value
-
-
-def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
-  """DIR/data/TASK/store: the demo's phantom, or `jaxvol prepare`'s store of the task."""
-  store = out / "data" / task / "store"
-  if (store / "manifest.json").is_file():
-    return str(store)
-  if task == "demo":
-    from jaxvol.data import phantoms  # pylint: disable=g-import-not-at-top
-    from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
-    datalist = phantoms.write_demo_pet_dataset(out / "data" / task, **phantoms.DEMO_DATASET)
-    store_lib.convert(datalist, store, phantoms.DEMO_PRESETS)
-    return str(store)
-  from jaxvol import prepare  # pylint: disable=g-import-not-at-top
-  return prepare.prepare(task, out / "data" / task, source=source)
 
 
 def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
@@ -314,7 +300,7 @@ def main(argv=None) -> list[dict]:
     save()
     return records
   for task in args.tasks:
-    store = prepare_store(out, task, args.source)
+    store = experiment.task_store(out, task, args.source)
     for method in args.methods or METHODS[task]:
       for seed in args.seeds:
         key = (task, method, args.tag, seed)

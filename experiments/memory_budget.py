@@ -56,7 +56,6 @@ checkpoint of its workdir.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -67,6 +66,7 @@ import sys
 import time
 
 from jaxvol import config as config_lib
+from jaxvol import experiment
 from jaxvol import fileio
 from jaxvol.data import tasks
 from jaxvol.eval import references as references_lib
@@ -134,10 +134,6 @@ def settings_of(args: argparse.Namespace) -> dict:
           "window_batch": args.window_batch, "max_crop": args.max_crop}
 
 
-def _packaged(name: str, variant: str):
-  return importlib.import_module(f"jaxvol.configs.{name}").get_config(variant)
-
-
 def make_config(task: str, name: str, store: str, args: argparse.Namespace, crop=None):
   """The packaged config of (task, method) with its `heldout` split, on the shared budget.
 
@@ -147,9 +143,9 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace, crop
   method, factor = METHODS[name]
   if task == "mri_t1_t2":
     tokens = "heldout,fullvolume" if method == "ppdm" else "heldout"
-    c = _packaged(f"{method}_mri_t1_t2", tokens)
+    c = experiment.packaged_config(f"{method}_mri_t1_t2", tokens)
   else:
-    c = _packaged("ppdm_pet_denoise", "heldout,fullvolume" if method == "ppdm" else "heldout")
+    c = experiment.packaged_config("ppdm_pet_denoise", "heldout,fullvolume" if method == "ppdm" else "heldout")
     c = config_lib.set_method(c, method)
   c.data.store = store
   c.data.batch_size = 1
@@ -293,15 +289,6 @@ def machine() -> dict:
   except OSError:
     pass
   return out
-
-
-def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
-  """DIR/data/TASK/store, built with tools/prepare_data.py unless it exists already."""
-  store = out / "data" / task / "store"
-  if (store / "manifest.json").is_file():
-    return str(store)
-  from jaxvol import prepare  # pylint: disable=g-import-not-at-top
-  return prepare.prepare(task, out / "data" / task, source=source)
 
 
 def find_budget(store: str, out: pathlib.Path, args: argparse.Namespace,
@@ -486,7 +473,7 @@ def main(argv=None) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   json_path, md_path = out / "memory_budget.json", out / "memory_budget.md"
   old = json.loads(json_path.read_text()) if json_path.is_file() else {}
-  store = str(pathlib.Path(args.store).resolve()) if args.store else prepare_store(
+  store = str(pathlib.Path(args.store).resolve()) if args.store else experiment.task_store(
       out, args.task, args.source)
   start = time.time()
   budget = find_budget(store, out, args, old.get("budget"))

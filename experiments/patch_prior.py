@@ -34,19 +34,16 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
 import sparse_common as common  # pylint: disable=wrong-import-position
 from jaxvol import config as config_lib  # pylint: disable=wrong-import-position
+from jaxvol import experiment  # pylint: disable=wrong-import-position
 from jaxvol import methods  # pylint: disable=wrong-import-position
 from jaxvol.data import pipeline  # pylint: disable=wrong-import-position
 from jaxvol.data import store as store_lib  # pylint: disable=wrong-import-position
@@ -93,11 +90,8 @@ def ensure_prior(variant: str, store: str, prior_dir: pathlib.Path, log=print) -
 
   The DONE marker keeps a finished prior from being trained further by a later run.
   """
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("ppt", ROOT / "configs" / "patch_prior_train.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(config_lib.with_tokens(variant, config_lib.HELDOUT))
+  c = experiment.packaged_config("patch_prior_train",
+                                 config_lib.with_tokens(variant, config_lib.HELDOUT))
   c.data.store = store
   check_positions(c)
   # Data parallel over as many local devices as divide the batch.
@@ -288,7 +282,7 @@ def main(argv=None):
     if t not in TASKS:
       raise SystemExit(f"unknown task {t!r}; available: {sorted(TASKS)}")
   out = common.ensure_dir(pathlib.Path(args.out))
-  store = common.prepare_store("mri_t1_t2", out, args.source)
+  store = experiment.task_store(out, "mri_t1_t2", args.source)
   prior_dir = pathlib.Path(args.prior_workdir or out / "prior")
   if args.prior_workdir is None:
     ensure_prior(args.variant, store, prior_dir)

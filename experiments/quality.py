@@ -87,7 +87,6 @@ task on the windowed numbers and reported as met or not; nothing is tuned on the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import pathlib
@@ -97,6 +96,7 @@ import time
 from typing import Sequence
 
 from jaxvol import config as base_config_lib
+from jaxvol import experiment
 from jaxvol import fileio
 from jaxvol.data import tasks
 
@@ -122,28 +122,21 @@ PSNR_MARGIN_DB = 0.5
 log = logging.getLogger("jaxvol")
 
 
-def _load_module(path: pathlib.Path, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def config_path(task: str, method: str) -> pathlib.Path:
-  """The repository config a (task, method) starts from."""
+def config_name(task: str, method: str) -> str:
+  """The packaged config a (task, method) starts from."""
   if task == "mri_t1_t2":
-    return ROOT / "configs" / f"{method}_mri_t1_t2.py"
+    return f"{method}_mri_t1_t2"
   if task == "pet_denoise":
-    return ROOT / "configs" / "ppdm_pet_denoise.py"
+    return "ppdm_pet_denoise"
   raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 def make_config(task: str, name: str, store: str, args: argparse.Namespace):
   """The repository config of (task, method), overridden to the shared budget."""
   method, factor = METHODS[name]
-  module = _load_module(config_path(task, method), f"quality_config_{task}_{method}")
   # The repository's stores hold one subject (MRI) or one anatomy (PET): the held-out split.
-  c = base_config_lib.set_method(module.get_config(base_config_lib.HELDOUT), method)
+  c = base_config_lib.set_method(
+      experiment.packaged_config(config_name(task, method), base_config_lib.HELDOUT), method)
   c.data.store = store
   c.data.crop_size = (args.crop,) * 3
   c.data.batch_size = args.batch
@@ -354,17 +347,13 @@ def markdown(records: Sequence[dict], args: argparse.Namespace) -> str:
           f"{verdicts}\n")
 
 
-def _str_list(text: str) -> list[str]:
-  return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--references", default="auto",
                  help="classical references scored beside every model (config.eval.references)")
-  p.add_argument("--tasks", type=_str_list, default=list(TASKS))
-  p.add_argument("--methods", type=_str_list, default=list(METHODS))
+  p.add_argument("--tasks", type=experiment.str_list, default=list(TASKS))
+  p.add_argument("--methods", type=experiment.str_list, default=list(METHODS))
   p.add_argument("--steps", type=int, default=400, help="training steps, the same for every method")
   p.add_argument("--crop", type=int, default=16, help="training crop side")
   p.add_argument("--width", type=int, default=8, help="U-Net base width")
@@ -402,15 +391,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.crop % 16:
     p.error("--crop must be a multiple of 16 (ppdm r=4 with a 3-level U-Net)")
   return args
-
-
-def prepare_store(out: pathlib.Path, task: str, source: str | None) -> str:
-  """DIR/data/TASK/store, built with tools/prepare_data.py unless it exists already."""
-  store = out / "data" / task / "store"
-  if (store / "manifest.json").is_file():
-    return str(store)
-  prepare_data = _load_module(ROOT / "tools" / "prepare_data.py", "quality_prepare_data")
-  return prepare_data.prepare(task, out / "data" / task, source=source)
 
 
 def variant_of(method: str, args: argparse.Namespace) -> str:
@@ -509,7 +489,7 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
       "sample_steps": (args.ppdm_sample_steps if method == "ppdm" else
                        None if method == "regression" else args.sample_steps),
       "budget": budget_of(args),
-      "config": config_path(task, method).name, "workdir": str(workdir),
+      "config": config_name(task, method) + ".py", "workdir": str(workdir),
       "eval_dir": str(eval_dir),
       "clip_x0": float(config.diffusion.clip_x0) if method in ("full3d", "wdm") else None,
   }
@@ -531,7 +511,7 @@ def main(argv=None) -> list[dict]:
   records = json.loads(json_path.read_text()) if json_path.is_file() else []
   start = time.time()
   for task in args.tasks:
-    store = prepare_store(out, task, args.source)
+    store = experiment.task_store(out, task, args.source)
     print(f"== {task}: {SPLITS[task]}", flush=True)
     for name in args.methods:
       method, factor = METHODS[name]

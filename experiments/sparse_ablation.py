@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import sparse_common as sc  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol import experiment  # noqa: E402  pylint: disable=wrong-import-position
 
 VARIANTS = {
     "full": {},
@@ -86,7 +84,7 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   out = sc.ensure_dir(pathlib.Path(args.out))
-  store = sc.prepare_store(args.task, out, args.source)
+  store = experiment.task_store(out, args.task, args.source)
   names = [v for v in args.variants.split(",") if v]
   unknown = [v for v in names if v not in VARIANTS]
   if unknown:

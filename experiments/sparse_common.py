@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import sys
 import time
 from typing import Any
 
@@ -21,17 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+from jaxvol import experiment
+from jaxvol import fileio
+from jaxvol.data import pipeline
+from jaxvol.data import store as store_lib
+from jaxvol.eval import metrics as metrics_lib
+from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.train import loop
+from jaxvol.train import state as state_lib
 
-from jaxvol import fileio  # pylint: disable=wrong-import-position
-from jaxvol.data import pipeline  # pylint: disable=wrong-import-position
-from jaxvol.data import store as store_lib  # pylint: disable=wrong-import-position
-from jaxvol.eval import metrics as metrics_lib  # pylint: disable=wrong-import-position
-from jaxvol.train import loop  # pylint: disable=wrong-import-position
-from jaxvol.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
-from jaxvol.train import state as state_lib  # pylint: disable=wrong-import-position
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TASK_CONFIGS = {"ct_denoise": "configs/sparse_ct_denoise.py",
                 "pet_denoise": "configs/sparse_pet_denoise.py",
@@ -39,12 +37,7 @@ TASK_CONFIGS = {"ct_denoise": "configs/sparse_ct_denoise.py",
 
 
 def load_config(task: str, variant: str | None = None):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  path = ROOT / TASK_CONFIGS[task]
-  spec = importlib.util.spec_from_file_location(f"cfg_{task}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return experiment.packaged_config(pathlib.Path(TASK_CONFIGS[task]).stem, variant)
 
 
 def run_config(args, store: str):
@@ -65,17 +58,6 @@ def run_config(args, store: str):
   if getattr(args, "layout", None):  # U-Net layout: the config's (the authors') unless given
     c.model.layout = args.layout
   return c
-
-
-def prepare_store(task: str, out: pathlib.Path, source: str | None = None) -> str:
-  """Builds (once) the task's store under OUT/data/TASK with tools/prepare_data.py."""
-  sys.path.insert(0, str(ROOT / "tools"))
-  import prepare_data  # pylint: disable=import-outside-toplevel
-  folder = out / "data" / task
-  store = folder / "store"
-  if not (store / "manifest.json").exists():
-    prepare_data.prepare(task, folder, source=source)
-  return str(store)
 
 
 def validation_crops(config, n: int, seed: int = 1234) -> dict[str, np.ndarray]:
@@ -179,9 +161,7 @@ def timed(fn, *args, repeats: int = 1) -> float:
   return (time.time() - t0) / repeats
 
 
-def device_name() -> str:
-  d = jax.devices()[0]
-  return f"{d.platform}: {getattr(d, 'device_kind', d.platform)} x{jax.device_count()}"
+device_name = experiment.device_name
 
 
 def write_json(path: pathlib.Path, obj) -> None:

@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sparse_common as sc  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol import experiment  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol.diffusion import sparse as sparse_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 SAMPLERS = ("sparse_heun", "sparse_heun_final_x0", "authors", "ddim50", "one_step")
@@ -145,7 +143,7 @@ def plot(path: pathlib.Path, curves: dict, dense_final: float) -> None:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   out = sc.ensure_dir(pathlib.Path(args.out))
-  store = sc.prepare_store(args.task, out, args.source)
+  store = experiment.task_store(out, args.task, args.source)
   runs, curves = {}, {}
   for name, dense in (("sparse", False), ("dense", True)):
     c = make_config(args, store, dense)

@@ -41,7 +41,6 @@ whole compiled loop), DIR/spatial_scaling.md and the table on stdout.
 import argparse
 import math
 import os
-import pathlib
 import re
 import sys
 import time
@@ -95,8 +94,6 @@ if __name__ == "__main__":
     _flags += " --xla_backend_optimization_level=0"
   os.environ["XLA_FLAGS"] = (f"{_flags} --xla_force_host_platform_device_count="
                              f"{max(parse_args(sys.argv[1:]).shards)}").strip()
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import sys
 
 # Four fake CPU devices for sharding tests. LLVM optimisation level 0 cuts XLA's CPU compile
 # time (which dominates these tests) by 2-5x; the tiny test networks run as fast either way.
@@ -20,6 +21,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# The experiment scripts import their siblings by name, as `python experiments/NAME.py` allows
+# (its folder is the first entry of sys.path); tests load them by path, so the folder goes here.
+sys.path.insert(0, str(ROOT / "experiments"))
 
 
 @pytest.fixture(scope="session")

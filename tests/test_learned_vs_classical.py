@@ -32,7 +32,7 @@ def test_recipes_validate_on_voxels_neither_trained_nor_tested(task):
 def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   (tmp_path / "data").mkdir()
   store = write_pet_store(tmp_path / "data", (24, 24, 32), ["train", "train", "val", "test"])
-  monkeypatch.setattr(exp, "prepare_store", lambda out, task, source: store)
+  monkeypatch.setattr(exp.experiment, "task_store", lambda out, task, source: store)
   recipe = exp.recipe
 
   def tiny(task, method, store_path, seed, args):

@@ -57,7 +57,7 @@ def test_ablation_table_rows():
 
 
 def test_unknown_ablation_variant_is_an_error(tmp_path, monkeypatch):
-  monkeypatch.setattr(sparse_ablation.sc, "prepare_store", lambda *a, **k: "S")
+  monkeypatch.setattr(sparse_ablation.experiment, "task_store", lambda *a, **k: "S")
   with pytest.raises(SystemExit, match="unknown variants"):
     sparse_ablation.main(["--out", str(tmp_path), "--variants", "full,nope"])
   assert isinstance(_args(sparse_ablation), argparse.Namespace)
