@@ -6,7 +6,8 @@ ICLR 2026; configs/prdit_ct_gen.py) and by any method trained without condition 
 `config.eval.checkpoint_step`, `config.eval.use_ema`) and draws `config.sample.num` volumes of
 `config.sample.shape` (default: the training crop), volume i from the key
 fold_in(PRNGKey(config.sample.seed), i), so a volume does not depend on how many are drawn. One
-compiled sampler serves every volume. Written under WORKDIR/samples/ (process 0 only, atomically:
+compiled sampler serves every volume, drawn through the one inference path (jaxvol.eval.runner,
+volumes with no target). Written under WORKDIR/samples/ (process 0 only, atomically:
 each file, and the folder as a whole, which replaces the previous WORKDIR/samples once the run is
 complete, jaxvol.fileio.fresh_dir, so no sample or generation_metrics.json of an
 earlier run stays beside the new ones):
@@ -36,7 +37,6 @@ on), so viewers show the samples at the training data's physical size.
 
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,7 @@ from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.eval import volumes
 from jaxvol.eval import generation
+from jaxvol.eval import runner
 from jaxvol.eval import samplers
 from jaxvol.models import medicalnet
 
@@ -184,45 +185,36 @@ def generate(config, workdir: str) -> dict:
   affine = sample_affine(shape, spacing)
   sampler = samplers.choose(config, method)
   params, step = volumes.load_params(config, workdir)
-  params = sampler.put_params(params)
+  model = _Draws(samplers.SamplerPredictor(sampler, sampler.put_params(params)),
+                 clip=preset.name == "ct")  # the CT training data were clipped to the HU window
   cond = np.asarray(_condition(method, config, shape))
+  geometry = nifti.Geometry(affine, shape, spacing, "RAS")
+  draws = [runner.Volume(name=f"sample_{i:03d}", inputs=cond, geometry=geometry,
+                         to_units=lambda x: np.asarray(preset.inverse(x), np.float32))
+           for i in range(num)]
 
   out_dir = os.path.join(workdir, "samples")
   writes = jax.process_index() == 0
   with fileio.fresh_dir(out_dir, writes) as work:  # process 0's folder
-    base_key = jax.random.PRNGKey(config.sample.seed)
-    files, seconds, drawn = [], [], []
-    for i in range(num):
-      t0 = time.time()
-      x = sampler(params, cond, jax.random.fold_in(base_key, i))
-      seconds.append(time.time() - t0)
-      x = x[0, ..., 0].astype(np.float32)
-      if not np.all(np.isfinite(x)):
-        raise FloatingPointError(f"sample {i} has non-finite values; nothing more is written")
-      if preset.name == "ct":
-        x = np.clip(x, -1.0, 1.0)  # the CT training data were clipped to the HU window
-      raw = np.asarray(preset.inverse(x), np.float32)
-      drawn.append(x)
-      name = f"sample_{i:03d}.nii.gz"
-      if writes:
-        nifti.save_volume(os.path.join(work, name), raw, affine=affine)
-      files.append(os.path.join(out_dir, name))
-      log.info("sample %d/%d: %.1f s, %.4g..%.4g", i + 1, num, seconds[-1], raw.min(), raw.max())
-
+    rows = runner.run(draws, {runner.MODEL: model}, jax.random.PRNGKey(config.sample.seed), work,
+                      nifti_dir="", previews=False, writes=writes,
+                      stem=lambda volume, _: volume)
+    files = [os.path.join(out_dir, f"{d.name}.nii.gz") for d in draws]
+    seconds = [r[f"{runner.MODEL}_seconds"] for r in rows]
     info = {"method": config.method, "checkpoint_step": step, "use_ema": bool(config.eval.use_ema),
             "num": num, "seed": int(config.sample.seed), "key": "fold_in(PRNGKey(seed), i)",
             "shape": list(shape), "spacing_mm": list(spacing), "affine": affine.tolist(),
             "orientation": "RAS, origin at the volume centre", "units": _units(preset),
             "preset": preset.to_dict(), "files": [os.path.basename(f) for f in files],
-            "seconds_per_volume": float(np.mean(seconds[1:] or seconds)),
-            "first_call_seconds": float(seconds[0])}
+            "seconds_per_volume": float(np.mean(seconds)),
+            "first_call_seconds": float(seconds[0] + rows[0]["compile_seconds"])}
     info.update(method.sampling_facts())
     if writes:
       fileio.write_json_atomic(os.path.join(work, "samples.json"), info)
 
     report = None
     if config.sample.metrics:
-      report = metrics_report(config, store, preset, np.stack(drawn), shape)
+      report = metrics_report(config, store, preset, np.stack(model.drawn), shape)
       report["checkpoint_step"] = step
       if writes:
         fileio.write_json_atomic(os.path.join(work, "generation_metrics.json"), report)
@@ -231,6 +223,26 @@ def generate(config, workdir: str) -> dict:
                report["mmd"], _maybe(report["ms_ssim_diversity"]),
                _maybe(report["ms_ssim_diversity_real"]), report["feature_network"])
     return {"files": files, "samples": info, "metrics": report}
+
+
+class _Draws:
+  """The model's predictor for generated volumes: refuses non-finite samples, clips CT samples to
+  the network range, and keeps every draw (network range) for the generation metrics."""
+
+  def __init__(self, predictor, clip: bool):
+    self.predictor, self.clip, self.drawn = predictor, clip, []
+
+  def prepare(self, volume):
+    return self.predictor.prepare(volume)
+
+  def __call__(self, volume, key) -> np.ndarray:
+    x = np.asarray(self.predictor(volume, key))[0, ..., 0].astype(np.float32)
+    if not np.all(np.isfinite(x)):
+      raise FloatingPointError(f"{volume.name} has non-finite values; nothing more is written")
+    if self.clip:
+      x = np.clip(x, -1.0, 1.0)
+    self.drawn.append(x)
+    return x
 
 
 def _units(preset) -> str:

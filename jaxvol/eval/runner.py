@@ -1,7 +1,8 @@
 """One inference path: volumes + predict functions -> predictions, NIfTI, metrics, previews, rows.
 
 Every command that turns a list of volumes into predictions goes through `run`: `--mode=evaluate`
-and `--mode=sample` (jaxvol.eval.evaluate), the plug-and-play evaluation (jaxvol.eval.pnp),
+(jaxvol.eval.evaluate), `--mode=sample` of unconditional models (jaxvol.eval.generate: volumes
+with no target), the plug-and-play evaluation (jaxvol.eval.pnp),
 `jaxvol predict` (a user's NIfTI files) and the experiments (experiments/quality.py,
 experiments/patch_prior.py, experiments/curves.py). Callers hand it functions, not models:
 
@@ -31,10 +32,11 @@ fields, `{name}_{metric}` for every predictor and reference (metrics.compute_all
 target's body mask with mask="body"), `{name}_seconds`, `seconds` (their sum), `compile_seconds`,
 and the files written. `mean_metrics` averages rows for a summary.
 
-The sampler a method's predictor runs on is chosen in one place, `volume_sampler`: the volume
-split over config.mesh's spatial (and model) devices when those are > 1
-(jaxvol.eval.samplers.VolumeSampler), otherwise `LocalSampler` (one device, or the
-config.inference windows spread over this process's devices, jaxvol.ops.windows).
+The sampler a method's predictor runs on is chosen in one place, `jaxvol.eval.samplers.choose`:
+the volume split over config.mesh's spatial (and model) devices when those are > 1
+(`samplers.VolumeSampler`), otherwise `samplers.LocalSampler` (one device, or the
+config.inference windows spread over this process's devices, jaxvol.ops.windows);
+`samplers.SamplerPredictor` makes a predictor of it.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def run(volumes: Iterable[Volume], predictors: Mapping[str, Any], key, out_dir: 
         *, total: int | None = None, samples: int = 1, mask: str | None = "body",
         write: Sequence[str] | None = None, nifti_dir: str = "nifti", previews: bool = True,
         skip_existing: bool = False, writes: bool | None = None,
-        report: Callable[[str], None] | None = None) -> list[dict]:
+        report: Callable[[str], None] | None = None,
+        stem: Callable[[str, str], str] = output_stem) -> list[dict]:
   """Predicts, writes and scores every volume (module docstring).
 
   Args:
@@ -131,6 +134,8 @@ def run(volumes: Iterable[Volume], predictors: Mapping[str, Any], key, out_dir: 
       "skipped").
     writes: whether this process writes (default: process 0).
     report: progress lines ("[i/n] name: seconds ... ETA"); default logging.info.
+    stem: (volume name, predictor name) -> the NIfTI file name without its suffix (default
+      `output_stem`; --mode=sample names its files sample_{i:03d}).
 
   Returns:
     One row per volume.
@@ -151,7 +156,7 @@ def run(volumes: Iterable[Volume], predictors: Mapping[str, Any], key, out_dir: 
   rows, started, done = [], time.time(), 0
   for idx, vol in enumerate(volumes):
     count = f"[{idx + 1}/{total}]" if total else f"[{idx + 1}]"
-    paths = {n: os.path.join(folder, output_stem(vol.name, n) + ".nii.gz")
+    paths = {n: os.path.join(folder, stem(vol.name, n) + ".nii.gz")
              for n in write} if folder is not None and vol.geometry is not None else {}
     row = {"subject": vol.name, **vol.row}
     if skip_existing and paths and all(os.path.exists(p) for p in paths.values()):
