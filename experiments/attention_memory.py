@@ -30,14 +30,16 @@ XLA for the memory-minimising CPU scheduler first (as experiments/memory.py does
 rematerialisation shows in the numbers as it would on a GPU.
 
 Writes DIR/attention_memory.json (a list of records {kind, backend, tokens, size, bytes, gflops,
-...}, rewritten atomically after each one) and DIR/attention_memory.md, and prints the table and
-the headline: the chunked 256^3 train step against the 40 GB-per-device target, and full (xla)
-attention's bytes as a multiple of it.
+command, ...}, rewritten atomically after each one) and DIR/attention_memory.md (the results
+page, `report`, which renders it from the JSON alone), and prints the table and the headline: the
+chunked 256^3 train step against the 40 GB-per-device target, and full (xla) attention's bytes as
+a multiple of it.
 """
 
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -165,6 +167,41 @@ def headline(records, size: int = 256) -> str:
   return text
 
 
+def command_line(argv=None) -> str:
+  """The command that runs this script with `argv` (the process's own arguments when None)."""
+  return " ".join(["python experiments/attention_memory.py",
+                   shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+
+
+def report(records, command: str | None = None) -> str:
+  """The results page of one run (OUT/attention_memory.json's records) as markdown.
+
+  `command` names the command that made the records when they do not (older records).
+  """
+  command = next((r["command"] for r in records if r.get("command")), command) or "not recorded"
+  platforms = ", ".join(dict.fromkeys(str(r.get("platform")) for r in records))
+  attn = next((r for r in records if r["kind"] == "attention"), None)
+  parts = [
+      "# PRDiT: compiled memory of global attention and of the stage-2 train step",
+      f"Command: `{command}`; machine: the {platforms} backend, compile only (nothing is "
+      "allocated, nothing runs).",
+      "Bytes per device = temp + arguments + outputs - aliased of XLA's compiled memory "
+      "analysis. FLOPs as XLA counts them: a `lax.scan` body (the chunked backend's loops) "
+      "counts once."]
+  if attn is not None:
+    parts[-1] += (f" Attention rows: one layer's forward and backward pass, {attn.get('heads')} "
+                  f"heads x {attn.get('head_dim')}, batch {attn.get('batch')}, "
+                  f"{attn.get('dtype')}.")
+  if any(r["kind"] == "train_step" for r in records):
+    parts[-1] += (" Train-step rows: the library's own stage-2 step (frozen local denoiser, "
+                  "AdamW for the DiT, EMA); model, rematerialisation, compute dtype and batch "
+                  "in the note.")
+  parts.append(table(records))
+  if any(r["kind"] == "train_step" for r in records):
+    parts.append(headline(records))
+  return "\n\n".join(parts) + "\n"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output directory")
@@ -201,6 +238,7 @@ def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   json_path = os.path.join(args.out, "attention_memory.json")
+  command = command_line(argv)
   records = []
   save = lambda: fileio.write_json_atomic(json_path, records)
   print(f"on {jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -211,19 +249,18 @@ def main(argv=None) -> list[dict]:
     for rec in attention_bench.attention_records(args.tokens, 12, 64, 1, backends,
                                                  chunk_size=args.chunk_size,
                                                  timeout_s=args.timeout):
-      records.append(rec)
+      records.append(dict(rec, command=command))
     save()
   if args.sizes:
     print(f"train step, {model_label(args)} stage 2, batch {args.batch}, remat {args.remat}, "
           f"{args.dtype}:", flush=True)
     for size in args.sizes:
       for backend in sorted(args.backends, key=lambda b: b == "xla"):
-        records.append(train_step_record(size, backend, args))
+        records.append(dict(train_step_record(size, backend, args), command=command))
         save()
   text = table(records)
   head = headline(records) if args.sizes else ""
-  fileio.write_text_atomic(os.path.join(args.out, "attention_memory.md"),
-                           f"{text}\n\n{head}\n")
+  fileio.write_text_atomic(os.path.join(args.out, "attention_memory.md"), report(records))
   print("\n" + text + "\n\n" + head, flush=True)
   return records
 

@@ -70,7 +70,6 @@ import dataclasses
 import gc
 import json
 import os
-import pathlib
 import shutil
 import statistics
 import sys

@@ -382,8 +382,8 @@ def main(argv=None) -> list[dict]:
     print(f"[{i}/{len(jobs)}] {variant} {size}^3 attention={attention}: {summary} "
           f"({time.time() - t0:.1f} s, elapsed {time.time() - start:.1f} s)", flush=True)
   md = table(records, args)
-  with open(md_path, "w") as f:
-    f.write(f"# Compiled memory and FLOPs per device\n\n{md}\n\n{headline(records)}\n")
+  fileio.write_text_atomic(str(md_path), f"# Compiled memory and FLOPs per device\n\n{md}\n\n"
+                           f"{headline(records)}\n")
   print()
   print(md)
   print()

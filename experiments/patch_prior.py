@@ -23,8 +23,9 @@ outputs - aliased; jaxvol.parallel.cost.compiled_cost), `seconds` one run after
 compilation, PSNR/SSIM on the original intensity scale inside the target's brain mask over the
 preset's range. `--memory-sizes` adds compile-only memory records (nothing allocated) for cubic
 volumes of those sides. Writes OUT/patch_prior.json (records {task, solver, prior, bytes,
-seconds, psnr, ssim, size, steps}; `position_axes` the prior's encoded axes, [] for none) and
-prints a table.
+seconds, psnr, ssim, size, steps}; `position_axes` the prior's encoded axes, [] for none;
+`command`) and OUT/patch_prior.md (the results page, `report`, which renders it from the JSON
+alone), and prints the table.
 
   python experiments/patch_prior.py --out runs/patch_prior_exp
 """
@@ -34,6 +35,8 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import shlex
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +47,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 import sparse_common as common  # pylint: disable=wrong-import-position
 from jaxvol import config as config_lib  # pylint: disable=wrong-import-position
 from jaxvol import experiment  # pylint: disable=wrong-import-position
+from jaxvol import fileio  # pylint: disable=wrong-import-position
 from jaxvol import methods  # pylint: disable=wrong-import-position
 from jaxvol.data import pipeline  # pylint: disable=wrong-import-position
 from jaxvol.data import store as store_lib  # pylint: disable=wrong-import-position
 from jaxvol.eval import volumes  # pylint: disable=wrong-import-position
 from jaxvol.eval import runner  # pylint: disable=wrong-import-position
-from jaxvol.eval import samplers  # pylint: disable=wrong-import-position
-from jaxvol.inverse import classical  # pylint: disable=wrong-import-position
 from jaxvol.eval import pnp as pnp_eval  # pylint: disable=wrong-import-position
 from jaxvol.inverse import operators as ops  # pylint: disable=wrong-import-position
 from jaxvol.inverse import priors  # pylint: disable=wrong-import-position
@@ -99,7 +101,7 @@ def ensure_prior(variant: str, store: str, prior_dir: pathlib.Path, log=print) -
   if not (prior_dir / "DONE").exists():
     log(f"training the prior ({variant}) into {prior_dir}")
     loop.train(c, str(prior_dir))
-    (prior_dir / "DONE").write_text("trained\n")
+    fileio.write_text_atomic(str(prior_dir / "DONE"), "trained\n")
 
 
 def test_volume(config, size) -> tuple[np.ndarray, tuple, object, tuple]:
@@ -118,28 +120,13 @@ def test_volume(config, size) -> tuple[np.ndarray, tuple, object, tuple]:
   return x, tuple(box), store.preset(subj["id"], config.data.target), shape
 
 
-def solver_kwargs(p, solver: str, steps: int) -> dict:
-  kw = {"num_steps": steps}
-  if solver == "diffpir":
-    kw.update(noise_std=p.noise_std, lam=p.lam, zeta=p.zeta, min_rho=p.min_rho)
-  else:
-    kw.update(zeta=p.zeta)
-  return kw
-
-
-def build_priors(method, params, positions):
-  window = method.sliding_window()
-  return {"patch": priors.from_method(method, params, window, positions=positions),
-          "whole": priors.from_method(method, params, None, positions=positions)}
-
-
 def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
   """zero-filled, TV and every solver x {patch, whole} prior on the test volume, through the
   library's one inference path (jaxvol.eval.runner): each reconstruction is a predictor compiled
   before it is timed, scored inside the target's body mask over the preset's range."""
   c = task_config(task, args.variant, store, prior_dir, args.overlap)
   p = c.pnp
-  p.noise_std = args.noise
+  p.noise_std, p.num_steps, p.tv_iters = args.noise, args.steps, args.tv_iters
   method = methods.build(c, jax.devices()[0].platform)
   params, step = volumes.load_params(c, prior_dir)
   x, box, preset, full_shape = test_volume(c, args.size)
@@ -151,27 +138,18 @@ def run_task(task, args, store, prior_dir, log=print) -> list[dict]:
                                jax.random.fold_in(jax.random.fold_in(key, 0), 1))
   axes = pipeline.position_axes(c.data)
   positions = pipeline.position_grid(full_shape, box, axes) if method.position_channels else None
-  volume = runner.Volume(name="test", inputs=y,
+  volume = runner.Volume(name="test", inputs={"op": op, "y": y, "shape": shape,
+                                              "positions": positions},
                          to_units=lambda r: preset.inverse(np.real(np.asarray(r))),
                          target=preset.inverse(x).astype(np.float32),
                          data_range=float(preset.hi - preset.lo))
-
-  def predictor(fn):
-    return samplers.CompiledPredictor(lambda vol: (fn, (vol.inputs,)))
-
-  runs = {("zero_filled", "zero_filled"): predictor(
-              lambda yy, k: jnp.real(classical.zero_filled(op, yy))),
-          ("tv", "tv"): predictor(
-              lambda yy, k: jnp.real(classical.tv_reconstruction(op, yy, p.tv_lambda,
-                                                                 args.tv_iters)))}
-  for prior_name, prior in build_priors(method, params, positions).items():
-    for solver in args.solvers:
-      kw = solver_kwargs(p, solver, args.steps)
-      runs[(solver, prior_name)] = predictor(
-          lambda yy, k, s=solver, pr=prior, kw=kw: solvers.SOLVERS[s](
-              pr, op, yy, shape, jax.random.fold_in(k, 2), **kw))
-  names = {f"{solver}_{prior_name}": (solver, prior_name) for solver, prior_name in runs}
-  row, = runner.run([volume], {n: runs[names[n]] for n in names}, key, None, mask="body",
+  # The library's reconstructions (jaxvol.eval.pnp), each solver with the patch and the whole prior.
+  names = {"zero_filled": ("zero_filled", "zero_filled"), "tv": ("tv", "tv")}
+  names |= {f"{solver}_{prior}": (solver, prior) for prior in ("patch", "whole")
+            for solver in args.solvers}
+  runs = {n: run for n, run in names.items() if n not in ("zero_filled", "tv")}
+  predictors = pnp_eval.predictor_set(p, method, params, runs)
+  row, = runner.run([volume], {n: predictors[n] for n in names}, key, None, mask="body",
                     report=lambda line: None)
   base = {"task": task, "size": list(shape), "steps": args.steps, "checkpoint_step": step}
   records = []
@@ -189,6 +167,7 @@ def memory_only(task, args, store, prior_dir, side: int, log=print) -> list[dict
   """Compile-only per-device memory of each solver x prior on a side^3 volume."""
   c = task_config(task, args.variant, store, prior_dir, args.overlap)
   p = c.pnp
+  p.num_steps = args.steps
   method = methods.build(c, jax.devices()[0].platform)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                         volumes.load_params(c, prior_dir)[0])
@@ -200,10 +179,10 @@ def memory_only(task, args, store, prior_dir, side: int, log=print) -> list[dict
   out = []
   for prior_name in ("patch", "whole"):
     for solver in args.solvers:
-      kw = solver_kwargs(p, solver, args.steps)
+      kw = pnp_eval.solver_kwargs(p, solver)
+      window = pnp_eval.prior_window(method, prior_name)
 
-      def fn(pp, yy, k, pos, s=solver, name=prior_name, kw=kw):
-        window = method.sliding_window() if name == "patch" else None
+      def fn(pp, yy, k, pos, s=solver, window=window, kw=kw):
         pr = priors.from_method(method, pp, window, positions=pos)
         return solvers.SOLVERS[s](pr, op, yy, shape, k, **kw)
 
@@ -256,6 +235,45 @@ def verdicts(records) -> list[str]:
   return out
 
 
+def command_line(argv=None) -> str:
+  """The command that runs this script with `argv` (the process's own arguments when None)."""
+  return " ".join(["python experiments/patch_prior.py",
+                   shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+
+
+def report(result: dict, command: str | None = None) -> str:
+  """The results page of one run (OUT/patch_prior.json's content) as markdown.
+
+  `command` names the command that made the record when the record does not (older records).
+  """
+  records = result["records"]
+  runs = [r for r in records if not r.get("compile_only")]
+  compiled = [r for r in records if r.get("compile_only")]
+  command = result.get("command") or command or "not recorded"
+  axes = ", ".join(result.get("position_axes") or ()) or "none"
+  overlap = "the config's" if result.get("overlap") is None else f"{result['overlap']:g}"
+  checkpoints = "; ".join(f"{task}: step {step}" for task, step in dict.fromkeys(
+      (r["task"], r.get("checkpoint_step")) for r in runs))
+  parts = [
+      "# Patch prior vs whole-volume prior in plug-and-play solvers",
+      f"Command: `{command}`; machine: {result.get('device', 'not recorded')}.",
+      f"Prior: variant {result.get('variant')}, position channels: {axes}; checkpoint "
+      f"{checkpoints or 'not recorded'}. Test box {'x'.join(map(str, result['size']))}; "
+      f"measurements {result.get('measurements', 'simulated')}, noise sigma "
+      f"{result['noise_std']:g}; {result['steps']} prior evaluations per diffusion "
+      f"reconstruction; patch windows overlap {overlap}. Memory: XLA's compiled per-device "
+      "memory of the whole reconstruction; seconds: one run after compilation; PSNR/SSIM on the "
+      "original intensities inside the target's mask, over the preset's range."]
+  if runs:
+    parts += ["## Reconstructions", table(runs)]
+  if compiled:
+    parts += ["## Compile-only memory (nothing allocated)", table(compiled)]
+  checks = verdicts(records)
+  if checks:
+    parts += ["## Targets", "\n".join(f"- {line}" for line in checks)]
+  return "\n\n".join(parts) + "\n"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
@@ -293,12 +311,14 @@ def main(argv=None):
     records += memory_only(tasks[0], args, store, str(prior_dir), side)
   checks = verdicts(records)
   axes = pipeline.position_axes(task_config(tasks[0], args.variant, store, str(prior_dir)).data)
-  common.write_json(out / "patch_prior.json", {
+  result = {
       "device": common.device_name(), "variant": args.variant, "position_axes": list(axes),
       "steps": args.steps,
       "noise_std": args.noise, "size": list(args.size), "overlap": args.overlap,
       "measurements": "simulated from the magnitude T1 in network units",
-      "records": records, "checks": checks})
+      "records": records, "checks": checks, "command": command_line(argv)}
+  common.write_json(out / "patch_prior.json", result)
+  fileio.write_text_atomic(str(out / "patch_prior.md"), report(result))
   print(table(records))
   print("\n".join(checks))
   return records

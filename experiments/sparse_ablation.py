@@ -22,16 +22,21 @@ Heun-DDIM sampler over its own level set (EMA weights). PSNR/SSIM in network uni
               evaluations, their no-op corrections and averaged 0 -> -1 ending) instead of
               Heun-DDIM (9)
 Writes DIR/sparse_ablation.json (records {variant, stm, parameterization, f_steps, nfe, psnr,
-ssim, train_seconds, steps, device}) and DIR/sparse_ablation.md (the table, also printed).
+ssim, train_seconds, steps, device, input_psnr, input_ssim, command}; input_* score the degraded
+input itself on the same crops) and DIR/sparse_ablation.md (the results page, `report`, which
+renders it from the JSON alone); the table is also printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import shlex
+import sys
 
 import sparse_common as sc  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol import experiment  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol import fileio
 
 VARIANTS = {
     "full": {},
@@ -81,6 +86,46 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def input_row(psnr: float, ssim: float) -> str:
+  """The table row of the degraded input itself, scored on the same crops."""
+  return f"| (degraded input) | | | | | | | {psnr:.2f} | {ssim:.4f} | |"
+
+
+def command_line(argv=None) -> str:
+  """The command that runs this script with `argv` (the process's own arguments when None)."""
+  return " ".join(["python experiments/sparse_ablation.py",
+                   shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+
+
+def report(records: list[dict], command: str | None = None, inputs: dict | None = None,
+           inputs_source: str | None = None) -> str:
+  """The results page of one ablation (OUT/sparse_ablation.json's records) as markdown.
+
+  Older records name neither their command nor the input's scores: `command` and `inputs`
+  ({"psnr", "ssim"} of the degraded input on the same crops, taken from `inputs_source`) stand in.
+  """
+  first = records[0]
+  join = lambda key: ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in records))
+  command = first.get("command") or command or "not recorded"
+  if first.get("input_psnr") is not None:
+    inputs, inputs_source = {"psnr": first["input_psnr"], "ssim": first["input_ssim"]}, None
+  parts = [
+      f"# Sparse diffusion ablation ({join('task')})",
+      f"Command: `{command}`; machine: {join('device')}.",
+      "Every variant trains the task's sparse config with the same budget "
+      f"({join('steps')} steps, {join('crop')}^3 crops, U-Net width {join('width')}), data "
+      "stream and seed, and samples the same held-out validation crops with its own sampler "
+      "over its own level set (EMA weights); one switch changes per row. PSNR/SSIM in network "
+      "units over whole crops, data range 2 (for CT a 2000 HU window); train s: training "
+      "seconds (validation and compilation excluded).",
+      table(records) + ("" if inputs is None else "\n" + input_row(inputs["psnr"],
+                                                                    inputs["ssim"]))]
+  if inputs is not None and inputs_source:
+    parts.append(f"The degraded input's row is from {inputs_source}, which scored the same "
+                 "validation crops (this record does not hold it).")
+  return "\n\n".join(parts) + "\n"
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   out = sc.ensure_dir(pathlib.Path(args.out))
@@ -89,11 +134,12 @@ def main(argv=None) -> list[dict]:
   unknown = [v for v in names if v not in VARIANTS]
   if unknown:
     raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-  records, val = [], None
+  records, val, inp = [], None, None
   for name in names:
     c = make_config(args, store, VARIANTS[name])
     if val is None:
       val = sc.validation_crops(c, args.val_crops)
+      inp = sc.crop_metrics(val["cond"][..., :1], val["target"])
     print(f"[{name}] {args.steps} steps ({sc.device_name()})", flush=True)
     run = sc.Run(c, str(out / "runs" / name))
     pts = run.curve(args.steps, args.steps, val)
@@ -104,15 +150,11 @@ def main(argv=None) -> list[dict]:
                     "psnr": pts[-1]["psnr"], "ssim": pts[-1]["ssim"],
                     "train_seconds": pts[-1]["train_seconds"], "steps": args.steps,
                     "task": args.task, "crop": args.crop, "width": args.width,
-                    "device": sc.device_name()})
+                    "device": sc.device_name(), "input_psnr": inp["psnr"],
+                    "input_ssim": inp["ssim"], "command": command_line(argv)})
     sc.write_json(out / "sparse_ablation.json", records)
-  inp = sc.crop_metrics(val["cond"][..., :1], val["target"])
-  md = table(records) + (f"\n| (degraded input) | | | | | | | {inp['psnr']:.2f} | {inp['ssim']:.4f}"
-                         " | |")
-  (out / "sparse_ablation.md").write_text(
-      md + f"\n\n{args.task}, {args.steps} steps, batch {args.batch}, {args.crop}^3 crops, width "
-      f"{args.width}, {args.val_crops} validation crops; {sc.device_name()}\n")
-  print(md)
+  fileio.write_text_atomic(str(out / "sparse_ablation.md"), report(records))
+  print(table(records) + "\n" + input_row(inp["psnr"], inp["ssim"]))
   return records
 
 

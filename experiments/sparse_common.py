@@ -1,20 +1,21 @@
 """Shared pieces of the sparse-diffusion experiments (sparse_speedup.py, sparse_ablation.py).
 
-A run trains one config with the library's own jitted train step, Grain pipeline and optimizer
-(not the checkpointing loop: these runs are short and re-run from scratch), and every
-`eval_every` steps samples a fixed set of held-out validation crops with the EMA weights and the
-method's own sampler. Validation PSNR/SSIM are computed in network units over whole crops with
-data range 2 (the [-1, 1] intensity window: for the CT task that is PSNR over a 2000 HU window).
-Training time excludes validation and compilation (the step is compiled before the clock starts).
+A run trains one config through the library's training loop (jaxvol.train.loop.train: Grain
+pipeline, sharded step, checkpoints; an interrupted run resumes), and every `eval_every` steps its
+validation hook samples a fixed set of held-out validation crops with the EMA weights and the
+method's own sampler. Validation PSNR/SSIM are the library's metrics (jaxvol.eval.metrics) in
+network units over whole crops with data range 2 (the [-1, 1] intensity window: for the CT task
+that is PSNR over a 2000 HU window), averaged over the crops. Training time excludes validation
+and compilation (the loop's training seconds).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import json
 import os
 import pathlib
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,12 @@ import numpy as np
 
 from jaxvol import experiment
 from jaxvol import fileio
+from jaxvol import methods
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.eval import metrics as metrics_lib
-from jaxvol.parallel import mesh as mesh_lib
+from jaxvol.eval import volumes
 from jaxvol.train import loop
-from jaxvol.train import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,66 +91,54 @@ def crop_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
   return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
 
 
-@dataclasses.dataclass
 class Run:
-  """One config trained step by step with periodic validation."""
+  """One config trained by the library's loop (`jaxvol.train.loop.train`: its pipeline, step,
+  checkpoints and validation hook), scored on fixed validation crops every `eval_every` steps.
 
-  config: Any
-  workdir: str
+  `curve` trains to `steps` (a run interrupted before resumes from its workdir), then holds the
+  final EMA parameters (`params`), the method (`method`) and the compiled step's cost (`cost`).
+  Each curve point joins a validation record (WORKDIR/validation.jsonl) with the training
+  progress record of the same step (WORKDIR/progress.jsonl: the loss averaged since the last
+  point, and training seconds, which leave out compilation and validation).
+  """
 
-  def __post_init__(self):
-    c = self.config
-    self.parts = loop.build_everything(c, self.workdir)
-    self.method = self.parts.method
-    self.compiled, self.cost = loop.compile_step(self.parts, c)
-    self.state = state_lib.create_state(self.method, self.parts.optimizer,
-                                        jax.random.PRNGKey(c.seed), self.parts.example,
-                                        self.parts.state_sharding)
-    self.data = pipeline.make_train_iterator(
-        c.data.store, c.data.train_split, loop.modality_keys(c), tuple(c.data.crop_size),
-        c.data.batch_size, seed=c.seed, num_workers=c.data.num_workers, flips=c.data.flips,
-        region=c.data.train_region)
-    mesh = self.parts.mesh
-    self.bsh = mesh_lib.batch_sharding(mesh)
-    self.rng = jax.device_put(jax.random.PRNGKey(c.seed + 1), mesh_lib.replicated(mesh))
-    self.shapes = {k: v.shape for k, v in self.parts.example.items()}
-    self.sample = jax.jit(self.method.sample)
-    self.step = 0
-    self.train_seconds = 0.0
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.method = methods.build(config, jax.devices()[0].platform)
+    self._sample = jax.jit(self.method.sample)
+    self.params, self.cost = None, {}
 
-  def train(self, n: int) -> float:
-    """n more steps; returns the last loss."""
-    t0 = time.time()
-    for _ in range(n):
-      raw = loop.assemble_batch(next(self.data), len(self.config.data.inputs))
-      batch = {k: jax.make_array_from_process_local_data(self.bsh, raw[k], self.shapes[k])
-               for k in ("cond", "target")}
-      self.state, metrics = self.compiled(self.state, batch, self.rng)
-    loss = float(metrics["loss"])  # also waits for the device
-    self.train_seconds += time.time() - t0
-    self.step += n
-    return loss
-
-  def predict(self, cond: np.ndarray, seed: int = 0, batch: int = 4) -> np.ndarray:
-    params = self.state["ema_params"]
+  def predict(self, cond: np.ndarray, params=None, seed: int = 0, batch: int = 4) -> np.ndarray:
+    params = self.params if params is None else params
     outs = []
     for i in range(0, len(cond), batch):
-      outs.append(np.asarray(self.sample(params, jnp.asarray(cond[i:i + batch]),
-                                         jax.random.PRNGKey(seed + i))))
+      outs.append(np.asarray(self._sample(params, jnp.asarray(cond[i:i + batch]),
+                                          jax.random.PRNGKey(seed + i))))
     return np.concatenate(outs)
 
-  def validate(self, val: dict[str, np.ndarray]) -> dict[str, float]:
-    return crop_metrics(self.predict(val["cond"]), val["target"])
-
   def curve(self, steps: int, eval_every: int, val: dict, log=print) -> list[dict]:
-    points = []
-    while self.step < steps:
-      loss = self.train(min(eval_every, steps - self.step))
-      m = self.validate(val)
-      points.append({"step": self.step, "train_seconds": self.train_seconds, "loss": loss, **m})
-      log(f"  step {self.step:5d}  {self.train_seconds:7.1f}s  loss {loss:.4f}  "
-          f"psnr {m['psnr']:.2f}  ssim {m['ssim']:.3f}")
-    return points
+    c = copy.deepcopy(self.config)
+    c.train.steps = steps
+    c.train.validate_every = c.train.log_every = eval_every
+    c.train.checkpoint_every = steps
+    c.train.patience = 0
+    c.train.validate_metric = "psnr"
+    c.eval.use_ema = True
+
+    def validate(params, step):
+      m = crop_metrics(self.predict(val["cond"], params), val["target"])
+      log(f"  step {step:5d}  psnr {m['psnr']:.2f}  ssim {m['ssim']:.3f}")
+      return m
+
+    loop.train(c, self.workdir, validate=validate)
+    c.eval.checkpoint = "latest"
+    self.params, _ = volumes.load_params(c, self.workdir)
+    cost_file = pathlib.Path(self.workdir) / "train_step_cost.json"
+    self.cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
+    progress = {r["step"]: r for r in loop.read_progress(self.workdir)}
+    return [{"step": r["step"], "train_seconds": progress[r["step"]]["seconds"],
+             "loss": progress[r["step"]]["loss"], "psnr": r["psnr"], "ssim": r["ssim"]}
+            for r in loop.read_validation(self.workdir)]
 
 
 def timed(fn, *args, repeats: int = 1) -> float:

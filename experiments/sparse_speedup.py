@@ -20,7 +20,8 @@ DDIM-50 and dense DDPM-1000 (ancestral, eta = 1), all with the dense-trained wei
 sparse Heun (its own), timed in this one run.
 
 Writes DIR/sparse_speedup.json ({steps_speedup, time_speedup, sample_speedup_vs_ddim50,
-nfe: {sparse_heun, ddim50, ddpm1000}, sample_seconds, curves: {sparse, dense}, setup}) and
+nfe: {sparse_heun, ddim50, ddpm1000}, sample_seconds, curves: {sparse, dense}, setup, command}),
+DIR/sparse_speedup.md (the results page, `report`, which renders it from the JSON alone) and
 DIR/sparse_speedup.png (PSNR against steps, and against training seconds). The JSON's
 sampler_matrix scores both trained models under every sampler (sparse Heun as the method uses it,
 and with an extra final x0 evaluation at t = 0; the authors' sampler, `authors_sample`: DDIM with
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shlex
+import sys
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -41,6 +44,7 @@ import numpy as np  # noqa: E402
 
 import sparse_common as sc  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol import experiment  # noqa: E402  pylint: disable=wrong-import-position
+from jaxvol import fileio  # noqa: E402  pylint: disable=wrong-import-position
 from jaxvol.diffusion import sparse as sparse_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 SAMPLERS = ("sparse_heun", "sparse_heun_final_x0", "authors", "ddim50", "one_step")
@@ -76,7 +80,7 @@ def sampler_matrix(runs: dict, val: dict, key, batch: int = 4) -> dict:
   """PSNR of every trained model under every sampler (which limits: training or sampling?)."""
   out = {}
   for name, run in runs.items():
-    params = run.state["ema_params"]
+    params = run.params
     for kind in SAMPLERS:
       fn = make_sampler(run.method, kind, key)
       pred = np.concatenate([np.asarray(fn(params, jnp.asarray(val["cond"][i:i + batch])))
@@ -140,6 +144,122 @@ def plot(path: pathlib.Path, curves: dict, dense_final: float) -> None:
   tmp.replace(path)
 
 
+# Older records (before the authors' sampler was added) named the sampler that stops at t = 0
+# "sparse_heun_nofinal" and the one with an extra x0 evaluation at t = 0 "sparse_heun".
+OLD_SAMPLER_NAMES = {"sparse_heun_nofinal": "sparse_heun", "sparse_heun": "sparse_heun_final_x0"}
+SAMPLER_LABELS = {"sparse_heun": "sparse Heun", "sparse_heun_final_x0": "sparse Heun + x0 at t=0",
+                  "authors": "authors'", "ddim50": "DDIM-50", "one_step": "one step at t=999"}
+
+
+def command_line(argv=None) -> str:
+  """The command that runs this script with `argv` (the process's own arguments when None)."""
+  return " ".join(["python experiments/sparse_speedup.py",
+                   shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+
+
+def summary_table(result: dict) -> str:
+  """The headline table main prints: final PSNRs, speed-ups, NFE and sampling seconds."""
+  fmt = lambda v, s="{:.2f}": "not reached" if v is None else s.format(v)
+  dense_steps = result["curves"]["dense"][-1]["step"]
+  hit, nfe, seconds = result["sparse_reached_at"], result["nfe"], result["sample_seconds"]
+  authors_s = "-" if seconds.get("authors") is None else f"{seconds['authors']:.3f}"
+  return (f"| quantity | value |\n|---|---|\n"
+          f"| dense final PSNR ({dense_steps} steps) | {result['dense_final_psnr']:.2f} dB |\n"
+          f"| sparse final PSNR ({result['setup']['steps']} steps) | "
+          f"{result['sparse_final_psnr']:.2f} dB |\n"
+          f"| sparse steps to dense final | {fmt(hit and hit['step'], '{}')} |\n"
+          f"| steps speed-up | {fmt(result['steps_speedup'])}x |\n"
+          f"| time speed-up | {fmt(result['time_speedup'])}x |\n"
+          f"| NFE sparse / authors / DDIM-50 / DDPM-1000 | {nfe['sparse_heun']} / "
+          f"{nfe.get('authors', '-')} / 50 / 1000 |\n"
+          f"| sample s sparse / authors / DDIM-50 / DDPM-1000 | {seconds['sparse_heun']:.3f} / "
+          f"{authors_s} / {seconds['ddim50']:.3f} / {seconds['ddpm1000']:.3f} |\n"
+          f"| sampling speed-up vs DDIM-50 | {result['sample_speedup_vs_ddim50']:.1f}x |")
+
+
+def matrix_entries(matrix: dict) -> tuple[dict, bool]:
+  """The sampler matrix under today's sampler names; True when the record used the old ones."""
+  old = any(key.endswith("/sparse_heun_nofinal") for key in matrix)
+  if not old:
+    return matrix, False
+  renamed = {}
+  for key, value in matrix.items():
+    model, _, kind = key.partition("/")
+    renamed[f"{model}/{OLD_SAMPLER_NAMES.get(kind, kind)}" if kind else key] = value
+  return renamed, True
+
+
+def matrix_table(matrix: dict) -> str:
+  """Validation PSNR (SSIM) of every trained model under every sampler the record has."""
+  matrix, _ = matrix_entries(matrix)
+  models = list(dict.fromkeys(k.split("/")[0] for k in matrix if "/" in k))
+  kinds = [k for k in SAMPLERS if any(f"{m}/{k}" in matrix for m in models)]
+  lines = ["| model \\ sampler (NFE) | " + " | ".join(
+               f"{SAMPLER_LABELS[k]} ({SAMPLER_NFE[k]})" for k in kinds) + " |",
+           "|---|" + "---|" * len(kinds)]
+  for m in models:
+    cells = [f"{matrix[f'{m}/{k}']['psnr']:.2f} ({matrix[f'{m}/{k}']['ssim']:.3f})"
+             if f"{m}/{k}" in matrix else "-" for k in kinds]
+    lines.append(f"| {m}-trained | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def curves_table(curves: dict) -> str:
+  """Validation PSNR / SSIM and training seconds of both runs at every evaluated step."""
+  names = list(curves)
+  by_step = {name: {p["step"]: p for p in pts} for name, pts in curves.items()}
+  steps = sorted({p["step"] for pts in curves.values() for p in pts})
+  lines = ["| step | " + " | ".join(f"{n} PSNR (dB) | {n} SSIM | {n} train s" for n in names)
+           + " |", "|---:|" + "---:|---:|---:|" * len(names)]
+  for step in steps:
+    cells = []
+    for n in names:
+      p = by_step[n].get(step)
+      cells += (["-"] * 3 if p is None else
+                [f"{p['psnr']:.2f}", f"{p['ssim']:.4f}", f"{p['train_seconds']:.1f}"])
+    lines.append(f"| {step} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def report(result: dict, command: str | None = None) -> str:
+  """The results page of one run (OUT/sparse_speedup.json's content) as markdown.
+
+  `command` names the command that made the record when the record does not (older records).
+  """
+  setup = result["setup"]
+  command = result.get("command") or command or "not recorded"
+  matrix, old_names = matrix_entries(result["sampler_matrix"])
+  inp = matrix.get("input")
+  parts = [
+      f"# Sparse voxel-space diffusion: training and sampling speed-up ({setup['task']})",
+      f"Command: `{command}`; machine: {setup.get('device', 'not recorded')}.",
+      "Two runs of the same network, loss and optimiser on the same data stream: sparse trains "
+      "on the 6 levels {0, 199, ..., 999} and samples with Heun-DDIM over them; dense trains on "
+      f"all 1000 levels and samples with DDIM-50. Each: {setup['steps']} steps, batch "
+      f"{setup['batch']}, {setup['crop']}^3 crops, U-Net width {setup['width']}, lr "
+      f"{setup['lr']:g}; every {setup['eval_every']} steps both sample the same "
+      f"{setup['val_crops']} held-out validation crops with their EMA weights. PSNR/SSIM in "
+      "network units over whole crops, data range 2 (for CT a 2000 HU window). Training seconds "
+      "leave out validation and compilation; sampling seconds are warm, for a batch of "
+      f"{setup['timing_batch']} crops, timed in the same run.",
+      summary_table(result),
+      f"Sampling speed-up vs DDPM-1000 (ancestral, 1000 evaluations): "
+      f"{result['sample_speedup_vs_ddpm1000']:.0f}x. XLA's compiled FLOPs per train step (sparse "
+      f"run): {setup.get('train_step_gflops', 0):.2f} GFLOPs.",
+      "## Every trained model under every sampler",
+      "Validation PSNR in dB (SSIM) on the same crops; NFE: network evaluations per volume.",
+      matrix_table(matrix)]
+  if inp is not None:
+    parts.append(f"The input itself scores {inp['psnr']:.2f} dB (SSIM {inp['ssim']:.3f}) on "
+                 "these crops.")
+  if old_names:
+    parts.append("This record names the samplers as the script did before the authors' sampler "
+                 "was added: its `sparse_heun_nofinal` is the sparse Heun column here and its "
+                 "`sparse_heun` the column with the extra x0 evaluation at t=0.")
+  parts += ["## Validation curves", curves_table(result["curves"])]
+  return "\n\n".join(parts) + "\n"
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   out = sc.ensure_dir(pathlib.Path(args.out))
@@ -159,7 +279,7 @@ def main(argv=None) -> dict:
   # Sampling cost: the same validation crops, warm timings in this one run.
   sparse_run, dense_run = runs["sparse"], runs["dense"]
   dense_method = dense_run.method
-  params_d, params_s = dense_run.state["ema_params"], sparse_run.state["ema_params"]
+  params_d, params_s = dense_run.params, sparse_run.params
   cond = jnp.asarray(val["cond"][:args.ddpm_crops])
   key = jax.random.PRNGKey(0)
   diff = dense_method.diffusion
@@ -197,22 +317,12 @@ def main(argv=None) -> dict:
                 "val_crops": args.val_crops, "timing_batch": args.ddpm_crops,
                 "device": sc.device_name(),
                 "train_step_gflops": sparse_run.cost.get("flops", 0) / 1e9},
+      "command": command_line(argv),
   }
   sc.write_json(out / "sparse_speedup.json", result)
   plot(out / "sparse_speedup.png", curves, dense_final)
-  fmt = lambda v, s="{:.2f}": "not reached" if v is None else s.format(v)
-  print(f"\n| quantity | value |\n|---|---|\n"
-        f"| dense final PSNR ({dense_steps} steps) | {dense_final:.2f} dB |\n"
-        f"| sparse final PSNR ({args.steps} steps) | {result['sparse_final_psnr']:.2f} dB |\n"
-        f"| sparse steps to dense final | {fmt(hit and hit['step'], '{}')} |\n"
-        f"| steps speed-up | {fmt(result['steps_speedup'])}x |\n"
-        f"| time speed-up | {fmt(result['time_speedup'])}x |\n"
-        f"| NFE sparse / authors / DDIM-50 / DDPM-1000 | {nfe['sparse_heun']} / {nfe['authors']}"
-        f" / 50 / 1000 |\n"
-        f"| sample s sparse / authors / DDIM-50 / DDPM-1000 | {seconds['sparse_heun']:.3f} / "
-        f"{seconds['authors']:.3f} / {seconds['ddim50']:.3f} / {seconds['ddpm1000']:.3f} |\n"
-        f"| sampling speed-up vs DDIM-50 | {result['sample_speedup_vs_ddim50']:.1f}x |\n"
-        f"device: {sc.device_name()}")
+  fileio.write_text_atomic(str(out / "sparse_speedup.md"), report(result))
+  print(f"\n{summary_table(result)}\ndevice: {sc.device_name()}")
   print("\nvalidation PSNR / SSIM of each trained model under each sampler:")
   for k, v in matrix.items():
     print(f"  {k:32s} {v['psnr']:6.2f} dB  {v['ssim']:.4f}  NFE {v.get('nfe', '-')}")

@@ -35,13 +35,16 @@ its error in the record and the run goes on.
 Output: DIR/spatial_scaling.json, a list of records {method, size, shards, state_sharding,
 train_bytes, sample_bytes, state_bytes (all devices), state_device_bytes (one device), ...}
 rewritten atomically after each one ("sample_kind": "loop" says that the sampler figure is the
-whole compiled loop), DIR/spatial_scaling.md and the table on stdout.
+whole compiled loop; "command" and "machine" the command line and the devices),
+DIR/spatial_scaling.md (the results page, `report`, which renders it from the JSON alone) and the
+table on stdout.
 """
 
 import argparse
 import math
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -241,6 +244,44 @@ def table(records, args: argparse.Namespace) -> str:
   return "\n".join(lines)
 
 
+def command_line(argv=None) -> str:
+  """The command that runs this script with `argv` (the process's own arguments when None)."""
+  return " ".join(["python experiments/spatial_scaling.py",
+                   shlex.join(sys.argv[1:] if argv is None else list(argv))]).strip()
+
+
+def report(records, args: argparse.Namespace | None = None, commands=None,
+           machine: str | None = None) -> str:
+  """The results page of spatial_scaling.json's records as markdown: one table per train-state
+  layout (records of several runs, each with its own --state-sharding, may share one file).
+
+  `args` gives the network settings the records were measured with (default: those of the
+  first recorded command, else the script's defaults); `commands` (a string or a list) and
+  `machine` name the command(s) and the machine when the records do not (older records).
+  """
+  recorded = list(dict.fromkeys(r["command"] for r in records if r.get("command")))
+  commands = recorded or ([commands] if isinstance(commands, str) else list(commands or ()))
+  if args is None:
+    args = parse_args(shlex.split(recorded[0])[2:] if recorded else ["--out", "-"])
+  machine = ", ".join(dict.fromkeys(r["machine"] for r in records if r.get("machine"))) or machine
+  quoted = "; ".join(f"`{c}`" for c in commands) or "not recorded"
+  parts = ["# Per-device memory with the volume split over N devices",
+           f"Command{'s' if len(commands) > 1 else ''}: {quoted}; machine: "
+           f"{machine or 'not recorded'}.",
+           "Compile only (nothing allocated, nothing runs): the library's train step and its "
+           "spatially sharded sampler on a mesh data = 1 x spatial = N x model = 1. Bytes per "
+           "device = temp + arguments + outputs - aliased; ratio = bytes at N shards over the "
+           f"same configuration's bytes on one device, against the ideal 1/N and the target "
+           f"{TARGET:g}/N."]
+  layouts = list(dict.fromkeys(r.get("state_sharding", args.state_sharding) for r in records))
+  for layout in layouts:
+    rows = [r for r in records if r.get("state_sharding", args.state_sharding) == layout]
+    if len(layouts) > 1:
+      parts.append(f"## Train state layout: {layout}")
+    parts.append(table(rows, argparse.Namespace(**dict(vars(args), state_sharding=layout))))
+  return "\n\n".join(parts) + "\n"
+
+
 def main(argv=None) -> list[dict]:
   """Runs the benchmark; returns the records also written to OUT/spatial_scaling.json."""
   args = parse_args(argv)
@@ -250,6 +291,8 @@ def main(argv=None) -> list[dict]:
                      f"{jax.device_count()} (run as a script, or set XLA_FLAGS="
                      f"--xla_force_host_platform_device_count=N before JAX starts)")
   json_path = os.path.join(args.out, "spatial_scaling.json")
+  command = command_line(argv)
+  machine = f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
   jobs = [(m, s, n) for m in args.methods for s in args.sizes for n in sorted(args.shards)]
   print(f"{len(jobs)} configurations on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n{describe(args)}", flush=True)
@@ -257,6 +300,7 @@ def main(argv=None) -> list[dict]:
   start = time.time()
   for i, (method, size, shards) in enumerate(jobs, 1):
     rec = measure(method, size, shards, args)
+    rec.update(command=command, machine=machine)
     records.append(rec)
     fileio.write_json_atomic(json_path, records)
     tr = ratio(records, rec, "train_bytes")
@@ -268,8 +312,7 @@ def main(argv=None) -> list[dict]:
           + (f" [error: {rec['error'][:200]}]" if rec["error"] else "")
           + f" (elapsed {time.time() - start:.0f} s)", flush=True)
   md = table(records, args)
-  fileio.write_text_atomic(os.path.join(args.out, "spatial_scaling.md"),
-                           f"# Per-device memory with the volume split over N devices\n\n{md}\n")
+  fileio.write_text_atomic(os.path.join(args.out, "spatial_scaling.md"), report(records, args))
   print()
   print(md)
   return records

@@ -66,6 +66,57 @@ def build_operator(p, shape):
   raise ValueError(f"unknown pnp task {p.task!r}: use mri, sr or denoise")
 
 
+def prior_window(method, prior: str):
+  """The prior's windows: the method's sliding window for `patch`, None for `whole`."""
+  if prior not in ("patch", "whole"):
+    raise ValueError(f"config.pnp.prior must be patch or whole, got {prior!r}")
+  window = method.sliding_window() if prior == "patch" else None
+  if prior == "patch" and window is None:
+    raise ValueError("a patch prior needs config.inference.window (the training patch size)")
+  return window
+
+
+def solver_kwargs(p, solver: str) -> dict:
+  """The keyword arguments config.pnp gives `solver` (jaxvol.inverse.solvers.SOLVERS)."""
+  if solver not in solvers.SOLVERS:
+    raise ValueError(f"unknown solver {solver!r}; available: {sorted(solvers.SOLVERS)}")
+  kw = {"num_steps": p.num_steps}
+  if solver == "diffpir":
+    kw.update(noise_std=p.noise_std, lam=p.lam, zeta=p.zeta, min_rho=p.min_rho)
+  else:
+    kw.update(zeta=p.zeta, step=p.dps_step)
+  return kw
+
+
+def predictor_set(p, method, params, runs) -> dict:
+  """The reconstructions as predictors of the one inference path: zero_filled, tv, and
+  {name: (solver, prior)} for each of `runs` (prior "patch" or "whole", module docstring).
+
+  Each takes a volume whose inputs are {"op", "y", "shape", "positions"} and is compiled for it
+  before it is timed (samplers.CompiledPredictor); a solver's noise is fold 2 of the volume's key.
+  """
+  def solver_predictor(solver, prior_name):
+    window, kw = prior_window(method, prior_name), solver_kwargs(p, solver)
+
+    def build(vol):
+      v = vol.inputs
+      prior = priors.from_method(method, params, window, positions=v["positions"])
+      fn = lambda y, k: solvers.SOLVERS[solver](prior, v["op"], y, v["shape"],
+                                                jax.random.fold_in(k, 2), **kw)
+      return fn, (v["y"],)
+    return samplers.CompiledPredictor(build)
+
+  built = {name: solver_predictor(*run) for name, run in runs.items()}  # checked first
+  return {
+      "zero_filled": samplers.CompiledPredictor(lambda vol: (
+          lambda y, k: jnp.real(classical.zero_filled(vol.inputs["op"], y)), (vol.inputs["y"],))),
+      "tv": samplers.CompiledPredictor(lambda vol: (
+          lambda y, k: jnp.real(classical.tv_reconstruction(vol.inputs["op"], y, p.tv_lambda,
+                                                            p.tv_iters)), (vol.inputs["y"],))),
+      **built,
+  }
+
+
 def _fit(shape, op):
   """Crops a shape down to a multiple of the operator's block (SR needs whole blocks)."""
   if isinstance(op, ops.Downsample):
@@ -82,13 +133,7 @@ def reconstruct(config, workdir: str) -> dict:
   pipeline.check_position_coverage(config.data.train_region, config.data.eval_region, axes)
   method = methods.build(config, jax.devices()[0].platform)
   params, step = volumes.load_params(config, prior_dir)
-  if p.prior not in ("patch", "whole"):
-    raise ValueError(f"config.pnp.prior must be patch or whole, got {p.prior!r}")
-  window = method.sliding_window() if p.prior == "patch" else None
-  if p.prior == "patch" and window is None:
-    raise ValueError("a patch prior needs config.inference.window (the training patch size)")
-  if p.solver not in solvers.SOLVERS:
-    raise ValueError(f"unknown solver {p.solver!r}; available: {sorted(solvers.SOLVERS)}")
+  predictors = predictor_set(p, method, params, {p.solver: (p.solver, p.prior)})
   store = store_lib.Store(config.data.store)
   # The measurements are simulated from the normalised target, and reconstructions mapped back
   # with its preset: that preset must not come from the evaluated volume itself.
@@ -136,27 +181,6 @@ def reconstruct(config, workdir: str) -> dict:
           target=preset.inverse(x).astype(np.float32), data_range=float(preset.hi - preset.lo),
           row={"box": [list(b) for b in box], "operator": type(op).__name__})
 
-  kw = {"num_steps": p.num_steps}
-  if p.solver == "diffpir":
-    kw.update(noise_std=p.noise_std, lam=p.lam, zeta=p.zeta, min_rho=p.min_rho)
-  else:
-    kw.update(zeta=p.zeta, step=p.dps_step)
-
-  def solve(vol):
-    v = vol.inputs
-    prior = priors.from_method(method, params, window, positions=v["positions"])
-    fn = lambda y, k: solvers.SOLVERS[p.solver](prior, v["op"], y, v["shape"],
-                                                 jax.random.fold_in(k, 2), **kw)
-    return fn, (v["y"],)
-
-  predictors = {
-      "zero_filled": samplers.CompiledPredictor(lambda vol: (
-          lambda y, k: jnp.real(classical.zero_filled(vol.inputs["op"], y)), (vol.inputs["y"],))),
-      "tv": samplers.CompiledPredictor(lambda vol: (
-          lambda y, k: jnp.real(classical.tv_reconstruction(vol.inputs["op"], y, p.tv_lambda,
-                                                            p.tv_iters)), (vol.inputs["y"],))),
-      p.solver: samplers.CompiledPredictor(solve),
-  }
   names = list(predictors)
   with fileio.fresh_dir(os.path.join(workdir, "pnp"), writes) as out_dir:
     rows = runner.run(each_volume(), predictors, base_key, out_dir, total=len(subjects),
