@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from jaxvol import methods
 from jaxvol.data import tasks as tasks_lib
 
 
@@ -88,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.grad_loss_weight = 0.5     # lambda of the puzzle-gradient loss
 
   c.diffusion = g = ml_collections.ConfigDict()  # Gaussian DDPM for full3d and wdm
+  g.objective = "diffusion"    # diffusion: the method's own noise diffusion (DDPM for full3d,
+  #                              the trigonometric one for prdit) | flow: straight-line flow
+  #                              matching (c.flow; full3d and prdit)
   g.num_steps = 1000
   g.beta_start = 1e-4
   g.beta_end = 0.02
@@ -98,6 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
   #                              (wdm: clamped in image space, idwt -> clip -> dwt). 1 fits the
   #                              CT window, which the preset clips; PET/MRI presets do not clip,
   #                              so their configs widen it (clamp_for_preset)
+
+  # Flow matching (config.diffusion.objective = "flow"; jaxvol.diffusion.flow, PRDiT-FM's
+  # conventions: t = 0 noise, t = 1 data, x_t = (1 - t) noise + t data, velocity head).
+  c.flow = fl = ml_collections.ConfigDict()
+  fl.solver = "euler"          # euler (N evaluations, PRDiT-FM's default) | heun (2N)
+  fl.sample_steps = 100        # ODE steps N (PRDiT-FM's num_sampling_steps)
+  fl.embed_t_scale = 1000.0    # the network's time input is t * this (PRDiT-FM's)
+  fl.val_t = 0.5               # PRDiT-FM's stage-1 validation: reconstruct from x_t at this t
 
   # Wavelet diffusion (method "wdm") as pfriedri/wdm-3d does it; uses c.diffusion.
   c.wdm = w = ml_collections.ConfigDict()
@@ -447,15 +459,12 @@ def with_tokens(variant: str | None, *tokens: str) -> str:
 
 
 def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Selects a method with the choices its paper makes where they differ from the defaults."""
+  """Selects a method with the choices its paper makes where they differ from the defaults (the
+  method's `CONFIG_DEFAULTS`, jaxvol.methods.base.Method)."""
   c.method = method
-  if method == "wdm":
-    # WDM (Friedrich et al., 2024) predicts the clean wavelet bands rather than the noise.
-    c.diffusion.parameterization = "x0"
-  if method == "sparse":
-    # x0 prediction supervised in velocity space (see jaxvol.diffusion.sparse), STM on.
-    c.diffusion.parameterization = "x0"
-    c.model.stm = True
+  for field, value in methods.method_class(c).CONFIG_DEFAULTS.items():
+    section, name = field.split(".")
+    c[section][name] = value
   return c
 
 
@@ -542,12 +551,13 @@ def cpu_task_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """The `cpu` variant of a PPDM, WDM, full3d or regression config: about 10 minutes of training
   on 2 CPU cores, enough to beat noise.
 
-  PPDM (r = 2) and WDM run their network at half the crop's resolution and get the quick start's
-  budget (`demo_overrides`); full3d and regression run at full resolution, 8x the voxels per
+  Methods whose network runs at half the crop's resolution (the Method's `HALF_RESOLUTION`: PPDM
+  r = 2, WDM) get the quick start's budget (`demo_overrides`); the others (full3d, regression)
+  run at full resolution, 8x the voxels per
   step, and get `cpu_overrides` (16^3 crops, width 8) with sampling in Gaussian-blended windows of
   the crop (a 16^3-trained network transfers poorly to a whole-volume pass).
   """
-  if c.method in ("ppdm", "wdm"):
+  if methods.method_class(c).HALF_RESOLUTION:
     return demo_overrides(c)
   cpu_overrides(c)
   c.inference.window = tuple(c.data.crop_size)

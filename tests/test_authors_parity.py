@@ -11,6 +11,8 @@ Sections:
      the authors' layout, their sampler, the paper-size parameter count.
   2. PRDiT (Fredy-Zhang/PRDiT): the local denoiser, a DiT block, the full stage-2 forward, the
      Euler and predictor-corrector samplers, and stage 1's sensitivity to a window's mean level.
+     2b. PRDiT-FM (Fredy-Zhang/PRDiT-FM): the flow-matching loss, the t = 0.5 reconstruction and
+     the Euler and Heun samplers on the velocity-head network.
   3. PRDiT's generation metrics: FID, MMD, MS-SSIM and the MedicalNet input convention.
 """
 
@@ -24,6 +26,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import load_module
+from jaxvol.diffusion import flow
 from jaxvol.diffusion import gaussian
 from jaxvol.diffusion import sparse
 from jaxvol.diffusion import trig
@@ -374,6 +377,56 @@ def test_converter_checkpoints_and_command_line(tmp_path):
     for k, v in flat_want.items():
       np.testing.assert_array_equal(np.asarray(flat_got[k]), v)
   assert convert_prdit.main([str(source), str(tmp_path / "x.msgpack")]) == 1  # wrong channels
+
+
+# ================================================================================================
+# 2b. PRDiT-FM: flow matching on the PRDiT network
+#
+# Fredy-Zhang/PRDiT-FM (tests/fixtures/authors/prdit_fm.npz, written by make_prdit_fm.py; README.md)
+# trains the same network with one velocity channel (`learn_sigma=False`) by straight-line flow
+# matching. Fixture: their `FlowMatching` on their stage-2 PRDiT (the prdit_stage2 arguments,
+# synthetic weights): the per-example loss at fixed t with the noise it drew, the t = 0.5
+# reconstruction, and 4-step Euler and Heun samples from fixed noise, with the scaled times the
+# network saw. Compared with jaxvol.diffusion.flow on the converted network.
+# ================================================================================================
+
+
+@pytest.fixture(scope="module")
+def flow_model():
+  fx = _fixture("fm")
+  sd = _state_dict(fx)
+  model = _model(sd)
+  assert model.outputs == 1 and model.stage == 2 and model.depth == 2
+  params = convert_prdit.convert_state_dict(sd)
+  return fx, jax.jit(lambda x, t: model.apply(params, x, t))
+
+
+def _theirs1(v):
+  return np.moveaxis(np.asarray(v), -1, 1)
+
+
+def test_flow_matching_loss_and_reconstruction(flow_model):
+  fx, velocity = flow_model
+  fm = flow.FlowMatching()
+  x, t = _ours(fx["x"]), jnp.asarray(fx["t"])
+  np.testing.assert_allclose(np.asarray(fm.model_t(t)), fx["loss_model_t"], rtol=1e-6)
+  _, aux = fm.training_loss(velocity, x, jax.random.PRNGKey(0), t=t,
+                            x_noise=_ours(fx["loss_noise"]))
+  _close(aux["per_example"], fx["loss"], "flow-matching loss per example")
+  recon, x_t = fm.reconstruct(velocity, x, _ours(fx["recon_noise"]), 0.5)
+  _close(_theirs1(x_t), fx["recon_xt"], "x_t at t = 0.5")
+  _close(_theirs1(recon), fx["recon"], "reconstruction at t = 0.5")
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_flow_matching_samplers(flow_model, solver):
+  fx, velocity = flow_model
+  fm = flow.FlowMatching()
+  steps = int(fx["steps"])
+  assert fm.nfe(steps, solver) == int(fx[f"{solver}_nfe"])
+  np.testing.assert_allclose(fm.network_times(steps, solver), fx[f"{solver}_t"], rtol=1e-6)
+  x = jax.jit(lambda z: fm.sample(velocity, z, steps, solver))(_ours(fx["z"]))
+  _close(_theirs1(x), fx[f"{solver}_x"], f"flow matching, {solver} sample")
 
 
 # ================================================================================================

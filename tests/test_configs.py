@@ -324,7 +324,8 @@ def test_cpu_variant_is_a_ten_minute_cpu_budget(name):
   assert c.train.time_limit_minutes == 10.0 and c.train.learning_rate == 5e-4
   assert c.model.base_width <= 16 and max(c.data.crop_size) <= 32 and c.data.batch_size <= 4
   # Half-resolution networks (PPDM r=2, WDM) afford the demo's 32^3 crops and width 16.
-  half = c.method in ("ppdm", "wdm")
+  half = methods.method_class(c).HALF_RESOLUTION
+  assert half == (c.method in ("ppdm", "wdm"))
   assert (c.model.base_width, max(c.data.crop_size)) == ((16, 32) if half else (8, 16))
   assert load(_path(name), "cpu").data.eval_region is None
   assert _plain(load(_path(name), "cpu,heldout").data.eval_region) == _plain(
@@ -379,3 +380,19 @@ def test_mri_t1_t2_is_one_config_and_the_method_names_are_aliases(method):
   assert load(_path("mri_t1_t2")).method == "ppdm"
   with pytest.raises(ValueError, match="at most one of"):
     load(_path("mri_t1_t2"), f"{method},{'wdm' if method != 'wdm' else 'ppdm'}")
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_selecting_a_method_applies_its_declared_defaults(method):
+  """set_method writes the Method's CONFIG_DEFAULTS (the paper's choices), and nothing else."""
+  before = base.base_config().to_dict()
+  c = base.set_method(base.base_config(), method)
+  declared = methods.method_class(c).CONFIG_DEFAULTS
+  for field, value in declared.items():
+    section, name = field.split(".")
+    assert c[section][name] == value, field
+  after = c.to_dict()
+  changed = {f"{sec}.{k}" for sec in after if isinstance(after[sec], dict)
+             for k in after[sec] if after[sec][k] != before[sec][k]}
+  assert changed <= set(declared), changed - set(declared)
+  assert methods.METHODS["wdm"].CONFIG_DEFAULTS and methods.METHODS["sparse"].CONFIG_DEFAULTS

@@ -35,6 +35,12 @@ Variants (comma-separated tokens):
   xl      PRDiT-XL/12/4 (width 1152, 16 heads).
   stage1  the local-denoiser stage (combine: `stage1`, `stage1,256`, `stage1,cpu`, ...).
   fast    sample with the predictor-corrector, 100 steps, instead of Euler with 1000.
+  flow    PRDiT-FM (Fredy-Zhang/PRDiT-FM): the same network and stages with one velocity head,
+          trained by straight-line flow matching (t = 0 noise, t = 1 data, t x 1000 into the
+          time embedder) and sampled with Euler in 100 steps (their num_sampling_steps; set
+          config.flow.solver=heun for their second-order solver, 2 evaluations per step). Their
+          stage 1 and stage 2 keep PRDiT's learning rates, clip and step counts. With cpu/smoke
+          the step count is those variants' sample_steps.
   cpu     64^3 crops and a tiny network that trains in minutes on 2 CPU cores.
   smoke   16^3 crops (8 tokens) and a tiny network: train and sample in seconds.
 """
@@ -46,7 +52,7 @@ SIZE_TOKENS = ("256", "cpu", "smoke")
 
 def get_config(variant: str | None = None):
   tokens = [t for t in (variant or "").split(",") if t]
-  known = {"256", "xl", "stage1", "fast", "cpu", "smoke"}
+  known = {"256", "xl", "stage1", "fast", "flow", "cpu", "smoke"}
   if any(t not in known for t in tokens) or sum(t in tokens for t in SIZE_TOKENS) > 1:
     raise ValueError(f"bad variant {variant!r}: tokens from {sorted(known)}, at most one of "
                      f"{', '.join(SIZE_TOKENS)}")
@@ -65,6 +71,12 @@ def get_config(variant: str | None = None):
   p.sampler, p.predictor, p.sample_steps = "euler", "euler", 1000  # the authors' sample.py
   if "fast" in tokens:
     p.sampler, p.sample_steps = "pc", 100
+  if "flow" in tokens:
+    if "fast" in tokens:
+      raise ValueError("`fast` picks the diffusion's predictor-corrector; with `flow` set "
+                       "config.flow.solver / config.flow.sample_steps instead")
+    c.diffusion.objective = "flow"
+    c.flow.solver, c.flow.sample_steps = "euler", 100  # their configs' num_sampling_steps
   p.stage = 1 if "stage1" in tokens else 2
 
   t = c.train
@@ -96,6 +108,8 @@ def get_config(variant: str | None = None):
     p.sample_steps = 4
     c.sample.num = 2
     c.eval.feature_width, c.eval.feature_depth = 4, 10
+  if "flow" in tokens and ("cpu" in tokens or "smoke" in tokens):
+    c.flow.sample_steps = p.sample_steps
   return c
 
 

@@ -42,6 +42,16 @@ def model_fields(config) -> tuple[str, ...]:
 
 
 def build(config, platform: str = "cpu") -> base.Method:
-  """Builds the method named by `config.method` with the compute dtype for `platform`."""
-  return method_class(config)(config=config,
-                              dtype=base.resolve_dtype(config.compute_dtype, platform))
+  """Builds the method named by `config.method` with the compute dtype for `platform`.
+
+  Raises:
+    ValueError: an unknown method, or an objective (config.diffusion.objective) it does not offer.
+  """
+  cls = method_class(config)
+  objective = base.objective_of(config)
+  if objective not in cls.OBJECTIVES:
+    offered = [m for m, c in METHODS.items() if objective in c.OBJECTIVES]
+    raise ValueError(f"method {config.method!r} does not train with diffusion.objective="
+                     f"{objective!r} (it offers {cls.OBJECTIVES}); {objective!r} is available "
+                     f"for {offered}")
+  return cls(config=config, dtype=base.resolve_dtype(config.compute_dtype, platform))

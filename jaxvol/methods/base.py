@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxvol.diffusion import flow as flow_lib
 from jaxvol.models import unet3d
 from jaxvol.ops import puzzle as puzzle_lib
 from jaxvol.ops import windows as windows_lib
@@ -49,6 +50,26 @@ SWITCHED_FIELDS = {
     "model.num_heads": lambda c: len(c.model.attention_levels) > 0,
     "model.stm_dim": lambda c: bool(c.model.get("stm", False)),
 }
+
+def objective_switches(diffusion_fields) -> dict:
+  """SWITCHED_FIELDS entries of a method that offers flow matching beside its noise diffusion:
+  the diffusion's fields matter without flow matching, the flow's time scale with it."""
+  return {**{f: (lambda c: objective_of(c) != "flow") for f in diffusion_fields},
+          "flow.embed_t_scale": lambda c: objective_of(c) == "flow"}
+
+
+def objective_of(config) -> str:
+  """config.diffusion.objective ("diffusion" for configs that predate it)."""
+  return config.diffusion.get("objective", "diffusion")
+
+
+def flow_of(config):
+  """The FlowMatching of config.flow when the objective is flow matching, else None."""
+  if objective_of(config) != "flow":
+    return None
+  f = config.flow
+  flow_lib.check_solver(f.solver, f.sample_steps)
+  return flow_lib.FlowMatching(embed_t_scale=float(f.embed_t_scale))
 
 
 def resolve_dtype(name: str, platform: str):
@@ -133,7 +154,9 @@ class Method:
   Subclasses also declare `MODEL_FIELDS`, the dotted config fields that define what their
   parameters mean (every one must exist in the method's configs), may add entries to
   `SWITCHED_FIELDS` for fields that only matter while another is switched on, and set
-  `CLAMPS_X0` when their sampler clips its x0 estimate.
+  `CLAMPS_X0` when their sampler clips its x0 estimate. `CONFIG_DEFAULTS` holds the choices
+  their paper makes where they differ from jaxvol.config.base_config, and `HALF_RESOLUTION` says
+  that their network runs at half the crop's resolution (which picks their `cpu` budget).
   """
 
   MODEL_FIELDS: ClassVar[tuple[str, ...]] = RUN_FIELDS + DATA_FIELDS
@@ -141,6 +164,16 @@ class Method:
   # Whether the sampler clips its x0 estimate to config.diffusion.clip_x0 (training then warns
   # when the normalised targets leave that range: jaxvol.train.loop.check_target_range).
   CLAMPS_X0: ClassVar[bool] = False
+  # The paper's choices where they differ from the base config, {dotted field: value}, applied
+  # whenever a config selects the method (jaxvol.config.set_method).
+  CONFIG_DEFAULTS: ClassVar[dict] = {}
+  # Whether the network sees the crop at half its resolution per axis (PPDM r = 2's puzzle, WDM's
+  # Haar bands): their `cpu` variant then gets the quick start's budget, where a full-resolution
+  # network gets smaller crops and windowed sampling (jaxvol.config.cpu_task_overrides).
+  HALF_RESOLUTION: ClassVar[bool] = False
+  # The training objectives it offers (config.diffusion.objective; checked by jaxvol.methods.build):
+  # its own ("diffusion", or none for a regressor) and "flow" where flow matching is available.
+  OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion",)
 
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32

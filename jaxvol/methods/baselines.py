@@ -29,15 +29,22 @@ class Full3D(base.Method):
 
   # The Gaussian schedule fixes what the time input and x_t mean; the parameterisation what the
   # output means. STM reads the condition when model.stm is on.
+  # With flow matching (diffusion.objective = "flow") the network predicts a velocity at the
+  # scaled time flow.embed_t_scale * t, and the Gaussian schedule's fields do not matter.
   MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + base.STM_FIELDS + (
-      "diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
-      "diffusion.parameterization")
+      "diffusion.objective", "diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
+      "diffusion.parameterization", "flow.embed_t_scale")
+  SWITCHED_FIELDS = {**base.Method.SWITCHED_FIELDS, **base.objective_switches(
+      ("diffusion.num_steps", "diffusion.beta_start", "diffusion.beta_end",
+       "diffusion.parameterization"))}
   CLAMPS_X0 = True  # DDPM/DDIM clip x0_hat to config.diffusion.clip_x0 (also WDM, sparse)
+  OBJECTIVES = ("diffusion", "flow")
 
   def __post_init__(self):
     c = self.config.diffusion
     self.diffusion = gaussian.GaussianDiffusion(c.num_steps, c.beta_start, c.beta_end,
                                                 c.parameterization)
+    self.flow = base.flow_of(self.config)
     self.net = base.build_unet(self.config.model, self._out_channels(), self.dtype)
 
   def _out_channels(self):
@@ -68,6 +75,9 @@ class Full3D(base.Method):
   def loss(self, params, batch, rng):
     z0, zy = self._to_domain(batch["target"]), self._to_domain(batch["cond"])
     k_t, k_eps, k_drop = jax.random.split(rng, 3)
+    if self.flow is not None:  # the velocity at t * embed_t_scale (jaxvol.diffusion.flow)
+      velocity = lambda z, t: self._apply(params, z, zy, t, train=True, rng=k_drop)
+      return self.flow.training_loss(velocity, z0, k_t)[0], {}
     t = jax.random.randint(k_t, (z0.shape[0],), 0, self.diffusion.num_steps)
     eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
     out = self._apply(params, self.diffusion.q_sample(z0, t, eps), zy, t, train=True, rng=k_drop)
@@ -95,6 +105,10 @@ class Full3D(base.Method):
   def sample(self, params, cond, rng):
     c = self.config.diffusion
     y, shape, zy, z_T, k_loop = self._prepare(cond, rng)
+    if self.flow is not None:  # the ODE from noise (t = 0) to data (t = 1); no x0 clamp
+      f = self.config.flow
+      z0 = self.flow.sample(self._denoiser(params, zy), z_T, f.sample_steps, f.solver)
+      return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
     clip = c.clip_x0 if c.clip_x0 > 0 else None
     z0 = self.diffusion.ddim_sample(self._denoiser(params, zy), z_T, c.sample_steps, k_loop,
                                     eta=c.eta, clip_x0=clip)
@@ -118,6 +132,10 @@ class Wavelet(Full3D):
   """
 
   MODEL_FIELDS = Full3D.MODEL_FIELDS + ("wdm.lll_scale",)  # the scale of the bands it sees
+  OBJECTIVES = ("diffusion",)
+  # WDM (Friedrich et al., 2024) predicts the clean wavelet bands rather than the noise.
+  CONFIG_DEFAULTS = {"diffusion.parameterization": "x0"}
+  HALF_RESOLUTION = True  # the Haar bands are half the crop per axis
 
   def _out_channels(self):
     return 8 * self.target_channels

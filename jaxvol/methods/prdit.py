@@ -27,6 +27,14 @@ compiled `lax.scan` of `config.prdit.sample_steps` network evaluations: Euler on
 flow (the authors' default, 1000 steps) or their predictor-corrector (100 steps is the fast
 setting); the network always sees the whole volume, because the residual DiT's attention is
 global.
+
+Flow matching (`config.diffusion.objective = "flow"`): PRDiT-FM ("PRDiT-FM: Flow Matching for
+Pixel-Level 3D CT Generation", Fredy-Zhang/PRDiT-FM) trains the same network, stages and freezing
+with one velocity channel per voxel instead of (eps, x0): x_t = (1 - t) noise + t data, target
+data - noise, t ~ U(0, 1) continuous and multiplied by config.flow.embed_t_scale (1000) only for
+the time embedder (jaxvol.diffusion.flow). Sampling integrates from N(0, I) noise with Euler or
+Heun in config.flow.sample_steps steps (one scan); `reconstruct` is their stage-1 validation
+estimate at t = config.flow.val_t (0.5).
 """
 
 import flax.linen as nn
@@ -43,7 +51,7 @@ from jaxvol.ops import tokens as tokens_lib
 # stage-1 run's saved config (the parameter shapes cover the window size and the widths).
 LOCAL_FIELDS = ("compute_dtype", "data.target", "prdit.stride", "prdit.local_width",
                 "prdit.local_blocks", "prdit.local_mlp_ratio", "prdit.num_steps", "prdit.sigma",
-                "prdit.layout")
+                "prdit.layout", "diffusion.objective", "flow.embed_t_scale")
 LOCAL = ("params", "local")
 # The time fine head: re-initialised, not copied, on a warm start (as the authors do).
 FINE_HEAD = ("params", "residual", "time_fine")
@@ -57,10 +65,11 @@ def model_name(prdit_cfg) -> str:
   return f"PRDiT-{prdit_cfg.size}/{prdit_cfg.patch}/{depth}"
 
 
-def build_network(prdit_cfg, dtype) -> prdit_lib.PRDiT:
-  """The Flax PRDiT of `config.prdit` (size, window, depth, overrides, stage)."""
+def build_network(prdit_cfg, dtype, outputs: int = 2) -> prdit_lib.PRDiT:
+  """The Flax PRDiT of `config.prdit` (size, window, depth, overrides, stage); `outputs` 2 for
+  the (eps, x0) head, 1 for flow matching's velocity head."""
   p = prdit_cfg
-  overrides = dict(stride=p.stride, stage=p.stage, depth=p.depth, mlp_ratio=p.mlp_ratio,
+  overrides = dict(outputs=outputs, stride=p.stride, stage=p.stage, depth=p.depth, mlp_ratio=p.mlp_ratio,
                    local_width=p.local_width or None, local_blocks=p.local_blocks,
                    local_mlp_ratio=p.local_mlp_ratio, attention=p.attention,
                    chunk_size=p.chunk_size, remat=p.remat, time_width=p.time_width or None,
@@ -81,10 +90,14 @@ class PRDiT(base.Method):
       "prdit.size", "prdit.patch", "prdit.stride", "prdit.width", "prdit.time_width",
       "prdit.local_width", "prdit.local_blocks", "prdit.local_mlp_ratio", "prdit.stage",
       "prdit.num_steps", "prdit.sigma", "prdit.layout", "prdit.depth", "prdit.heads",
-      "prdit.mlp_ratio")
+      "prdit.mlp_ratio", "diffusion.objective", "flow.embed_t_scale")
   SWITCHED_FIELDS = {**base.Method.SWITCHED_FIELDS,
                      **{f"prdit.{k}": (lambda c: c.prdit.stage == 2)
-                        for k in ("depth", "heads", "mlp_ratio")}}
+                        for k in ("depth", "heads", "mlp_ratio")},
+                     **base.objective_switches(("prdit.num_steps", "prdit.sigma"))}
+  # PRDiT-FM (Fredy-Zhang/PRDiT-FM): the same network with one velocity head, trained by
+  # straight-line flow matching (jaxvol.diffusion.flow) and sampled by Euler or Heun.
+  OBJECTIVES = ("diffusion", "flow")
 
   def __post_init__(self):
     p = self.config.prdit
@@ -99,12 +112,20 @@ class PRDiT(base.Method):
     if p.layout != prdit_lib.LAYOUT_VERSION:
       raise ValueError(f"prdit.layout is {p.layout}, but this version builds PRDiT parameter "
                        f"layout {prdit_lib.LAYOUT_VERSION} only (see jaxvol.models.prdit)")
-    self.diffusion = trig.TrigDiffusion(p.num_steps, p.sigma)
-    self.diffusion.sample_schedule(p.sample_steps, p.sampler)  # a clear error for a bad K now
-    self.net = build_network(p, self.dtype)
+    self.flow = base.flow_of(self.config)
+    if self.flow is None:
+      self.diffusion = trig.TrigDiffusion(p.num_steps, p.sigma)
+      self.diffusion.sample_schedule(p.sample_steps, p.sampler)  # a clear error for a bad K now
+    self.net = build_network(p, self.dtype, outputs=1 if self.flow is not None else 2)
 
   def sampling_facts(self) -> dict:
     p = self.config.prdit
+    if self.flow is not None:
+      f = self.config.flow
+      return {"model": model_name(p) + " (flow matching)",
+              "sampler": {"objective": "flow", "solver": f.solver,
+                          "sample_steps": int(f.sample_steps),
+                          "nfe": self.flow.nfe(int(f.sample_steps), f.solver)}}
     return {"model": model_name(p),
             "sampler": {"sampler": p.sampler, "predictor": p.predictor,
                         "sample_steps": int(p.sample_steps)}}
@@ -136,7 +157,10 @@ class PRDiT(base.Method):
     return tuple(sources)
 
   def _denoiser(self, params):
-    # (eps, x0) in the volume layout of the active sharding rules (a no-op without them).
+    # (eps, x0), or flow matching's velocity, in the volume layout of the active sharding rules
+    # (a no-op without them).
+    if self.flow is not None:
+      return lambda x, t: layers.constrain_volume(self.net.apply(params, x, t))
     return lambda x, t: tuple(map(layers.constrain_volume, self.net.apply(params, x, t)))
 
   def _boxed_init(self, rng, batch):
@@ -152,7 +176,18 @@ class PRDiT(base.Method):
     return nn.get_partition_spec(boxed)
 
   def loss(self, params, batch, rng):
+    if self.flow is not None:
+      return self.flow.training_loss(self._denoiser(params), batch["target"], rng)[0], {}
     return self.diffusion.training_loss(self._denoiser(params), batch["target"], rng)
+
+  def reconstruct(self, params, target, rng, t_value: float | None = None):
+    """PRDiT-FM's validation estimate: the data from x_t at one time (config.flow.val_t) in one
+    evaluation, x_t + (1 - t) v; returns (estimate, x_t). Flow matching only."""
+    if self.flow is None:
+      raise ValueError("reconstruct is flow matching's validation (diffusion.objective = flow)")
+    t_value = float(self.config.flow.val_t if t_value is None else t_value)
+    noise = jax.random.normal(rng, target.shape, target.dtype)
+    return self.flow.reconstruct(self._denoiser(params), target, noise, t_value)
 
   def sample(self, params, cond, rng):
     """A volume of cond's spatial shape (cond's channels are not read) from noise."""
@@ -170,6 +205,11 @@ class PRDiT(base.Method):
                        "(config.inference.window) do not apply: leave it empty")
     tokens_lib.check_patch(p.patch, p.stride)
     k_init, k_loop = jax.random.split(rng)
+    if self.flow is not None:  # N(0, I) noise at t = 0, integrated to the data at t = 1
+      f = self.config.flow
+      x_init = layers.constrain_volume(jax.random.normal(
+          k_init, cond.shape[:4] + (self.target_channels,), jnp.float32))
+      return self.flow.sample(self._denoiser(params), x_init, f.sample_steps, f.solver)
     x_init = layers.constrain_volume(
         self.diffusion.noise(k_init, cond.shape[:4] + (self.target_channels,)))
     return self.diffusion.sample(self._denoiser(params), x_init, p.sample_steps, p.sampler,

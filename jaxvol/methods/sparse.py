@@ -32,6 +32,9 @@ class Sparse(baselines.Full3D):
   SWITCHED_FIELDS = {**baselines.Full3D.SWITCHED_FIELDS,
                      "sparse.f_steps": lambda c: not c.sparse.timesteps,
                      "sparse.levels": lambda c: not c.sparse.timesteps}
+  OBJECTIVES = ("diffusion",)  # its sparse levels are a Gaussian schedule's
+  # x0 prediction supervised in velocity space (jaxvol.diffusion.sparse), STM on.
+  CONFIG_DEFAULTS = {"diffusion.parameterization": "x0", "model.stm": True}
 
   def __post_init__(self):
     super().__post_init__()

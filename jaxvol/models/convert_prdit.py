@@ -130,7 +130,7 @@ def infer_fields(state_dict, channels: int = 1) -> dict:
 
   Returns patch, stride, channels, local_width (None: their local denoiser always works on the
   raw window), width, depth, heads (None when the width is not a standard one), mlp_ratio,
-  time_width and stage.
+  time_width, stage and outputs (2: PRDiT's (eps, x0) head; 1: PRDiT-FM's velocity head).
   """
   sd = state_dict
   try:
@@ -140,17 +140,23 @@ def infer_fields(state_dict, channels: int = 1) -> dict:
   except KeyError as e:
     raise ValueError(f"not a PRDiT state dict: {e.args[0]} is missing") from None
   patch = round((window // channels)**(1 / 3))
-  stride = round((block_out // (2 * channels))**(1 / 3))
-  if patch**3 * channels != window or 2 * channels * stride**3 != block_out:
+  # Each token's block: (eps, x0) with learn_sigma (PRDiT), or one velocity (PRDiT-FM).
+  outputs, stride = None, None
+  for n in (2, 1):
+    s = round((block_out / (n * channels))**(1 / 3))
+    if n * channels * s**3 == block_out:
+      outputs, stride = n, s
+      break
+  if patch**3 * channels != window or outputs is None:
     raise ValueError(f"a {window}-wide window and {block_out}-wide blocks are not C p^3 and "
-                     f"2 C s^3 for C = {channels}: wrong --channels, or a model trained without "
-                     "learn_sigma (which their diffusion cannot use)")
+                     f"2 C s^3 (PRDiT) or C s^3 (PRDiT-FM) for C = {channels}: wrong --channels")
   depth = len({m.group(1) for k in sd if (m := re.match(r"fine\.blocks\.(\d+)\.", k))})
   width = sd["fine.final_layer.linear.weight"].shape[1] if depth else time_width
   mlp_ratio = (sd["fine.blocks.0.mlp.fc1.weight"].shape[0] / width) if depth else 4.0
   return {"patch": patch, "stride": stride, "channels": channels, "local_width": None,
           "width": width, "depth": depth, "heads": HEADS_OF_WIDTH.get(width),
-          "mlp_ratio": mlp_ratio, "time_width": time_width, "stage": 2 if depth else 1}
+          "mlp_ratio": mlp_ratio, "time_width": time_width, "stage": 2 if depth else 1,
+          "outputs": outputs}
 
 
 def convert_state_dict(state_dict, channels: int = 1, complete: bool = True) -> dict:

@@ -5,7 +5,8 @@ checked output for output against the authors' code (Fredy-Zhang/PRDiT; the pari
 their fixtures are tests/test_authors_parity.py, the weight converter
 jaxvol.models.convert_prdit). The volume is cut by the tokeniser (jaxvol.ops.tokens) into
 overlapping p^3 windows at stride s, one token per s^3 block, and every token predicts its own
-block of noise and of clean image (the (eps, x0) pair of jaxvol.diffusion.trig):
+block of noise and of clean image (the (eps, x0) pair of jaxvol.diffusion.trig; with one output, the
+block of velocity of flow matching, as PRDiT-FM trains the same network):
 
 - Time: sinusoidal features (256) -> Dense(time_width) -> SiLU, shared by both stages and
   trained with stage 1. A "coarse head" Dense maps them to the local denoiser's token width; in
@@ -339,6 +340,8 @@ class PRDiT(nn.Module):
     dit_init_gain: xavier gain of the residual DiT's Dense layers (0.1, the authors').
     dtype: computation dtype; outputs are float32.
     stage: 1 (local denoiser only) or 2 (frozen local denoiser + residual DiT).
+    outputs: 2 returns the (eps, x0) pair (PRDiT's learn_sigma head); 1 returns one (B, D, H, W,
+      C) array, the velocity of flow matching (PRDiT-FM's `out_channels = in_channels`).
   """
 
   patch: int = tokens_lib.DEFAULT_PATCH
@@ -358,16 +361,19 @@ class PRDiT(nn.Module):
   dit_init_gain: float = 0.1
   dtype: jnp.dtype = jnp.float32
   stage: int = 1
+  outputs: int = 2
 
   @nn.compact
   def __call__(self, x, t):
     if self.stage not in (1, 2):
       raise ValueError(f"PRDiT stage must be 1 or 2, got {self.stage}")
+    if self.outputs not in (1, 2):
+      raise ValueError(f"PRDiT outputs must be 2 (eps, x0) or 1 (a velocity), got {self.outputs}")
     if x.ndim != 5 or x.shape[-1] != self.channels:
       raise ValueError(f"PRDiT expects (B, D, H, W, {self.channels}), got {x.shape}")
     spatial = x.shape[1:4]
     tokens = tokens_lib.tokenize(x, self.patch, self.stride)
-    out_features = 2 * self.stride**3 * self.channels
+    out_features = self.outputs * self.stride**3 * self.channels
     out, features = LocalDenoiser(out_features, self.time_width or self.width, self.local_width,
                                   self.local_blocks, self.local_mlp_ratio, self.dtype,
                                   name="local")(tokens, t)
@@ -381,6 +387,8 @@ class PRDiT(nn.Module):
           name="residual")(tokens, features, tokens_lib.token_grid(spatial, self.stride)
                            ).astype(jnp.float32)
     vol = tokens_lib.untokenize(out, spatial, self.stride)  # (B, D, H, W, 2C): eps then x0
+    if self.outputs == 1:
+      return vol
     return vol[..., :self.channels], vol[..., self.channels:]
 
 

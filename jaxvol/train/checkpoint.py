@@ -43,7 +43,9 @@ log = logging.getLogger("jaxvol")
 
 # Fields added after checkpoints were written without them: (method, value an absent field had).
 # A PRDiT run saved before `prdit.layout` existed holds parameter layout 1.
-ABSENT_MEANS = {"prdit.layout": ("prdit", 1)}
+# What a model field absent from an older checkpoint's config means: field -> (the method it
+# applies to, None for any method; the value). Flow matching came after the noise diffusions.
+ABSENT_MEANS = {"prdit.layout": ("prdit", 1), "diffusion.objective": (None, "diffusion")}
 HINTS = {"prdit.layout": "PRDiT parameter layout 1 predates the authors-parity rework "
                          "(jaxvol.models.prdit.LAYOUT_VERSION) and cannot be loaded by this "
                          "version: retrain, or use the jaxvol version that wrote it"}
@@ -75,7 +77,7 @@ def check_same_model(meta: dict, config, directory: str, fields=None) -> None:
       tree = [tree] * 3 if isinstance(tree, int) else list(tree) * (3 if len(tree) == 1 else 1)
     if tree is None and root is saved and dotted in ABSENT_MEANS and saved:
       method, value = ABSENT_MEANS[dotted]
-      tree = value if saved.get("method") == method else None
+      tree = value if method is None or saved.get("method") == method else None
     return tree
 
   diff = {k: (get(saved, k), get(now, k)) for k in fields
