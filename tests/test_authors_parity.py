@@ -137,6 +137,48 @@ def test_sampler_matches_theirs(sparse_fx):
   np.testing.assert_allclose(np.mean(out), f["sample_out_mean"], rtol=1e-4, atol=1e-6)
 
 
+def test_training_loss_and_forward_noising_match_theirs(sparse_fx):
+  """Their training_losses (x0 prediction scored in velocity space) on the same network: x_t the
+  network saw and the loss (the per-example losses of a batch of two, averaged)."""
+  fx = np.load(FIXTURES / "sparse_loss.npz")
+  x0, low, eps = (_to_ours(v) for v in make_losses.sparse_inputs())
+  net, v = sparse_fx["net"], sparse_fx["variables"]
+  d = gaussian.GaussianDiffusion(1000, 1e-4, 0.02, "x0")
+  t = jnp.asarray(fx["t"])
+  np.testing.assert_array_equal(fx["model_t"], fx["t"])  # their rescale_timesteps is off
+  x_t = d.q_sample(x0, t, eps)
+  _close_sparse(x_t[:, ::3, ::3, ::3], _to_ours(fx["x_t_sub3"]))
+  np.testing.assert_allclose(np.mean(x_t, axis=(1, 2, 3, 4)), fx["x_t_mean"], rtol=1e-5,
+                             atol=1e-7)
+  out = jax.jit(lambda v, x, y, t: net.apply(v, jnp.concatenate([x, y], -1), t, structure=y))(
+      v, x_t, low, t)
+  np.testing.assert_allclose(float(sparse.velocity_loss(d, out, x0, eps, t)),
+                             float(np.mean(fx["loss"])), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_paper_structure_forward_matches_theirs():
+  """Their U-Net + STM with configs/ps128_ct.yml's structure (width 64, multipliers
+  (1, 1, 2, 2, 4), 2 res blocks, attention at 1/8 with 4 heads, 32-group GroupNorm) on 48^3."""
+  fx = np.load(FIXTURES / "sparse_paper_unet.npz")
+  assert int(fx["num_params"]) == AUTHORS_PAPER_PARAMS
+  shape = (2, 1) + (make_paper_sizes.SPARSE_SIDE,) * 3
+  state_dict = {str(n): make_paper_sizes.paper_weight(str(n), s) for n, s in
+                zip(fx["names"], make_prdit.table_shapes(fx["shapes"]))}
+  fields = convert_sparse.infer_model_fields(state_dict, num_heads=4, groups=32)
+  assert fields["channel_mults"] == (1, 1, 2, 2, 4) and fields["num_res_blocks"] == 2
+  assert fields["base_width"] == 64 and fields["groups"] == 32
+  net = convert_sparse.net_from_fields(fields)
+  variables = convert_sparse.convert_torch_state_dict(state_dict, net)
+  x_t = _to_ours(make_paper_sizes.inputs("paper/sparse/x_t", shape))
+  low = _to_ours(make_paper_sizes.inputs("paper/sparse/x_low", shape))
+  out = jax.jit(lambda v, x, y, t: net.apply(v, jnp.concatenate([x, y], -1), t, structure=y))(
+      variables, x_t, low, jnp.asarray(fx["t"]))
+  _close_sparse(out[:, ::3, ::3, ::3], _to_ours(fx["out_sub3"]))
+  np.testing.assert_allclose(np.mean(out, axis=(1, 2, 3, 4)), fx["out_mean"], rtol=1e-4,
+                             atol=1e-6)
+
+
 @pytest.mark.parametrize("layout,count", [("authors", AUTHORS_PAPER_PARAMS),
                                           ("jaxvol", JAXVOL_PAPER_PARAMS)])
 def test_paper_size_parameter_count(layout, count):
@@ -198,6 +240,8 @@ def test_command_line_converts_a_state_dict(sparse_fx, tmp_path, capsys):
 # ================================================================================================
 
 make_prdit = load_module(FIXTURES / "make_prdit.py", "make_prdit_weights")
+make_losses = load_module(FIXTURES / "make_losses.py", "make_losses_inputs")
+make_paper_sizes = load_module(FIXTURES / "make_paper_sizes.py", "make_paper_sizes_weights")
 RTOL = 1e-4
 
 
@@ -318,6 +362,38 @@ def test_samplers(stage2, sampler):
   x, x0 = run(_ours(fx["z"]), noise)
   _close(np.moveaxis(np.asarray(x), -1, 1), fx[f"{sampler}_x"], f"{sampler} sampler, final x")
   _close(np.moveaxis(np.asarray(x0), -1, 1), fx[f"{sampler}_x0"], f"{sampler} sampler, last x0")
+
+
+def test_training_loss_and_forward_noising(stage2):
+  """Their IaNDiffusion.training_losses on the stage-2 network: x_t = cos x0 + sin eps with their
+  noise draw (std 0.5), and the image and noise losses (MSE(x0) + MSE(eps), each averaged)."""
+  _, model, params, apply = stage2
+  fx = _fixture("loss")
+  assert [str(n) for n in fx["names"]] == [str(n) for n in _fixture("stage2")["names"]]
+  diffusion = trig.TrigDiffusion()
+  x0, eps, t = _ours(fx["x"]), _ours(fx["noise"]), jnp.asarray(fx["t"])
+  x_t = diffusion.q_sample(x0, t, eps)
+  _close(np.moveaxis(np.asarray(x_t), -1, 1), fx["x_t"], "trigonometric forward noising")
+  eps_hat, x0_hat = apply(params, x_t, jnp.asarray(fx["model_t"], jnp.float32))
+  want = float(np.mean(fx["img_loss"]) + np.mean(fx["noise_loss"]))
+  np.testing.assert_allclose(float(diffusion.loss(eps_hat, x0_hat, x0, eps)[0]), want, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_prdit_b_12_4_at_its_width_and_heads():
+  """PRDiT-B/12/4 as published (width 768, 12 heads, 4 DiT blocks, paper-layout stage 1) on 8
+  tokens: the converter reads the width and heads, and the forward matches theirs."""
+  fx = np.load(FIXTURES / "prdit_b.npz")
+  state_dict = {str(n): make_paper_sizes.paper_weight(str(n), s) for n, s in
+                zip(fx["names"], make_prdit.table_shapes(fx["shapes"]))}
+  fields = convert_prdit.infer_fields(state_dict)
+  assert (fields["width"], fields["heads"], fields["depth"], fields["patch"]) == (768, 12, 4, 12)
+  model = prdit.PRDiT(**dict(fields, attention="xla"))
+  assert prdit.prdit_from_name("B/12/4").width == 768 and prdit.prdit_from_name("B/12/4").heads == 12
+  params = convert_prdit.convert_state_dict(state_dict)
+  x = _ours(make_paper_sizes.inputs("paper/prdit/x", (2, 1, 16, 16, 16)))
+  out = jax.jit(model.apply)(params, x, jnp.asarray(fx["t"], jnp.float32))
+  _close(_theirs(*out), fx["out"], "PRDiT-B/12/4")
 
 
 def test_position_code():
@@ -537,9 +613,10 @@ def test_ms_ssim_size_limit_is_monais():
     generation.monai_ms_ssim(x, x)
 
 
-@pytest.fixture(scope="module")
-def resnet():
-  with np.load(FIXTURES / "metrics_resnet.npz") as f:
+@pytest.fixture(scope="module", params=["metrics_resnet", "metrics_resnet50"])
+def resnet(request):
+  """Their ResNet-10 and ResNet-50 (the depth their FID uses: bottleneck blocks, 2048 features)."""
+  with np.load(FIXTURES / f"{request.param}.npz") as f:
     fixture = {k: f[k] for k in f.files}
   make = load_module(FIXTURES / "make_metrics.py", "make_metrics_under_test")
   assert int(fixture["recipe_seed"]) == make.RECIPE_SEED
@@ -555,6 +632,7 @@ def resnet():
 def test_features_take_volumes_as_they_are(resnet):
   vols, theirs = resnet["volumes"], resnet["features"]
   assert vols.shape == (3, 10, 12, 16)  # not cubic, so a wrong axis order could not match
+  assert theirs.shape == (3, 2048 if int(resnet["depth"]) == 50 else 512)
   net = generation.medicalnet_features(resnet["variables"], batch_size=4)
   assert not net.standardize
   # The jaxvol convention, a per-volume z-score before the network, rides in the same batch.
