@@ -137,6 +137,29 @@ def test_sampler_matches_theirs(sparse_fx):
   np.testing.assert_allclose(np.mean(out), f["sample_out_mean"], rtol=1e-4, atol=1e-6)
 
 
+def test_training_draws_from_their_training_level_set():
+  """The authors' rule trains on the set their training samples (float32 arange) and samples
+  over their sampler's (float64): equal except the top level for some f_steps."""
+  fx = np.load(FIXTURES / "sparse_levels.npz")
+  differ = []
+  for f, row in zip(fx["f_steps"], fx["levels"]):
+    theirs = row[row >= 0]
+    try:
+      ours = sparse.training_timesteps(1000, int(f), "arange")
+    except ValueError:  # no f + 1 distinct levels under the rule
+      continue
+    np.testing.assert_array_equal(ours, theirs, err_msg=f"f_steps={f}")
+    if not np.array_equal(ours, sparse.sparse_timesteps(1000, int(f), "arange")):
+      differ.append(int(f))
+  assert differ == [19, 38]
+  from jaxvol import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  c = config_lib.sparse_config("ct_denoise", "authors,smoke")
+  c.sparse.f_steps = 19
+  m = methods.build(c)
+  assert m.train_timesteps[-1] == 999 and m.timesteps[-1] == 998
+
+
 def test_training_loss_and_forward_noising_match_theirs(sparse_fx):
   """Their training_losses (x0 prediction scored in velocity space) on the same network: x_t the
   network saw and the loss (the per-example losses of a batch of two, averaged)."""

@@ -64,7 +64,8 @@ def sparse_timesteps(num_steps: int, f_steps: int, rule: str = "linspace") -> np
   rule "linspace" (ours): floor(linspace(0, T - 1, f_steps + 1)).
   rule "arange" (the authors' sampler): the float64 arange(-1, T, T / f_steps) truncated to ints,
     its first entry set to 0. (Their training draws from the float32 torch.arange of the same
-    numbers, which rounds the top level to 999 where float64 gives 998, e.g. f_steps = 19.)
+    numbers, which rounds the top level to 999 where float64 gives 998, e.g. f_steps = 19:
+    `training_timesteps`.)
   """
   if not 1 <= f_steps <= num_steps - 1:
     raise ValueError(f"f_steps must be in [1, {num_steps - 1}], got {f_steps}")
@@ -78,6 +79,20 @@ def sparse_timesteps(num_steps: int, f_steps: int, rule: str = "linspace") -> np
       raise ValueError(f"the arange rule gives no {f_steps + 1} distinct levels for T={num_steps}")
     return ts.astype(np.int32)
   raise ValueError(f"unknown level rule {rule!r}: use one of {LEVEL_RULES}")
+
+
+def training_timesteps(num_steps: int, f_steps: int, rule: str = "linspace") -> np.ndarray:
+  """The levels training draws t from: `sparse_timesteps`, except that the authors' rule
+  ("arange") trains on their training set, the same numbers computed as their sampler
+  (resample.py `sample_fast`) computes them: torch.arange in float32, its first entry set to 0,
+  truncated. It differs from their sampler's float64 set at the top level for some f_steps
+  (f_steps = 19: 999 against 998)."""
+  if rule != "arange":
+    return sparse_timesteps(num_steps, f_steps, rule)
+  sparse_timesteps(num_steps, f_steps, rule)  # the same checks
+  ts = np.arange(-1, num_steps, num_steps / f_steps).astype(np.float32)
+  ts[0] = 0
+  return np.minimum(ts.astype(np.int64), num_steps - 1).astype(np.int32)
 
 
 def check_timesteps(timesteps: Sequence[int], num_steps: int) -> np.ndarray:

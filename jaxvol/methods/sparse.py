@@ -45,9 +45,13 @@ class Sparse(baselines.Full3D):
                        f"{sparse_lib.SAMPLERS}")
     if c.timesteps:
       self.timesteps = sparse_lib.check_timesteps(c.timesteps, self.diffusion.num_steps)
+      self.train_timesteps = self.timesteps
     else:
-      self.timesteps = sparse_lib.sparse_timesteps(self.diffusion.num_steps, c.f_steps,
-                                                   c.get("levels", "linspace"))
+      rule = c.get("levels", "linspace")
+      self.timesteps = sparse_lib.sparse_timesteps(self.diffusion.num_steps, c.f_steps, rule)
+      # The authors' rule trains on their float32 level set (jaxvol.diffusion.sparse).
+      self.train_timesteps = sparse_lib.training_timesteps(self.diffusion.num_steps, c.f_steps,
+                                                           rule)
 
   @property
   def nfe(self) -> int:
@@ -58,8 +62,8 @@ class Sparse(baselines.Full3D):
   def loss(self, params, batch, rng):
     x0, y = batch["target"], batch["cond"]
     k_t, k_eps, k_drop = jax.random.split(rng, 3)
-    idx = jax.random.randint(k_t, (x0.shape[0],), 0, len(self.timesteps))
-    t = jnp.asarray(self.timesteps)[idx]
+    idx = jax.random.randint(k_t, (x0.shape[0],), 0, len(self.train_timesteps))
+    t = jnp.asarray(self.train_timesteps)[idx]
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     out = self._apply(params, self.diffusion.q_sample(x0, t, eps), y, t, train=True, rng=k_drop)
     if self.diffusion.parameterization == "x0":
