@@ -2,6 +2,8 @@
 
   jaxvol train|evaluate|sample|plan --config=NAME_OR_PATH[:VARIANT] --workdir=DIR \\
       [--config.KEY=VALUE ...]         (what `python -m jaxvol.main --mode=...` runs: jaxvol.main)
+  jaxvol import --from sparse|prdit|prdit-fm CHECKPOINT --config=... --workdir=DIR
+                                       (jaxvol.main --mode=import: jaxvol.train.importer)
   jaxvol predict ...                   (jaxvol.predict)
   jaxvol convert --datalist LIST --out STORE --preset MOD=KIND ...    (jaxvol.convert_cli)
   jaxvol prepare --task TASK --out DIR                                (jaxvol.prepare)
@@ -28,6 +30,8 @@ ABSL_COMMANDS = {
                 "config.eval.split beside the floors and tuned classical references",
     "sample": "predictions only, or volumes generated from noise (unconditional configs)",
     "plan": "compile the train step and sampler for a mesh; print memory and FLOPs per device",
+    "import": "an authors' released checkpoint as a run: import --from sparse|prdit|prdit-fm "
+              "CHECKPOINT --config ... --workdir ... (jaxvol.train.importer)",
 }
 # Subcommand -> (module whose main(argv) -> int takes the remaining arguments, one line).
 MODULE_COMMANDS = {
@@ -80,7 +84,8 @@ def absl_help(command: str) -> str:
   }
   for flag in sorted(flags.FLAGS.get_flags_for_module(main_lib.__name__), key=lambda f: f.name):
     text = described.get(flag.name, flag.help.removeprefix("--mode=plan: "))
-    if text is None or (flag.name.startswith("plan_") and command != "plan"):
+    if text is None or (flag.name.startswith("plan_") and command != "plan") or (
+        flag.name.startswith("import_") and command != "import"):
       continue
     default = "" if flag.default in (None, "") else f" (default: {flag.default})"
     lines.append(wrap(f"--{flag.name}: {text}{default}", "  "))
@@ -128,11 +133,41 @@ def _absl_command(command: str, rest: list[str]) -> int:
     print(f"jaxvol {command}: error: --mode is the subcommand; drop it", file=sys.stderr)
     return 2
   try:
+    if command == "import":
+      rest = import_argv(rest)
+  except ValueError as e:
+    print(f"jaxvol {command}: error: {e}", file=sys.stderr)
+    return 2
+  try:
     rest = configs.resolve_argv(rest)
   except configs.UnknownConfigError as e:
     print(f"jaxvol {command}: error: {e}", file=sys.stderr)
     return 2
   return _run_absl(f"jaxvol {command}", [f"--mode={command}", *rest])
+
+
+def import_argv(args: list[str]) -> list[str]:
+  """`import`'s own arguments as jaxvol.main's flags: --from X -> --import_from=X, --weights W ->
+  --import_weights=W, and the one positional argument (the checkpoint) -> --import_checkpoint."""
+  out, i, positional = [], 0, []
+  names = {"--from": "--import_from", "--weights": "--import_weights"}
+  while i < len(args):
+    a = args[i]
+    key, eq, value = a.partition("=")
+    if key in names:
+      if not eq:
+        i += 1
+        value = args[i] if i < len(args) else ""
+      out.append(f"{names[key]}={value}")
+    elif not a.startswith("-"):
+      positional.append(a)
+    else:
+      out.append(a)
+    i += 1
+  if len(positional) > 1:
+    raise ValueError(f"one checkpoint file, got {positional}")
+  out += [f"--import_checkpoint={p}" for p in positional]
+  return out
 
 
 def _run_absl(program: str, args: list[str]) -> int:

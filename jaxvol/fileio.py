@@ -9,6 +9,7 @@ Imports nothing from jaxvol, so every layer may use it.
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -155,3 +156,12 @@ def write_csv_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
   writer.writeheader()
   writer.writerows(rows)
   write_text_atomic(path, buf.getvalue())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(os.fspath(path), "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

@@ -1,14 +1,15 @@
 """jaxvol's single entry point: parses flags and dispatches; the work lives in train/ and eval/.
 
   python -m jaxvol.main --config=configs/ppdm_pet_denoise.py:smoke --workdir=runs/pet \
-      --mode=train|evaluate|sample|plan [--config.train.steps=200 ...]
+      --mode=train|evaluate|sample|plan|import [--config.train.steps=200 ...]
 (the installed command `jaxvol train|evaluate|sample|plan ...` runs the same, jaxvol.cli; --config
 takes a config file or the NAME of a packaged config, `--config=ppdm_pet_denoise:smoke`:
 jaxvol.configs)
 (evaluate on a configs/pnp_*.py config runs plug-and-play reconstruction with its prior; sample
 on an unconditional config, such as configs/prdit_ct_gen.py, generates config.sample.num volumes
 from noise: jaxvol.eval.generate; plan compiles the train step and the sampler for a mesh from
-abstract shapes and prints per-device memory and FLOPs, needing no data: jaxvol.train.plan)
+abstract shapes and prints per-device memory and FLOPs, needing no data: jaxvol.train.plan;
+import writes an authors' released checkpoint into the workdir as a run: jaxvol.train.importer)
 """
 
 import logging
@@ -29,7 +30,8 @@ from jaxvol.train import distributed
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan", "import"],
+                  "What to run.")
 flags.DEFINE_bool("distributed", False, "Start JAX's multi-host runtime first, from "
                   "config.distributed or the cluster's environment (SLURM, Open MPI, Cloud TPU, "
                   "JAX_COORDINATOR_ADDRESS): jaxvol.train.distributed, docs/launch.md.")
@@ -47,6 +49,12 @@ flags.DEFINE_integer("plan_devices", 0, "--mode=plan: plan on this many fake CPU
                      "meshes larger than this machine; same as XLA_FLAGS="
                      "--xla_force_host_platform_device_count=N).")
 flags.DEFINE_string("plan_shape", "", "--mode=plan: sampled volume D,H,W (default: the crop).")
+flags.DEFINE_enum("import_from", None, ["sparse", "prdit", "prdit-fm"], "--mode=import: whose "
+                  "checkpoint (`jaxvol import --from ...`): jaxvol.train.importer.")
+flags.DEFINE_string("import_checkpoint", None, "--mode=import: the authors' checkpoint file "
+                    "(.pt/.pth with PyTorch installed, or an .npz of their state dict).")
+flags.DEFINE_enum("import_weights", "ema", ["ema", "model"], "--mode=import (PRDiT): their "
+                  "checkpoint's ema (what their sample.py loads) or model (raw) weights.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -115,7 +123,16 @@ def _main(argv):
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
   # Evaluation and sampling split one volume over config.mesh.spatial x model devices when > 1
   # (jaxvol.eval.samplers.choose).
-  if FLAGS.mode == "train":
+  if FLAGS.mode == "import":
+    if not FLAGS.import_from or not FLAGS.import_checkpoint:
+      raise app.UsageError("import needs --from sparse|prdit|prdit-fm and the checkpoint file: "
+                           "jaxvol import --from prdit CHECKPOINT --config=... --workdir=RUN")
+    from jaxvol.train import importer  # pylint: disable=g-import-not-at-top
+    record = importer.import_checkpoint(config, FLAGS.workdir, FLAGS.import_from,
+                                        FLAGS.import_checkpoint, FLAGS.import_weights)
+    logging.info("imported %s parameters from %s: sample, evaluate and predict use %s now",
+                 f"{record['parameters']:,}", record["file"], FLAGS.workdir)
+  elif FLAGS.mode == "train":
     validate = None
     if int(config.train.get("validate_every", 0)) > 0 and config.data.inputs:
       validate = evaluate_lib.validator(config, FLAGS.workdir)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from jaxvol import fileio
 from jaxvol.eval import generation, metrics
 
 
@@ -166,7 +167,7 @@ def test_feature_network_follows_the_config(tmp_path):
   c.eval.feature_weights, c.eval.generation_protocol = str(path), "authors"
   net = generate.feature_network(c)
   assert net.pretrained and not net.standardize and net.weights_file == str(path)
-  assert net.weights_sha256 == generation.file_sha256(path) and len(net.weights_sha256) == 64
+  assert net.weights_sha256 == fileio.file_sha256(path) and len(net.weights_sha256) == 64
   c.eval.feature_weights_sha256 = "0" * 64
   with pytest.raises(ValueError, match="SHA-256"):
     generate.feature_network(c)

@@ -119,7 +119,7 @@ def feature_network(config) -> generation.FeatureNetwork:
   if e.feature_weights:
     if not os.path.isfile(e.feature_weights):
       raise FileNotFoundError(f"eval.feature_weights={e.feature_weights!r} is not a file")
-    digest = generation.file_sha256(e.feature_weights)
+    digest = fileio.file_sha256(e.feature_weights)
     expected = e.get("feature_weights_sha256", "").strip().lower()
     if expected and expected != digest:
       raise ValueError(f"eval.feature_weights={e.feature_weights!r} has SHA-256 {digest}, not "

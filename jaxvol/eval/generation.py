@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import os
 import warnings
 from typing import Callable
 
@@ -76,7 +74,6 @@ __all__ = [
     "monai_ms_ssim_min_size",
     "monai_ms_ssim",
     "monai_ms_ssim_diversity",
-    "file_sha256",
     "FeatureNetwork",
     "medicalnet_features",
     "random_medicalnet_features",
@@ -658,15 +655,6 @@ def random_medicalnet_features(seed: int = 0, width: int = 64, depth: int = 50, 
   variables = medicalnet.init_variables(model, seed)
   name = f"random-init {medicalnet.describe(model)} (NOT pretrained, seed {seed})"
   return _medicalnet_network(model, variables, name, False, resize_to, batch_size, standardize)
-
-
-def file_sha256(path) -> str:
-  """Hex SHA-256 of a file, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(os.fspath(path), "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def generation_report(real, fake, feature_net: FeatureNetwork, rng=0, *,
