@@ -94,6 +94,14 @@ Tasks:
   metrics), not learn a generative model of a population of CT scans; its samples are variations
   of crops of this one scan.
 
+``ct_gen_prdit``
+  The same CT preprocessed as PRDiT's authors preprocess LIDC-IDRI (scripts/preproc_lidc_idri.py,
+  datasets/lidc.py; `prdit_geometry`): resampled to 1 mm (cubic spline), the centred 256^3 box
+  (the scan is 366x303x336 mm, so 256^3), average-pooled to 128^3 at 2 mm, and normalised with the
+  ``prdit`` preset fitted on the volume itself (clip to [-1000 HU, its 0.999 quantile], min-max
+  to [-1, 1]; jaxvol.data.presets). The store and every checkpoint trained on it name the preset.
+  Samples are written in HU with this volume's preset (the authors' samples have no HU scale).
+
 ``mri_sr``
   Through-plane super-resolution of the stroke T1: target ``t1`` (read from the source, 1 mm),
   inputs ``t1_x2`` and ``t1_x4`` = `degrade.simulate_low_resolution` along the RAS z axis (array
@@ -327,6 +335,40 @@ def _ct_gen_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
   return [{"subject": "ct_abdomen", "split": "train", "ct": str(src / SOURCES["ct"])}]
 
 
+def prdit_geometry(volume: np.ndarray, affine: np.ndarray, crop: int = 256, pool: int = 2
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """PRDiT's resampling of a CT (Fredy-Zhang/PRDiT, scripts/preproc_lidc_idri.py, datasets/lidc.py):
+  cubic spline (scipy zoom, order 3, mode nearest) to 1 mm voxels, the centred crop^3 box (each
+  axis as it is where it is shorter), then `pool`^3 average pooling (lidc.py's AvgPool3d(2) for
+  128^3 training from 256^3). Returns (volume, affine) on the RAS grid of `affine`'s columns."""
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  new_shape = np.round(np.asarray(volume.shape) * spacing).astype(int)
+  resampled = ndimage.zoom(np.asarray(volume, np.float64), new_shape / np.asarray(volume.shape),
+                           order=3, mode="nearest")
+  # scipy's zoom maps the first and last samples onto each other: old index = new * step.
+  step = (np.asarray(volume.shape) - 1) / np.maximum(np.asarray(resampled.shape) - 1, 1)
+  starts = [(n - min(crop, n)) // 2 for n in resampled.shape]
+  box = tuple(slice(a, a + min(crop, n)) for a, n in zip(starts, resampled.shape))
+  cropped = resampled[box]
+  keep = [n - n % pool for n in cropped.shape]
+  cropped = cropped[:keep[0], :keep[1], :keep[2]]
+  pooled = cropped.reshape(keep[0] // pool, pool, keep[1] // pool, pool, keep[2] // pool,
+                           pool).mean(axis=(1, 3, 5))
+  # New voxel j averages the resampled voxels start + pool j .. start + pool j + pool - 1.
+  to_old = np.diag([*(step * pool), 1.0])
+  to_old[:3, 3] = step * (np.asarray(starts) + (pool - 1) / 2.0)
+  return pooled.astype(np.float32), affine @ to_old
+
+
+def _ct_gen_prdit_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
+  hu, geom = nifti.load_volume(src / SOURCES["ct"])
+  volume, affine = prdit_geometry(hu, nifti.ras_affine(geom))
+  path = out / "nifti" / "ct_abdomen_prdit.nii.gz"
+  nifti.save_volume(path, volume, affine=affine)
+  return [{"subject": "ct_abdomen", "split": "train", "ct": str(path)}]
+
+
 def _mri_sr_rows(src: pathlib.Path, out: pathlib.Path, **_) -> list[dict]:
   path = src / SOURCES["t1"]
   t1, geom = nifti.load_volume(path)
@@ -345,7 +387,8 @@ def _training_presets(task: str, datalist: pathlib.Path) -> dict[str, dict]:
   train = [s for s in store_lib.read_datalist(datalist) if s["split"] == "train"]
   for mod, spec in specs.items():
     kw = {k: v for k, v in spec.items() if k != "kind"}
-    if "ref" in spec or not presets_lib.depends_on_volume(spec["kind"], kw):
+    if ("ref" in spec or spec.get("fit") == "volume"
+        or not presets_lib.depends_on_volume(spec["kind"], kw)):
       continue
     fits = []
     for subject in train:
@@ -370,7 +413,8 @@ def _ras_spacing(geometry: nifti.Geometry) -> tuple[float, float, float]:
 
 
 _BUILDERS = {"mri_t1_t2": _mri_rows, "pet_denoise": _pet_denoise_rows, "pet_ac": _pet_ac_rows,
-             "ct_denoise": _ct_denoise_rows, "ct_gen": _ct_gen_rows, "mri_sr": _mri_sr_rows}
+             "ct_denoise": _ct_denoise_rows, "ct_gen": _ct_gen_rows,
+             "ct_gen_prdit": _ct_gen_prdit_rows, "mri_sr": _mri_sr_rows}
 
 
 def prepare(task: str, out_dir: str | os.PathLike, source: str | os.PathLike | None = None,

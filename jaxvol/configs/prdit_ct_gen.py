@@ -8,6 +8,10 @@ predictor-corrector with 100 steps.
 
 Data: the abdominal CT of ../shared/data as a one-volume store (HU window -1000..1000):
   python tools/prepare_data.py --task ct_gen --out data/ct_gen
+or preprocessed as the authors preprocess LIDC-IDRI (1 mm, centred 256^3, pooled to 128^3, the
+per-volume `prdit` preset: clip to [-1000 HU, the 0.999 quantile], min-max to [-1, 1]), the scale
+their FID and MMD numbers are on:
+  python tools/prepare_data.py --task ct_gen_prdit --out data/ct_gen_prdit
 ONE VOLUME: a run on it shows the mechanics (two-stage training, compiled sampling, HU output,
 metrics), not a generative model of a population of CT scans. Crops larger than the 122x101x112
 volume are padded with air (-1000 HU), as the pipeline does for every method.

@@ -13,6 +13,12 @@ Forward map: `y = 2 * (x - lo) / (hi - lo) - 1`, so `lo -> -1` and `hi -> 1`.
   * 'mri': robust percentiles of the non-zero (non-background) voxels (0.5 and 99.5 by default),
     linear and not clipped (MRI units are arbitrary; only the scale needs to be stable).
   * 'identity': `lo = -1`, `hi = 1` (data already in network range).
+  * 'prdit': PRDiT's CT normalisation (Fredy-Zhang/PRDiT, scripts/preproc_lidc_idri.py and
+    datasets/lidc.py): clip to [-1000 HU, the volume's 0.999 quantile], min-max to [0, 1], then
+    2x - 1. As a preset: `lo` = the clipped volume's minimum (max(-1000, volume min)), `hi` = its
+    0.999 quantile (numpy's linear interpolation, as theirs); clipped like 'ct'. Fitted on each
+    volume (their normalisation is per volume), so generated samples carry no HU scale of their
+    own (jaxvol.eval.generate maps them back with a training volume's).
 
 Forward and inverse accept numpy or JAX arrays (only arithmetic and `.clip` are used).
 
@@ -30,7 +36,11 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("ct", "pet", "mri", "identity")
+KINDS = ("ct", "pet", "mri", "identity", "prdit")
+
+
+CLIPPED = ("ct", "prdit")  # kinds clipped to [lo, hi] before scaling: their inverse is exact inside
+PRDIT_FLOOR_HU, PRDIT_QUANTILE = -1000.0, 0.999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +64,7 @@ class Preset:
     """Raw units -> network range (CT is clipped to its window first)."""
     if not hasattr(x, "clip"):
       x = np.asarray(x, dtype=np.float32)
-    if self.name == "ct":
+    if self.name in CLIPPED:
       x = x.clip(self.lo, self.hi)
     return (x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0
 
@@ -78,7 +88,7 @@ def depends_on_volume(kind: str, kw: dict[str, Any] | None = None) -> bool:
   kw = kw or {}
   if kind == "pet":
     return not ({"hi", "cap"} & set(kw))
-  if kind == "mri":
+  if kind in ("mri", "prdit"):
     return not {"lo", "hi"} <= set(kw)
   return False
 
@@ -87,11 +97,12 @@ def fit_preset(kind: str, volume: np.ndarray | None = None, **kw) -> Preset:
   """Chooses a preset's `lo`/`hi` for a volume in raw units.
 
   Args:
-    kind: 'ct', 'pet', 'mri' or 'identity'.
-    volume: the raw volume (needed for 'pet' without a cap and for 'mri').
+    kind: 'ct', 'pet', 'mri', 'identity' or 'prdit'.
+    volume: the raw volume (needed for 'pet' without a cap, for 'mri' and for 'prdit').
     **kw: overrides. All kinds accept `lo` and `hi` directly. 'pet' accepts `cap` (SUV or counts
       mapped to +1) and `percentile` (default 99.9). 'mri' accepts `lower`/`upper` percentiles of
-      the non-zero voxels (default 0.5/99.5).
+      the non-zero voxels (default 0.5/99.5). 'prdit' accepts `floor` (HU, default -1000) and
+      `quantile` (default 0.999).
 
   Returns:
     The fitted Preset.
@@ -101,7 +112,8 @@ def fit_preset(kind: str, volume: np.ndarray | None = None, **kw) -> Preset:
   """
   kw = dict(kw)
   allowed = {"ct": {"lo", "hi"}, "pet": {"lo", "hi", "cap", "percentile"},
-             "mri": {"lo", "hi", "lower", "upper"}, "identity": {"lo", "hi"}}
+             "mri": {"lo", "hi", "lower", "upper"}, "identity": {"lo", "hi"},
+             "prdit": {"lo", "hi", "floor", "quantile"}}
   if kind not in allowed:
     raise ValueError(f"unknown preset kind {kind!r}; expected one of {KINDS}")
   unknown = set(kw) - allowed[kind]
@@ -118,6 +130,14 @@ def fit_preset(kind: str, volume: np.ndarray | None = None, **kw) -> Preset:
     lo, hi = kw.get("lo", -1000.0), kw.get("hi", 1000.0)
   elif kind == "identity":
     lo, hi = kw.get("lo", -1.0), kw.get("hi", 1.0)
+  elif kind == "prdit":
+    lo, hi = kw.get("lo"), kw.get("hi")
+    if lo is None or hi is None:
+      v = need_volume()
+      q = float(np.quantile(v, float(kw.get("quantile", PRDIT_QUANTILE))))
+      floor = float(kw.get("floor", PRDIT_FLOOR_HU))
+      lo = max(floor, float(np.min(v))) if lo is None else lo
+      hi = max(q, floor) if hi is None else hi
   elif kind == "pet":
     lo = kw.get("lo", 0.0)
     if "hi" in kw or "cap" in kw:

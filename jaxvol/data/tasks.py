@@ -105,6 +105,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("ct_gen", {"ct": dict(_CT_PRESET)}, (), "ct",
          note="one volume: enough to show the mechanics of training and sampling, not to learn a "
               "generative model of a population of CT scans"),
+    # PRDiT's own preprocessing (jaxvol.prepare.prdit_geometry, the 'prdit' preset per volume).
+    Task("ct_gen_prdit", {"ct": {"kind": "prdit", "fit": "volume"}}, (), "ct",
+         note="one volume, preprocessed as PRDiT's authors do (1 mm, 256^3 centred, pooled to "
+              "128^3, clipped to [-1000 HU, its 0.999 quantile] and min-max normalised)"),
     # Inputs on the target's scale (fitted on the target's training region), so the input is a
     # comparable baseline.
     _hemispheres("mri_sr", {**{f"t1_x{f}": {"kind": "mri"} for f in SR_FACTORS},
@@ -118,7 +122,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 # Tasks `jaxvol prepare` builds from the shared volumes (the demo builds its own phantom).
-PREPARED = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "ct_gen", "mri_sr")
+PREPARED = ("mri_t1_t2", "pet_denoise", "pet_ac", "ct_denoise", "ct_gen", "ct_gen_prdit",
+            "mri_sr")
 
 
 def get(name: str) -> Task:

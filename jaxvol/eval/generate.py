@@ -45,6 +45,7 @@ import numpy as np
 from jaxvol import fileio
 from jaxvol import methods
 from jaxvol.data import nifti
+from jaxvol.data import presets as presets_lib
 from jaxvol.data import pipeline
 from jaxvol.data import store as store_lib
 from jaxvol.eval import volumes
@@ -186,7 +187,7 @@ def generate(config, workdir: str) -> dict:
   sampler = samplers.choose(config, method)
   params, step = volumes.load_params(config, workdir)
   model = _Draws(samplers.SamplerPredictor(sampler, sampler.put_params(params)),
-                 clip=preset.name == "ct")  # the CT training data were clipped to the HU window
+                 clip=preset.name in presets_lib.CLIPPED)  # as the training data were clipped
   cond = np.asarray(_condition(method, config, shape))
   geometry = nifti.Geometry(affine, shape, spacing, "RAS")
   draws = [runner.Volume(name=f"sample_{i:03d}", inputs=cond, geometry=geometry,
@@ -247,7 +248,9 @@ class _Draws:
 
 def _units(preset) -> str:
   return {"ct": "HU", "pet": "PET units of the store (SUV or counts)",
-          "mri": "MRI intensity", "identity": "network range"}[preset.name]
+          "mri": "MRI intensity", "identity": "network range",
+          "prdit": "HU, with the first training volume's own preset (PRDiT's per-volume "
+                   "normalisation gives generated volumes no scale of their own)"}[preset.name]
 
 
 def _maybe(value) -> str:

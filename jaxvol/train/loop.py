@@ -138,7 +138,10 @@ def check_target_range(config, store_path: str) -> float | None:
 
 
 def warn_inference_presets(config, store_path: str) -> None:
-  """Says at training start when evaluation will refuse this store's presets."""
+  """Says at training start when evaluation will refuse this store's presets (not for an
+  unconditional model: it generates, and nothing predicts a target's scale)."""
+  if not config.data.inputs:
+    return
   store = store_lib.Store(store_path)
   try:
     inference_lib.check_rules(inference_lib.rules_of(store, config.data.inputs,
