@@ -136,6 +136,10 @@ def _main(argv):
     validate = None
     if int(config.train.get("validate_every", 0)) > 0 and config.data.inputs:
       validate = evaluate_lib.validator(config, FLAGS.workdir)
+    elif int(config.train.get("validate_every", 0)) > 0 and \
+        config.diffusion.get("objective", "diffusion") == "flow":
+      # An unconditional flow model: PRDiT-FM's reconstruction at t = config.flow.val_t.
+      validate = evaluate_lib.reconstruction_validator(config, FLAGS.workdir)
     result = loop.train(config, FLAGS.workdir, validate=validate, force=FLAGS.force)
     if result.get("signal") is not None:
       # A scheduler must tell "preempted, resume me" from "done": 128 + the signal, as a shell

@@ -43,8 +43,12 @@ Variants (comma-separated tokens):
           trained by straight-line flow matching (t = 0 noise, t = 1 data, t x 1000 into the
           time embedder) and sampled with Euler in 100 steps (their num_sampling_steps; set
           config.flow.solver=heun for their second-order solver, 2 evaluations per step). Their
-          stage 1 and stage 2 keep PRDiT's learning rates, clip and step counts. With cpu/smoke
-          the step count is those variants' sample_steps.
+          stage 1 and stage 2 keep PRDiT's learning rates, clip and step counts. Their stage-1
+          validation (keep the checkpoint with the lowest t = 0.5 reconstruction MSE;
+          jaxvol.eval.evaluate.reconstruction_validator) runs with
+          --config.train.validate_every=1000 on config.eval.val_split (validation volumes: the
+          shipped ct_gen stores have none). With cpu/smoke the step count is those variants'
+          sample_steps.
   cpu     64^3 crops and a tiny network that trains in minutes on 2 CPU cores.
   smoke   16^3 crops (8 tokens) and a tiny network: train and sample in seconds.
 """
@@ -81,6 +85,10 @@ def get_config(variant: str | None = None):
                        "config.flow.solver / config.flow.sample_steps instead")
     c.diffusion.objective = "flow"
     c.flow.solver, c.flow.sample_steps = "euler", 100  # their configs' num_sampling_steps
+    # Their stage-1 validation (reconstruction MSE at t = 0.5, every 1000 steps, the best kept)
+    # needs validation volumes, which the one-volume ct_gen stores lack: switched on with
+    # --config.train.validate_every=1000 and a split of validation volumes (eval.val_split).
+    c.train.validate_metric = "recon_mse"
   p.stage = 1 if "stage1" in tokens else 2
 
   t = c.train

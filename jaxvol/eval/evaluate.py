@@ -54,6 +54,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxvol import fileio
@@ -224,5 +225,40 @@ def validator(config, workdir: str):
                       mask="body" if val.eval.mask == "body" else None, previews=False,
                       report=lambda line: None)
     return runner.mean_metrics(rows, (runner.MODEL,))[runner.MODEL]
+
+  return validate
+
+
+def reconstruction_validator(config, workdir: str):
+  """`validate(params, step) -> {"recon_mse": ...}` for an unconditional flow-matching model
+  (PRDiT-FM's stage-1 validation, Fredy-Zhang/PRDiT-FM train.py): one fixed training-size crop of
+  each validation volume (the pipeline's crop with a seeded position; network units) is noised to x_t at t = config.flow.val_t and
+  reconstructed in one evaluation as x_t + (1 - t) v (`method.reconstruct`); the score is the
+  mean squared error against the crop, averaged over volumes (lower is better: set
+  config.train.validate_metric = "recon_mse"). Volume i's noise is fold_in(PRNGKey(eval.seed), i),
+  the same at every validation."""
+  del workdir
+  val = validation_config(config)
+  store = store_lib.Store(config.data.store)
+  subjects = [s for s in store.subjects(val.eval.split) if val.data.target in s["volumes"]]
+  if not subjects:
+    raise ValueError(f"no validation volume: split {val.eval.split!r} of {store.path} has no "
+                     f"subject with a {val.data.target!r} volume (set config.eval.val_split)")
+  method = methods.build(val, jax.devices()[0].platform)
+  if getattr(method, "reconstruct", None) is None or getattr(method, "flow", None) is None:
+    raise ValueError(f"reconstruction validation is flow matching's (diffusion.objective = flow, "
+                     f"method prdit); {config.method!r} with objective "
+                     f"{config.diffusion.get('objective', 'diffusion')!r} has none")
+  crop = pipeline.CropAndFlip(store, {"target": val.data.target}, tuple(config.data.crop_size),
+                              flips=False, region=val.data.eval_region)
+  crops = [jnp.asarray(crop({"subject": s["id"]}, np.random.default_rng(i))["target"][None])
+           for i, s in enumerate(subjects)]
+  run = jax.jit(lambda p, x, k: jnp.mean(jnp.square(method.reconstruct(p, x, k)[0] - x)))
+  base_key = jax.random.PRNGKey(val.eval.seed)
+
+  def validate(params, step):
+    del step
+    errors = [float(run(params, x, jax.random.fold_in(base_key, i))) for i, x in enumerate(crops)]
+    return {"recon_mse": float(np.mean(errors))}
 
   return validate

@@ -59,7 +59,7 @@ log = logging.getLogger("jaxvol")
 
 PROGRESS_FILE = "progress.jsonl"
 VALIDATION_FILE = "validation.jsonl"
-LOWER_IS_BETTER = ("nmse", "mae", "hfen")
+LOWER_IS_BETTER = ("nmse", "mae", "hfen", "recon_mse")
 
 
 def modality_keys(config) -> dict:
