@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   # decoder, symmetric strided downsampling, zero-initialised output conv, GroupNorm eps 1e-5,
   # no middle attention, their STM encoder; the sparse configs' default); jaxvol.models.unet3d.
   m.layout = "jaxvol"
+  m.init = "flax"              # flax (Flax's defaults) | torch (PyTorch's layer defaults, as the
+  #                              authors' code starts: jaxvol.models.layers.torch_default_init)
 
   c.ppdm = p = ml_collections.ConfigDict()
   p.factor = (2, 2, 2)         # puzzle factor r per axis (rd, rh, rw), e.g. (1, 2, 2) if anisotropic
@@ -571,6 +573,7 @@ def _sparse_authors(c: ml_collections.ConfigDict, task: str, paper_size: bool) -
   fixed 50%-overlap grid without flips, raw (not EMA) weights at evaluation, and 96^3 PET patches
   at the paper's size. The sizes of `smoke`/`cpu` are kept when combined with them."""
   c.model.layout = "authors"
+  c.model.init = "torch"  # their network starts from PyTorch's layer defaults
   c.sparse.sampler, c.sparse.levels = "authors", "arange"
   c.diffusion.clip_x0 = 1.0  # theirs, whatever the preset (training warns if targets leave it)
   c.train.grad_clip, c.train.warmup_steps = 0.0, 0

@@ -137,6 +137,47 @@ def test_sampler_matches_theirs(sparse_fx):
   np.testing.assert_allclose(np.mean(out), f["sample_out_mean"], rtol=1e-4, atol=1e-6)
 
 
+def test_authors_mode_starts_as_their_pytorch_network():
+  """`:authors` initialises as PyTorch initialises their layers (sparse_init.npz: a fresh tiny
+  network of theirs): the same layers zero, every other weight and bias uniform in
+  +-1/sqrt(fan_in) with their spread, norm scales 1 and offsets 0."""
+  from jaxvol import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  fx = np.load(FIXTURES / "sparse_init.npz")
+  names = [str(n) for n in fx["names"]]
+  shapes = make_prdit.table_shapes(fx["shapes"])
+  c = config_lib.sparse_config("ct_denoise", "authors,smoke")
+  assert c.model.init == "torch"
+  c.model.base_width, c.model.channel_mults, c.model.num_res_blocks = 8, (1, 2, 2), 1
+  c.model.attention_levels, c.model.num_heads, c.model.groups = (2,), 2, 4
+  c.model.time_embed_dim, c.model.stm_dim = 32, 128
+  method = methods.build(c)
+  side = 48  # the STM encoder's smallest input
+  batch = {"cond": jnp.zeros((1, side, side, side, 1)), "target": jnp.zeros((1, side, side, side, 1))}
+  params = jax.jit(method.init)(jax.random.PRNGKey(0), batch)
+  # Which of our leaves is which of their entries: convert a state dict of constant indices.
+  index = {n: np.full(s, i + 1, np.float32) for i, (n, s) in enumerate(zip(names, shapes))
+           if not n.endswith("num_batches_tracked")}
+  tagged = convert_sparse.convert_torch_state_dict(index, method.net)
+  pairs = [(names[int(np.asarray(t).flat[0]) - 1], np.asarray(p)) for t, p in
+           zip(jax.tree.leaves(tagged), jax.tree.leaves(params))]
+  assert len(pairs) == len(index)
+  for name, ours in pairs:
+    i = names.index(name)
+    zero, max_abs, std = bool(fx["zero"][i]), float(fx["max_abs"][i]), float(fx["std"][i])
+    assert (not np.any(ours)) == zero, name
+    if zero:
+      continue
+    if name.endswith(".weight") and len(shapes[i]) == 1:  # GroupNorm scale
+      np.testing.assert_array_equal(ours, 1.0, err_msg=name)
+      continue
+    kernel_shape = shapes[names.index(name.rsplit(".", 1)[0] + ".weight")]
+    bound = 1.0 / np.sqrt(np.prod(kernel_shape[1:]))
+    assert max_abs <= bound * (1 + 1e-6) and np.abs(ours).max() <= bound * (1 + 1e-6), name
+    if ours.size >= 500:
+      assert abs(ours.std() / std - 1) < 0.1, (name, ours.std(), std)
+
+
 def test_training_draws_from_their_training_level_set():
   """The authors' rule trains on the set their training samples (float32 arange) and samples
   over their sampler's (float64): equal except the top level for some f_steps."""

@@ -69,8 +69,12 @@ class Full3D(base.Method):
   def init(self, rng, batch):
     zy = self._to_domain(batch["cond"])
     z = jnp.zeros(zy.shape[:4] + (self._out_channels(),), zy.dtype)
-    return self.net.init(rng, jnp.concatenate([z, zy], -1), jnp.zeros((zy.shape[0],), jnp.int32),
-                         structure=zy if self.net.stm else None)
+    params = self.net.init(rng, jnp.concatenate([z, zy], -1),
+                           jnp.zeros((zy.shape[0],), jnp.int32),
+                           structure=zy if self.net.stm else None)
+    if self.config.model.get("init", "flax") == "torch":  # the authors' PyTorch starting point
+      params = layers.torch_default_init(params, jax.random.fold_in(rng, 1))
+    return params
 
   def loss(self, params, batch, rng):
     z0, zy = self._to_domain(batch["target"]), self._to_domain(batch["cond"])

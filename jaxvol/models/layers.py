@@ -307,3 +307,35 @@ class SpatialAttention(nn.Module):
     o = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out")(
         o.reshape(b, d * h * w, c))
     return x + o.reshape(b, d, h, w, c)
+
+
+def torch_default_init(params, rng):
+  """`params` redrawn as PyTorch initialises its layers (nn.Conv*d / nn.Linear reset_parameters:
+  kaiming_uniform with a = sqrt(5), i.e. weight and bias uniform in +-1/sqrt(fan_in), fan_in =
+  the kernel's size over its input axes); normalisation scales stay 1 and offsets 0, and a layer
+  whose Flax initialisation is all zeros (the zero-initialised read-outs PyTorch code zeroes
+  explicitly) stays zero, bias included. Every "kernel" leaf and the "bias" beside it are redrawn,
+  each from its own fold of `rng`."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  by_path = {tuple(getattr(k, "key", k) for k in path): leaf for path, leaf in flat}
+  out = {}
+  for i, (path, leaf) in enumerate(sorted(by_path.items(), key=lambda kv: str(kv[0]))):
+    *parent, name = path
+    kernel = by_path.get((*parent, "kernel"))
+    if name not in ("kernel", "bias") or kernel is None:
+      out[path] = leaf
+      continue
+    bound = 1.0 / math.sqrt(max(1, math.prod(kernel.shape[:-1])))
+    drawn = jax.random.uniform(jax.random.fold_in(rng, i), leaf.shape, leaf.dtype, -bound, bound)
+    out[path] = jnp.where(jnp.any(kernel != 0), drawn, jnp.zeros_like(leaf))
+  return _unflatten(out)
+
+
+def _unflatten(flat: dict) -> dict:
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = leaf
+  return tree
