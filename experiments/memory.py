@@ -350,6 +350,13 @@ def headline(records, size: int = HEADLINE_SIZE) -> str:
   return "\n".join(lines)
 
 
+def report(records, args: argparse.Namespace, command: str, machine: str) -> str:
+  """The page OUT/memory.md holds (and docs/results/memory_cpu.md, experiments/results_pages.py):
+  the command, the machine, the table and the headline ratios."""
+  return (f"# Compiled memory and FLOPs per device\n\nCommand: `{command}`; machine: {machine}."
+          f"\n\n{table(records, args)}\n\n{headline(records)}\n")
+
+
 def main(argv=None) -> list[dict]:
   """Runs the benchmark; returns the records also written to OUT/memory.json."""
   args = parse_args(argv)
@@ -382,8 +389,10 @@ def main(argv=None) -> list[dict]:
     print(f"[{i}/{len(jobs)}] {variant} {size}^3 attention={attention}: {summary} "
           f"({time.time() - t0:.1f} s, elapsed {time.time() - start:.1f} s)", flush=True)
   md = table(records, args)
-  fileio.write_text_atomic(str(md_path), f"# Compiled memory and FLOPs per device\n\n{md}\n\n"
-                           f"{headline(records)}\n")
+  command = " ".join(["python experiments/memory.py", *(argv if argv is not None else
+                                                         sys.argv[1:])])
+  machine = f"{jax.device_count()} {jax.devices()[0].platform} device(s), XLA's compiler"
+  fileio.write_text_atomic(str(md_path), report(records, args, command, machine))
   print()
   print(md)
   print()
