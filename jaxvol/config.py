@@ -105,6 +105,19 @@ def base_config() -> ml_collections.ConfigDict:
   #                              CT window, which the preset clips; PET/MRI presets do not clip,
   #                              so their configs widen it (clamp_for_preset)
 
+  # The KL autoencoder of latent diffusion (method "autoencoder"; jaxvol.models.autoencoder,
+  # MAISI's design): `factor` x downsampling per axis to `latent_channels` channels.
+  c.autoencoder = ae = ml_collections.ConfigDict()
+  ae.latent_channels = 4       # MAISI's 4
+  ae.factor = 4                # downsampling per axis (a power of 2; MAISI's 4)
+  ae.width = 32                # width of the first level
+  ae.channel_mults = ()        # per level (log2(factor) + 1 of them); () = all 1
+  ae.num_res_blocks = 1        # residual blocks per level
+  ae.groups = 8                # GroupNorm groups
+  ae.kl_weight = 1e-6          # weight of the KL term beside the L1 reconstruction (small, as
+  #                              MAISI's)
+  ae.decode_window = ()        # latent voxels per decoding window; () = decode whole volumes
+
   # Flow matching (config.diffusion.objective = "flow"; jaxvol.diffusion.flow, PRDiT-FM's
   # conventions: t = 0 noise, t = 1 data, x_t = (1 - t) noise + t data, velocity head).
   c.flow = fl = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@
 declares them: base.Method.MODEL_FIELDS), read from the config alone, without building a network.
 """
 
+from jaxvol.methods import autoencoder
 from jaxvol.methods import base
 from jaxvol.methods import baselines
 from jaxvol.methods import ppdm
@@ -19,6 +20,7 @@ METHODS = {
     "puzzle_regression": puzzle_regression.PuzzleRegression,
     "sparse": sparse.Sparse,
     "prdit": prdit.PRDiT,
+    "autoencoder": autoencoder.Autoencoder,
 }
 
 

@@ -1,0 +1,99 @@
+"""The KL autoencoder of latent diffusion: shapes, the KL term, windowed decoding, and the method
+trained and evaluated end to end."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import write_pet_store
+from jaxvol import experiment
+from jaxvol import methods
+from jaxvol.models import autoencoder as ae_lib
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  net = ae_lib.KLAutoencoder(channels=1, latent_channels=4, factor=4, width=4,
+                             channel_mults=(1, 1, 2), groups=2)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 16, 1), minval=-1, maxval=1)
+  params = net.init(jax.random.PRNGKey(1), x)
+  return net, params, x
+
+
+def test_shapes_and_posterior(tiny):
+  net, params, x = tiny
+  recon, mean, logvar = jax.jit(net.apply)(params, x, jax.random.PRNGKey(2))
+  assert recon.shape == x.shape and mean.shape == logvar.shape == (2, 4, 4, 4, 4)
+  again, _, _ = net.apply(params, x)  # rng None: the mean is decoded, deterministic
+  np.testing.assert_array_equal(again, net.apply(params, mean, method=ae_lib.KLAutoencoder.decode))
+  assert ae_lib.latent_shape((64, 32, 16), 4) == (16, 8, 4)
+  with pytest.raises(ValueError, match="multiple of the factor"):
+    ae_lib.latent_shape((30, 32, 32), 4)
+  with pytest.raises(ValueError, match="power of 2"):
+    ae_lib.levels_of(3)
+
+
+def test_kl_matches_its_closed_form_and_a_monte_carlo_estimate():
+  mean = jnp.array([0.0, 0.5, -1.2, 2.0])
+  logvar = jnp.array([0.0, -1.0, 0.7, -3.0])
+  var = np.exp(np.asarray(logvar))
+  closed = np.mean(0.5 * (np.asarray(mean) ** 2 + var - 1 - np.asarray(logvar)))
+  np.testing.assert_allclose(float(ae_lib.kl_divergence(mean, logvar)), closed, rtol=1e-6)
+  assert float(ae_lib.kl_divergence(jnp.zeros(3), jnp.zeros(3))) == 0.0
+  # E_q[log q(z) - log p(z)] by sampling.
+  z = np.asarray(mean) + np.sqrt(var) * np.random.default_rng(0).standard_normal((400_000, 4))
+  log_q = -0.5 * ((z - np.asarray(mean)) ** 2 / var + np.log(2 * np.pi * var))
+  log_p = -0.5 * (z ** 2 + np.log(2 * np.pi))
+  np.testing.assert_allclose(np.mean(log_q - log_p, axis=0).mean(), closed, rtol=0.02)
+
+
+def test_windowed_decoding(tiny):
+  net, params, x = tiny
+  decode = lambda z: net.apply(params, z, method=ae_lib.KLAutoencoder.decode)
+  z = jax.random.normal(jax.random.PRNGKey(3), (1, 6, 5, 7, 4))
+  # One window covering the latent is the whole-volume decode.
+  np.testing.assert_allclose(ae_lib.decode_windows(decode, z, (6, 5, 7), 4), decode(z),
+                             rtol=1e-6, atol=1e-6)
+  # A decoder that acts voxel by voxel is reproduced exactly by overlapping windows (the weights
+  # are a partition of unity).
+  pointwise = lambda w: jnp.sum(ae_lib.layers.upsample_nearest(w, 4), -1, keepdims=True)
+  np.testing.assert_allclose(ae_lib.decode_windows(pointwise, z, (3, 3, 3), 4), pointwise(z),
+                             rtol=1e-5, atol=1e-5)
+  # The real decoder in windows stays close to the whole decode away from nothing in particular.
+  windowed = ae_lib.decode_windows(decode, z, (4, 4, 4), 4)
+  assert windowed.shape == (1, 24, 20, 28, 1) and np.all(np.isfinite(np.asarray(windowed)))
+
+
+def test_method_loss_and_reconstruction():
+  c = experiment.packaged_config("ldm_autoencoder", "smoke")
+  method = methods.build(c)
+  assert method.spatial_multiple() == (4, 4, 4)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 16, 1), minval=-1, maxval=1)
+  params = method.init(jax.random.PRNGKey(1), {"target": x, "cond": x})
+  (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(
+      params, {"target": x, "cond": x}, jax.random.PRNGKey(2))
+  assert np.isfinite(float(loss)) and float(aux["kl"]) >= 0
+  np.testing.assert_allclose(float(loss), float(aux["l1"]) + c.autoencoder.kl_weight *
+                             float(aux["kl"]), rtol=1e-6)
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  out = method.sample(params, x[:1, :14, :15, :16], None)  # padded to the factor, cropped back
+  assert out.shape == (1, 14, 15, 16, 1)
+  c.data.inputs = ("t1",)
+  with pytest.raises(ValueError, match="reconstructs its input"):
+    methods.build(c)
+
+
+@pytest.mark.slow
+def test_autoencoder_trains_and_evaluates_its_reconstructions(tmp_path):
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  store = write_pet_store(tmp_path, (24, 24, 24), ["train", "train", "test"])
+  c = experiment.packaged_config("ldm_autoencoder", "pet_denoise,smoke")
+  c.data.store, c.data.num_workers, c.mesh.data = store, 0, 1
+  c.autoencoder.decode_window = (4, 4, 4)
+  result = loop.train(c, str(tmp_path / "run"))
+  assert result["step"] == c.train.steps and np.isfinite(result["loss"])
+  summary = evaluate.evaluate(c, str(tmp_path / "run"))
+  assert set(summary["metrics"]["psnr"]) >= {"model"} and "input" not in summary["metrics"]["psnr"]
+  assert np.isfinite(summary["metrics"]["psnr"]["model"])
