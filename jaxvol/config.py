@@ -118,6 +118,13 @@ def base_config() -> ml_collections.ConfigDict:
   #                              MAISI's)
   ae.decode_window = ()        # latent voxels per decoding window; () = decode whole volumes
 
+  # Latent diffusion (method "ldm", jaxvol.methods.ldm): full3d's diffusion on the latents of a
+  # frozen autoencoder (c.autoencoder's architecture) copied from another run.
+  c.ldm = ld = ml_collections.ConfigDict()
+  ld.autoencoder_workdir = ""  # the trained autoencoder run (method "autoencoder"), required
+  ld.latent_scale = 1.0        # latents are multiplied by this before diffusion (LDM's scale
+  #                              factor, about 1 / std of the training latents)
+
   # Flow matching (config.diffusion.objective = "flow"; jaxvol.diffusion.flow, PRDiT-FM's
   # conventions: t = 0 noise, t = 1 data, x_t = (1 - t) noise + t data, velocity head).
   c.flow = fl = ml_collections.ConfigDict()
@@ -483,6 +490,22 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Conf
   return c
 
 
+AUTOENCODER_SIZES = {  # (width, channel_mults, groups) of the KL autoencoder per size token
+    "paper": (64, (1, 2, 2), 8),  # MAISI's first stage, for accelerators
+    "cpu": (8, (1, 2, 2), 4),
+    "smoke": (4, (1, 1, 2), 2),
+}
+
+
+def autoencoder_size(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """The autoencoder of a size token; the autoencoder's config and every latent-diffusion config
+  that uses it call this with the same token, so their architectures agree."""
+  a = c.autoencoder
+  a.width, a.channel_mults, a.groups = AUTOENCODER_SIZES[size]
+  a.num_res_blocks, a.latent_channels, a.factor = 1, 4, 4
+  return c
+
+
 def mri_t1_t2_config(method: str, variant: str | None) -> ml_collections.ConfigDict:
   """The T1 -> T2 experiment for one method; every method shares the same U-Net and budget.
 
@@ -504,6 +527,9 @@ def mri_t1_t2_config(method: str, variant: str | None) -> ml_collections.ConfigD
     cpu_task_overrides(c)
   if FULLVOLUME in tokens:
     apply_fullvolume(c)
+  if method == "ldm":  # the autoencoder of ldm_autoencoder.py with the same size token
+    autoencoder_size(c, "smoke" if "smoke" in tokens else "cpu" if "cpu" in tokens else "paper")
+    c.inference.window = ()  # the latent is sampled whole; the decoder may use windows
   return c
 
 
@@ -566,13 +592,13 @@ def cpu_task_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """The `cpu` variant of a PPDM, WDM, full3d or regression config: about 10 minutes of training
   on 2 CPU cores, enough to beat noise.
 
-  Methods whose network runs at half the crop's resolution (the Method's `HALF_RESOLUTION`: PPDM
-  r = 2, WDM) get the quick start's budget (`demo_overrides`); the others (full3d, regression)
+  Methods whose network runs below the crop's resolution (the Method's `LOW_RESOLUTION`: PPDM
+  r = 2, WDM, latent diffusion) get the quick start's budget (`demo_overrides`); the others (full3d, regression)
   run at full resolution, 8x the voxels per
   step, and get `cpu_overrides` (16^3 crops, width 8) with sampling in Gaussian-blended windows of
   the crop (a 16^3-trained network transfers poorly to a whole-volume pass).
   """
-  if methods.method_class(c).HALF_RESOLUTION:
+  if methods.method_class(c).LOW_RESOLUTION:
     return demo_overrides(c)
   cpu_overrides(c)
   c.inference.window = tuple(c.data.crop_size)

@@ -97,3 +97,67 @@ def test_autoencoder_trains_and_evaluates_its_reconstructions(tmp_path):
   summary = evaluate.evaluate(c, str(tmp_path / "run"))
   assert set(summary["metrics"]["psnr"]) >= {"model"} and "input" not in summary["metrics"]["psnr"]
   assert np.isfinite(summary["metrics"]["psnr"]["model"])
+
+
+@pytest.fixture(scope="module")
+def mri_store(tmp_path_factory):
+  """Two training and one test 'subject' of 24^3 with a smooth T1 and a T2 that depends on it."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("ldm")
+  rng = np.random.default_rng(0)
+  rows = []
+  for i, split in enumerate(("train", "train", "test")):
+    t1 = ndimage.gaussian_filter(rng.uniform(0, 100, (24, 24, 24)), 2.0).astype(np.float32) + 10
+    for name, vol in (("t1", t1), ("t2", 150.0 - t1)):
+      nib.save(nib.Nifti1Image(vol, np.eye(4)), root / f"s{i}_{name}.nii.gz")
+    rows.append(f"s{i},{split},s{i}_t1.nii.gz,s{i}_t2.nii.gz")
+  (root / "list.csv").write_text("subject,split,t1,t2\n" + "\n".join(rows) + "\n")
+  store_lib.convert(root / "list.csv", root / "store", {"t1": "mri", "t2": "mri"})
+  return root
+
+
+@pytest.mark.slow
+def test_latent_diffusion_two_stages_evaluate_and_predict(mri_store, tmp_path):
+  """The autoencoder, then latent diffusion on its frozen copy: trained by the loop, evaluated,
+  predicted through the CLI; a mismatched autoencoder is refused by name."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import CLI_ENV, ROOT  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import volumes  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  store = str(mri_store / "store")
+  ae = experiment.packaged_config("ldm_autoencoder", "mri_t1_t2,smoke")
+  ae.data.store, ae.data.num_workers, ae.mesh.data = store, 0, 1
+  loop.train(ae, str(tmp_path / "ae"))
+  c = experiment.packaged_config("ldm_mri_t1_t2", "smoke")
+  c.data.store, c.data.num_workers, c.mesh.data = store, 0, 1
+  with pytest.raises(ValueError, match="autoencoder_workdir"):
+    loop.train(c, str(tmp_path / "no_ae"))
+  c.ldm.autoencoder_workdir = str(tmp_path / "ae")
+  result = loop.train(c, str(tmp_path / "ldm"))
+  assert result["step"] == c.train.steps and np.isfinite(result["loss"])
+  # The checkpoint carries the autoencoder's EMA weights, unchanged by training.
+  ae_params, _ = volumes.load_params(ae, str(tmp_path / "ae"))
+  ldm_params, _ = volumes.load_params(c, str(tmp_path / "ldm"))
+  for part in ("encoder", "decoder"):
+    for a, b in zip(jax.tree.leaves(ae_params["params"][part]),
+                    jax.tree.leaves(ldm_params["params"][part])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  summary = evaluate.evaluate(c, str(tmp_path / "ldm"))
+  assert np.isfinite(summary["metrics"]["psnr"]["model"])
+  r = subprocess.run([sys.executable, "-m", "jaxvol", "predict", "--workdir", str(tmp_path / "ldm"),
+                      "--input", str(mri_store / "s2_t1.nii.gz"), "--output",
+                      str(tmp_path / "pred")], cwd=ROOT, env=CLI_ENV, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  assert nib.load(tmp_path / "pred" / "s2_t1_pred.nii.gz").shape == (24, 24, 24)
+  other = experiment.packaged_config("ldm_mri_t1_t2", "smoke")
+  other.data.store, other.mesh.data = store, 1
+  other.autoencoder.width = 8
+  other.ldm.autoencoder_workdir = str(tmp_path / "ae")
+  with pytest.raises(ValueError, match="autoencoder.width"):
+    loop.build_everything(other, str(tmp_path / "other"))

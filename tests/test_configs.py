@@ -164,6 +164,7 @@ SPLIT_TASKS = {
     "regression_mri_t1_t2": "mri_t1_t2", "patch_prior_train": "mri_t1_t2",
     "pnp_mri_recon": "mri_t1_t2", "pnp_mri_sr": "mri_t1_t2", "sparse_mri_sr": "mri_sr",
     "sparse_ct_denoise": "ct_denoise", "mri_t1_t2": "mri_t1_t2", "ldm_autoencoder": "mri_t1_t2",
+    "ldm_mri_t1_t2": "mri_t1_t2",
 }
 CPU_CONFIGS = ("ppdm_pet_denoise", "ppdm_pet_ac", "ppdm_mri_t1_t2", "full3d_mri_t1_t2",
                "wdm_mri_t1_t2", "regression_mri_t1_t2")
@@ -324,8 +325,8 @@ def test_cpu_variant_is_a_ten_minute_cpu_budget(name):
   assert c.train.time_limit_minutes == 10.0 and c.train.learning_rate == 5e-4
   assert c.model.base_width <= 16 and max(c.data.crop_size) <= 32 and c.data.batch_size <= 4
   # Half-resolution networks (PPDM r=2, WDM) afford the demo's 32^3 crops and width 16.
-  half = methods.method_class(c).HALF_RESOLUTION
-  assert half == (c.method in ("ppdm", "wdm"))
+  half = methods.method_class(c).LOW_RESOLUTION
+  assert half == (c.method in ("ppdm", "wdm", "ldm"))
   assert (c.model.base_width, max(c.data.crop_size)) == ((16, 32) if half else (8, 16))
   assert load(_path(name), "cpu").data.eval_region is None
   assert _plain(load(_path(name), "cpu,heldout").data.eval_region) == _plain(

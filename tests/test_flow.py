@@ -82,11 +82,11 @@ def test_only_methods_that_offer_flow_build_with_it():
   for name in sorted(methods.METHODS):
     c = base.set_method(base.base_config(), name)
     c.diffusion.objective = "flow"
-    if name in ("full3d", "prdit"):
+    if name in ("full3d", "prdit", "ldm"):
       assert methods.build(c).flow is not None
     else:
       with pytest.raises(ValueError, match=r"does not train with diffusion.objective='flow'.*"
-                                           r"available for \['full3d', 'prdit'\]"):
+                                           r"available for \['full3d', 'prdit', 'ldm'\]"):
         methods.build(c)
   c = _full3d("nope")
   with pytest.raises(ValueError, match="objective='nope'"):

@@ -33,17 +33,15 @@ def get_config(variant: str | None = None):
   c.data.inputs = (c.data.target,)
   c.eval.references = ""  # the input is the target: nothing classical to compare
   c.eval.mask = "body"
-  a = c.autoencoder
-  a.width, a.channel_mults, a.num_res_blocks, a.groups = 64, (1, 2, 2), 1, 8
+  size = "smoke" if "smoke" in tokens else "cpu" if "cpu" in tokens else "paper"
+  base.autoencoder_size(c, size)  # the latent-diffusion configs use the same token's
   c.data.crop_size, c.data.batch_size = (64, 64, 64), 4
   c.train.learning_rate, c.train.steps = 1e-4, 100_000
   if "cpu" in tokens:
-    a.width, a.channel_mults, a.groups = 8, (1, 2, 2), 4
     c.data.crop_size, c.data.batch_size = (32, 32, 32), 2
     c.train.learning_rate, c.train.steps, c.train.time_limit_minutes = 5e-4, 2000, 10.0
     c.train.log_every, c.train.checkpoint_every = 50, 200
   elif "smoke" in tokens:
     base.smoke_overrides(c)
     c.eval.references = ""
-    a.width, a.channel_mults, a.groups = 4, (1, 1, 2), 2
   return c

@@ -19,7 +19,14 @@ config with the method's token (`--config=ppdm_mri_t1_t2:heldout` = `mri_t1_t2:p
 
 Variant tokens, comma-separated (e.g. `:regression,cpu,heldout`); the same U-Net for every method
 without a size token:
-  ppdm | full3d | wdm | regression   the method (default ppdm).
+  ppdm | full3d | wdm | regression | ldm   the method (default ppdm). ldm is latent diffusion on
+           a frozen autoencoder trained first with configs/ldm_autoencoder.py and the same size
+           token (--config.ldm.autoencoder_workdir=AE_RUN):
+             python -m jaxvol.main --config=configs/ldm_autoencoder.py:mri_t1_t2,cpu,heldout \
+                 --workdir=runs/ae_t2 --config.data.store=data/mri_t1_t2/store
+             python -m jaxvol.main --config=configs/ldm_mri_t1_t2.py:cpu,heldout \
+                 --workdir=runs/ldm_t1t2 --config.data.store=data/mri_t1_t2/store \
+                 --config.ldm.autoencoder_workdir=runs/ae_t2
   smoke    seconds on CPU.
   cpu      about 10 minutes of training on 2 CPU cores (`base.cpu_task_overrides`): PPDM and WDM,
            whose networks run at half the crop's resolution, get the PET quick start's budget
@@ -36,7 +43,7 @@ without a size token:
 
 from jaxvol import config as base
 
-METHODS = ("ppdm", "full3d", "wdm", "regression")
+METHODS = ("ppdm", "full3d", "wdm", "regression", "ldm")
 
 
 def get_config(variant: str | None = None):

@@ -7,6 +7,7 @@ declares them: base.Method.MODEL_FIELDS), read from the config alone, without bu
 from jaxvol.methods import autoencoder
 from jaxvol.methods import base
 from jaxvol.methods import baselines
+from jaxvol.methods import ldm
 from jaxvol.methods import ppdm
 from jaxvol.methods import prdit
 from jaxvol.methods import puzzle_regression
@@ -21,6 +22,7 @@ METHODS = {
     "sparse": sparse.Sparse,
     "prdit": prdit.PRDiT,
     "autoencoder": autoencoder.Autoencoder,
+    "ldm": ldm.LatentDiffusion,
 }
 
 

@@ -155,8 +155,8 @@ class Method:
   parameters mean (every one must exist in the method's configs), may add entries to
   `SWITCHED_FIELDS` for fields that only matter while another is switched on, and set
   `CLAMPS_X0` when their sampler clips its x0 estimate. `CONFIG_DEFAULTS` holds the choices
-  their paper makes where they differ from jaxvol.config.base_config, and `HALF_RESOLUTION` says
-  that their network runs at half the crop's resolution (which picks their `cpu` budget).
+  their paper makes where they differ from jaxvol.config.base_config, and `LOW_RESOLUTION` says
+  that their network runs below the crop's resolution (which picks their `cpu` budget).
   """
 
   MODEL_FIELDS: ClassVar[tuple[str, ...]] = RUN_FIELDS + DATA_FIELDS
@@ -167,10 +167,11 @@ class Method:
   # The paper's choices where they differ from the base config, {dotted field: value}, applied
   # whenever a config selects the method (jaxvol.config.set_method).
   CONFIG_DEFAULTS: ClassVar[dict] = {}
-  # Whether the network sees the crop at half its resolution per axis (PPDM r = 2's puzzle, WDM's
-  # Haar bands): their `cpu` variant then gets the quick start's budget, where a full-resolution
-  # network gets smaller crops and windowed sampling (jaxvol.config.cpu_task_overrides).
-  HALF_RESOLUTION: ClassVar[bool] = False
+  # Whether the network sees the crop below its resolution (PPDM r = 2's puzzle and WDM's Haar
+  # bands at 1/2 per axis, latent diffusion at 1/4): their `cpu` variant then gets the quick
+  # start's budget, where a full-resolution network gets smaller crops and windowed sampling
+  # (jaxvol.config.cpu_task_overrides).
+  LOW_RESOLUTION: ClassVar[bool] = False
   # The training objectives it offers (config.diffusion.objective; checked by jaxvol.methods.build):
   # its own ("diffusion", or none for a regressor) and "flow" where flow matching is available.
   OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion",)

@@ -76,8 +76,22 @@ class Full3D(base.Method):
       params = layers.torch_default_init(params, jax.random.fold_in(rng, 1))
     return params
 
+  def _encode(self, params, x):
+    """An image into the network's domain (the latent of `LatentDiffusion`, which reads params)."""
+    del params
+    return self._to_domain(x)
+
+  def _decode(self, params, z, shape):
+    del params
+    return self._from_domain(z, shape)
+
+  def _clip(self):
+    """The x0 clamp of the sampler, or None."""
+    c = self.config.diffusion
+    return c.clip_x0 if c.clip_x0 > 0 else None
+
   def loss(self, params, batch, rng):
-    z0, zy = self._to_domain(batch["target"]), self._to_domain(batch["cond"])
+    z0, zy = self._encode(params, batch["target"]), self._encode(params, batch["cond"])
     k_t, k_eps, k_drop = jax.random.split(rng, 3)
     if self.flow is not None:  # the velocity at t * embed_t_scale (jaxvol.diffusion.flow)
       velocity = lambda z, t: self._apply(params, z, zy, t, train=True, rng=k_drop)
@@ -98,25 +112,24 @@ class Full3D(base.Method):
     return lambda z, t: layers.constrain_volume(
         self.windowed(net, (z, zy), (t,), self._domain_scale()))
 
-  def _prepare(self, cond, rng):
+  def _prepare(self, cond, rng, params=None):
     """Padded condition in the network domain, starting noise and the sampling-loop key."""
     y, shape = base.pad_spatial(cond, self.spatial_multiple())
-    zy = self._to_domain(y)
+    zy = self._encode(params, y)
     k_init, k_loop = jax.random.split(rng)
     z_T = jax.random.normal(k_init, zy.shape[:4] + (self._out_channels(),), zy.dtype)
     return y, shape, layers.constrain_volume(zy), layers.constrain_volume(z_T), k_loop
 
   def sample(self, params, cond, rng):
     c = self.config.diffusion
-    y, shape, zy, z_T, k_loop = self._prepare(cond, rng)
+    y, shape, zy, z_T, k_loop = self._prepare(cond, rng, params)
     if self.flow is not None:  # the ODE from noise (t = 0) to data (t = 1); no x0 clamp
       f = self.config.flow
       z0 = self.flow.sample(self._denoiser(params, zy), z_T, f.sample_steps, f.solver)
-      return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
-    clip = c.clip_x0 if c.clip_x0 > 0 else None
+      return base.crop_spatial(self._decode(params, z0, y.shape[1:4]), shape)
     z0 = self.diffusion.ddim_sample(self._denoiser(params, zy), z_T, c.sample_steps, k_loop,
-                                    eta=c.eta, clip_x0=clip)
-    return base.crop_spatial(self._from_domain(z0, y.shape[1:4]), shape)
+                                    eta=c.eta, clip_x0=self._clip())
+    return base.crop_spatial(self._decode(params, z0, y.shape[1:4]), shape)
 
 
 def _output_from_x0(diffusion, x0, x_t, t):
@@ -139,7 +152,7 @@ class Wavelet(Full3D):
   OBJECTIVES = ("diffusion",)
   # WDM (Friedrich et al., 2024) predicts the clean wavelet bands rather than the noise.
   CONFIG_DEFAULTS = {"diffusion.parameterization": "x0"}
-  HALF_RESOLUTION = True  # the Haar bands are half the crop per axis
+  LOW_RESOLUTION = True  # the Haar bands are half the crop per axis
 
   def _out_channels(self):
     return 8 * self.target_channels

@@ -27,7 +27,7 @@ class PPDM(base.Method):
   # input and its x_t mean. No Gaussian schedule (config.diffusion) and no STM.
   MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + (
       "ppdm.factor", "ppdm.num_steps", "ppdm.max_var")
-  HALF_RESOLUTION = True  # r = 2: the network sees 1/2 of the crop per axis
+  LOW_RESOLUTION = True  # r = 2: the network sees 1/2 of the crop per axis
 
   def __post_init__(self):
     c = self.config.ppdm

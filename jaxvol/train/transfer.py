@@ -174,8 +174,9 @@ def check_complete(plan_: Plan) -> None:
   orphans = [p for p, f in flat_paths(plan_.frozen).items() if f and p not in supplied]
   if orphans:
     raise ValueError(f"{len(orphans)} frozen parameters (e.g. {'/'.join(orphans[0])}) would keep "
-                     "their random initialisation: name the run that trained them (for PRDiT "
-                     "stage 2, --config.prdit.stage1_workdir=STAGE1_WORKDIR)")
+                     "their random initialisation: name the run that trained them (PRDiT stage "
+                     "2: --config.prdit.stage1_workdir=STAGE1_WORKDIR; latent diffusion: "
+                     "--config.ldm.autoencoder_workdir=AUTOENCODER_WORKDIR)")
 
 
 def load(plan_: Plan, state: dict) -> dict:
