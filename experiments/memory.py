@@ -17,6 +17,14 @@ Methods, all with the same U-Net:
   ppdm_r2        PPDM with puzzle factor 2: the U-Net runs on (S/2)^3 with 8x the end channels.
   ppdm_r4        PPDM with puzzle factor 4: (S/4)^3, 64x the end channels.
   wdm            wavelet diffusion on the 8 Haar sub-bands at (S/2)^3, factor 2.
+With `--methods ldm,autoencoder,autoencoder_windows` (not in the default set):
+  ldm            latent diffusion (jaxvol.methods.ldm): the U-Net on the (S/4)^3 latent of
+                 MAISI's first-stage KL autoencoder (4 channels; width 64, multipliers (1, 2, 2));
+                 its train step includes encoding the crop with the frozen encoder, its sampler
+                 encoding the condition and decoding the whole volume.
+  autoencoder    that autoencoder's own training step (L1 + KL) and reconstruction;
+  autoencoder_windows  the same, decoding in blended 16^3-latent windows (the decode's peak
+                 memory bounded by one window's).
 
 Benchmark U-Net (overridable with --width/--mults/--res-blocks/--groups/--time-embed, for tests):
 base width 32, channel multipliers (1, 2, 4, 4), 2 res blocks per level, GroupNorm groups 8,
@@ -86,7 +94,18 @@ VARIANTS = {
     "ppdm_r2": ("ppdm", 2, "none"),
     "ppdm_r4": ("ppdm", 4, "none"),
     "wdm": ("wdm", 2, "none"),
+    # Latent diffusion (jaxvol.methods.ldm): the same U-Net on the 4x-per-axis latent of MAISI's
+    # first-stage autoencoder (config.autoencoder_size "paper"); its sampler encodes the
+    # condition, runs DDIM-50 on the latent and decodes the whole volume.
+    "ldm": ("ldm", 4, "none"),
+    # That autoencoder alone: its training step, and its reconstruction (encode + decode) as the
+    # "sample"; `_windows` decodes in blended 16^3-latent windows (autoencoder.decode_window).
+    "autoencoder": ("autoencoder", 4, "none"),
+    "autoencoder_windows": ("autoencoder", 4, "none"),
 }
+# Not in the default run (use --methods): the latent-diffusion rows.
+DEFAULT_VARIANTS = ("full3d", "full3d_remat", "ppdm_r2", "ppdm_r4", "wdm")
+DECODE_WINDOW = (16, 16, 16)
 ATTENTION = ("none", "lowest")
 FULL3D_SAMPLE_STEPS = 50
 PPDM_SAMPLE_STEPS = 10
@@ -109,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--out", required=True, help="output directory for memory.json and memory.md")
   p.add_argument("--sizes", type=int_list, default=[64, 128, 256], help="volume sides, e.g. 64,128")
-  p.add_argument("--methods", type=str_list, default=list(VARIANTS),
+  p.add_argument("--methods", type=str_list, default=list(DEFAULT_VARIANTS),
                  help=f"comma-separated subset of {','.join(VARIANTS)}")
   p.add_argument("--attention", type=str_list, default=list(ATTENTION),
                  help="comma-separated subset of none,lowest")
@@ -151,6 +170,12 @@ def make_config(variant: str, size: int, attention: str, args: argparse.Namespac
   m.remat = remat
   if method == "ppdm":
     c.ppdm.factor = (factor,) * 3
+  if method in ("ldm", "autoencoder"):
+    config_lib.autoencoder_size(c, "paper")
+  if method == "autoencoder":
+    c.data.inputs = (c.data.target,)  # it reconstructs its input
+  if variant == "autoencoder_windows":
+    c.autoencoder.decode_window = DECODE_WINDOW
   c.ppdm.sample_steps = PPDM_SAMPLE_STEPS
   c.diffusion.sample_steps = FULL3D_SAMPLE_STEPS
   c.mesh.data = 1
@@ -194,7 +219,9 @@ def remat_probe() -> bool:
 
 
 def sample_steps(config) -> int:
-  """Sampler steps the method's config asks for."""
+  """Sampler steps the method's config asks for (1: the autoencoder's one reconstruction)."""
+  if config.method == "autoencoder":
+    return 1
   return int(config.ppdm.sample_steps if config.method == "ppdm" else config.diffusion.sample_steps)
 
 

@@ -24,9 +24,9 @@ def test_memory_experiment_tiny(tmp_path):
 
   loaded = json.loads((tmp_path / "memory.json").read_text())
   assert loaded == json.loads(json.dumps(records))
-  assert (tmp_path / "memory.md").read_text().count("| 16^3 |") == len(memory.VARIANTS)
+  assert (tmp_path / "memory.md").read_text().count("| 16^3 |") == len(memory.DEFAULT_VARIANTS)
   by_variant = {r["variant"]: r for r in loaded}
-  assert set(by_variant) == set(memory.VARIANTS)
+  assert set(by_variant) == set(memory.DEFAULT_VARIANTS)
   for rec in loaded:
     assert rec["error"] is None, rec["error"]
     assert rec["size"] == 16 and rec["attention"] == "none"
@@ -34,7 +34,7 @@ def test_memory_experiment_tiny(tmp_path):
       assert rec[key] > 0, (rec["variant"], key)
     assert rec["train_gflops"] > 0 and rec["sample_gflops"] > 0
   assert {r["method"] for r in loaded} == {"full3d", "full3d_remat", "ppdm", "wdm"}
-  assert [by_variant[v]["factor"] for v in memory.VARIANTS] == [1, 1, 2, 4, 2]
+  assert [by_variant[v]["factor"] for v in memory.DEFAULT_VARIANTS] == [1, 1, 2, 4, 2]
 
   full = by_variant["full3d"]["train_bytes"]
   remat = by_variant["full3d_remat"]["train_bytes"]
@@ -45,3 +45,20 @@ def test_memory_experiment_tiny(tmp_path):
     # XLA's default CPU scheduler (already fixed for this process by earlier compiles) hoists the
     # recomputation into the forward pass: the two differ only by scheduling noise.
     assert remat <= full + 1024
+
+
+def test_latent_diffusion_rows(tmp_path):
+  """`--methods ldm,autoencoder,autoencoder_windows`: the latent-diffusion rows compile."""
+  memory = _load_script()
+  records = memory.main([
+      "--out", str(tmp_path), "--sizes", "16", "--attention", "none", "--width", "8",
+      "--mults", "1", "--res-blocks", "1", "--groups", "4", "--time-embed", "16",
+      "--methods", "ldm,autoencoder,autoencoder_windows"])
+  by_variant = {r["variant"]: r for r in records}
+  assert set(by_variant) == {"ldm", "autoencoder", "autoencoder_windows"}
+  for rec in records:
+    assert rec["error"] is None, rec["error"]
+    assert rec["train_bytes"] > 0 and rec["sample_bytes"] > 0 and rec["factor"] == 4
+  assert by_variant["autoencoder"]["sample_steps"] == 1
+  assert by_variant["ldm"]["params"] > by_variant["autoencoder"]["params"]  # U-Net + autoencoder
+
