@@ -164,7 +164,7 @@ SPLIT_TASKS = {
     "regression_mri_t1_t2": "mri_t1_t2", "patch_prior_train": "mri_t1_t2",
     "pnp_mri_recon": "mri_t1_t2", "pnp_mri_sr": "mri_t1_t2", "sparse_mri_sr": "mri_sr",
     "sparse_ct_denoise": "ct_denoise", "mri_t1_t2": "mri_t1_t2", "ldm_autoencoder": "mri_t1_t2",
-    "ldm_mri_t1_t2": "mri_t1_t2",
+    "ldm_mri_t1_t2": "mri_t1_t2", "ldm_pet_denoise": "pet_denoise",
 }
 CPU_CONFIGS = ("ppdm_pet_denoise", "ppdm_pet_ac", "ppdm_mri_t1_t2", "full3d_mri_t1_t2",
                "wdm_mri_t1_t2", "regression_mri_t1_t2")
