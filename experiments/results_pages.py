@@ -18,8 +18,7 @@ records: an evaluation summary (`jaxvol.main --mode=evaluate`) and the PRDiT ct_
 
 Not rendered: quality_cpu.md (experiments/quality.py now describes its splits as the held-out
 regions it uses today, which is not what that committed run used; its committed page stays as
-the script wrote it) and the Memory section of docs/results.md (experiments/memory.py's records
-are not committed; its page is written when memory.py is run again).
+the script wrote it).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from typing import Callable
 import attention_memory
 import curves
 import learned_vs_classical
+import memory
 import memory_budget
 import patch_prior
 import sparse_ablation
@@ -149,6 +149,9 @@ SPATIAL = ["python experiments/spatial_scaling.py --out DIR",
            "--state-sharding zero1",
            "python experiments/spatial_scaling.py --out DIR --methods ppdm,full3d "
            "--state-sharding fsdp"]
+MEMORY = ["python experiments/memory.py --out DIR",
+          "python experiments/memory.py --out DIR --sizes 128,256 --attention none "
+          "--methods ldm,autoencoder,autoencoder_windows"]
 SPARSE_CT = ["python tools/prepare_data.py --task ct_denoise --out data/ct_denoise",
              "python -m jaxvol.main --config=configs/sparse_ct_denoise.py:cpu,heldout "
              "--workdir=runs/sparse_ct --config.data.store=data/ct_denoise/store",
@@ -206,6 +209,10 @@ PAGES = {
     "curves_cpu": Page("curves", lambda d, load: curves.markdown(
         d["records"], _curves_args(d["settings"]))),
     "memory_budget_cpu": Page("memory_budget", lambda d, load: memory_budget.markdown(d)),
+    "memory_cpu": Page("memory", lambda d, load: memory.report(
+        d, memory.parse_args(["--out", "DIR"]), command=" ; ".join(MEMORY),
+        machine="the 2-core CPU (XLA's CPU compiler, memory-minimising scheduler); two runs, "
+                "their records kept in one file")),
 }
 
 
