@@ -117,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
   ae.kl_weight = 1e-6          # weight of the KL term beside the L1 reconstruction (small, as
   #                              MAISI's)
   ae.decode_window = ()        # latent voxels per decoding window; () = decode whole volumes
+  ae.adv_weight = 0.0          # > 0: a 3D patch discriminator's least-squares term, this weight
+  ae.adv_start = 0             # ... from this step on (the generator's warm-up)
+  ae.disc_width = 32           # the discriminator's first width (doubling per layer)
+  ae.disc_layers = 3           # its strided convolutions
 
   # Latent diffusion (method "ldm", jaxvol.methods.ldm): full3d's diffusion on the latents of a
   # frozen autoencoder (c.autoencoder's architecture) copied from another run.

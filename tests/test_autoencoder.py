@@ -161,3 +161,45 @@ def test_latent_diffusion_two_stages_evaluate_and_predict(mri_store, tmp_path):
   other.ldm.autoencoder_workdir = str(tmp_path / "ae")
   with pytest.raises(ValueError, match="autoencoder.width"):
     loop.build_everything(other, str(tmp_path / "other"))
+
+
+def test_adversarial_terms_train_each_player_on_its_own_term():
+  """With adv_weight > 0: nothing adversarial before adv_start; after it, the discriminator's
+  gradient is that of its own least-squares term, and the autoencoder's that of L1 + KL + the
+  weighted generator term through a frozen discriminator."""
+  c = experiment.packaged_config("ldm_autoencoder", "smoke")
+  c.autoencoder.adv_weight, c.autoencoder.adv_start = 0.5, 10
+  c.autoencoder.disc_width, c.autoencoder.disc_layers = 4, 2
+  method = methods.build(c)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 16, 1), minval=-1, maxval=1)
+  batch = {"target": x, "cond": x}
+  params = method.init(jax.random.PRNGKey(1), batch)
+  assert set(params["params"]) == {"encoder", "decoder", "discriminator"}
+  rng = jax.random.PRNGKey(2)
+  grad = lambda step: jax.grad(lambda p: method.loss_at(p, batch, rng, jnp.int32(step))[0])(params)
+  before = grad(3)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(before["params"]["discriminator"]))
+  after = grad(10)
+  disc = method._discriminator()  # pylint: disable=protected-access
+  ae = {"params": {k: params["params"][k] for k in ("encoder", "decoder")}}
+  recon = method.net.apply(ae, x, rng)[0]
+
+  def d_term(d):
+    return ae_lib.least_squares_losses(disc.apply({"params": d}, x),
+                                       disc.apply({"params": d}, recon),
+                                       disc.apply({"params": d}, recon))[0]
+  want_d = jax.grad(d_term)(params["params"]["discriminator"])
+  for a, b in zip(jax.tree.leaves(after["params"]["discriminator"]), jax.tree.leaves(want_d)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+  def g_term(p):
+    r, mean, logvar = method.net.apply({"params": p}, x, rng)
+    g = jnp.mean(jnp.square(disc.apply({"params": params["params"]["discriminator"]}, r) - 1.0))
+    return (jnp.mean(jnp.abs(r - x)) + c.autoencoder.kl_weight * ae_lib.kl_divergence(mean, logvar)
+            + 0.5 * g)
+  want_g = jax.grad(g_term)(ae["params"])
+  for a, b in zip(jax.tree.leaves({k: after["params"][k] for k in ("encoder", "decoder")}),
+                  jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  out = method.sample(params, x[:1], None)  # the discriminator plays no part in reconstructing
+  assert out.shape == (1, 16, 16, 16, 1)

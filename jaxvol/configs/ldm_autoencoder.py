@@ -14,8 +14,10 @@ Variant tokens, comma-separated:
   smoke    seconds on CPU; cpu  minutes on 2 CPU cores (32^3 crops, width 8);
   heldout  the task's held-out split (jaxvol.data.tasks), as the other configs.
 Without a size token: MAISI's first stage (64^3 crops, width 64 with multipliers (1, 2, 2),
-batch 4) for accelerators. Not built yet: the patch discriminator and the perceptual loss, and
-the latent diffusion model on top (method `ldm`).
+batch 4) for accelerators. The 3D patch discriminator is off by default:
+--config.autoencoder.adv_weight=0.1 --config.autoencoder.adv_start=N switches its least-squares
+terms on after N steps. No perceptual loss (it needs pretrained weights). Latent diffusion on the
+trained autoencoder: configs/ldm_mri_t1_t2.py, configs/ldm_pet_denoise.py.
 """
 
 from jaxvol import config as base

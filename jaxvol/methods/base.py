@@ -220,6 +220,12 @@ class Method:
   def init(self, rng, batch):
     raise NotImplementedError
 
+  def loss_at(self, params, batch, rng, step):
+    """The training step's loss at `step` (a traced int32): `loss`, unless the loss changes with
+    training progress (the autoencoder's adversarial term after its warm-up)."""
+    del step
+    return self.loss(params, batch, rng)
+
   def abstract_batch(self, batch_size: int, crop_size) -> dict:
     """A training batch's {"cond", "target"} as ShapeDtypeStructs (float32, channels last)."""
     spatial = tuple(int(s) for s in crop_size)

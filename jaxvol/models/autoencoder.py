@@ -5,7 +5,8 @@ Latent diffusion: Rombach et al., "High-Resolution Image Synthesis with Latent D
 Imaging", WACV 2025; NVIDIA's NV-Generate-CTMR): a convolutional encoder and decoder with
 residual blocks, `latent_channels` (4) latent channels and `factor` (4) times downsampling per
 axis, a Gaussian posterior N(mean, exp(logvar)) per latent voxel, and its KL divergence to N(0, I)
-as a small regulariser beside the L1 reconstruction loss.
+as a small regulariser beside the L1 reconstruction loss, and optionally a 3D patch discriminator
+(`PatchDiscriminator`, least-squares adversarial terms) switched on after a warm-up.
 
 Encoder: Conv(width) -> per level [ResBlock x num_res_blocks, strided Conv (stride 2) except at
 the last level] -> ResBlock -> GN-SiLU-Conv(2 latent_channels) = (mean, logvar). Decoder: the
@@ -140,6 +141,37 @@ class KLAutoencoder(nn.Module):
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(
         rng, mean.shape, mean.dtype)
     return self.decode(z), mean, logvar
+
+
+class PatchDiscriminator(nn.Module):
+  """A 3D patch discriminator (pix2pix's PatchGAN, as MAISI's first stage uses it through MONAI):
+  Conv(4, stride 2) + LeakyReLU(0.2), then `layers - 1` blocks of Conv(4, stride 2) + GroupNorm +
+  LeakyReLU with doubling widths, then Conv(3) to one logit per patch."""
+
+  width: int = 32
+  layers: int = 3
+  groups: int = 8
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.leaky_relu(layers.Conv3D(self.width, (4, 4, 4), strides=(2, 2, 2), dtype=self.dtype,
+                                    name="conv0")(x), 0.2)
+    for i in range(1, self.layers):
+      h = layers.Conv3D(self.width * 2 ** i, (4, 4, 4), strides=(2, 2, 2), dtype=self.dtype,
+                        name=f"conv{i}")(h)
+      h = nn.leaky_relu(layers.group_norm(h.shape[-1], self.groups, self.dtype, f"norm{i}")(h),
+                        0.2)
+    return layers.Conv3D(1, (3, 3, 3), dtype=self.dtype, name="logits")(h).astype(jnp.float32)
+
+
+def least_squares_losses(real_logits, fake_logits_for_d, fake_logits_for_g):
+  """LSGAN terms (MONAI's PatchAdversarialLoss "least_squares"): the discriminator's
+  mean (D(x) - 1)^2 + mean D(x_hat)^2 (on a reconstruction with no gradient to the generator) and
+  the generator's mean (D(x_hat) - 1)^2 (through a discriminator with no gradient to it)."""
+  d_loss = 0.5 * (jnp.mean(jnp.square(real_logits - 1.0)) + jnp.mean(jnp.square(fake_logits_for_d)))
+  g_loss = jnp.mean(jnp.square(fake_logits_for_g - 1.0))
+  return d_loss, g_loss
 
 
 def kl_divergence(mean, logvar):

@@ -243,6 +243,10 @@ class GatheredMethod:
   def loss(self, params, batch, rng):
     return self._method.loss(jax.lax.with_sharding_constraint(params, self._layout), batch, rng)
 
+  def loss_at(self, params, batch, rng, step):
+    return self._method.loss_at(jax.lax.with_sharding_constraint(params, self._layout), batch,
+                                rng, step)
+
   def __getattr__(self, name):
     if name in ("_method", "_layout"):  # not set yet (copies, unpickling)
       raise AttributeError(name)

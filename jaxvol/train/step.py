@@ -20,7 +20,7 @@ def make_train_step(method, optimizer, ema_decay: float, frozen=None):
   """The step function (not jitted).
 
   Args:
-    method: the method (its `loss`).
+    method: the method (its `loss_at`: `loss` with the step, for losses that change with it).
     optimizer: the optax transformation.
     ema_decay: the EMA decay (warmed up, see `ema_decay_at`).
     frozen: None, or a pytree of Python bools like the parameters (jaxvol.train.transfer): those
@@ -35,7 +35,8 @@ def make_train_step(method, optimizer, ema_decay: float, frozen=None):
 
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
-    (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(state["params"], batch, rng)
+    loss_fn = lambda params: method.loss_at(params, batch, rng, state["step"])
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
