@@ -28,6 +28,7 @@ from jaxvol import fileio
 from jaxvol.errors import ConfigError
 from jaxvol.models import convert_prdit
 from jaxvol.models import convert_sparse
+from jaxvol.models import prdit as prdit_lib
 from jaxvol.train import checkpoint as ckpt_lib
 from jaxvol.train import loop
 from jaxvol.train import state as state_lib
@@ -74,13 +75,17 @@ def _prdit_fields(config, state_dict, flow: bool) -> tuple[dict, dict]:
   wanted = {"method": "prdit", "diffusion.objective": "flow" if flow else "diffusion",
             "prdit.patch": fields["patch"], "prdit.stride": fields["stride"],
             "prdit.local_width": 0, "prdit.stage": fields["stage"]}
-  if fields["time_width"] != (config.prdit.width or None):
+  p = config.prdit
+  size_width, _, size_heads = prdit_lib.PRDIT_SIZES.get(p.size, (None, None, None))
+  width = p.width or size_width  # what the config builds: an override, else its size's
+  if (p.time_width or width) != fields["time_width"]:
     wanted["prdit.time_width"] = fields["time_width"]
   if fields["depth"]:
     wanted.update({"prdit.depth": fields["depth"], "prdit.mlp_ratio": fields["mlp_ratio"]})
-    width = config.prdit.width or None
     if width != fields["width"]:
       wanted["prdit.width"] = fields["width"]
+    if fields["heads"] and (p.heads or size_heads) != fields["heads"]:
+      wanted["prdit.heads"] = fields["heads"]
   return wanted, convert_prdit.convert_state_dict(state_dict)
 
 
