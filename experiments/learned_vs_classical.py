@@ -16,6 +16,12 @@ improvement), then evaluate THAT checkpoint on the WHOLE held-out region of the 
 training targets' body mean) and the classical references (jaxvol.eval.references, tuned on the
 training split's training region only; tuned once per task and shared by its runs).
 
+Latent diffusion: `--methods ldm` (pet_denoise, mri_t1_t2) trains the task's KL autoencoder first
+(configs/ldm_autoencoder.py, the same `cpu,heldout` budget and validation, method "autoencoder",
+runs/TASK/autoencoder/seedS), then the latent diffusion on it (configs/ldm_*.py). The
+autoencoder's row scores decode(encode(target)) on the same region: the ceiling of any model in
+its latent space, not a prediction.
+
 Recipe search: `--set KEY=VALUE` (repeatable) overrides the recipe's config after the settings
 above (e.g. `--set ppdm.max_var=0.1 --set model.base_width=24`; values are Python literals, else
 strings), and `--tag NAME` names that variant: its runs live in runs/TASK/METHOD-NAME/seedS and its
@@ -54,6 +60,11 @@ METHODS = {"demo": ("ppdm", "regression"), "pet_denoise": ("ppdm", "regression")
 CONFIGS = {"demo": ("ppdm_pet_denoise", "demo"), "pet_denoise": ("ppdm_pet_denoise", "cpu,heldout"),
            "ct_denoise": ("sparse_ct_denoise", "cpu,heldout"),
            "mri_t1_t2": ("ppdm_mri_t1_t2", "cpu,heldout")}
+# Latent diffusion (`--methods ldm`): its packaged config per task; its autoencoder
+# (configs/ldm_autoencoder.py, same size token) trains first as method "autoencoder", whose
+# evaluation (decode(encode(TARGET))) is the ceiling row of any latent model.
+LDM_CONFIGS = {"pet_denoise": "ldm_pet_denoise", "mri_t1_t2": "ldm_mri_t1_t2"}
+CEILING = "autoencoder"
 REFERENCES_CACHE = "references_tuned.json"
 log = logging.getLogger("jaxvol")
 
@@ -63,6 +74,12 @@ def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespa
   budget (steps, cosine decay, validation, patience), whole held-out regions scored."""
   from jaxvol import config as base  # pylint: disable=g-import-not-at-top
   name, variant = CONFIGS[task]
+  if method in ("ldm", CEILING):
+    if task not in LDM_CONFIGS:
+      raise SystemExit(f"--methods {method}: latent diffusion has configs for "
+                       f"{sorted(LDM_CONFIGS)}, not {task!r}")
+    name, variant = ((LDM_CONFIGS[task], variant) if method == "ldm"
+                     else ("ldm_autoencoder", f"{task},{variant}"))
   c = experiment.packaged_config(name, variant)
   if method != c.method:
     c.method = method
@@ -83,7 +100,9 @@ def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespa
   c.eval.max_box = ()        # the whole held-out region
   c.eval.previews = False
   c.eval.references = "auto"
-  for key, value in overrides_of(args).items():
+  if method == CEILING:  # its input is the target: no reference or input floor means anything
+    c.eval.references, c.eval.input_baseline = "", False
+  for key, value in (overrides_of(args) if method != CEILING else {}).items():
     set_field(c, key, value)
   return c
 
@@ -124,7 +143,14 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
   c = recipe(task, method, store, seed, args)
-  workdir = out / "runs" / task / (method + (f"-{args.tag}" if args.tag else "")) / f"seed{seed}"
+  if method == "ldm":  # the seed's autoencoder run (untagged: a --set variant of the diffusion
+    #                    keeps it)
+    ae = out / "runs" / task / CEILING / f"seed{seed}"
+    if not (ae / "validation.jsonl").is_file():
+      raise SystemExit(f"ldm seed {seed}: its autoencoder {ae} has not been trained")
+    c.ldm.autoencoder_workdir = str(ae)
+  tag = args.tag if method != CEILING else ""
+  workdir = out / "runs" / task / (method + (f"-{tag}" if tag else "")) / f"seed{seed}"
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   result = loop.train(c, str(workdir), validate=evaluate.validator(c, str(workdir)))
@@ -139,7 +165,7 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
     shutil.copy(workdir / REFERENCES_CACHE, shared)
   m = summary["metrics"]
   progress = loop.read_progress(str(workdir))
-  return {"task": task, "method": method, "tag": args.tag, "seed": seed, "steps": result["step"],
+  return {"task": task, "method": method, "tag": tag, "seed": seed, "steps": result["step"],
           "best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],
           "stopped": result.get("stopped"), "train_seconds": progress[-1]["seconds"]
           if progress else None, "wall_seconds": trained,
@@ -148,12 +174,13 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
           "best_reference": summary.get("best_reference"),
           "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
           "data_range": summary["data_range"], "validation": loop.read_validation(str(workdir)),
-          "settings": settings_of(args)}
+          "settings": settings_of(args, method)}
 
 
-def settings_of(args: argparse.Namespace) -> dict:
+def settings_of(args: argparse.Namespace, method: str = "") -> dict:
+  """The settings a run depends on (the autoencoder of `ldm` takes no --set: it is shared)."""
   settings = {k: getattr(args, k) for k in ("steps", "validate_every", "patience", "lr", "schedule")}
-  if args.set:
+  if args.set and method != CEILING:
     settings["set"] = list(args.set)
   return settings
 
@@ -190,7 +217,7 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
            "(validation and compilation excluded) on the machine that ran it.", ""]
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
-    first = rows[0]
+    first = next((r for r in rows if r["method"] != CEILING), rows[0])
     lines += [f"## {task}", "", f"Scored: split {first['split']!r}, region {first['region']}, "
               f"mask {first['mask']}, data range {first['data_range']}.", "",
               "| prediction | seeds | PSNR (dB) | SSIM | HFEN | selected steps (of trained) | "
@@ -211,13 +238,15 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
     for variant in dict.fromkeys(variant_of(r) for r in rows):
       rs = [r for r in rows if variant_of(r) == variant]
       diff = [r["metrics"]["psnr"]["model"] - r["metrics"]["psnr"][best_ref] for r in rs] \
-          if best_ref else []
+          if best_ref and rs[0]["method"] != CEILING else []
       steps = ", ".join(f"{r['best_step']} ({r['steps']})" for r in rs)
       ssim = _mean_std([r["metrics"]["ssim"]["model"] for r in rs], ".4f")
       hfen = _mean_std([r["metrics"]["hfen"]["model"] for r in rs], ".4f")
       minutes = _mean_std([r["train_seconds"] / 60 if r.get("train_seconds") else None
                            for r in rs], ".1f")
-      lines.append(f"| {variant} | {len(rs)} | "
+      label = (f"{variant} (ceiling of the latent models: decode(encode(TARGET)), not a "
+               "prediction)" if rs[0]["method"] == CEILING else variant)
+      lines.append(f"| {label} | {len(rs)} | "
                    f"{_mean_std([r['metrics']['psnr']['model'] for r in rs])} | {ssim} | {hfen} | "
                    f"{steps} | {_mean_std([best_validation(r) for r in rs])} | {minutes} | "
                    f"{_mean_std(diff)} |")
@@ -290,7 +319,6 @@ def main(argv=None) -> list[dict]:
   out.mkdir(parents=True, exist_ok=True)
   path = out / "learned_vs_classical.json"
   records = json.loads(path.read_text())["records"] if path.exists() else []
-  settings = settings_of(args)
 
   def save():
     fileio.write_json_atomic(str(path), {"records": records})
@@ -301,10 +329,13 @@ def main(argv=None) -> list[dict]:
     return records
   for task in args.tasks:
     store = experiment.task_store(out, task, args.source)
-    for method in args.methods or METHODS[task]:
+    methods = list(args.methods or METHODS[task])
+    if "ldm" in methods and CEILING not in methods:
+      methods.insert(methods.index("ldm"), CEILING)  # its autoencoder trains first
+    for method in methods:
       for seed in args.seeds:
-        key = (task, method, args.tag, seed)
-        if any(_key(r) == key and r["settings"] == settings for r in records):
+        key = (task, method, args.tag if method != CEILING else "", seed)
+        if any(_key(r) == key and r["settings"] == settings_of(args, method) for r in records):
           continue
         rec = run_one(task, method, seed, store, out, args)
         records = [r for r in records if _key(r) != key] + [rec]
@@ -312,7 +343,7 @@ def main(argv=None) -> list[dict]:
         m = rec["metrics"]["psnr"]
         print(f"-- {task}/{method}/seed {seed}: {m['model']:.2f} dB at step {rec['best_step']} "
               f"(best reference {rec['best_reference']}: "
-              f"{m.get(rec['best_reference'], float('nan')):.2f} dB)", flush=True)
+              f"{m.get(rec['best_reference'] or '', float('nan')):.2f} dB)", flush=True)
   if records:
     save()
   return records

@@ -65,6 +65,22 @@ def write_pet_store(root, shape, splits, seed: int = 0) -> str:
   return str(root / "store")
 
 
+def write_ct_store(root, affine, shape=(24, 24, 20), seed: int = 0) -> str:
+  """A one-subject CT store under root/store (split "train"): smooth soft tissue in air, in HU,
+  saved with `affine`. Returns the store's path."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  body = ndimage.gaussian_filter(np.random.default_rng(seed).normal(0, 1, shape), 2.0)
+  hu = np.where(body > -0.05, 40 + 400 * body, -1000).astype(np.float32)
+  nib.save(nib.Nifti1Image(hu, np.asarray(affine, np.float64)), root / "ct.nii.gz")
+  (root / "list.csv").write_text("subject,split,ct\nct0,train,ct.nii.gz\n")
+  store_lib.convert(root / "list.csv", root / "store", {"ct": {"kind": "ct"}})
+  return str(root / "store")
+
+
 # `jaxvol` run as a user runs it, in its own process: unbuffered output, the suite's persistent
 # compilation cache (so a subprocess does not recompile what an earlier one compiled).
 CLI_ENV = dict(os.environ, PYTHONUNBUFFERED="1",

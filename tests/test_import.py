@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from conftest import CLI_ENV, ROOT, load_module
+from conftest import CLI_ENV, ROOT, load_module, write_ct_store
 from jaxvol import cli
 from jaxvol import config as base
 from jaxvol import experiment
@@ -40,14 +39,7 @@ PRDIT_OVERRIDES = {"prdit.patch": 12, "prdit.stride": 8, "prdit.width": 24, "prd
 @pytest.fixture(scope="module")
 def ct_store(tmp_path_factory):
   """One 24x24x20 'CT' in HU."""
-  root = tmp_path_factory.mktemp("ct_import")
-  rng = np.random.default_rng(0)
-  body = ndimage.gaussian_filter(rng.normal(0, 1, (24, 24, 20)), 2.0)
-  hu = np.where(body > -0.05, 40 + 400 * body, -1000).astype(np.float32)
-  nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 2.0, 1.0])), root / "ct.nii.gz")
-  (root / "list.csv").write_text("subject,split,ct\nct0,train,ct.nii.gz\n")
-  store_lib.convert(root / "list.csv", root / "store", {"ct": {"kind": "ct"}})
-  return str(root / "store")
+  return write_ct_store(tmp_path_factory.mktemp("ct_import"), np.diag([1.5, 1.5, 2.0, 1.0]))
 
 
 @pytest.fixture(scope="module")

@@ -96,3 +96,38 @@ def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
   assert "| ppdm | 1 | 28.00 |" in table and "| ppdm [mv] | 1 | 29.00 |" in table
   assert "| 27.50 |" in table  # the best validation PSNR, the column variants are chosen on
   assert "--set ppdm.max_var=0.1" in table and "--tag mv" in table
+
+
+@pytest.mark.parametrize("task", sorted(exp.LDM_CONFIGS))
+def test_latent_diffusion_trains_its_autoencoder_first_and_reports_the_ceiling(task):
+  args = exp.parse_args(["--out", "x", "--tasks", task, "--methods", "ldm", "--set",
+                         "ldm.latent_scale=0.5", "--tag", "s"])
+  ldm = exp.recipe(task, "ldm", "STORE", 0, args)
+  ae = exp.recipe(task, exp.CEILING, "STORE", 0, args)
+  assert ldm.method == "ldm" and ldm.ldm.latent_scale == 0.5
+  assert ae.method == "autoencoder" and ae.data.inputs == (ae.data.target,)
+  assert ae.data.target == ldm.data.target and ae.ldm.latent_scale == 1.0  # no --set: shared
+  assert ae.eval.references == "" and not ae.eval.input_baseline
+  for name in ("latent_channels", "factor", "width", "channel_mults", "groups"):
+    assert ae.autoencoder[name] == ldm.autoencoder[name], name  # the same size token
+  for c in (ldm, ae):
+    evaluate.validation_config(c)  # raises if validation overlaps the training crops
+    assert c.train.validate_every == args.validate_every and c.eval.max_box == ()
+  assert "set" not in exp.settings_of(args, exp.CEILING) and "set" in exp.settings_of(args, "ldm")
+  with pytest.raises(SystemExit, match="latent diffusion has configs"):
+    exp.recipe("demo", "ldm", "STORE", 0, args)
+  metrics = {"psnr": {"model": 27.0, "input": 23.0, "gaussian": 28.0},
+             "ssim": {"model": 0.8, "input": 0.6, "gaussian": 0.7},
+             "hfen": {"model": 0.3, "input": 0.4, "gaussian": 0.35}}
+  common = {"task": task, "seed": 0, "steps": 4, "best_step": 4, "region": {}, "split": "test",
+            "mask": "body", "data_range": [1.0], "validation": [{"step": 4, "psnr": 25.0}],
+            "settings": exp.settings_of(args, "ldm")}
+  ceiling = dict(common, method=exp.CEILING, tag="", references={},
+                 metrics={k: {"model": v} for k, v in (("psnr", 33.0), ("ssim", 0.95),
+                                                       ("hfen", 0.1))})
+  model = dict(common, method="ldm", tag="s", metrics=metrics,
+               references={"gaussian": {"sigma": 1.0}})
+  table = exp.markdown([ceiling, model], args)
+  assert "| ldm [s] | 1 | 27.00 |" in table and table.count("(best reference)") == 1
+  assert "| autoencoder (ceiling of the latent models" in table and "| 33.00 |" in table
+  assert "| -1.00 |" in table  # ldm - the Gaussian; the ceiling has no difference

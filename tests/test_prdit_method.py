@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 from unittest import mock
 
@@ -10,13 +11,12 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from conftest import ROOT
 from conftest import load_module
+from conftest import write_ct_store
 from jaxvol import methods
 from jaxvol import trees
-from jaxvol.data import store as store_lib
 from jaxvol.eval import generate as generate_lib
 from jaxvol.eval import samplers
 from jaxvol.train import checkpoint as ckpt_lib
@@ -39,14 +39,7 @@ prdit_config = _load(ROOT / "configs" / "prdit_ct_gen.py", "prdit_ct_gen_config"
 @pytest.fixture(scope="module")
 def ct_store(tmp_path_factory):
   """One 24x24x20 'CT' in HU: smooth soft tissue in air."""
-  root = tmp_path_factory.mktemp("ct")
-  rng = np.random.default_rng(0)
-  body = ndimage.gaussian_filter(rng.normal(0, 1, (24, 24, 20)), 2.0)
-  hu = np.where(body > -0.05, 40 + 400 * body, -1000).astype(np.float32)
-  nib.save(nib.Nifti1Image(hu, AFFINE), root / "ct.nii.gz")
-  (root / "list.csv").write_text("subject,split,ct\nct0,train,ct.nii.gz\n")
-  store_lib.convert(root / "list.csv", root / "store", {"ct": {"kind": "ct"}})
-  return root / "store"
+  return pathlib.Path(write_ct_store(tmp_path_factory.mktemp("ct"), AFFINE))
 
 
 def smoke(store, variant="smoke", **prdit):

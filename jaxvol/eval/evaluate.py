@@ -197,17 +197,24 @@ def validation_config(config):
   return val
 
 
-def validator(config, workdir: str):
-  """`validate(params, step) -> {metric: mean over volumes}` for the training loop
-  (jaxvol.train.loop.Validation): the method's sampler over the validation set
-  (`validation_config`) through the one inference path, nothing written, no references. The
-  validation volumes are read once; the sampler compiles once per volume shape."""
+def _validation_set(config):
+  """(validation config, store, the validation split's subjects with a target volume); a clear
+  error when there is none."""
   val = validation_config(config)
   store = store_lib.Store(config.data.store)
   subjects = [s for s in store.subjects(val.eval.split) if val.data.target in s["volumes"]]
   if not subjects:
     raise ValueError(f"no validation volume: split {val.eval.split!r} of {store.path} has no "
                      f"subject with a {val.data.target!r} volume (set config.eval.val_split)")
+  return val, store, subjects
+
+
+def validator(config, workdir: str):
+  """`validate(params, step) -> {metric: mean over volumes}` for the training loop
+  (jaxvol.train.loop.Validation): the method's sampler over the validation set
+  (`validation_config`) through the one inference path, nothing written, no references. The
+  validation volumes are read once; the sampler compiles once per volume shape."""
+  val, store, subjects = _validation_set(config)
   method = methods.build(val, jax.devices()[0].platform)
   sampler = samplers.choose(val, method)
   rules = inference_lib.rules_of(store, val.data.inputs, val.data.target)
@@ -238,12 +245,7 @@ def reconstruction_validator(config, workdir: str):
   config.train.validate_metric = "recon_mse"). Volume i's noise is fold_in(PRNGKey(eval.seed), i),
   the same at every validation."""
   del workdir
-  val = validation_config(config)
-  store = store_lib.Store(config.data.store)
-  subjects = [s for s in store.subjects(val.eval.split) if val.data.target in s["volumes"]]
-  if not subjects:
-    raise ValueError(f"no validation volume: split {val.eval.split!r} of {store.path} has no "
-                     f"subject with a {val.data.target!r} volume (set config.eval.val_split)")
+  val, store, subjects = _validation_set(config)
   method = methods.build(val, jax.devices()[0].platform)
   if getattr(method, "reconstruct", None) is None or getattr(method, "flow", None) is None:
     raise ValueError(f"reconstruction validation is flow matching's (diffusion.objective = flow, "

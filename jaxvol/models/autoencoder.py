@@ -57,6 +57,16 @@ def levels_of(factor: int) -> int:
   return n + 1
 
 
+def level_mults(factor: int, channel_mults) -> tuple[int, ...]:
+  """The width multiplier of each of the log2(factor) + 1 levels (() = all 1); a clear error for a
+  list of another length."""
+  n = levels_of(factor)
+  mults = tuple(channel_mults) or (1,) * n
+  if len(mults) != n:
+    raise ValueError(f"channel_mults {mults} must have log2(factor) + 1 = {n} entries")
+  return mults
+
+
 class Encoder(nn.Module):
   latent_channels: int = 4
   factor: int = 4
@@ -68,10 +78,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    n = levels_of(self.factor)
-    mults = tuple(self.channel_mults) or (1,) * n
-    if len(mults) != n:
-      raise ValueError(f"channel_mults {mults} must have log2(factor) + 1 = {n} entries")
+    mults = level_mults(self.factor, self.channel_mults)
+    n = len(mults)
     h = layers.Conv3D(self.width * mults[0], dtype=self.dtype, name="stem")(x)
     for level, mult in enumerate(mults):
       for i in range(self.num_res_blocks):
@@ -97,8 +105,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z):
-    n = levels_of(self.factor)
-    mults = tuple(self.channel_mults) or (1,) * n
+    mults = level_mults(self.factor, self.channel_mults)
+    n = len(mults)
     h = layers.Conv3D(self.width * mults[-1], dtype=self.dtype, name="stem")(z.astype(self.dtype))
     h = _Block(h.shape[-1], self.groups, self.dtype, name="mid")(h)
     for level in reversed(range(n)):

@@ -1,0 +1,458 @@
+"""Flow matching against Gaussian diffusion at equal network evaluations (NFE), on the CPU tasks.
+
+Usage::
+
+  python experiments/flow_nfe.py --out DIR [--tasks pet_denoise,mri_t1_t2] [--seeds 0]
+      [--steps 2000] [--validate-every 500] [--patience 3] [--val-nfe 8] [--nfe 1,2,4,8,16]
+      [--source ../shared/data] [--report-only]
+
+For every task and seed, the same full-resolution 3D U-Net (full3d, the task's `cpu,heldout`
+recipe of experiments/learned_vs_classical.py: same crop, width, batch, learning rate, steps,
+data stream and seed) is trained twice:
+  diffusion  the DDPM of config.diffusion (1000 levels, the task's parameterisation), sampled
+             with deterministic DDIM (eta 0): N steps = N network evaluations;
+  flow       straight-line flow matching (jaxvol.diffusion.flow; t = 0 noise, t = 1 data,
+             velocity head), sampled with Euler (N steps = N evaluations) and Heun (N/2 steps = N
+             evaluations: it corrects every step).
+Both train with validation every K steps at the same NFE (--val-nfe) on the task's validation set
+(disjoint from training and test) and keep their best checkpoint by validation PSNR. That checkpoint
+is then scored on the WHOLE held-out region of the test split at every NFE of --nfe, through the
+library's one inference path (jaxvol.eval.evaluate, windows of the training crop), beside the tuned
+classical references (training region only; jaxvol.eval.references) and the input.
+
+Generation (`--tasks ct_gen`): PRDiT's `cpu` variant on the one-volume ct_gen store, both stages
+trained --gen-steps steps each under each objective (PRDiT's trigonometric diffusion with its
+Euler probability-flow sampler, N steps = N NFE; PRDiT-FM's flow matching with Euler and Heun), the
+last checkpoints (the store has no validation volumes), then --gen-samples volumes drawn at each
+NFE and scored by jaxvol.eval.generate's metrics against as many real crops: FD and MMD on
+randomly initialised MedicalNet features (NOT an FID) and MS-SSIM diversity. One training volume:
+these compare the two objectives' samplers on the same data, not generative models of a population.
+
+Reported: PSNR/SSIM per NFE for each objective and sampler; the fewest NFE at which each reaches
+(a) the best classical reference's PSNR and (b) within 0.25 dB of its own best; and training steps
+to a given validation quality (the first validated step at which each objective reaches the lower
+of the two objectives' best validation PSNRs). Everything resumes (training from checkpoints,
+finished evaluations from DIR/flow_nfe.json, rewritten atomically after each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import learned_vs_classical as lvc  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxvol import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TASKS = ("pet_denoise", "mri_t1_t2", "demo", "ct_gen")
+GEN_TASK = "ct_gen"
+OBJECTIVES = ("diffusion", "flow")
+SAMPLERS = {"diffusion": ("ddim",), "flow": ("euler", "heun")}
+GEN_SAMPLERS = {"diffusion": ("euler",), "flow": ("euler", "heun")}
+OWN_BEST_MARGIN_DB = 0.25
+log = logging.getLogger("jaxvol")
+
+
+def run_config(task: str, objective: str, store: str, seed: int, args: argparse.Namespace):
+  """The task's full3d CPU recipe under `objective`, validated at --val-nfe evaluations."""
+  c = lvc.recipe(task, "full3d", store, seed, args)
+  c.diffusion.objective = objective
+  c.diffusion.eta = 0.0
+  c.diffusion.sample_steps = args.val_nfe
+  c.flow.solver, c.flow.sample_steps = "euler", args.val_nfe
+  return c
+
+
+def sampler_config(c, objective: str, sampler: str, nfe: int):
+  """c sampling with `sampler` at `nfe` network evaluations; None where it cannot (Heun, odd)."""
+  c = c.copy_and_resolve_references()
+  if objective == "diffusion":
+    c.diffusion.sample_steps = nfe
+  elif sampler == "euler":
+    c.flow.solver, c.flow.sample_steps = "euler", nfe
+  else:
+    if nfe % 2:
+      return None
+    c.flow.solver, c.flow.sample_steps = "heun", nfe // 2
+  return c
+
+
+def train_one(task: str, objective: str, seed: int, store: str, out: pathlib.Path,
+              args: argparse.Namespace):
+  """Trains (or resumes) one run; (config, workdir, training record)."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  c = run_config(task, objective, store, seed, args)
+  workdir = out / "runs" / task / objective / f"seed{seed}"
+  workdir.mkdir(parents=True, exist_ok=True)
+  result = loop.train(c, str(workdir), validate=evaluate.validator(c, str(workdir)))
+  progress = loop.read_progress(str(workdir))
+  return c, workdir, {"steps": result["step"], "stopped": result.get("stopped"),
+                      "parameterization": c.diffusion.parameterization if objective == "diffusion"
+                      else "velocity",
+                      "train_seconds": progress[-1]["seconds"] if progress else None,
+                      "validation": loop.read_validation(str(workdir))}
+
+
+def score(c, workdir: pathlib.Path, name: str, task_dir: pathlib.Path, references: bool) -> dict:
+  """evaluate() of the selected checkpoint into WORKDIR/name; the summary's metrics."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  c = c.copy_and_resolve_references()
+  c.eval.references = "auto" if references else ""
+  shared = task_dir / lvc.REFERENCES_CACHE
+  if references and shared.exists():
+    shutil.copy(shared, workdir / lvc.REFERENCES_CACHE)
+  t0 = time.time()
+  summary = evaluate.evaluate(c, str(workdir), out_name=name)
+  if references and (workdir / lvc.REFERENCES_CACHE).exists():
+    shutil.copy(workdir / lvc.REFERENCES_CACHE, shared)
+  m = summary["metrics"]
+  return {"metrics": {k: m[k] for k in ("psnr", "ssim", "hfen")},
+          "best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],
+          "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
+          "data_range": summary["data_range"], "best_reference": summary.get("best_reference"),
+          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
+          "seconds_per_volume": summary["seconds_per_volume"], "wall_seconds": time.time() - t0}
+
+
+def gen_config(objective: str, stage: int, store: str, seed: int, args: argparse.Namespace,
+               stage1: str = ""):
+  """PRDiT's `cpu` variant (stage 1 or 2) under `objective`, --gen-steps steps."""
+  variant = ",".join(["cpu"] + (["stage1"] if stage == 1 else [])
+                     + (["flow"] if objective == "flow" else []))
+  c = experiment.packaged_config("prdit_ct_gen", variant)
+  c.seed, c.data.store, c.data.num_workers = seed, store, 0
+  c.train.steps, c.train.time_limit_minutes = args.gen_steps, 0.0
+  c.train.checkpoint_every = max(1, args.gen_steps // 2)
+  c.prdit.stage1_workdir = stage1
+  c.sample.num, c.sample.metrics = args.gen_samples, True
+  return c
+
+
+def gen_sampler_config(c, objective: str, sampler: str, nfe: int):
+  """c drawing with `sampler` at `nfe` network evaluations; None where it cannot (Heun, odd)."""
+  c = c.copy_and_resolve_references()
+  if objective == "diffusion":
+    c.prdit.sampler, c.prdit.sample_steps = "euler", nfe
+  elif sampler == "euler":
+    c.flow.solver, c.flow.sample_steps = "euler", nfe
+  else:
+    if nfe % 2:
+      return None
+    c.flow.solver, c.flow.sample_steps = "heun", nfe // 2
+  return c
+
+
+def train_gen(objective: str, seed: int, store: str, out: pathlib.Path, args: argparse.Namespace):
+  """Both PRDiT stages under `objective` (resumed from their checkpoints); (stage-2 config,
+  stage-2 workdir, training record)."""
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  root = out / "runs" / GEN_TASK / objective / f"seed{seed}"
+  record = {"train_seconds": 0.0, "parameterization": "velocity" if objective == "flow"
+            else "x0 and eps (PRDiT's two heads)"}
+  c = None
+  for stage in (1, 2):
+    workdir = root / f"stage{stage}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    c = gen_config(objective, stage, store, seed, args, str(root / "stage1") if stage == 2 else "")
+    result = loop.train(c, str(workdir))
+    progress = loop.read_progress(str(workdir))
+    record[f"stage{stage}_steps"] = result["step"]
+    record[f"stage{stage}_final_loss"] = progress[-1].get("loss") if progress else None
+    record["train_seconds"] += progress[-1]["seconds"] if progress else 0.0
+  record["steps"] = record["stage2_steps"]
+  return c, root / "stage2", record
+
+
+def draw(c, workdir: pathlib.Path) -> dict:
+  from jaxvol.eval import generate  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  result = generate.generate(c, str(workdir))
+  m = result["metrics"]
+  keep = ("fid", "fid_label", "mmd", "mmd_label", "ms_ssim_diversity", "ms_ssim_diversity_real",
+          "n_real", "n_fake", "feature_network", "protocol", "real", "note", "checkpoint_step")
+  return {"gen": {k: m.get(k) for k in keep},
+          "best_step": m.get("checkpoint_step"),
+          "seconds_per_volume": result["samples"]["seconds_per_volume"],
+          "wall_seconds": time.time() - t0}
+
+
+def gen_markdown(rows: list[dict], runs: dict) -> list[str]:
+  first, st = rows[0]["gen"], rows[0]["settings"]
+  nfes = sorted({r["nfe"] for r in rows})
+  seeds = sorted({r["seed"] for r in rows})
+  lines = [f"## {GEN_TASK} (PRDiT `cpu`, generation)", "",
+           f"Each objective: both stages trained {st['gen_steps']} steps, the last checkpoint; "
+           f"{first['n_fake']} draws per NFE against {first['real']}; features: "
+           f"{first['feature_network']} (protocol {first['protocol']!r}). "
+           + (first.get("note") or "") + f" Seeds {seeds}; lower FD/MMD is closer to the real "
+           "crops; MS-SSIM diversity near the real crops' is better.", "",
+           "| objective, sampler | quantity | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+           "|---|---|" + "---:|" * len(nfes)]
+  for obj in OBJECTIVES:
+    for smp in GEN_SAMPLERS[obj]:
+      rs = [r for r in rows if r["objective"] == obj and r["sampler"] == smp]
+      if not rs:
+        continue
+      for key, label, spec in (("fid", first["fid_label"], ".3f"),
+                               ("mmd", first["mmd_label"], ".3f"),
+                               ("ms_ssim_diversity", "MS-SSIM diversity", ".3f")):
+        cells = []
+        for n in nfes:
+          at = [r["gen"][key] for r in rs if r["nfe"] == n and r["gen"].get(key) is not None]
+          cells.append(lvc._mean_std(at, spec) if at else "-")
+        lines.append(f"| {obj}, {smp} | {label} | " + " | ".join(cells) + " |")
+  real = [r["gen"]["ms_ssim_diversity_real"] for r in rows
+          if r["gen"].get("ms_ssim_diversity_real") is not None]
+  if real:
+    lines += ["", f"MS-SSIM among the real crops: {real[0]:.3f}."]
+  lines += ["", "| objective | seed | stage-1 loss (last log) | stage-2 loss (last log) | "
+            "training min (both stages) |", "|---|---|---:|---:|---:|"]
+  for obj in OBJECTIVES:
+    for seed in seeds:
+      tr = runs.get(f"{GEN_TASK}/{obj}/{seed}")
+      if tr:
+        loss = lambda k: "-" if tr.get(k) is None else f"{tr[k]:.4f}"
+        lines.append(f"| {obj} ({tr['parameterization']}) | {seed} | {loss('stage1_final_loss')} "
+                     f"| {loss('stage2_final_loss')} | {tr['train_seconds'] / 60:.1f} |")
+  lines += ["", "The two objectives' losses are on different scales (flow: velocity MSE; "
+            "diffusion: x0 + eps MSE) and are not comparable.", "",
+            f"Command: `python experiments/flow_nfe.py --out DIR --tasks {GEN_TASK} --seeds "
+            f"{','.join(str(s) for s in seeds)} --gen-steps {st['gen_steps']} --gen-samples "
+            f"{st['gen_samples']} --nfe {','.join(str(n) for n in nfes)}`", ""]
+  return lines
+
+
+def settings_of(args: argparse.Namespace, task: str) -> dict:
+  """The settings a task's records depend on (a rerun with others trains and scores anew)."""
+  keys = (("gen_steps", "gen_samples") if task == GEN_TASK
+          else ("steps", "validate_every", "patience", "val_nfe"))
+  return {k: getattr(args, k) for k in keys}
+
+
+def _key(r: dict) -> tuple:
+  return r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]
+
+
+def first_nfe(rows: list[dict], level: float) -> int | None:
+  """The fewest NFE whose PSNR reaches `level` (rows of one objective, sampler and seed)."""
+  hits = [r["nfe"] for r in rows if r["metrics"]["psnr"]["model"] >= level]
+  return min(hits) if hits else None
+
+
+def steps_to(validation: list[dict], level: float) -> int | None:
+  hits = [v["step"] for v in validation if v.get("psnr", -np.inf) >= level]
+  return min(hits) if hits else None
+
+
+def markdown(records: list[dict], runs: dict) -> str:
+  """The page: one block per task, from the records alone (their settings included)."""
+  from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
+  lines = ["# Flow matching against Gaussian diffusion at equal NFE (full3d, CPU recipes)", "",
+           "The same full3d U-Net, recipe, data stream and seed per task, trained once per "
+           "objective; each objective's checkpoint chosen by validation PSNR at a fixed number "
+           "of network evaluations (validation set disjoint from training and test), "
+           "then scored on the WHOLE held-out region of the test split at each NFE. DDIM (eta 0): "
+           "N steps = N NFE; Euler: N steps = N NFE; Heun: N/2 steps = N NFE. Metrics in original "
+           "units inside the target's body mask, PSNR/SSIM over the target preset's range; "
+           "classical references tuned on the training region only. Mean ± std over the seeds "
+           "listed.", ""]
+  for task in dict.fromkeys(r["task"] for r in records):
+    rows = [r for r in records if r["task"] == task]
+    if task == GEN_TASK:
+      lines += gen_markdown(rows, runs)
+      continue
+    first = rows[0]
+    st = first["settings"]
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [f"## {task}", "", f"Scored: split {first['split']!r}, region {first['region']}, "
+              f"mask {first['mask']}, data range {first['data_range']}; seeds {seeds}.", ""]
+    ref_rows = [r for r in rows if r.get("references")]
+    best_ref, best_ref_psnr = None, None
+    if ref_rows:
+      m = ref_rows[0]["metrics"]
+      names = [n for n in m["psnr"] if n not in ("model",)]
+      refs = [n for n in names if n not in ("input", "train_mean")]
+      best_ref = max(refs, key=lambda n: m["psnr"][n]) if refs else None
+      best_ref_psnr = m["psnr"][best_ref] if best_ref else None
+      lines += ["| reference (no training) | PSNR (dB) | SSIM |", "|---|---:|---:|"]
+      for n in names:
+        label = {"input": "input (floor)", "train_mean": "training-target body mean (floor)"}.get(
+            n) or references.table_label(n, {"label": references.LABELS.get(n, n),
+                                             "params": ref_rows[0]["references"].get(n, {})})
+        lines.append(f"| {label}{' **(best)**' if n == best_ref else ''} | "
+                     f"{m['psnr'][n]:.2f} | {m['ssim'][n]:.4f} |")
+      lines.append("")
+    nfes = sorted({r["nfe"] for r in rows})
+    lines += ["PSNR (dB) / SSIM of the validation-selected checkpoint per NFE:", "",
+              "| objective, sampler | selected step | " + " | ".join(f"NFE {n}" for n in nfes)
+              + " |", "|---|---|" + "---:|" * len(nfes)]
+    summary = []
+    for obj in OBJECTIVES:
+      for smp in SAMPLERS[obj]:
+        rs = [r for r in rows if r["objective"] == obj and r["sampler"] == smp]
+        if not rs:
+          continue
+        cells = []
+        for n in nfes:
+          at = [r for r in rs if r["nfe"] == n]
+          cells.append("-" if not at else
+                       f"{lvc._mean_std([r['metrics']['psnr']['model'] for r in at])} / "
+                       f"{lvc._mean_std([r['metrics']['ssim']['model'] for r in at], '.3f')}")
+        steps = ", ".join(str(s) for s in sorted({r["best_step"] for r in rs}))
+        param = runs.get(f"{task}/{obj}/{rs[0]['seed']}", {}).get("parameterization", "?")
+        lines.append(f"| {obj} ({param} head), {smp} | {steps} | " + " | ".join(cells) + " |")
+        for seed in seeds:
+          own = [r for r in rs if r["seed"] == seed]
+          if not own:
+            continue
+          best = max(r["metrics"]["psnr"]["model"] for r in own)
+          summary.append((obj, smp, seed, first_nfe(own, best - OWN_BEST_MARGIN_DB), best,
+                          first_nfe(own, best_ref_psnr) if best_ref_psnr is not None else None))
+    lines += ["", f"Fewest NFE to a quality (per seed): within {OWN_BEST_MARGIN_DB} dB of the "
+              "sampler's own best, and reaching the best classical reference"
+              + (f" ({best_ref}, {best_ref_psnr:.2f} dB)" if best_ref else "") + ":", "",
+              "| objective, sampler | seed | best PSNR over NFE | NFE to own best - "
+              f"{OWN_BEST_MARGIN_DB} dB | NFE to the best reference |", "|---|---|---:|---:|---:|"]
+    for obj, smp, seed, n_own, best, n_ref in summary:
+      lines.append(f"| {obj}, {smp} | {seed} | {best:.2f} | {n_own} | "
+                   f"{'not reached' if n_ref is None else n_ref} |")
+    lines += ["", f"Training steps to a validation quality (validation PSNR at {st['val_nfe']} "
+              "NFE, validated every "
+              f"{st['validate_every']} steps; level = the lower of the two objectives' best):", "",
+              "| seed | level (dB) | " + " | ".join(f"{o}: steps" for o in OBJECTIVES)
+              + " | " + " | ".join(f"{o}: best val (step)" for o in OBJECTIVES)
+              + " | " + " | ".join(f"{o}: training min" for o in OBJECTIVES) + " |",
+              "|---|---:|" + "---:|" * (3 * len(OBJECTIVES))]
+    for seed in seeds:
+      tr = {o: runs.get(f"{task}/{o}/{seed}") for o in OBJECTIVES}
+      if not all(tr.values()):
+        continue
+      bests = {o: max(tr[o]["validation"], key=lambda v: v.get("psnr", -np.inf))
+               for o in OBJECTIVES}
+      level = min(b["psnr"] for b in bests.values())
+      lines.append(f"| {seed} | {level:.2f} | "
+                   + " | ".join(str(steps_to(tr[o]["validation"], level)) for o in OBJECTIVES)
+                   + " | " + " | ".join(f"{bests[o]['psnr']:.2f} ({bests[o]['step']})"
+                                        for o in OBJECTIVES)
+                   + " | " + " | ".join(f"{tr[o]['train_seconds'] / 60:.1f}" if
+                                        tr[o]["train_seconds"] else "-" for o in OBJECTIVES)
+                   + " |")
+    lines += ["", f"Command: `python experiments/flow_nfe.py --out DIR --tasks {task} "
+              f"--seeds {','.join(str(s) for s in seeds)} --steps {st['steps']} --validate-every "
+              f"{st['validate_every']} --patience {st['patience']} --val-nfe {st['val_nfe']} --nfe "
+              f"{','.join(str(n) for n in nfes)}`", ""]
+  return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--tasks", default="pet_denoise,mri_t1_t2")
+  p.add_argument("--seeds", default="0")
+  p.add_argument("--steps", type=int, default=2000)
+  p.add_argument("--validate-every", type=int, default=500)
+  p.add_argument("--patience", type=int, default=3)
+  p.add_argument("--val-nfe", type=int, default=8)
+  p.add_argument("--nfe", default="1,2,4,8,16")
+  p.add_argument("--gen-steps", type=int, default=1000, help="ct_gen: steps per PRDiT stage")
+  p.add_argument("--gen-samples", type=int, default=8, help="ct_gen: draws per NFE")
+  p.add_argument("--source", default=None, help="the shared volumes (default ../shared/data)")
+  p.add_argument("--report-only", action="store_true")
+  args = p.parse_args(argv)
+  args.tasks = [t for t in args.tasks.split(",") if t]
+  unknown = [t for t in args.tasks if t not in TASKS]
+  if unknown:
+    p.error(f"unknown task(s) {unknown}; known: {TASKS}")
+  args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  args.nfe = sorted(int(n) for n in args.nfe.split(",") if n.strip())
+  if not args.nfe or min(args.nfe) < 1 or args.val_nfe < 1:
+    p.error("--nfe and --val-nfe take positive integers")
+  # the fields learned_vs_classical.recipe reads
+  args.lr, args.schedule, args.set, args.tag = 0.0, "constant", [], ""
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+  for noisy in ("absl", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from jaxvol import fileio  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "flow_nfe.json"
+  saved = json.loads(path.read_text()) if path.exists() else {}
+  records, runs = saved.get("records", []), saved.get("runs", {})
+
+  def save():
+    fileio.write_json_atomic(str(path), {"records": records, "runs": runs})
+    fileio.write_text_atomic(str(out / "flow_nfe.md"), markdown(records, runs))
+
+  if args.report_only:
+    save()
+    return records
+  for task in args.tasks:
+    settings = settings_of(args, task)
+    store = experiment.task_store(out, task, args.source)
+    task_dir = out / "runs" / task
+    if task == GEN_TASK:
+      for seed in args.seeds:
+        for obj in OBJECTIVES:
+          c, workdir, run = train_gen(obj, seed, store, out, args)
+          runs[f"{task}/{obj}/{seed}"] = {**run, "settings": settings}
+          save()
+          for smp in GEN_SAMPLERS[obj]:
+            for nfe in args.nfe:
+              key = (task, obj, smp, nfe, seed)
+              cs = gen_sampler_config(c, obj, smp, nfe)
+              if cs is None or any(_key(r) == key and r["settings"] == settings
+                                   for r in records):
+                continue
+              rec = {"task": task, "objective": obj, "sampler": smp, "nfe": nfe, "seed": seed,
+                     "settings": settings, **draw(cs, workdir)}
+              records = [r for r in records if _key(r) != key] + [rec]
+              save()
+              print(f"-- {task}/{obj}/{smp}/NFE {nfe}/seed {seed}: FD {rec['gen']['fid']:.3f}",
+                    flush=True)
+      continue
+    for seed in args.seeds:
+      for obj in OBJECTIVES:
+        c, workdir, run = train_one(task, obj, seed, store, out, args)
+        runs[f"{task}/{obj}/{seed}"] = {**run, "settings": settings}
+        save()
+        with_refs = not any(r["task"] == task and r.get("references") for r in records)
+        for smp in SAMPLERS[obj]:
+          for nfe in args.nfe:
+            key = (task, obj, smp, nfe, seed)
+            done = [r for r in records if _key(r) == key and r["settings"] == settings]
+            if done:
+              continue
+            cs = sampler_config(c, obj, smp, nfe)
+            if cs is None:
+              continue
+            rec = {"task": task, "objective": obj, "sampler": smp, "nfe": nfe, "seed": seed,
+                   "settings": settings,
+                   **score(cs, workdir, f"eval_{smp}{nfe}", task_dir, with_refs)}
+            with_refs = False
+            records = [r for r in records if _key(r) != key] + [rec]
+            save()
+            print(f"-- {task}/{obj}/{smp}/NFE {nfe}/seed {seed}: "
+                  f"{rec['metrics']['psnr']['model']:.2f} dB (step {rec['best_step']})",
+                  flush=True)
+  save()
+  return records
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  main()
