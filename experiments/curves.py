@@ -188,7 +188,6 @@ def references_of(summary: dict) -> dict:
 def run_method(task: str, name: str, store: str, out: pathlib.Path, args, records: list[dict],
                save) -> list[dict]:
   """Trains one method segment by segment and evaluates it at every scheduled step."""
-  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
   _, _, diffusion = METHODS[name]
   config = make_config(task, name, store, args)
   workdir = out / "runs" / task / name
@@ -205,7 +204,7 @@ def run_method(task: str, name: str, store: str, out: pathlib.Path, args, record
     c = config.copy_and_resolve_references()
     c.train.steps = step
     t0 = time.time()
-    result = loop.train(c, str(workdir))
+    result = experiment.train(c, workdir)
     if result["step"] < step:
       raise SystemExit(f"{task}/{name}: training stopped at step {result['step']} of {step} "
                        f"({result.get('stopped')}); run again to resume from {workdir}")

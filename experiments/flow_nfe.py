@@ -94,7 +94,7 @@ def train_one(task: str, objective: str, seed: int, store: str, out: pathlib.Pat
   c = run_config(task, objective, store, seed, args)
   workdir = out / "runs" / task / objective / f"seed{seed}"
   workdir.mkdir(parents=True, exist_ok=True)
-  result = loop.train(c, str(workdir), validate=evaluate.validator(c, str(workdir)))
+  result = experiment.train(c, workdir, validate=evaluate.validator(c, str(workdir)))
   progress = loop.read_progress(str(workdir))
   return c, workdir, {"steps": result["step"], "stopped": result.get("stopped"),
                       "parameterization": c.diffusion.parameterization if objective == "diffusion"
@@ -139,9 +139,12 @@ def gen_config(objective: str, stage: int, store: str, seed: int, args: argparse
 
 
 def gen_sampler_config(c, objective: str, sampler: str, nfe: int):
-  """c drawing with `sampler` at `nfe` network evaluations; None where it cannot (Heun, odd)."""
+  """c drawing with `sampler` at `nfe` network evaluations; None where it cannot (Heun at an odd
+  NFE; PRDiT's diffusion at an NFE that does not divide its T levels, the authors' grid)."""
   c = c.copy_and_resolve_references()
   if objective == "diffusion":
+    if c.prdit.num_steps % nfe:
+      return None
     c.prdit.sampler, c.prdit.sample_steps = "euler", nfe
   elif sampler == "euler":
     c.flow.solver, c.flow.sample_steps = "euler", nfe
@@ -164,7 +167,7 @@ def train_gen(objective: str, seed: int, store: str, out: pathlib.Path, args: ar
     workdir = root / f"stage{stage}"
     workdir.mkdir(parents=True, exist_ok=True)
     c = gen_config(objective, stage, store, seed, args, str(root / "stage1") if stage == 2 else "")
-    result = loop.train(c, str(workdir))
+    result = experiment.train(c, workdir)
     progress = loop.read_progress(str(workdir))
     record[f"stage{stage}_steps"] = result["step"]
     record[f"stage{stage}_final_loss"] = progress[-1].get("loss") if progress else None

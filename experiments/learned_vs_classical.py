@@ -153,7 +153,7 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
   workdir = out / "runs" / task / (method + (f"-{tag}" if tag else "")) / f"seed{seed}"
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  result = loop.train(c, str(workdir), validate=evaluate.validator(c, str(workdir)))
+  result = experiment.train(c, workdir, validate=evaluate.validator(c, str(workdir)))
   trained = time.time() - t0
   # The references are tuned once per task (the tuning reads training data only, and the same
   # for every run of the task): their cache travels between the task's workdirs.

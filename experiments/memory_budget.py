@@ -367,7 +367,7 @@ def run_method(name: str, store: str, out: pathlib.Path, args: argparse.Namespac
     ckpt.close()
   if not (done and timing_path.is_file()):
     t0 = time.time()
-    result = loop.train(config, str(workdir))
+    result = experiment.train(config, workdir)
     if result["step"] < args.steps:
       raise SystemExit(f"{name}: training stopped at step {result['step']} of {args.steps}; run "
                        f"again to resume from {workdir}")

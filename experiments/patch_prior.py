@@ -57,7 +57,6 @@ from jaxvol.eval import pnp as pnp_eval  # pylint: disable=wrong-import-position
 from jaxvol.inverse import operators as ops  # pylint: disable=wrong-import-position
 from jaxvol.inverse import priors  # pylint: disable=wrong-import-position
 from jaxvol.inverse import solvers  # pylint: disable=wrong-import-position
-from jaxvol.train import loop  # pylint: disable=wrong-import-position
 from jaxvol.parallel import cost as cost_lib  # pylint: disable=wrong-import-position
 
 TASKS = {"mri_r4": ("mri", "r4"), "mri_r8": ("mri", "r8"), "sr_x2": ("sr", "x2"),
@@ -100,7 +99,7 @@ def ensure_prior(variant: str, store: str, prior_dir: pathlib.Path, log=print) -
   c.mesh.data = math.gcd(c.data.batch_size, jax.local_device_count())
   if not (prior_dir / "DONE").exists():
     log(f"training the prior ({variant}) into {prior_dir}")
-    loop.train(c, str(prior_dir))
+    experiment.train(c, prior_dir)
     fileio.write_text_atomic(str(prior_dir / "DONE"), "trained\n")
 
 

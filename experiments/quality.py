@@ -432,7 +432,6 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
   from jaxvol.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.eval import references as references_lib  # pylint: disable=g-import-not-at-top
-  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
 
   method, factor = METHODS[name]
   config = make_config(task, name, store, args)
@@ -450,7 +449,7 @@ def run_one(task: str, name: str, store: str, out: pathlib.Path,
     log.info("%s/%s: reusing the finished run in %s", task, name, workdir)
   else:
     t0 = time.time()
-    result = loop.train(config, str(workdir))
+    result = experiment.train(config, workdir)
     if result["step"] < args.steps:
       raise SystemExit(f"{task}/{name}: training stopped at step {result['step']} of "
                        f"{args.steps} (signal?); run again to resume from {workdir}")

@@ -130,7 +130,7 @@ class Run:
       log(f"  step {step:5d}  psnr {m['psnr']:.2f}  ssim {m['ssim']:.3f}")
       return m
 
-    loop.train(c, self.workdir, validate=validate)
+    experiment.train(c, self.workdir, validate=validate)
     c.eval.checkpoint = "latest"
     self.params, _ = volumes.load_params(c, self.workdir)
     cost_file = pathlib.Path(self.workdir) / "train_step_cost.json"

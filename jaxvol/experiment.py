@@ -1,6 +1,6 @@
 """What the experiment scripts (experiments/*.py) share, so that they import the library rather
-than each other: the store of a task, a packaged config by name, the device's name and
-comma-separated command-line lists.
+than each other: the store of a task, a packaged config by name, training that stops the script
+when a signal stops it, the device's name and comma-separated command-line lists.
 
 The stores of the tasks come from the task registry (jaxvol.data.tasks): the quick start's
 phantom for `demo` (jaxvol.data.phantoms), `jaxvol prepare` for every other task.
@@ -39,6 +39,19 @@ def packaged_config(name: str, variant: str | None = None):
   if name not in configs.names():
     raise ValueError(f"unknown config {name!r}; packaged: {', '.join(configs.names())}")
   return importlib.import_module(f"jaxvol.configs.{name}").get_config(variant)
+
+
+def train(config, workdir: str | os.PathLike, validate=None) -> dict:
+  """jaxvol.train.loop.train, except that a run stopped by a signal (a preempted or killed job)
+  ends the script with 128 + the signal, as `jaxvol train` does, so that nothing evaluates or
+  records a half-trained model as finished: run the same command to resume."""
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  result = loop.train(config, str(workdir), validate=validate)
+  if result.get("signal") is not None:
+    print(f"stopped by signal {result['signal']} at step {result['step']} of {workdir}: "
+          "checkpoint saved; run the same command to resume", flush=True)
+    raise SystemExit(128 + int(result["signal"]))
+  return result
 
 
 def device_name() -> str:

@@ -33,7 +33,8 @@ def test_samplers_spend_the_same_network_evaluations():
   assert runs["flow"].flow.sample_steps == 6  # the run's own config is left as it was
   gen = exp.gen_config("diffusion", 2, "STORE", 0, exp.parse_args(["--out", "x"]), "S1")
   assert gen.prdit.stage1_workdir == "S1" and gen.sample.metrics
-  assert exp.gen_sampler_config(gen, "diffusion", "euler", 7).prdit.sample_steps == 7
+  assert exp.gen_sampler_config(gen, "diffusion", "euler", 8).prdit.sample_steps == 8
+  assert exp.gen_sampler_config(gen, "diffusion", "euler", 16) is None  # 16 does not divide 1000
   fl = exp.gen_config("flow", 1, "STORE", 0, exp.parse_args(["--out", "x"]))
   assert fl.diffusion.objective == "flow" and fl.prdit.stage == 1
   assert exp.gen_sampler_config(fl, "flow", "heun", 6).flow.sample_steps == 3

@@ -131,3 +131,15 @@ def test_latent_diffusion_trains_its_autoencoder_first_and_reports_the_ceiling(t
   assert "| ldm [s] | 1 | 27.00 |" in table and table.count("(best reference)") == 1
   assert "| autoencoder (ceiling of the latent models" in table and "| 33.00 |" in table
   assert "| -1.00 |" in table  # ldm - the Gaussian; the ceiling has no difference
+
+
+def test_a_run_stopped_by_a_signal_ends_the_script_before_anything_is_scored(monkeypatch):
+  """A killed or preempted training run must not be evaluated and recorded as finished."""
+  from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop, "train", lambda c, w, validate=None: {"step": 3, "signal": 15,
+                                                                   "stopped": "signal 15"})
+  with pytest.raises(SystemExit) as stop:
+    exp.experiment.train(None, "W")
+  assert stop.value.code == 128 + 15
+  monkeypatch.setattr(loop, "train", lambda c, w, validate=None: {"step": 4, "signal": None})
+  assert exp.experiment.train(None, "W")["step"] == 4
