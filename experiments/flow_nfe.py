@@ -4,7 +4,8 @@ Usage::
 
   python experiments/flow_nfe.py --out DIR [--tasks pet_denoise,mri_t1_t2] [--seeds 0]
       [--steps 2000] [--validate-every 500] [--patience 3] [--val-nfe 8] [--nfe 1,2,4,8,16]
-      [--source ../shared/data] [--report-only]
+      [--objectives diffusion,flow,diffusion-v] [--gen-steps 1000] [--gen-samples 8]
+      [--gen-local-width W] [--source ../shared/data] [--report-only]
 
 For every task and seed, the same full-resolution 3D U-Net (full3d, the task's `cpu,heldout`
 recipe of experiments/learned_vs_classical.py: same crop, width, batch, learning rate, steps,
@@ -14,7 +15,10 @@ data stream and seed) is trained twice:
   flow       straight-line flow matching (jaxvol.diffusion.flow; t = 0 noise, t = 1 data,
              velocity head), sampled with Euler (N steps = N evaluations) and Heun (N/2 steps = N
              evaluations: it corrects every step).
-Both train with validation every K steps at the same NFE (--val-nfe) on the task's validation set
+`--objectives` adds the same DDPM with another parameterisation of the network's output
+(diffusion-v, diffusion-x0): the recipe's eps prediction is known to degrade at few DDIM steps, so
+a v- or x0-predicting DDPM is the fairer Gaussian arm at low NFE.
+All train with validation every K steps at the same NFE (--val-nfe) on the task's validation set
 (disjoint from training and test) and keep their best checkpoint by validation PSNR. That checkpoint
 is then scored on the WHOLE held-out region of the test split at every NFE of --nfe, through the
 library's one inference path (jaxvol.eval.evaluate, windows of the training crop), beside the tuned
@@ -56,6 +60,14 @@ from jaxvol import experiment  # pylint: disable=g-import-not-at-top,wrong-impor
 TASKS = ("pet_denoise", "mri_t1_t2", "demo", "ct_gen")
 GEN_TASK = "ct_gen"
 OBJECTIVES = ("diffusion", "flow")
+# --objectives for the conditional tasks: also the DDPM with another parameterisation of its
+# network's output than the recipe's (eps), e.g. diffusion-v, diffusion-x0.
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
+def base_objective(name: str) -> str:
+  """"diffusion" of "diffusion-v"; "flow" of "flow"."""
+  return name.split("-", 1)[0]
 SAMPLERS = {"diffusion": ("ddim",), "flow": ("euler", "heun")}
 GEN_SAMPLERS = {"diffusion": ("euler",), "flow": ("euler", "heun")}
 OWN_BEST_MARGIN_DB = 0.25
@@ -65,7 +77,9 @@ log = logging.getLogger("jaxvol")
 def run_config(task: str, objective: str, store: str, seed: int, args: argparse.Namespace):
   """The task's full3d CPU recipe under `objective`, validated at --val-nfe evaluations."""
   c = lvc.recipe(task, "full3d", store, seed, args)
-  c.diffusion.objective = objective
+  c.diffusion.objective = base_objective(objective)
+  if "-" in objective:
+    c.diffusion.parameterization = objective.split("-", 1)[1]
   c.diffusion.eta = 0.0
   c.diffusion.sample_steps = args.val_nfe
   c.flow.solver, c.flow.sample_steps = "euler", args.val_nfe
@@ -75,7 +89,7 @@ def run_config(task: str, objective: str, store: str, seed: int, args: argparse.
 def sampler_config(c, objective: str, sampler: str, nfe: int):
   """c sampling with `sampler` at `nfe` network evaluations; None where it cannot (Heun, odd)."""
   c = c.copy_and_resolve_references()
-  if objective == "diffusion":
+  if base_objective(objective) == "diffusion":
     c.diffusion.sample_steps = nfe
   elif sampler == "euler":
     c.flow.solver, c.flow.sample_steps = "euler", nfe
@@ -97,7 +111,8 @@ def train_one(task: str, objective: str, seed: int, store: str, out: pathlib.Pat
   result = experiment.train(c, workdir, validate=evaluate.validator(c, str(workdir)))
   progress = loop.read_progress(str(workdir))
   return c, workdir, {"steps": result["step"], "stopped": result.get("stopped"),
-                      "parameterization": c.diffusion.parameterization if objective == "diffusion"
+                      "parameterization": c.diffusion.parameterization
+                      if base_objective(objective) == "diffusion"
                       else "velocity",
                       "train_seconds": progress[-1]["seconds"] if progress else None,
                       "validation": loop.read_validation(str(workdir))}
@@ -134,8 +149,45 @@ def gen_config(objective: str, stage: int, store: str, seed: int, args: argparse
   c.train.steps, c.train.time_limit_minutes = args.gen_steps, 0.0
   c.train.checkpoint_every = max(1, args.gen_steps // 2)
   c.prdit.stage1_workdir = stage1
+  if args.gen_local_width >= 0:
+    c.prdit.local_width = args.gen_local_width
   c.sample.num, c.sample.metrics = args.gen_samples, True
   return c
+
+
+def gen_variant(args: argparse.Namespace) -> str:
+  """The name of a generation run's non-default network ("" for the `cpu` variant's)."""
+  return f"local_width={args.gen_local_width}" if args.gen_local_width >= 0 else ""
+
+
+RECON_TIMES = (0.1, 0.5, 0.9)
+
+
+def reconstruction_errors(c, workdir: pathlib.Path, crops: int = 4) -> dict:
+  """Flow only: PRDiT-FM's one-evaluation estimate x_t + (1 - t) v of `crops` seeded training
+  crops at each t of RECON_TIMES, its MSE (network units), beside the crops' variance (the MSE of
+  predicting their mean, which any useful estimate beats)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxvol import methods  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import volumes  # pylint: disable=g-import-not-at-top
+  method = methods.build(c, jax.devices()[0].platform)
+  params, _ = volumes.load_params(c, str(workdir))
+  store = store_lib.Store(c.data.store)
+  crop = pipeline.CropAndFlip(store, {"target": c.data.target}, tuple(c.data.crop_size),
+                              flips=False, region=c.data.train_region or None)
+  subject = store.subjects(c.data.train_split)[0]["id"]
+  xs = [jnp.asarray(crop({"subject": subject}, np.random.default_rng(i))["target"][None])
+        for i in range(crops)]
+  run = jax.jit(lambda p, x, k, t: jnp.mean(jnp.square(method.reconstruct(p, x, k, t)[0] - x)),
+                static_argnums=3)
+  out = {"crops": crops, "data_variance": float(np.mean([float(jnp.var(x)) for x in xs]))}
+  for t in RECON_TIMES:
+    out[f"mse_t{t}"] = float(np.mean([float(run(params, x, jax.random.PRNGKey(i), t))
+                                      for i, x in enumerate(xs)]))
+  return out
 
 
 def gen_sampler_config(c, objective: str, sampler: str, nfe: int):
@@ -159,7 +211,8 @@ def train_gen(objective: str, seed: int, store: str, out: pathlib.Path, args: ar
   """Both PRDiT stages under `objective` (resumed from their checkpoints); (stage-2 config,
   stage-2 workdir, training record)."""
   from jaxvol.train import loop  # pylint: disable=g-import-not-at-top
-  root = out / "runs" / GEN_TASK / objective / f"seed{seed}"
+  variant = gen_variant(args)
+  root = out / "runs" / GEN_TASK / (objective + (f"-{variant}" if variant else "")) / f"seed{seed}"
   record = {"train_seconds": 0.0, "parameterization": "velocity" if objective == "flow"
             else "x0 and eps (PRDiT's two heads)"}
   c = None
@@ -173,6 +226,8 @@ def train_gen(objective: str, seed: int, store: str, out: pathlib.Path, args: ar
     record[f"stage{stage}_final_loss"] = progress[-1].get("loss") if progress else None
     record["train_seconds"] += progress[-1]["seconds"] if progress else 0.0
   record["steps"] = record["stage2_steps"]
+  if objective == "flow":
+    record["reconstruction"] = reconstruction_errors(c, root / "stage2")
   return c, root / "stage2", record
 
 
@@ -190,60 +245,88 @@ def draw(c, workdir: pathlib.Path) -> dict:
 
 
 def gen_markdown(rows: list[dict], runs: dict) -> list[str]:
-  first, st = rows[0]["gen"], rows[0]["settings"]
+  first = rows[0]["gen"]
   nfes = sorted({r["nfe"] for r in rows})
   seeds = sorted({r["seed"] for r in rows})
+  steps = sorted({r["settings"]["gen_steps"] for r in rows})
   lines = [f"## {GEN_TASK} (PRDiT `cpu`, generation)", "",
-           f"Each objective: both stages trained {st['gen_steps']} steps, the last checkpoint; "
-           f"{first['n_fake']} draws per NFE against {first['real']}; features: "
+           f"Each objective: both stages trained {', '.join(map(str, steps))} steps, the last "
+           f"checkpoint; {first['n_fake']} draws per NFE against {first['real']}; features: "
            f"{first['feature_network']} (protocol {first['protocol']!r}). "
            + (first.get("note") or "") + f" Seeds {seeds}; lower FD/MMD is closer to the real "
-           "crops; MS-SSIM diversity near the real crops' is better.", "",
-           "| objective, sampler | quantity | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-           "|---|---|" + "---:|" * len(nfes)]
+           "crops; MS-SSIM diversity near the real crops' is better. [local_width=0]: the local "
+           "denoiser on the raw 12^3 window (the paper's layout) instead of the `cpu` variant's "
+           "64-wide bottleneck.", "",
+           "| objective [network], sampler | quantity | " + " | ".join(f"NFE {n}" for n in nfes)
+           + " |", "|---|---|" + "---:|" * len(nfes)]
+  variants = list(dict.fromkeys(r.get("variant", "") for r in rows))
   for obj in OBJECTIVES:
-    for smp in GEN_SAMPLERS[obj]:
-      rs = [r for r in rows if r["objective"] == obj and r["sampler"] == smp]
-      if not rs:
-        continue
-      for key, label, spec in (("fid", first["fid_label"], ".3f"),
-                               ("mmd", first["mmd_label"], ".3f"),
-                               ("ms_ssim_diversity", "MS-SSIM diversity", ".3f")):
-        cells = []
-        for n in nfes:
-          at = [r["gen"][key] for r in rs if r["nfe"] == n and r["gen"].get(key) is not None]
-          cells.append(lvc._mean_std(at, spec) if at else "-")
-        lines.append(f"| {obj}, {smp} | {label} | " + " | ".join(cells) + " |")
+    for variant in variants:
+      for smp in GEN_SAMPLERS[obj]:
+        rs = [r for r in rows if r["objective"] == obj and r["sampler"] == smp
+              and r.get("variant", "") == variant]
+        if not rs:
+          continue
+        name = obj + (f" [{variant}]" if variant else "")
+        for key, label, spec in (("fid", first["fid_label"], ".3f"),
+                                 ("mmd", first["mmd_label"], ".3f"),
+                                 ("ms_ssim_diversity", "MS-SSIM diversity", ".3f")):
+          cells = []
+          for n in nfes:
+            at = [r["gen"][key] for r in rs if r["nfe"] == n and r["gen"].get(key) is not None]
+            cells.append(lvc._mean_std(at, spec) if at else "-")
+          lines.append(f"| {name}, {smp} | {label} | " + " | ".join(cells) + " |")
   real = [r["gen"]["ms_ssim_diversity_real"] for r in rows
           if r["gen"].get("ms_ssim_diversity_real") is not None]
   if real:
     lines += ["", f"MS-SSIM among the real crops: {real[0]:.3f}."]
-  lines += ["", "| objective | seed | stage-1 loss (last log) | stage-2 loss (last log) | "
-            "training min (both stages) |", "|---|---|---:|---:|---:|"]
-  for obj in OBJECTIVES:
-    for seed in seeds:
-      tr = runs.get(f"{GEN_TASK}/{obj}/{seed}")
-      if tr:
-        loss = lambda k: "-" if tr.get(k) is None else f"{tr[k]:.4f}"
-        lines.append(f"| {obj} ({tr['parameterization']}) | {seed} | {loss('stage1_final_loss')} "
-                     f"| {loss('stage2_final_loss')} | {tr['train_seconds'] / 60:.1f} |")
+  lines += ["", "Training, and for flow PRDiT-FM's one-evaluation estimate x_t + (1 - t) v of 4 "
+            "training crops (MSE in network units; predicting the crops' mean scores their "
+            "variance, the last column):", "",
+            "| objective [network] | seed | stage-1 loss (last log) | stage-2 loss (last log) | "
+            "training min (both stages) | " + " | ".join(f"estimate MSE at t = {t}"
+                                                         for t in RECON_TIMES)
+            + " | crops' variance |", "|---|---|---:|---:|---:|" + "---:|" * (len(RECON_TIMES) + 1)]
+  for key, tr in runs.items():
+    if not key.startswith(GEN_TASK + "/"):
+      continue
+    name, seed = key[len(GEN_TASK) + 1:].rsplit("/", 1)
+    loss = lambda k, tr=tr: "-" if tr.get(k) is None else f"{tr[k]:.4f}"
+    rec = tr.get("reconstruction") or {}
+    cells = [f"{rec[f'mse_t{t}']:.4f}" if f"mse_t{t}" in rec else "-" for t in RECON_TIMES]
+    lines.append(f"| {name} ({tr['parameterization']}) | {seed} | {loss('stage1_final_loss')} | "
+                 f"{loss('stage2_final_loss')} | {tr['train_seconds'] / 60:.1f} | "
+                 + " | ".join(cells) + f" | {rec['data_variance']:.4f} |" if rec else
+                 f"| {name} ({tr['parameterization']}) | {seed} | {loss('stage1_final_loss')} | "
+                 f"{loss('stage2_final_loss')} | {tr['train_seconds'] / 60:.1f} | "
+                 + " | ".join(cells) + " | - |")
   lines += ["", "The two objectives' losses are on different scales (flow: velocity MSE; "
-            "diffusion: x0 + eps MSE) and are not comparable.", "",
-            f"Command: `python experiments/flow_nfe.py --out DIR --tasks {GEN_TASK} --seeds "
-            f"{','.join(str(s) for s in seeds)} --gen-steps {st['gen_steps']} --gen-samples "
-            f"{st['gen_samples']} --nfe {','.join(str(n) for n in nfes)}`", ""]
+            "diffusion: x0 + eps MSE) and are not comparable.", ""]
+  for variant in variants:
+    st = next(r["settings"] for r in rows if r.get("variant", "") == variant)
+    extra = f" --gen-local-width {st['gen_local_width']}" if variant else ""
+    lines.append(f"Command{f' [{variant}]' if variant else ''}: `python experiments/flow_nfe.py "
+                 f"--out DIR --tasks {GEN_TASK} --seeds {','.join(str(s) for s in seeds)} "
+                 f"--gen-steps {st['gen_steps']} --gen-samples {st['gen_samples']}{extra} --nfe "
+                 f"{','.join(str(n) for n in nfes)}`")
+  lines.append("")
   return lines
 
 
 def settings_of(args: argparse.Namespace, task: str) -> dict:
   """The settings a task's records depend on (a rerun with others trains and scores anew)."""
-  keys = (("gen_steps", "gen_samples") if task == GEN_TASK
+  keys = (("gen_steps", "gen_samples", "gen_local_width") if task == GEN_TASK
           else ("steps", "validate_every", "patience", "val_nfe"))
   return {k: getattr(args, k) for k in keys}
 
 
 def _key(r: dict) -> tuple:
-  return r["task"], r["objective"], r["sampler"], r["nfe"], r["seed"]
+  return r["task"], r["objective"], r.get("variant", ""), r["sampler"], r["nfe"], r["seed"]
+
+
+def run_key(task: str, objective: str, variant: str, seed: int) -> str:
+  """The key of a training run in the record's "runs"."""
+  return f"{task}/{objective}" + (f" [{variant}]" if variant else "") + f"/{seed}"
 
 
 def first_nfe(rows: list[dict], level: float) -> int | None:
@@ -300,8 +383,9 @@ def markdown(records: list[dict], runs: dict) -> str:
               "| objective, sampler | selected step | " + " | ".join(f"NFE {n}" for n in nfes)
               + " |", "|---|---|" + "---:|" * len(nfes)]
     summary = []
-    for obj in OBJECTIVES:
-      for smp in SAMPLERS[obj]:
+    objectives = list(dict.fromkeys(r["objective"] for r in rows))
+    for obj in objectives:
+      for smp in SAMPLERS[base_objective(obj)]:
         rs = [r for r in rows if r["objective"] == obj and r["sampler"] == smp]
         if not rs:
           continue
@@ -312,7 +396,7 @@ def markdown(records: list[dict], runs: dict) -> str:
                        f"{lvc._mean_std([r['metrics']['psnr']['model'] for r in at])} / "
                        f"{lvc._mean_std([r['metrics']['ssim']['model'] for r in at], '.3f')}")
         steps = ", ".join(str(s) for s in sorted({r["best_step"] for r in rs}))
-        param = runs.get(f"{task}/{obj}/{rs[0]['seed']}", {}).get("parameterization", "?")
+        param = runs.get(run_key(task, obj, "", rs[0]['seed']), {}).get("parameterization", "?")
         lines.append(f"| {obj} ({param} head), {smp} | {steps} | " + " | ".join(cells) + " |")
         for seed in seeds:
           own = [r for r in rs if r["seed"] == seed]
@@ -332,28 +416,28 @@ def markdown(records: list[dict], runs: dict) -> str:
     lines += ["", f"Training steps to a validation quality (validation PSNR at {st['val_nfe']} "
               "NFE, validated every "
               f"{st['validate_every']} steps; level = the lower of the two objectives' best):", "",
-              "| seed | level (dB) | " + " | ".join(f"{o}: steps" for o in OBJECTIVES)
-              + " | " + " | ".join(f"{o}: best val (step)" for o in OBJECTIVES)
-              + " | " + " | ".join(f"{o}: training min" for o in OBJECTIVES) + " |",
-              "|---|---:|" + "---:|" * (3 * len(OBJECTIVES))]
+              "| seed | level (dB) | " + " | ".join(f"{o}: steps" for o in objectives)
+              + " | " + " | ".join(f"{o}: best val (step)" for o in objectives)
+              + " | " + " | ".join(f"{o}: training min" for o in objectives) + " |",
+              "|---|---:|" + "---:|" * (3 * len(objectives))]
     for seed in seeds:
-      tr = {o: runs.get(f"{task}/{o}/{seed}") for o in OBJECTIVES}
+      tr = {o: runs.get(run_key(task, o, "", seed)) for o in objectives}
       if not all(tr.values()):
         continue
       bests = {o: max(tr[o]["validation"], key=lambda v: v.get("psnr", -np.inf))
-               for o in OBJECTIVES}
+               for o in objectives}
       level = min(b["psnr"] for b in bests.values())
       lines.append(f"| {seed} | {level:.2f} | "
-                   + " | ".join(str(steps_to(tr[o]["validation"], level)) for o in OBJECTIVES)
+                   + " | ".join(str(steps_to(tr[o]["validation"], level)) for o in objectives)
                    + " | " + " | ".join(f"{bests[o]['psnr']:.2f} ({bests[o]['step']})"
-                                        for o in OBJECTIVES)
+                                        for o in objectives)
                    + " | " + " | ".join(f"{tr[o]['train_seconds'] / 60:.1f}" if
-                                        tr[o]["train_seconds"] else "-" for o in OBJECTIVES)
+                                        tr[o]["train_seconds"] else "-" for o in objectives)
                    + " |")
     lines += ["", f"Command: `python experiments/flow_nfe.py --out DIR --tasks {task} "
               f"--seeds {','.join(str(s) for s in seeds)} --steps {st['steps']} --validate-every "
               f"{st['validate_every']} --patience {st['patience']} --val-nfe {st['val_nfe']} --nfe "
-              f"{','.join(str(n) for n in nfes)}`", ""]
+              f"{','.join(str(n) for n in nfes)} --objectives {','.join(objectives)}`", ""]
   return "\n".join(lines)
 
 
@@ -367,8 +451,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--patience", type=int, default=3)
   p.add_argument("--val-nfe", type=int, default=8)
   p.add_argument("--nfe", default="1,2,4,8,16")
+  p.add_argument("--objectives", default=",".join(OBJECTIVES),
+                 help="conditional tasks: diffusion (the recipe's eps), flow, and diffusion-P "
+                      f"for a parameterisation P of {PARAMETERIZATIONS}")
   p.add_argument("--gen-steps", type=int, default=1000, help="ct_gen: steps per PRDiT stage")
   p.add_argument("--gen-samples", type=int, default=8, help="ct_gen: draws per NFE")
+  p.add_argument("--gen-local-width", type=int, default=-1,
+                 help="ct_gen: PRDiT's local denoiser width (0: the raw window, the paper's "
+                      "layout; -1: the cpu variant's); its runs and rows are kept apart")
   p.add_argument("--source", default=None, help="the shared volumes (default ../shared/data)")
   p.add_argument("--report-only", action="store_true")
   args = p.parse_args(argv)
@@ -378,6 +468,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"unknown task(s) {unknown}; known: {TASKS}")
   args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   args.nfe = sorted(int(n) for n in args.nfe.split(",") if n.strip())
+  args.objectives = [o for o in args.objectives.split(",") if o]
+  bad = [o for o in args.objectives if o not in OBJECTIVES
+         and not (base_objective(o) == "diffusion" and o.split("-", 1)[-1] in PARAMETERIZATIONS)]
+  if bad or not args.objectives:
+    p.error(f"unknown objective(s) {bad}: use {', '.join(OBJECTIVES)} or diffusion-P with P in "
+            f"{PARAMETERIZATIONS}")
   if not args.nfe or min(args.nfe) < 1 or args.val_nfe < 1:
     p.error("--nfe and --val-nfe take positive integers")
   # the fields learned_vs_classical.recipe reads
@@ -411,32 +507,33 @@ def main(argv=None) -> list[dict]:
     if task == GEN_TASK:
       for seed in args.seeds:
         for obj in OBJECTIVES:
+          variant = gen_variant(args)
           c, workdir, run = train_gen(obj, seed, store, out, args)
-          runs[f"{task}/{obj}/{seed}"] = {**run, "settings": settings}
+          runs[run_key(task, obj, variant, seed)] = {**run, "settings": settings}
           save()
           for smp in GEN_SAMPLERS[obj]:
             for nfe in args.nfe:
-              key = (task, obj, smp, nfe, seed)
+              key = (task, obj, variant, smp, nfe, seed)
               cs = gen_sampler_config(c, obj, smp, nfe)
               if cs is None or any(_key(r) == key and r["settings"] == settings
                                    for r in records):
                 continue
-              rec = {"task": task, "objective": obj, "sampler": smp, "nfe": nfe, "seed": seed,
-                     "settings": settings, **draw(cs, workdir)}
+              rec = {"task": task, "objective": obj, "variant": variant, "sampler": smp,
+                     "nfe": nfe, "seed": seed, "settings": settings, **draw(cs, workdir)}
               records = [r for r in records if _key(r) != key] + [rec]
               save()
               print(f"-- {task}/{obj}/{smp}/NFE {nfe}/seed {seed}: FD {rec['gen']['fid']:.3f}",
                     flush=True)
       continue
     for seed in args.seeds:
-      for obj in OBJECTIVES:
+      for obj in args.objectives:
         c, workdir, run = train_one(task, obj, seed, store, out, args)
-        runs[f"{task}/{obj}/{seed}"] = {**run, "settings": settings}
+        runs[run_key(task, obj, "", seed)] = {**run, "settings": settings}
         save()
         with_refs = not any(r["task"] == task and r.get("references") for r in records)
-        for smp in SAMPLERS[obj]:
+        for smp in SAMPLERS[base_objective(obj)]:
           for nfe in args.nfe:
-            key = (task, obj, smp, nfe, seed)
+            key = (task, obj, "", smp, nfe, seed)
             done = [r for r in records if _key(r) == key and r["settings"] == settings]
             if done:
               continue

@@ -31,6 +31,14 @@ def test_samplers_spend_the_same_network_evaluations():
   assert (heun.flow.solver, heun.flow.sample_steps) == ("heun", 4)  # 2 evaluations per step
   assert exp.sampler_config(runs["flow"], "flow", "heun", 5) is None
   assert runs["flow"].flow.sample_steps == 6  # the run's own config is left as it was
+  v = exp.run_config("pet_denoise", "diffusion-v", "STORE", 0, args)
+  assert (v.diffusion.objective, v.diffusion.parameterization) == ("diffusion", "v")
+  assert runs["diffusion"].diffusion.parameterization == "eps"  # the recipe's
+  assert exp.sampler_config(v, "diffusion-v", "ddim", 3).diffusion.sample_steps == 3
+  assert exp.parse_args(["--out", "x", "--objectives", "flow,diffusion-x0"]).objectives == [
+      "flow", "diffusion-x0"]
+  with pytest.raises(SystemExit):
+    exp.parse_args(["--out", "x", "--objectives", "diffusion-q"])
   gen = exp.gen_config("diffusion", 2, "STORE", 0, exp.parse_args(["--out", "x"]), "S1")
   assert gen.prdit.stage1_workdir == "S1" and gen.sample.metrics
   assert exp.gen_sampler_config(gen, "diffusion", "euler", 8).prdit.sample_steps == 8
