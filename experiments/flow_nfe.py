@@ -340,7 +340,7 @@ def steps_to(validation: list[dict], level: float) -> int | None:
   return min(hits) if hits else None
 
 
-def markdown(records: list[dict], runs: dict) -> str:
+def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
   """The page: one block per task, from the records alone (their settings included)."""
   from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
   lines = ["# Flow matching against Gaussian diffusion at equal NFE (full3d, CPU recipes)", "",
@@ -351,7 +351,7 @@ def markdown(records: list[dict], runs: dict) -> str:
            "N steps = N NFE; Euler: N steps = N NFE; Heun: N/2 steps = N NFE. Metrics in original "
            "units inside the target's body mask, PSNR/SSIM over the target preset's range; "
            "classical references tuned on the training region only. Mean ± std over the seeds "
-           "listed.", ""]
+           "listed." + (f" Machine: {machine}." if machine else ""), ""]
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
     if task == GEN_TASK:
@@ -492,10 +492,11 @@ def main(argv=None) -> list[dict]:
   path = out / "flow_nfe.json"
   saved = json.loads(path.read_text()) if path.exists() else {}
   records, runs = saved.get("records", []), saved.get("runs", {})
+  machine = saved.get("machine") or f"{experiment.device_name()}, {os.cpu_count()} cores"
 
   def save():
-    fileio.write_json_atomic(str(path), {"records": records, "runs": runs})
-    fileio.write_text_atomic(str(out / "flow_nfe.md"), markdown(records, runs))
+    fileio.write_json_atomic(str(path), {"records": records, "runs": runs, "machine": machine})
+    fileio.write_text_atomic(str(out / "flow_nfe.md"), markdown(records, runs, machine))
 
   if args.report_only:
     save()
