@@ -147,6 +147,22 @@ def test_prdit_flow_has_one_velocity_head_and_samples_from_unit_noise():
     experiment.packaged_config("prdit_ct_gen", "flow,fast")
 
 
+def test_prdit_flow_warns_when_the_local_read_out_cannot_carry_the_noise(caplog):
+  """A velocity head needs full rank per token (its -noise part); the cpu variant's 64-wide local
+  denoiser reads 512 voxels per token out of 64 features, which caps it (docs/results.md)."""
+  bottleneck = experiment.packaged_config("prdit_ct_gen", "flow,stage1,cpu")
+  assert 0 < bottleneck.prdit.local_width < bottleneck.prdit.stride ** 3
+  with caplog.at_level("WARNING"):
+    methods.build(bottleneck)
+  assert "cannot carry the noise part of the velocity" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    bottleneck.prdit.local_width = 0  # the raw window: 1,728 features per token
+    methods.build(bottleneck)
+    methods.build(experiment.packaged_config("prdit_ct_gen", "stage1,cpu"))  # x0 head: smooth
+  assert "noise part" not in caplog.text
+
+
 @pytest.mark.slow
 def test_full3d_flow_trains_and_evaluates_end_to_end(tmp_path):
   """A flow-matching full3d run through the training loop and the one evaluation path."""

@@ -48,7 +48,10 @@ Variants (comma-separated tokens):
           jaxvol.eval.evaluate.reconstruction_validator) runs with
           --config.train.validate_every=1000 on config.eval.val_split (validation volumes: the
           shipped ct_gen stores have none). With cpu/smoke the step count is those variants'
-          sample_steps.
+          sample_steps. Their narrow local denoiser (64 / 16 features read out to a token's
+          512 voxels) cannot carry the velocity's noise part, so their flow samples stay noisy
+          (a warning says so; docs/results.md, flow at equal NFE): add
+          --config.prdit.local_width=0, the paper's raw window, at several times the cost.
   cpu     64^3 crops and a tiny network that trains in minutes on 2 CPU cores.
   smoke   16^3 crops (8 tokens) and a tiny network: train and sample in seconds.
 """

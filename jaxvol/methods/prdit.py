@@ -37,6 +37,8 @@ Heun in config.flow.sample_steps steps (one scan); `reconstruct` is their stage-
 estimate at t = config.flow.val_t (0.5).
 """
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,6 +115,16 @@ class PRDiT(base.Method):
       raise ValueError(f"prdit.layout is {p.layout}, but this version builds PRDiT parameter "
                        f"layout {prdit_lib.LAYOUT_VERSION} only (see jaxvol.models.prdit)")
     self.flow = base.flow_of(self.config)
+    voxels = p.stride ** 3 * self.target_channels
+    if self.flow is not None and 0 < p.local_width < voxels:
+      # The velocity's noise part (-noise, every voxel independent) needs a full-rank read-out;
+      # a local width below the s^3 voxels of a token caps it (docs/results.md, flow at equal
+      # NFE: at local_width 64, stride 8 the one-evaluation estimate is worse than a constant).
+      logging.warning(
+          "prdit: flow matching with local_width %d < the %d voxels of a token: the local "
+          "denoiser's read-out has rank <= %d per token and cannot carry the noise part of the "
+          "velocity (samples stay noisy); use local_width=0 (the raw window, the paper's layout) "
+          "or >= %d", p.local_width, voxels, p.local_width, voxels)
     if self.flow is None:
       self.diffusion = trig.TrigDiffusion(p.num_steps, p.sigma)
       self.diffusion.sample_schedule(p.sample_steps, p.sampler)  # a clear error for a bad K now
