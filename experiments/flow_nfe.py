@@ -254,9 +254,10 @@ def gen_markdown(rows: list[dict], runs: dict) -> list[str]:
            f"checkpoint; {first['n_fake']} draws per NFE against {first['real']}; features: "
            f"{first['feature_network']} (protocol {first['protocol']!r}). "
            + (first.get("note") or "") + f" Seeds {seeds}; lower FD/MMD is closer to the real "
-           "crops; MS-SSIM diversity near the real crops' is better. [local_width=0]: the local "
-           "denoiser on the raw 12^3 window (the paper's layout) instead of the `cpu` variant's "
-           "64-wide bottleneck.", "",
+           "crops; MS-SSIM diversity near the real crops' is better."
+           + (" [local_width=W]: the local denoiser's width W (0: the raw 12^3 window, the "
+              "paper's layout) instead of the `cpu` variant's 64."
+              if any(r.get("variant") for r in rows) else ""), "",
            "| objective [network], sampler | quantity | " + " | ".join(f"NFE {n}" for n in nfes)
            + " |", "|---|---|" + "---:|" * len(nfes)]
   variants = list(dict.fromkeys(r.get("variant", "") for r in rows))
@@ -343,8 +344,8 @@ def steps_to(validation: list[dict], level: float) -> int | None:
 def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
   """The page: one block per task, from the records alone (their settings included)."""
   from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
-  lines = ["# Flow matching against Gaussian diffusion at equal NFE (full3d, CPU recipes)", "",
-           "The same full3d U-Net, recipe, data stream and seed per task, trained once per "
+  lines = ["# Flow matching against Gaussian diffusion at equal NFE", "",
+           "Conditional tasks: the same full3d U-Net, recipe, data stream and seed per task, trained once per "
            "objective; each objective's checkpoint chosen by validation PSNR at a fixed number "
            "of network evaluations (validation set disjoint from training and test), "
            "then scored on the WHOLE held-out region of the test split at each NFE. DDIM (eta 0): "
