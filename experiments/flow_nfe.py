@@ -253,7 +253,8 @@ def gen_markdown(rows: list[dict], runs: dict) -> list[str]:
            f"Each objective: both stages trained {', '.join(map(str, steps))} steps, the last "
            f"checkpoint; {first['n_fake']} draws per NFE against {first['real']}; features: "
            f"{first['feature_network']} (protocol {first['protocol']!r}). "
-           + (first.get("note") or "") + f" Seeds {seeds}; lower FD/MMD is closer to the real "
+           + (f"{first['note'][0].upper()}{first['note'][1:]}." if first.get("note") else "")
+           + f" Seeds {seeds}; lower FD/MMD is closer to the real "
            "crops; MS-SSIM diversity near the real crops' is better."
            + (" [local_width=W]: the local denoiser's width W (0: the raw 12^3 window, the "
               "paper's layout) instead of the `cpu` variant's 64."
@@ -416,7 +417,8 @@ def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
                    f"{'not reached' if n_ref is None else n_ref} |")
     lines += ["", f"Training steps to a validation quality (validation PSNR at {st['val_nfe']} "
               "NFE, validated every "
-              f"{st['validate_every']} steps; level = the lower of the two objectives' best):", "",
+              f"{st['validate_every']} steps; level = the lowest of the objectives' best; training "
+              "minutes as the loop measured them, on a machine other jobs may have shared):", "",
               "| seed | level (dB) | " + " | ".join(f"{o}: steps" for o in objectives)
               + " | " + " | ".join(f"{o}: best val (step)" for o in objectives)
               + " | " + " | ".join(f"{o}: training min" for o in objectives) + " |",
