@@ -353,7 +353,7 @@ def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
            "N steps = N NFE; Euler: N steps = N NFE; Heun: N/2 steps = N NFE. Metrics in original "
            "units inside the target's body mask, PSNR/SSIM over the target preset's range; "
            "classical references tuned on the training region only. Mean ± std over the seeds "
-           "listed." + (f" Machine: {machine}." if machine else ""), ""]
+           "listed.", ""]
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
     if task == GEN_TASK:
@@ -441,7 +441,11 @@ def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
               f"--seeds {','.join(str(s) for s in seeds)} --steps {st['steps']} --validate-every "
               f"{st['validate_every']} --patience {st['patience']} --val-nfe {st['val_nfe']} --nfe "
               f"{','.join(str(n) for n in nfes)} --objectives {','.join(objectives)}`", ""]
-  return "\n".join(lines)
+  # Every block's command goes to the page's head line, with the machine.
+  commands = [line.split(": ", 1)[1] for line in lines if line.startswith("Command")]
+  body = [line for line in lines if not line.startswith("Command")]
+  head = "Commands: " + "; ".join(commands) + f"; machine: {machine or 'not recorded'}."
+  return "\n".join(body[:2] + [head, ""] + body[2:])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,6 +32,7 @@ from typing import Callable
 
 import attention_memory
 import curves
+import flow_nfe
 import learned_vs_classical
 import memory
 import memory_budget
@@ -206,6 +207,8 @@ PAGES = {
     # Pages their scripts already wrote in their own format; rendered again to catch drift.
     "learned_vs_classical_cpu": Page("learned_vs_classical", lambda d, load:
                                      learned_vs_classical.markdown(d["records"], None)),
+    "flow_nfe_cpu": Page("flow_nfe", lambda d, load: flow_nfe.markdown(
+        d["records"], d["runs"], d.get("machine", ""))),
     "curves_cpu": Page("curves", lambda d, load: curves.markdown(
         d["records"], _curves_args(d["settings"]))),
     "memory_budget_cpu": Page("memory_budget", lambda d, load: memory_budget.markdown(d)),
