@@ -52,10 +52,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import learned_vs_classical as lvc  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from jaxvol import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+import learned_vs_classical as lvc  # a sibling script (`python experiments/NAME.py` finds it)
+from jaxvol import experiment
 
 TASKS = ("pet_denoise", "mri_t1_t2", "demo", "ct_gen")
 GEN_TASK = "ct_gen"
