@@ -89,12 +89,16 @@ def sampler_config(c, objective: str, sampler: str, nfe: int):
   c = c.copy_and_resolve_references()
   if base_objective(objective) == "diffusion":
     c.diffusion.sample_steps = nfe
-  elif sampler == "euler":
-    c.flow.solver, c.flow.sample_steps = "euler", nfe
-  else:
-    if nfe % 2:
-      return None
-    c.flow.solver, c.flow.sample_steps = "heun", nfe // 2
+    return c
+  return _flow_sampler(c, sampler, nfe)
+
+
+def _flow_sampler(c, sampler: str, nfe: int):
+  """c (a copy) solving the flow ODE with `sampler` in `nfe` evaluations (Euler: nfe steps, Heun:
+  nfe / 2); None for Heun at an odd NFE."""
+  if sampler == "heun" and nfe % 2:
+    return None
+  c.flow.solver, c.flow.sample_steps = sampler, nfe if sampler == "euler" else nfe // 2
   return c
 
 
@@ -196,13 +200,8 @@ def gen_sampler_config(c, objective: str, sampler: str, nfe: int):
     if c.prdit.num_steps % nfe:
       return None
     c.prdit.sampler, c.prdit.sample_steps = "euler", nfe
-  elif sampler == "euler":
-    c.flow.solver, c.flow.sample_steps = "euler", nfe
-  else:
-    if nfe % 2:
-      return None
-    c.flow.solver, c.flow.sample_steps = "heun", nfe // 2
-  return c
+    return c
+  return _flow_sampler(c, sampler, nfe)
 
 
 def train_gen(objective: str, seed: int, store: str, out: pathlib.Path, args: argparse.Namespace):
@@ -342,7 +341,6 @@ def steps_to(validation: list[dict], level: float) -> int | None:
 
 def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
   """The page: one block per task, from the records alone (their settings included)."""
-  from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
   lines = ["# Flow matching against Gaussian diffusion at equal NFE", "",
            "Conditional tasks: the same full3d U-Net, recipe, data stream and seed per task, trained once per "
            "objective; each objective's checkpoint chosen by validation PSNR at a fixed number "
@@ -372,9 +370,7 @@ def markdown(records: list[dict], runs: dict, machine: str = "") -> str:
       best_ref_psnr = m["psnr"][best_ref] if best_ref else None
       lines += ["| reference (no training) | PSNR (dB) | SSIM |", "|---|---:|---:|"]
       for n in names:
-        label = {"input": "input (floor)", "train_mean": "training-target body mean (floor)"}.get(
-            n) or references.table_label(n, {"label": references.LABELS.get(n, n),
-                                             "params": ref_rows[0]["references"].get(n, {})})
+        label = lvc.prediction_label(n, ref_rows[0]["references"])
         lines.append(f"| {label}{' **(best)**' if n == best_ref else ''} | "
                      f"{m['psnr'][n]:.2f} | {m['ssim'][n]:.4f} |")
       lines.append("")

@@ -207,7 +207,6 @@ def _mean_std(values, spec: str = ".2f") -> str:
 
 def markdown(records: list[dict], args: argparse.Namespace) -> str:
   """One block per task: floors, references, methods (mean ± std over seeds)."""
-  from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
   lines = ["# Learned vs classical", "",
            "Each learned row: the checkpoint chosen by validation PSNR during training (validation "
            "set disjoint from training and test), scored on the WHOLE held-out region of the test "
@@ -228,10 +227,7 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
     best_ref = max(refs, key=lambda n: shared[n]) if refs else None
     for name in ("input", "train_mean", *refs):
       if name in shared:
-        label = {"input": "input (floor)", "train_mean": "training-target body mean (floor)"}.get(
-            name) or references.table_label(
-                name, {"label": references.LABELS.get(name, name),
-                       "params": first["references"].get(name, {})})
+        label = prediction_label(name, first["references"])
         lines.append(f"| {label}{' **(best reference)**' if name == best_ref else ''} | - | "
                      f"{shared[name]:.2f} | {first['metrics']['ssim'][name]:.4f} | "
                      f"{first['metrics']['hfen'][name]:.4f} | - | - | - | - |")
@@ -255,6 +251,15 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
       lines.append(f"Command ({variant}): `{command_of([r for r in rows if variant_of(r) == variant])}`")
     lines.append("")
   return "\n".join(lines)
+
+
+def prediction_label(name: str, params: dict) -> str:
+  """A table's name for a floor or a classical reference (`params`: {reference: its tuned
+  parameters}, as the records keep them)."""
+  from jaxvol.eval import references  # pylint: disable=g-import-not-at-top
+  floors = {"input": "input (floor)", "train_mean": "training-target body mean (floor)"}
+  return floors.get(name) or references.table_label(
+      name, {"label": references.LABELS.get(name, name), "params": params.get(name, {})})
 
 
 def command_of(records: list[dict]) -> str:
