@@ -5,6 +5,7 @@ jaxvol.train.checkpoint.restore_selected, jaxvol.eval.evaluate.validator)."""
 import json
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -119,6 +120,34 @@ def test_resumed_run_keeps_the_best_and_drops_later_records(tiny_store, peaked, 
   records = loop.read_validation(workdir)
   assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12, 14]
   assert result["best_step"] == 4 and records[-1]["best_step"] == 4  # 24 < 25: still step 4
+  assert ckpt_lib.restore_selected(workdir, "best").step == 4
+
+
+class SignalAfter(FakeValidation):
+  """FakeValidation that sends itself SIGTERM while validating `step`: the signal lands during
+  a validation and acts at the next step."""
+
+  def __init__(self, step):
+    super().__init__()
+    self.step = step
+
+  def __call__(self, params, step):
+    if step == self.step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().__call__(params, step)
+
+
+def test_a_signal_saves_without_validating(tiny_store, peaked, tmp_path):  # pylint: disable=redefined-outer-name
+  del peaked  # (shares its compiled programs through the cache)
+  workdir = str(tmp_path / "w")
+  validate = SignalAfter(4)
+  result = loop.train(_config(tiny_store / "store", 14), workdir, validate=validate)
+  # Stopped at step 5, off the validation schedule: saved there, and not validated there
+  # (SCORES has no step 5: validating would raise).
+  assert result["step"] == 5 and result["stopped"] == "signal 15" and result["signal"] == 15
+  assert sorted(validate.params) == [2, 4]
+  assert [r["step"] for r in loop.read_validation(workdir)] == [2, 4]
+  assert ckpt_lib.restore_selected(workdir, "latest").step == 5
   assert ckpt_lib.restore_selected(workdir, "best").step == 4
 
 

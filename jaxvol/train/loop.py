@@ -211,7 +211,8 @@ class Validation:
   config.train.validate_metric improves (higher PSNR/SSIM, lower NMSE/MAE/HFEN) the state is
   saved to WORKDIR/best_checkpoint (one step kept, written synchronously; evaluate, sample and
   predict use it by default: jaxvol.train.checkpoint.restore_selected). With config.train.patience
-  P > 0, training stops after P validations in a row without improvement. A resumed run drops
+  P > 0, training stops after P validations in a row without improvement. A stop by a signal
+  saves its checkpoint without validating (a preemption's grace period is short). A resumed run drops
   the records past its step and recovers the best score and the patience count from the rest.
   """
 
@@ -605,7 +606,10 @@ def _train(config, workdir: str, validate) -> dict:
             _append_progress(workdir, progress[-1])
           t_log, steps_at_log, history = now, step, []
         plateau = None
-        if validation.due(step, done):
+        # A signal (a preemption's notice) saves before anything else: validating first could
+        # outlast the grace period. The resumed run validates on its schedule.
+        signalled = stopping and agree(stop.signal is not None)
+        if validation.due(step, done) and not signalled:
           t_val = time.time()
           plateau = validation(step, state, meta, writer)
           # Validation is not training: the step rate and the training seconds leave it out.
