@@ -31,6 +31,7 @@ import sys
 from typing import Callable
 
 import attention_memory
+import conv_cpu
 import curves
 import flow_nfe
 import learned_vs_classical
@@ -212,6 +213,7 @@ PAGES = {
     "curves_cpu": Page("curves", lambda d, load: curves.markdown(
         d["records"], _curves_args(d["settings"]))),
     "memory_budget_cpu": Page("memory_budget", lambda d, load: memory_budget.markdown(d)),
+    "conv_cpu": Page("conv_cpu", lambda d, load: conv_cpu.report(d)),
     "memory_cpu": Page("memory", lambda d, load: memory.report(
         d, memory.parse_args(["--out", "DIR"]), command=" ; ".join(MEMORY),
         machine="the 2-core CPU (XLA's CPU compiler, memory-minimising scheduler); two runs, "

@@ -21,6 +21,9 @@ devices, with XLA's memory-minimising CPU scheduler, closer to what GPU and TPU 
 compute dtype is the config's ("auto" is float32 on CPU: pass --config.compute_dtype=bfloat16 to
 plan a GPU run's dtype).
 
+Convolutions are compiled as XLA's 3D convolutions, as an accelerator runs them, also on the
+CPU, where training folds them into 2D ones (jaxvol.models.layers.conv_implementation).
+
 The train state's layout is config.mesh.state_sharding (jaxvol.parallel.sharding.state_layouts:
 "replicated", "zero1" or "fsdp"; e.g. --config.mesh.state_sharding=fsdp): the report gives the
 mode and the state's bytes in all and per device, parameters, EMA and optimizer state apart. The
@@ -43,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxvol import fileio
 from jaxvol.eval import samplers
+from jaxvol.models import layers
 from jaxvol.ops import windows as windows_lib
 from jaxvol.parallel import cost as cost_lib
 from jaxvol.parallel import mesh as mesh_lib
@@ -241,6 +245,12 @@ def plan(config, workdir: str, mesh_axes: dict | None = None,
   Raises:
     ValueError: the mesh needs more devices than this process has (with the XLA_FLAGS hint).
   """
+  with layers.using_conv("xla"):  # an accelerator's convolutions, not the CPU's folded ones
+    return _plan(config, workdir, mesh_axes, device_memory_gb, sample_shape, write)
+
+
+def _plan(config, workdir, mesh_axes, device_memory_gb, sample_shape, write) -> dict:
+  """`plan`, under the convolution implementation it chose."""
   c = config.copy_and_resolve_references()
   for k, v in (mesh_axes or {}).items():
     c.mesh[k] = int(v)
