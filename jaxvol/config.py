@@ -203,6 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
   i.overlap = 0.5              # window overlap fraction per axis
   i.sigma_scale = 0.125        # Gaussian blending sigma / window size (<= 0: plain averaging)
   i.batch = 2                  # windows per device per network call (spread over local devices)
+  # Geometric self-ensemble (Lim et al., "Enhanced Deep Residual Networks for Single Image
+  # Super-Resolution", CVPRW 2017, in 3D): the spatial axes (0 = depth, 1, 2 of the network's
+  # volume) whose every combination of flips is sampled, flipped back and averaged; (0, 1, 2) =
+  # 8 passes, () = one. For conditional methods trained with data.flips (jaxvol.eval.samplers).
+  i.flip_axes = ()
 
   c.regression = r = ml_collections.ConfigDict()
   r.loss = "l1"

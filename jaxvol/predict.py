@@ -241,7 +241,8 @@ def predict(workdir: str, inputs: Sequence[str], output: str, samples: int = 1,
                "target_preset": target_preset.to_dict()})
 
   started = time.time()
-  rows = runner.run(each_volume(), {runner.MODEL: samplers.SamplerPredictor(sampler, params)},
+  model = samplers.SamplerPredictor.from_config(config, sampler, params)
+  rows = runner.run(each_volume(), {runner.MODEL: model},
                     jax.random.PRNGKey(seed), output, total=len(subjects), samples=samples,
                     mask=None, nifti_dir="", previews=False, skip_existing=not overwrite,
                     writes=True, report=lambda line: print(line, flush=True))

@@ -154,3 +154,57 @@ def test_bad_inputs_are_refused():
   with pytest.raises(ValueError, match="shape"):
     runner.run(_volumes(1), {"model": lambda v, k: np.zeros((2, 3))}, jax.random.PRNGKey(0), None,
                report=lambda s: None)
+
+
+class _Sampler:
+  """A sampler whose output depends on position (a cumulative sum along every axis, plus the
+  key's noise): it is not flip-equivariant, so the ensemble's average is a real mean of 8
+  different predictions. Records the conditions and keys it was called with."""
+
+  def __init__(self, squeeze=False):
+    self.calls, self.squeeze = [], squeeze
+
+  def __call__(self, params, cond, rng):
+    self.calls.append((np.array(cond), np.asarray(rng)))
+    out = np.cumsum(np.cumsum(np.cumsum(cond, 1), 2), 3) * params
+    out = out + 0.1 * np.asarray(jax.random.normal(rng, cond.shape))
+    return out[0, ..., 0] if self.squeeze else out
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_flip_ensemble_is_the_mean_of_the_flipped_back_predictions(squeeze):
+  assert samplers.flip_sets((2, 0)) == [(), (0,), (2,), (0, 2)]
+  assert len(samplers.flip_sets((0, 1, 2))) == 8 and samplers.flip_sets(()) == [()]
+  vol = _volumes(1)[0]
+  key = jax.random.PRNGKey(3)
+  sampler = _Sampler(squeeze)
+  got = samplers.SamplerPredictor(sampler, 2.0, (0, 1, 2))(vol, key)
+  # Naively: each flip of the condition's axes 1-3, sampled, flipped back, averaged.
+  want = []
+  for j, axes in enumerate(samplers.flip_sets((0, 1, 2))):
+    ax = [1 + a for a in axes]
+    cond = np.flip(vol.inputs, ax)
+    np.testing.assert_array_equal(sampler.calls[j][0], cond)
+    np.testing.assert_array_equal(sampler.calls[j][1], np.asarray(jax.random.fold_in(key, j)))
+    pred = np.flip(_Sampler()(2.0, cond, jax.random.fold_in(key, j)), ax)
+    want.append(pred[0, ..., 0] if squeeze else pred)
+  np.testing.assert_allclose(got, np.mean(want, 0), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(want[0], want[7], atol=1e-2)  # the flips did give different predictions
+  # No axes: one call, the sampler's own output and key.
+  single = _Sampler(squeeze)
+  out = samplers.SamplerPredictor(single, 2.0)(vol, key)
+  assert len(single.calls) == 1
+  np.testing.assert_array_equal(out, _Sampler(squeeze)(2.0, vol.inputs, key))
+
+
+def test_flip_ensemble_from_config_and_bad_axes():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict({"inference": {"flip_axes": (1, 2)}})
+  assert samplers.SamplerPredictor.from_config(c, None, None).flips == [(), (1,), (2,), (1, 2)]
+  assert samplers.SamplerPredictor.from_config(None, None, None).flips == [()]
+  with pytest.raises(ValueError, match="flip_axes"):
+    samplers.SamplerPredictor(None, None, (3,))
+  vol = _volumes(1)[0]
+  flat = runner.Volume(name="flat", inputs=vol.inputs[0], to_units=vol.to_units)
+  with pytest.raises(ValueError, match="B, D, H, W, C"):
+    samplers.SamplerPredictor(_Sampler(), 1.0, (0,))(flat, jax.random.PRNGKey(0))

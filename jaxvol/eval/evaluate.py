@@ -92,7 +92,7 @@ def predict_split(config, workdir: str, split: str, out_dir: str, with_metrics: 
   samples = int(config.eval.get("samples", 1))
   rows = runner.run(
       volumes.store_volumes(config, store, subjects, rules, with_metrics, floor, classical),
-      {runner.MODEL: samplers.SamplerPredictor(sampler, params)},
+      {runner.MODEL: samplers.SamplerPredictor.from_config(config, sampler, params)},
       jax.random.PRNGKey(config.eval.seed), out_dir, total=len(subjects), samples=samples,
       mask="body" if config.eval.mask == "body" else None,
       previews=with_metrics and bool(config.eval.previews))
@@ -226,7 +226,8 @@ def validator(config, workdir: str):
   def validate(params, step):
     del step
     placed = sampler.put_params(params)
-    rows = runner.run(vols, {runner.MODEL: samplers.SamplerPredictor(sampler, placed)},
+    model = samplers.SamplerPredictor.from_config(val, sampler, placed)
+    rows = runner.run(vols, {runner.MODEL: model},
                       jax.random.PRNGKey(val.eval.seed), None, total=len(vols),
                       samples=int(val.eval.get("samples", 1)),
                       mask="body" if val.eval.mask == "body" else None, previews=False,

@@ -311,11 +311,33 @@ def choose(config, method):
   return sampler if sampler is not None else LocalSampler(method)
 
 
-class SamplerPredictor:
-  """A predictor from a sampler and its placed parameters: `volume.inputs` is the condition."""
+def flip_sets(axes) -> list[tuple[int, ...]]:
+  """Every subset of the spatial `axes` (0, 1, 2: depth, height, width), the empty one first:
+  the flips of a geometric self-ensemble (config.inference.flip_axes)."""
+  axes = tuple(sorted({int(a) for a in (axes or ())}))
+  if any(a not in (0, 1, 2) for a in axes):
+    raise ValueError(f"config.inference.flip_axes must name spatial axes among 0, 1, 2; got {axes}")
+  return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2 ** len(axes))]
 
-  def __init__(self, sampler, params):
+
+class SamplerPredictor:
+  """A predictor from a sampler and its placed parameters: `volume.inputs` is the condition.
+
+  With `flip_axes` (config.inference.flip_axes) the prediction is the mean over every combination
+  of flips of those axes: the condition flipped, sampled with key fold_in(key, j) for the j-th
+  combination, the prediction flipped back. Flipping a volume and its position channels together
+  is what training's flips (config.data.flips) show the network, so the ensemble asks nothing new
+  of it; only for conditional methods (the condition is what is flipped)."""
+
+  def __init__(self, sampler, params, flip_axes=()):
     self.sampler, self.params = sampler, params
+    self.flips = flip_sets(flip_axes)
+
+  @classmethod
+  def from_config(cls, config, sampler, params) -> "SamplerPredictor":
+    inference = config.get("inference") if config is not None else None
+    axes = tuple(inference.get("flip_axes", ())) if inference is not None else ()
+    return cls(sampler, params, axes)
 
   def prepare(self, volume) -> None:
     compile_fn = getattr(self.sampler, "compile", None)
@@ -323,7 +345,19 @@ class SamplerPredictor:
       compile_fn(self.params, volume.inputs)
 
   def __call__(self, volume, key) -> np.ndarray:
-    return self.sampler(self.params, volume.inputs, key)
+    if len(self.flips) == 1:
+      return self.sampler(self.params, volume.inputs, key)
+    cond = np.asarray(volume.inputs)
+    if cond.ndim != 5:
+      raise ValueError(f"a flip ensemble needs a (B, D, H, W, C) condition, got {cond.shape}")
+    total = None
+    for j, axes in enumerate(self.flips):
+      flipped = np.ascontiguousarray(np.flip(cond, [1 + a for a in axes])) if axes else cond
+      pred = np.asarray(self.sampler(self.params, flipped, jax.random.fold_in(key, j)))
+      if axes:  # (B, D, H, W, C) or (D, H, W): the spatial axes sit where the condition's do
+        pred = np.flip(pred, [a + (1 if pred.ndim == 5 else 0) for a in axes])
+      total = pred.astype(np.float64) if total is None else total + pred
+    return (total / len(self.flips)).astype(np.float32)
 
 
 class CompiledPredictor:
