@@ -5,6 +5,7 @@ Usage::
   python experiments/learned_vs_classical.py --out DIR [--tasks demo,pet_denoise,ct_denoise,mri_t1_t2]
       [--methods ppdm,regression,sparse] [--seeds 0,1,2] [--steps N] [--validate-every K]
       [--patience P] [--source ../shared/data] [--set KEY=VALUE ...] [--tag NAME]
+  python experiments/learned_vs_classical.py --out DIR --merge OTHER_DIR [--merge ...]
 
 For every task, method and seed: train the task's CPU recipe (`recipe`: the packaged config's
 `cpu,heldout` variant, or `demo` for the quick start's phantom, with the settings below) through
@@ -29,7 +30,8 @@ rows read `METHOD [NAME]`, beside the untagged recipe's. Compare variants on the
 validation column (the validation set of training), never on the test column, when choosing one.
 
 Everything resumes: training from its checkpoints, finished runs from DIR/learned_vs_classical.json
-(rewritten atomically after every run). Writes DIR/learned_vs_classical.json and
+(rewritten atomically after every run). Runs made apart (two processes, two machines: never two
+writers of one DIR) are joined with `--merge`. Writes DIR/learned_vs_classical.json and
 DIR/learned_vs_classical.md: one block per task with the references and floors (one number each:
 they do not depend on a seed), each method's mean +- std over seeds, its validation-selected
 steps, and the paired difference to the best classical reference (model - reference PSNR per
@@ -298,6 +300,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--tag", default="", help="the name of this --set variant (its rows and runs)")
   p.add_argument("--report-only", action="store_true",
                  help="rewrite DIR/learned_vs_classical.md from its JSON, training nothing")
+  p.add_argument("--merge", action="append", default=[], metavar="JSON_OR_DIR",
+                 help="add the records of another run's learned_vs_classical.json (or its DIR) "
+                      "to DIR's, a record replacing DIR's of the same task, method, tag and "
+                      "seed; trains nothing (repeatable, applied in order)")
   args = p.parse_args(argv)
   args.tasks = [t for t in args.tasks.split(",") if t]
   unknown = [t for t in args.tasks if t not in TASKS]
@@ -312,6 +318,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _key(record: dict) -> tuple:
   return record["task"], record["method"], record.get("tag", ""), record["seed"]
+
+
+def _records_at(path: pathlib.Path) -> list[dict]:
+  if path.is_dir():
+    path = path / "learned_vs_classical.json"
+  if not path.is_file():
+    raise SystemExit(f"--merge: no learned_vs_classical.json at {path}")
+  return json.loads(path.read_text())["records"]
+
+
+def merge_records(records: list[dict], *others: list[dict]) -> list[dict]:
+  """`records` with each of `others`' records added in turn; a record replaces an earlier one of
+  the same task, method, tag and seed (the one key the table groups by), keeping the order."""
+  out = list(records)
+  for batch in others:
+    for rec in batch:
+      out = [r for r in out if _key(r) != _key(rec)] + [rec]
+  return out
 
 
 def main(argv=None) -> list[dict]:
@@ -329,7 +353,9 @@ def main(argv=None) -> list[dict]:
     fileio.write_json_atomic(str(path), {"records": records})
     fileio.write_text_atomic(str(out / "learned_vs_classical.md"), markdown(records, args))
 
-  if args.report_only:
+  if args.merge:
+    records = merge_records(records, *(_records_at(pathlib.Path(m)) for m in args.merge))
+  if args.report_only or args.merge:
     save()
     return records
   for task in args.tasks:

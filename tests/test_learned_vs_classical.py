@@ -98,6 +98,24 @@ def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
   assert "--set ppdm.max_var=0.1" in table and "--tag mv" in table
 
 
+def test_merge_joins_runs_made_apart_and_a_later_record_replaces_its_key(tmp_path, monkeypatch):
+  def rec(tag, seed, psnr):
+    return {"task": "demo", "method": "ppdm", "tag": tag, "seed": seed, "psnr": psnr}
+
+  here, there = tmp_path / "here", tmp_path / "there"
+  for d, recs in ((here, [rec("", 0, 1.0), rec("a", 0, 2.0)]),
+                  (there, [rec("", 0, 3.0), rec("", 1, 4.0)])):
+    d.mkdir()
+    (d / "learned_vs_classical.json").write_text(json.dumps({"records": recs}))
+  monkeypatch.setattr(exp, "markdown", lambda records, args: "table")  # tested above
+  merged = exp.main(["--out", str(here), "--merge", str(there)])
+  assert [(r["tag"], r["seed"], r["psnr"]) for r in merged] == [("a", 0, 2.0), ("", 0, 3.0),
+                                                                 ("", 1, 4.0)]
+  assert json.loads((here / "learned_vs_classical.json").read_text())["records"] == merged
+  with pytest.raises(SystemExit, match="no learned_vs_classical.json"):
+    exp.main(["--out", str(here), "--merge", str(tmp_path / "absent")])
+
+
 @pytest.mark.parametrize("task", sorted(exp.LDM_CONFIGS))
 def test_latent_diffusion_trains_its_autoencoder_first_and_reports_the_ceiling(task):
   args = exp.parse_args(["--out", "x", "--tasks", task, "--methods", "ldm", "--set",
