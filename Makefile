@@ -16,5 +16,9 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py --workdir runs/demo
 
+# Two pytest workers, one test file each at a time (module fixtures are built once): XLA's CPU
+# compilation, most of the suite's time, runs on one core per process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(PY) -m pytest tests --durations=20
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=20

@@ -260,13 +260,14 @@ def test_demo_keeps_its_held_out_split_and_whole_is_an_alias():
   demo = load(path, "demo")
   assert _plain(demo.data.eval_region) == {"2": (0.6, 1.0)} and demo.eval.split == "test"
   # demo = the cpu budget, held out, with validation and its sampler and reference settings.
-  assert (demo.train.validate_every, demo.ppdm.sample_steps, demo.ppdm.max_var) == (200, 1, 0.1)
+  assert (demo.train.validate_every, demo.ppdm.sample_steps, demo.ppdm.max_var) == (300, 1, 0.1)
+  assert (tuple(demo.inference.window), tuple(demo.inference.flip_axes)) == ((32,) * 3, (0, 1, 2))
   assert load(path, "cpu,heldout").ppdm.max_var == 1.0  # BBDM's, elsewhere
 
   def common(c):
     c.train.validate_every = c.ppdm.sample_steps = c.eval.reference_tune_subjects = 0
     c.ppdm.max_var = 0.0
-    c.eval.reference_tune_box = ()
+    c.eval.reference_tune_box = c.inference.window = c.inference.flip_axes = ()
     return _json(c)
 
   assert common(demo) == common(load(path, "cpu,heldout"))

@@ -10,8 +10,9 @@
    the test subject is scored on z in [0.6, 1], anatomy never trained on.
 2. Converts them into a store (tools/convert.py).
 3. Trains PPDM (configs/ppdm_pet_denoise.py:demo, puzzle factor 2) for at most --minutes,
-   validating every 200 steps on the `val` subject's held-out region and keeping the best step.
-4. Evaluates that best checkpoint on the test subject's held-out region and prints PSNR/SSIM of
+   validating every 300 steps on the `val` subject's held-out region and keeping the best step.
+4. Evaluates that best checkpoint on the test subject's held-out region (blended 32^3 windows,
+   averaged over the 8 flips of the input: the config's `inference`) and prints PSNR/SSIM of
    the low-count input, of the classical references tuned on the training subjects' training
    region (Gaussian blur; BM4D, or scikit-image's non-local means without the bm4d package), of
    the PPDM output and of a floor that ignores its input (the training targets' mean intensity
