@@ -599,7 +599,10 @@ def msssim():
 @pytest.mark.parametrize("case", CASES)
 def test_fid_matches_their_sqrtm_route(feats, case):
   real, fake, theirs = feats[f"{case}/real"], feats[f"{case}/fake"], float(feats[f"{case}/fid"])
-  assert generation.frechet_distance(real, fake, "sqrtm") == pytest.approx(theirs, rel=1e-10)
+  # sqrtm of a product of singular (or nearly singular) covariances amplifies rounding: the
+  # same numpy/scipy agree to 1e-10 on one CPU and to 3e-9 on another, whose BLAS kernels round
+  # differently. A different formula (eps, the trace term, the real part) moves it by >= 1e-4.
+  assert generation.frechet_distance(real, fake, "sqrtm") == pytest.approx(theirs, rel=5e-8)
   # The eigendecomposition route (protocol "jaxvol") is the same quantity; it only rounds
   # differently where the covariances are singular.
   assert generation.frechet_distance(real, fake, "eigh") == pytest.approx(theirs, rel=1e-7)
