@@ -161,3 +161,23 @@ def test_a_run_stopped_by_a_signal_ends_the_script_before_anything_is_scored(mon
   assert stop.value.code == 128 + 15
   monkeypatch.setattr(loop, "train", lambda c, w, validate=None: {"step": 4, "signal": None})
   assert exp.experiment.train(None, "W")["step"] == 4
+
+
+def test_headline_takes_each_methods_variant_chosen_on_validation_not_on_test():
+  def rec(method, tag, seed, test, val):
+    return {"task": "demo", "method": method, "tag": tag, "seed": seed, "steps": 8,
+            "best_step": 8, "references": {"gaussian": {"sigma": 1.0}},
+            "metrics": {"psnr": {"model": test, "input": 20.0, "gaussian": 25.0},
+                        "ssim": {"model": 0.8, "input": 0.5, "gaussian": 0.7}},
+            "validation": [{"step": 8, "psnr": val}]}
+
+  records = ([rec("ppdm", "a", s, 30.0, 20.0) for s in range(3)]      # best test, worse val
+             + [rec("ppdm", "b", s, 26.0 + s, 21.0) for s in range(3)]  # better val: chosen
+             + [rec("ppdm", "c", 0, 35.0, 40.0)]                        # one seed: not chosen
+             + [rec("regression", "", s, 24.0, 19.0) for s in range(2)])
+  assert exp.chosen_variants(records) == {"ppdm": "ppdm [b]", "regression": "regression"}
+  table = exp.headline(records)
+  assert "| demo | ppdm [b] | 3 | 27.00 ± 0.82 |" in table and "ppdm [a]" not in table
+  assert "| 2.00 ± 0.82 |" in table  # paired difference to the best reference (25 dB)
+  assert "| demo | Gaussian blur (sigma 1, tuned on training data) | - | 25.00 |" in table
+  assert "| demo | regression | 2 | 24.00 ± 0.00 |" in table

@@ -1,0 +1,41 @@
+"""experiments/mri_diagnosis.py: the error bands against a naive computation, and the config of a
+finished run rebuilt from its record (no training: the experiment itself reads trained runs)."""
+
+import pathlib
+
+import numpy as np
+
+from conftest import ROOT, load_module
+
+diag = load_module(ROOT / "experiments" / "mri_diagnosis.py", "mri_diagnosis_under_test")
+
+
+def test_band_errors_match_a_naive_loop():
+  rng = np.random.default_rng(0)
+  target = rng.uniform(0, 300, (6, 7, 8)).astype(np.float32)
+  mask = rng.uniform(size=target.shape) > 0.3
+  pred = target + rng.normal(5, 10, target.shape).astype(np.float32)
+  rows = diag.band_errors({"a": pred}, target, mask)
+  t, d = target[mask], (pred - target)[mask]
+  cuts = np.percentile(t, [100 / 3, 200 / 3])
+  bands = [t < cuts[0], (t >= cuts[0]) & (t < cuts[1]), t >= cuts[1]]
+  assert sum(r["voxels"] for r in rows) == mask.sum()
+  for row, sel in zip(rows, bands):
+    assert row["voxels"] == sel.sum()
+    np.testing.assert_allclose(row["a_bias"], d[sel].mean(), rtol=1e-5)
+    np.testing.assert_allclose(row["a_rmse"], np.sqrt((d[sel] ** 2).mean()), rtol=1e-5)
+  # A prediction biased by +20 everywhere shows +20 in every band.
+  shifted = diag.band_errors({"b": target + 20}, target, mask)
+  assert all(abs(r["b_bias"] - 20) < 1e-3 and abs(r["b_rmse"] - 20) < 1e-3 for r in shifted)
+
+
+def test_a_records_config_is_rebuilt_with_its_settings():
+  record = {"task": "mri_t1_t2", "method": "ppdm", "tag": "f", "seed": 2, "best_step": 800,
+            "settings": {"steps": 4800, "validate_every": 400, "patience": 3, "lr": 0.0,
+                         "schedule": "constant", "set": ["inference.flip_axes=(0,1,2)"]}}
+  args = diag.run_args(record, "OUT")
+  assert diag.lvc.settings_of(args, "ppdm") == record["settings"]
+  c = diag.lvc.recipe("mri_t1_t2", "ppdm", "STORE", 2, args)
+  assert c.inference.flip_axes == (0, 1, 2) and c.train.steps == 4800 and c.seed == 2
+  assert str(diag.workdir_of(pathlib.Path("OUT"), record)).endswith(
+      "runs/mri_t1_t2/ppdm-f/seed2")
