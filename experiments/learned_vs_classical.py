@@ -29,6 +29,14 @@ strings), and `--tag NAME` names that variant: its runs live in runs/TASK/METHOD
 rows read `METHOD [NAME]`, beside the untagged recipe's. Compare variants on the table's
 validation column (the validation set of training), never on the test column, when choosing one.
 
+Inference-only variants: `--infer-set KEY=VALUE` (repeatable) with `--infer-tag NAME` trains
+nothing. For each seed it takes the finished run of the trained variant (`--tag`, or the recipe),
+re-scores that run's validation-selected checkpoint with the overrides (inference and evaluation
+settings: `inference.flip_axes=(0,1,2)`, `eval.samples=4`, a sampler's step count) on the
+validation set and on the test region (the run's `eval-NAME/`), and records it as
+`METHOD [TAG+NAME]` (`METHOD [NAME]` for the recipe) with that one validation score, the column
+such a variant is chosen on.
+
 Everything resumes: training from its checkpoints, finished runs from DIR/learned_vs_classical.json
 (rewritten atomically after every run). Runs made apart (two processes, two machines: never two
 writers of one DIR) are joined with `--merge`. Writes DIR/learned_vs_classical.json and
@@ -109,13 +117,14 @@ def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespa
   return c
 
 
-def overrides_of(args: argparse.Namespace) -> dict:
-  """{dotted config key: value} of the `--set KEY=VALUE` options."""
+def overrides_of(args_or_items, option: str = "--set") -> dict:
+  """{dotted config key: value} of the `--set KEY=VALUE` options (or of a list of items)."""
+  items = args_or_items.set if isinstance(args_or_items, argparse.Namespace) else args_or_items
   out = {}
-  for item in args.set or ():
+  for item in items or ():
     key, sep, text = item.partition("=")
     if not sep or not key:
-      raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. ppdm.max_var=0.1")
+      raise SystemExit(f"{option} {item!r}: expected KEY=VALUE, e.g. ppdm.max_var=0.1")
     try:
       out[key] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -177,6 +186,43 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
           "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
           "data_range": summary["data_range"], "validation": loop.read_validation(str(workdir)),
           "settings": settings_of(args, method)}
+
+
+def infer_tag(args: argparse.Namespace) -> str:
+  """The tag of an inference-only variant's records: TAG+NAME, or NAME for the recipe."""
+  return f"{args.tag}+{args.infer_tag}" if args.tag else args.infer_tag
+
+
+def reevaluate_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
+                   args: argparse.Namespace, trained: dict) -> dict:
+  """An inference-only variant of the finished run `trained` (its record): its selected
+  checkpoint scored with the `--infer-set` overrides on the validation set and the test region."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import volumes  # pylint: disable=g-import-not-at-top
+  c = recipe(task, method, store, seed, args)
+  for key, value in overrides_of(args.infer_set, "--infer-set").items():
+    set_field(c, key, value)
+  c.eval.checkpoint = str(trained["best_step"])
+  workdir = out / "runs" / task / (method + (f"-{args.tag}" if args.tag else "")) / f"seed{seed}"
+  params, step = volumes.load_params(c, str(workdir))
+  validation = dict(evaluate.validator(c, str(workdir))(params, step), step=step)
+  del params
+  shared = out / "runs" / task / REFERENCES_CACHE
+  if shared.exists():
+    shutil.copy(shared, workdir / REFERENCES_CACHE)
+  summary = evaluate.evaluate(c, str(workdir), out_name=f"eval-{args.infer_tag}")
+  m = summary["metrics"]
+  return {**{k: trained[k] for k in ("task", "method", "seed", "steps", "stopped",
+                                     "train_seconds", "wall_seconds")},
+          "tag": infer_tag(args), "best_step": summary["checkpoint_step"],
+          "checkpoint": summary["checkpoint"],
+          "metrics": {k: m[k] for k in ("psnr", "ssim", "hfen")},
+          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
+          "best_reference": summary.get("best_reference"),
+          "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
+          "data_range": summary["data_range"], "validation": [validation],
+          "settings": {**trained["settings"], "infer_set": list(args.infer_set),
+                       "infer_tag": args.infer_tag}}
 
 
 def settings_of(args: argparse.Namespace, method: str = "") -> dict:
@@ -338,8 +384,14 @@ def command_of(records: list[dict]) -> str:
   if st.get("schedule", "constant") != "constant":
     parts.append(f"--schedule {st['schedule']}")
   parts += [f"--set {item}" for item in st.get("set", ())]
-  if records[0].get("tag"):
-    parts.append(f"--tag {records[0]['tag']}")
+  tag = records[0].get("tag") or ""
+  if st.get("infer_tag"):  # an inference-only variant of the run tagged before the '+'
+    tag = tag.rpartition("+")[0] if "+" in tag else ""
+  if tag:
+    parts.append(f"--tag {tag}")
+  if st.get("infer_tag"):
+    parts += [f"--infer-set {item}" for item in st.get("infer_set", ())]
+    parts.append(f"--infer-tag {st['infer_tag']}")
   return " ".join(parts)
 
 
@@ -358,6 +410,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field of the recipe (repeatable)")
   p.add_argument("--tag", default="", help="the name of this --set variant (its rows and runs)")
+  p.add_argument("--infer-set", action="append", default=[], metavar="KEY=VALUE",
+                 help="an inference-only variant of finished runs (module docstring; repeatable)")
+  p.add_argument("--infer-tag", default="", help="the name of the --infer-set variant")
   p.add_argument("--report-only", action="store_true",
                  help="rewrite DIR/learned_vs_classical.md from its JSON, training nothing")
   p.add_argument("--merge", action="append", default=[], metavar="JSON_OR_DIR",
@@ -373,6 +428,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.methods = [m for m in args.methods.split(",") if m]
   if args.set and not args.tag:
     p.error("--set needs --tag NAME (the variant's runs and rows are kept apart by it)")
+  if bool(args.infer_set) != bool(args.infer_tag):
+    p.error("--infer-set and --infer-tag NAME go together")
   return args
 
 
@@ -425,6 +482,20 @@ def main(argv=None) -> list[dict]:
       methods.insert(methods.index("ldm"), CEILING)  # its autoencoder trains first
     for method in methods:
       for seed in args.seeds:
+        if args.infer_tag:
+          trained = next((r for r in records if _key(r) == (task, method, args.tag, seed)
+                          and r["settings"] == settings_of(args, method)), None)
+          if trained is None:
+            raise SystemExit(f"--infer-tag: no finished run {task}/{method}"
+                             f"{f' [{args.tag}]' if args.tag else ''} seed {seed} with these "
+                             f"settings in {path}")
+          key = (task, method, infer_tag(args), seed)
+          if not any(_key(r) == key and r["settings"].get("infer_set") == list(args.infer_set)
+                     for r in records):
+            rec = reevaluate_one(task, method, seed, store, out, args, trained)
+            records = [r for r in records if _key(r) != key] + [rec]
+            save()
+          continue
         key = (task, method, args.tag if method != CEILING else "", seed)
         if any(_key(r) == key and r["settings"] == settings_of(args, method) for r in records):
           continue

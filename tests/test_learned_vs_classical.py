@@ -63,8 +63,27 @@ def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   assert len(saved) == 2
   # A rerun with the same settings finds every run done.
   monkeypatch.setattr(exp, "run_one", lambda *a, **k: pytest.fail("ran again"))
-  assert len(exp.main(["--out", str(out), "--tasks", "pet_denoise", "--methods", "ppdm",
-                       "--seeds", "0,1", "--steps", "4", "--validate-every", "2"])) == 2
+  common = ["--out", str(out), "--tasks", "pet_denoise", "--methods", "ppdm", "--seeds", "0",
+            "--steps", "4", "--validate-every", "2"]
+  assert len(exp.main(common[:-5] + ["0,1"] + common[-4:])) == 2
+  # An inference-only variant re-scores seed 0's selected checkpoint with the flips: no training.
+  flipped = exp.main(common + ["--infer-set", "inference.flip_axes=(0,)", "--infer-tag", "f"])
+  (rec,) = [r for r in flipped if r["tag"] == "f"]
+  assert rec["best_step"] == records[0]["best_step"] and rec["seed"] == 0
+  assert [v["step"] for v in rec["validation"]] == [rec["best_step"]]
+  assert rec["validation"][0]["psnr"] != next(v["psnr"] for v in records[0]["validation"]
+                                              if v["step"] == rec["best_step"])
+  summary = json.loads((out / "runs" / "pet_denoise" / "ppdm" / "seed0" / "eval-f" /
+                        "summary.json").read_text())
+  assert summary["checkpoint_step"] == rec["best_step"]
+  assert rec["metrics"]["psnr"]["model"] == summary["metrics"]["psnr"]["model"]
+  assert rec["references"] == records[0]["references"]
+  assert (exp.command_of([rec]).endswith(
+      "--infer-set inference.flip_axes=(0,) --infer-tag f"))
+  assert "| ppdm [f] | 1 |" in (out / "learned_vs_classical.md").read_text()
+  with pytest.raises(SystemExit, match="no finished run"):
+    exp.main(common[:-5] + ["3"] + common[-4:] + ["--infer-set", "eval.samples=2",
+                                                  "--infer-tag", "s2"])
 
 
 def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
