@@ -22,8 +22,9 @@ per run:
    in three bands of the held-out target's intensity inside the body mask (terciles: dark, middle,
    bright T2).
 4. **The shift between the hemispheres.** Percentiles of T2 inside the body mask of the training
-   and the held-out region, and the fraction of training voxels brighter than the held-out
-   region's 99th percentile (the subject's stroke lesion lies in the training hemisphere).
+   and the held-out region, the fraction of training voxels brighter than the held-out region's
+   99th percentile (the subject's stroke lesion lies in the training hemisphere), and the median
+   T1 and T2 of white-matter-like voxels in slabs along RAS x (`white_matter_profile`).
 
 Every number is in the target's original units, inside the target's body mask
 (jaxvol.eval.metrics.body_mask), PSNR/SSIM over the data range the evaluation used. Prints a
@@ -98,6 +99,24 @@ def band_errors(preds: dict, target, mask) -> list[dict]:
   return rows
 
 
+def white_matter_profile(t1, t2, slab: int = 12) -> list[dict]:
+  """Median T1 and T2 of white-matter-like voxels (T1 between its 70th and 95th percentiles
+  inside T1's body mask) in slabs of `slab` voxels along axis 0 (RAS x): with T1 flat, a trend
+  in T2 is an intensity gradient across the head that no mapping of T1 can know."""
+  from jaxvol.eval import metrics  # pylint: disable=g-import-not-at-top
+  body = metrics.body_mask(t1)
+  lo, hi = np.percentile(t1[body], [70, 95])
+  wm = body & (t1 > lo) & (t1 < hi)
+  rows = []
+  for x0 in range(0, t1.shape[0], slab):
+    sel = wm[x0:x0 + slab]
+    if sel.sum() >= 100:
+      rows.append({"x": [x0, min(x0 + slab, t1.shape[0])], "voxels": int(sel.sum()),
+                   "t1_median": float(np.median(t1[x0:x0 + slab][sel])),
+                   "t2_median": float(np.median(t2[x0:x0 + slab][sel]))})
+  return rows
+
+
 def diagnose(record: dict, out: pathlib.Path, source) -> dict:
   from jaxvol import experiment  # pylint: disable=g-import-not-at-top
   from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -139,8 +158,10 @@ def diagnose(record: dict, out: pathlib.Path, source) -> dict:
   q = [1, 25, 50, 75, 99]
   shift = {"percentiles": q, "train_t2": np.percentile(ytr[mtr], q).tolist(),
            "heldout_t2": np.percentile(y[mask], q).tolist(),
-           "train_fraction_above_heldout_p99": float(np.mean(ytr[mtr] > np.percentile(y[mask], 99)))}
+           "train_fraction_above_heldout_p99": float(np.mean(ytr[mtr] > np.percentile(y[mask], 99))),
+           "white_matter_profile": white_matter_profile(t1, t2)}
   return {"method": record["method"], "tag": record.get("tag", ""), "seed": record["seed"],
+          "train_x_end": train_cut[0].stop, "eval_x_start": cut[0].start,
           "step": record["best_step"], "data_range": data_range,
           "heldout": held,
           "fit": {k: {"psnr": fit["psnr"][k], "ssim": fit["ssim"][k]}
@@ -177,6 +198,14 @@ def markdown(results: list[dict]) -> str:
               f"{[round(v) for v in s['train_t2']]}, held-out {[round(v) for v in s['heldout_t2']]}; "
               f"{100 * s['train_fraction_above_heldout_p99']:.1f}% of training voxels are brighter "
               "than the held-out 99th percentile."]
+    prof = s["white_matter_profile"]
+    lines += ["", "White-matter-like voxels (T1 between its 70th and 95th body percentiles), "
+              "medians per 12-voxel slab along RAS x (training x < "
+              f"{results[0]['train_x_end']}, held-out x >= {results[0]['eval_x_start']}):", "",
+              "| x | " + " | ".join(f"{p['x'][0]}-{p['x'][1]}" for p in prof) + " |",
+              "|---|" + "---|" * len(prof),
+              "| T1 | " + " | ".join(f"{p['t1_median']:.0f}" for p in prof) + " |",
+              "| T2 | " + " | ".join(f"{p['t2_median']:.0f}" for p in prof) + " |"]
   return "\n".join(lines) + "\n"
 
 

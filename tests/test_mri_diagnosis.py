@@ -39,3 +39,18 @@ def test_a_records_config_is_rebuilt_with_its_settings():
   assert c.inference.flip_axes == (0, 1, 2) and c.train.steps == 4800 and c.seed == 2
   assert str(diag.workdir_of(pathlib.Path("OUT"), record)).endswith(
       "runs/mri_t1_t2/ppdm-f/seed2")
+
+
+def test_white_matter_profile_follows_a_gradient_in_t2_alone():
+  rng = np.random.default_rng(1)
+  shape = (36, 16, 16)
+  t1 = np.zeros(shape, np.float32)
+  t1[:, 2:14, 2:14] = rng.uniform(50, 200, (36, 12, 12))
+  ramp = np.linspace(120, 60, shape[0])[:, None, None]
+  t2 = np.where(t1 > 0, ramp, 0).astype(np.float32)
+  prof = diag.white_matter_profile(t1, t2, slab=12)
+  assert [p["x"] for p in prof] == [[0, 12], [12, 24], [24, 36]]
+  t2s = [p["t2_median"] for p in prof]
+  assert t2s[0] > t2s[1] > t2s[2]
+  wm = (t1 > np.percentile(t1[t1 > 0], 70)) & (t1 < np.percentile(t1[t1 > 0], 95))
+  np.testing.assert_allclose(t2s[0], np.median(t2[:12][wm[:12]]), rtol=1e-6)
