@@ -262,17 +262,18 @@ def test_demo_keeps_its_held_out_split_and_whole_is_an_alias():
   # demo = the cpu budget, held out, with validation and its sampler and reference settings.
   assert (demo.train.validate_every, demo.ppdm.sample_steps, demo.ppdm.max_var) == (300, 1, 0.1)
   assert (tuple(demo.inference.window), tuple(demo.inference.flip_axes)) == ((32,) * 3, (0, 1, 2))
+  assert (demo.ppdm.loss, demo.train.steps, demo.train.time_limit_minutes) == ("l2", 4200, 12.0)
   assert load(path, "cpu,heldout").ppdm.max_var == 1.0  # BBDM's, elsewhere
+  assert load(path, "cpu,heldout").ppdm.loss == "l1"
 
   def common(c):
     c.train.validate_every = c.ppdm.sample_steps = c.eval.reference_tune_subjects = 0
-    c.ppdm.max_var = 0.0
+    c.ppdm.max_var, c.ppdm.loss, c.train.steps, c.train.time_limit_minutes = 0.0, "", 0, 0.0
     c.eval.reference_tune_box = c.inference.window = c.inference.flip_axes = ()
     return _json(c)
 
   assert common(demo) == common(load(path, "cpu,heldout"))
-  assert (demo.train.time_limit_minutes, demo.model.base_width, tuple(demo.data.crop_size)) == (
-      10.0, 16, (32, 32, 32))
+  assert (demo.model.base_width, tuple(demo.data.crop_size)) == (16, (32, 32, 32))
   assert load(path, "demo,whole").data.eval_region is None  # the old `demo,whole` command
   assert common(load(path, "demo,whole")) == common(load(path, "cpu"))
   for bad in ("demo,smoke", "cpu,demo", "heldout,whole", "hold"):

@@ -1,6 +1,6 @@
 """The quick-start demo: PPDM denoising of low-count PET simulated on real brain anatomy.
 
-  python tools/demo.py --workdir runs/demo [--minutes 10]
+  python tools/demo.py --workdir runs/demo [--minutes 12]
 
 1. Builds an FDG-like PET phantom from the MNI152 grey/white-matter maps that nilearn ships
    (offline), six "subjects" that differ in noise, global scale and small hot lesions; full-count
@@ -40,7 +40,7 @@ def run(cmd):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", default="runs/demo")
-  ap.add_argument("--minutes", type=float, default=10.0, help="training time limit")
+  ap.add_argument("--minutes", type=float, default=12.0, help="training time limit")
   ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
   args = ap.parse_args(argv)
   workdir = os.path.abspath(args.workdir)
