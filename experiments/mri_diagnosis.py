@@ -224,7 +224,8 @@ def main(argv=None) -> list[dict]:
   out = pathlib.Path(args.out or lvc_dir / "mri_diagnosis")
   out.mkdir(parents=True, exist_ok=True)
   records = [r for r in json.loads((lvc_dir / "learned_vs_classical.json").read_text())["records"]
-             if r["task"] == TASK and r["method"] in args.methods.split(",")]
+             if r["task"] == TASK and r["method"] in args.methods.split(",")
+             and not r["settings"].get("infer_tag")]  # trained runs (not their re-scorings)
   if not records:
     raise SystemExit(f"no finished {TASK} runs of {args.methods} in {lvc_dir}")
   shared = lvc_dir / "runs" / TASK / lvc.REFERENCES_CACHE
