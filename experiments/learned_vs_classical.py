@@ -282,6 +282,7 @@ def headline(records: list[dict]) -> str:
   difference to that reference."""
   lines = ["| task | prediction | seeds | PSNR (dB) | SSIM | PSNR - best reference | "
            "selected steps |", "|---|---|---|---|---|---|---|"]
+  commands = []
   for task in dict.fromkeys(r["task"] for r in records):
     rows = [r for r in records if r["task"] == task]
     first = next((r for r in rows if r["method"] != CEILING), None)
@@ -305,7 +306,8 @@ def headline(records: list[dict]) -> str:
                    f"{_mean_std([r['metrics']['ssim']['model'] for r in rs], '.4f')} | "
                    f"{_mean_std(diff)} | "
                    f"{', '.join(str(r['best_step']) for r in rs)} |")
-  return "\n".join(lines)
+      commands.append(f"- {task} / {variant}: `{command_of(rs)}`")
+  return "\n".join(lines + [""] + commands)
 
 
 def markdown(records: list[dict], args: argparse.Namespace) -> str:

@@ -188,7 +188,9 @@ def test_headline_takes_each_methods_variant_chosen_on_validation_not_on_test():
             "best_step": 8, "references": {"gaussian": {"sigma": 1.0}},
             "metrics": {"psnr": {"model": test, "input": 20.0, "gaussian": 25.0},
                         "ssim": {"model": 0.8, "input": 0.5, "gaussian": 0.7}},
-            "validation": [{"step": 8, "psnr": val}]}
+            "validation": [{"step": 8, "psnr": val}],
+            "settings": {"steps": 8, "validate_every": 4, "patience": 2, "lr": 0.0,
+                         "schedule": "constant"}}
 
   records = ([rec("ppdm", "a", s, 30.0, 20.0) for s in range(3)]      # best test, worse val
              + [rec("ppdm", "b", s, 26.0 + s, 21.0) for s in range(3)]  # better val: chosen
@@ -200,3 +202,5 @@ def test_headline_takes_each_methods_variant_chosen_on_validation_not_on_test():
   assert "| 2.00 ± 0.82 |" in table  # paired difference to the best reference (25 dB)
   assert "| demo | Gaussian blur (sigma 1, tuned on training data) | - | 25.00 |" in table
   assert "| demo | regression | 2 | 24.00 ± 0.00 |" in table
+  assert ("- demo / ppdm [b]: `python experiments/learned_vs_classical.py --out DIR --tasks demo "
+          "--methods ppdm --seeds 0,1,2 --steps 8 --validate-every 4 --patience 2 --tag b`" in table)
