@@ -580,11 +580,11 @@ def cpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The budget of the PPDM quick start (tools/demo.py, ppdm_pet_denoise:demo): 32^3 crops, a
-  16-wide U-Net with one res block, AdamW 5e-4, 3000 steps within 10 minutes (7 minutes on an
-  idle 2-core CPU; with the demo's windows and flips 29.80 dB against the input's 23.08 on
-  held-out anatomy, a tie with the tuned BM4D's 29.81: README "Quick start"). For networks
-  that run below the crop's resolution (PPDM r=2 on the puzzled grid, WDM on Haar bands)."""
+  """The CPU budget of PPDM, WDM and latent diffusion, and the base of the quick start
+  (tools/demo.py, ppdm_pet_denoise:demo, which adds its own loss, steps and inference): 32^3
+  crops, a 16-wide U-Net with one res block, AdamW 5e-4, 3000 steps within 10 minutes (7 minutes
+  on an idle 2-core CPU). For networks that run below the crop's resolution (PPDM r=2 on the
+  puzzled grid, WDM on Haar bands)."""
   m = c.model
   m.base_width, m.channel_mults, m.num_res_blocks = 16, (1, 2, 4), 1
   m.attention_levels, m.groups, m.time_embed_dim = (), 8, 64

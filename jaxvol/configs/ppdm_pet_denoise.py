@@ -18,7 +18,8 @@ test subjects, so the evaluated anatomy is never trained on (jaxvol.data.tasks):
       --config.data.store=data/pet_denoise/store
 Variants (comma-separated tokens): `smoke` (seconds on CPU); `cpu` (32^3 crops, a 16-wide U-Net,
 about 10 minutes of training on 2 CPU cores: `base.demo_overrides`); `demo` (the README quick
-start on the nilearn MNI152-based PET phantom: `cpu` with `heldout`); `heldout`; `whole` (the
+start on the nilearn MNI152-based PET phantom: `cpu` with `heldout`, its validation, loss, 4200
+steps within 12 minutes and inference settings below); `heldout`; `whole` (the
 default, named; older commands used it, and `demo,whole` drops the demo's held-out split);
 `fullvolume`: train on WHOLE volumes (under `heldout`: each subject's whole training region, RAS z
 in [0, 0.6)) edge-padded to the spatial multiple instead of random crops, and sample in one pass
