@@ -197,6 +197,10 @@ def test_headline_takes_each_methods_variant_chosen_on_validation_not_on_test():
              + [rec("ppdm", "c", 0, 35.0, 40.0)]                        # one seed: not chosen
              + [rec("regression", "", s, 24.0, 19.0) for s in range(2)])
   assert exp.chosen_variants(records) == {"ppdm": "ppdm [b]", "regression": "regression"}
+  # Two seeds are enough to be chosen; a method run with one seed only shows that one.
+  two = [rec("ppdm", "d", s, 20.0, 30.0) for s in range(2)] + [rec("wdm", "", 0, 1.0, 1.0)]
+  assert exp.chosen_variants(records + two) == {"ppdm": "ppdm [d]", "regression": "regression",
+                                                "wdm": "wdm"}
   table = exp.headline(records)
   assert "| demo | ppdm [b] | 3 | 27.00 ± 0.82 |" in table and "ppdm [a]" not in table
   assert "| 2.00 ± 0.82 |" in table  # paired difference to the best reference (25 dB)
