@@ -43,8 +43,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import learned_vs_classical as lvc  # pylint: disable=g-import-not-at-top,wrong-import-position
+import learned_vs_classical as lvc  # the sibling script (experiments/ is the script's path)
 
 TASK = "mri_t1_t2"
 FIT_DIR = "eval_fit"
