@@ -174,18 +174,23 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
   summary = evaluate.evaluate(c, str(workdir))
   if (workdir / REFERENCES_CACHE).exists():
     shutil.copy(workdir / REFERENCES_CACHE, shared)
-  m = summary["metrics"]
   progress = loop.read_progress(str(workdir))
   return {"task": task, "method": method, "tag": tag, "seed": seed, "steps": result["step"],
-          "best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],
           "stopped": result.get("stopped"), "train_seconds": progress[-1]["seconds"]
-          if progress else None, "wall_seconds": trained,
+          if progress else None, "wall_seconds": trained, **scored(summary),
+          "validation": loop.read_validation(str(workdir)), "settings": settings_of(args, method)}
+
+
+def scored(summary: dict) -> dict:
+  """The fields of a record that its evaluation summary gives (checkpoint, metrics, references,
+  where and how it was scored)."""
+  m = summary["metrics"]
+  return {"best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],
           "metrics": {k: m[k] for k in ("psnr", "ssim", "hfen")},
           "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
           "best_reference": summary.get("best_reference"),
           "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
-          "data_range": summary["data_range"], "validation": loop.read_validation(str(workdir)),
-          "settings": settings_of(args, method)}
+          "data_range": summary["data_range"]}
 
 
 def infer_tag(args: argparse.Namespace) -> str:
@@ -211,16 +216,9 @@ def reevaluate_one(task: str, method: str, seed: int, store: str, out: pathlib.P
   if shared.exists():
     shutil.copy(shared, workdir / REFERENCES_CACHE)
   summary = evaluate.evaluate(c, str(workdir), out_name=f"eval-{args.infer_tag}")
-  m = summary["metrics"]
   return {**{k: trained[k] for k in ("task", "method", "seed", "steps", "stopped",
                                      "train_seconds", "wall_seconds")},
-          "tag": infer_tag(args), "best_step": summary["checkpoint_step"],
-          "checkpoint": summary["checkpoint"],
-          "metrics": {k: m[k] for k in ("psnr", "ssim", "hfen")},
-          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
-          "best_reference": summary.get("best_reference"),
-          "region": summary["region"], "split": summary["split"], "mask": summary["mask"],
-          "data_range": summary["data_range"], "validation": [validation],
+          "tag": infer_tag(args), **scored(summary), "validation": [validation],
           "settings": {**trained["settings"], "infer_set": list(args.infer_set),
                        "infer_tag": args.infer_tag}}
 

@@ -125,6 +125,9 @@ def diagnose(record: dict, out: pathlib.Path, source) -> dict:
   store_path = experiment.task_store(out, TASK, source)
   config = lvc.recipe(TASK, record["method"], store_path, record["seed"], args)
   workdir = workdir_of(out, record)
+  if not (workdir / "eval" / "references.json").is_file():
+    raise SystemExit(f"{workdir}: no eval/ with the look-up tables (eval/references.json); "
+                     "this run's evaluation is missing or scored no references")
   summary = json.loads((workdir / "eval" / "summary.json").read_text())
   tuned = json.loads((workdir / "eval" / "references.json").read_text())
   store = store_lib.Store(store_path)
@@ -220,13 +223,17 @@ def main(argv=None) -> list[dict]:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from jaxvol import fileio  # pylint: disable=g-import-not-at-top
   lvc_dir = pathlib.Path(args.lvc)
-  out = pathlib.Path(args.out or lvc_dir / "mri_diagnosis")
-  out.mkdir(parents=True, exist_ok=True)
-  records = [r for r in json.loads((lvc_dir / "learned_vs_classical.json").read_text())["records"]
+  source = lvc_dir / "learned_vs_classical.json"
+  if not source.is_file():
+    raise SystemExit(f"--lvc {lvc_dir}: no learned_vs_classical.json (run "
+                     "experiments/learned_vs_classical.py --out DIR --tasks mri_t1_t2 first)")
+  records = [r for r in json.loads(source.read_text())["records"]
              if r["task"] == TASK and r["method"] in args.methods.split(",")
              and not r["settings"].get("infer_tag")]  # trained runs (not their re-scorings)
   if not records:
     raise SystemExit(f"no finished {TASK} runs of {args.methods} in {lvc_dir}")
+  out = pathlib.Path(args.out or lvc_dir / "mri_diagnosis")
+  out.mkdir(parents=True, exist_ok=True)
   shared = lvc_dir / "runs" / TASK / lvc.REFERENCES_CACHE
   results = []
   for rec in records:

@@ -54,3 +54,10 @@ def test_white_matter_profile_follows_a_gradient_in_t2_alone():
   assert t2s[0] > t2s[1] > t2s[2]
   wm = (t1 > np.percentile(t1[t1 > 0], 70)) & (t1 < np.percentile(t1[t1 > 0], 95))
   np.testing.assert_allclose(t2s[0], np.median(t2[:12][wm[:12]]), rtol=1e-6)
+
+
+def test_a_directory_without_runs_is_refused_by_name(tmp_path):
+  import pytest  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit, match="no learned_vs_classical.json"):
+    diag.main(["--lvc", str(tmp_path)])
+  assert not (tmp_path / "mri_diagnosis").exists()  # nothing written
