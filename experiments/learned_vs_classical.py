@@ -37,6 +37,15 @@ validation set and on the test region (the run's `eval-NAME/`), and records it a
 `METHOD [TAG+NAME]` (`METHOD [NAME]` for the recipe) with that one validation score, the column
 such a variant is chosen on.
 
+Fit against generalisation: `--fit` trains nothing. For each seed it takes the finished record
+(`--tag`, or with `--infer-tag NAME` that re-scoring) and scores its selected checkpoint on the
+data it trained on: split 'train', the training region (in-sample for the model; the references
+were tuned there too) through jaxvol.eval.evaluate into the run's `eval_fit/` (`eval_fit-NAME/`),
+with the cheap references (`FIT_REFERENCES`: the non-local denoiser's apply costs minutes per
+training volume). The record keeps it as `fit`, and the task's block gains an in-sample table
+beside the held-out PSNR: a model behind the input or the blur on its own training voxels
+underfits; one ahead in-sample and behind held-out generalises worse than the reference.
+
 Everything resumes: training from its checkpoints, finished runs from DIR/learned_vs_classical.json
 (rewritten atomically after every run). Runs made apart (two processes, two machines: never two
 writers of one DIR) are joined with `--merge`. Writes DIR/learned_vs_classical.json and
@@ -76,6 +85,11 @@ CONFIGS = {"demo": ("ppdm_pet_denoise", "demo"), "pet_denoise": ("ppdm_pet_denoi
 LDM_CONFIGS = {"pet_denoise": "ldm_pet_denoise", "mri_t1_t2": "ldm_mri_t1_t2"}
 CEILING = "autoencoder"
 REFERENCES_CACHE = "references_tuned.json"
+# `--fit`: the in-sample evaluation's folder in a run, and its references (the cheap ones of each
+# kind: a blur where the input shares the target's units, the look-up tables where it does not).
+FIT_DIR = "eval_fit"
+FIT_REFERENCES = {"mri_t1_t2": "lut,lut_gaussian"}
+FIT_REFERENCES_DEFAULT = "gaussian"
 log = logging.getLogger("jaxvol")
 
 
@@ -223,6 +237,74 @@ def reevaluate_one(task: str, method: str, seed: int, store: str, out: pathlib.P
                        "infer_tag": args.infer_tag}}
 
 
+def trained_tag(record: dict) -> str:
+  """The `--tag` of the training run behind a record (an inference-only variant's TAG+NAME
+  re-scores the run TAG; NAME alone, the recipe's)."""
+  tag = record.get("tag") or ""
+  if record["settings"].get("infer_tag"):
+    tag = tag.rpartition("+")[0] if "+" in tag else ""
+  return tag
+
+
+def workdir_of(out: pathlib.Path, record: dict) -> pathlib.Path:
+  """The workdir of the training run behind a record."""
+  tag = trained_tag(record)
+  return (pathlib.Path(out) / "runs" / record["task"] / (record["method"] + (f"-{tag}" if tag else ""))
+          / f"seed{record['seed']}")
+
+
+def args_of(record: dict, out) -> argparse.Namespace:
+  """This script's arguments that made `record` (its config is rebuilt from them by `recipe`;
+  an inference-only variant's --infer-set and --infer-tag included)."""
+  st = record["settings"]
+  argv = ["--out", str(out), "--tasks", record["task"], "--steps", str(st["steps"]),
+          "--validate-every", str(st["validate_every"]), "--patience", str(st["patience"]),
+          "--schedule", st.get("schedule", "constant")]
+  if st.get("lr"):
+    argv += ["--lr", str(st["lr"])]
+  for item in st.get("set", ()):
+    argv += ["--set", item]
+  if trained_tag(record):
+    argv += ["--tag", trained_tag(record)]
+  if st.get("infer_tag"):
+    argv += [a for item in st.get("infer_set", ()) for a in ("--infer-set", item)]
+    argv += ["--infer-tag", st["infer_tag"]]
+  return parse_args(argv)
+
+
+def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
+  """The in-sample scores of a finished record's selected checkpoint (module docstring, `--fit`):
+  {"split", "region", "step", "references": {name: tuned parameters}, "psnr": {prediction: dB},
+  "ssim": {...}}. Reads a finished
+  `eval_fit` of the run instead of scoring again."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  args = args_of(record, out)
+  c = recipe(record["task"], record["method"], store, record["seed"], args)
+  for key, value in overrides_of(args.infer_set, "--infer-set").items():
+    set_field(c, key, value)
+  c.eval.checkpoint = str(record["best_step"])
+  c.eval.split = c.data.train_split
+  c.data.eval_region = c.data.train_region
+  c.eval.references = FIT_REFERENCES.get(record["task"], FIT_REFERENCES_DEFAULT)
+  workdir = workdir_of(out, record)
+  name = FIT_DIR + (f"-{args.infer_tag}" if args.infer_tag else "")
+  path = workdir / name / "summary.json"
+  if path.is_file():
+    summary = json.loads(path.read_text())
+  else:
+    shared = out / "runs" / record["task"] / REFERENCES_CACHE
+    if shared.exists():
+      shutil.copy(shared, workdir / REFERENCES_CACHE)
+    summary = evaluate.evaluate(c, str(workdir), out_name=name)
+  if summary["checkpoint_step"] != record["best_step"]:
+    raise SystemExit(f"{path}: scored step {summary['checkpoint_step']}, the record selected "
+                     f"{record['best_step']}; remove {workdir / name} to score again")
+  m = summary["metrics"]
+  return {"split": summary["split"], "region": summary["region"], "step": record["best_step"],
+          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
+          "psnr": m["psnr"], "ssim": m["ssim"]}
+
+
 def settings_of(args: argparse.Namespace, method: str = "") -> dict:
   """The settings a run depends on (the autoencoder of `ldm` takes no --set: it is shared)."""
   settings = {k: getattr(args, k) for k in ("steps", "validate_every", "patience", "lr", "schedule")}
@@ -356,10 +438,41 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
                    f"{steps} | {_mean_std([best_validation(r) for r in rs])} | {minutes} | "
                    f"{_mean_std(diff)} |")
     lines.append("")
+    lines += fit_table(rows)
     for variant in dict.fromkeys(variant_of(r) for r in rows):
       lines.append(f"Command ({variant}): `{command_of([r for r in rows if variant_of(r) == variant])}`")
     lines.append("")
   return "\n".join(lines)
+
+
+def fit_table(rows: list[dict]) -> list[str]:
+  """A task's in-sample table (`--fit`): the records that have one, beside their held-out PSNR;
+  [] when none has."""
+  fitted = [r for r in rows if r.get("fit")]
+  if not fitted:
+    return []
+  f0 = fitted[0]["fit"]
+  lines = [f"In-sample (`--fit`): the selected checkpoint scored on the data it trained on (split "
+           f"{f0['split']!r}, region {f0['region']}; the references were tuned there), beside "
+           "the held-out PSNR of the table above.", "",
+           "| prediction | seeds | in-sample PSNR (dB) | in-sample SSIM | held-out PSNR (dB) | "
+           "in-sample - held-out (dB) |", "|---|---|---|---|---|---|"]
+  held = fitted[0]["metrics"]["psnr"]
+  for name in f0["psnr"]:
+    if name != "model":
+      label = prediction_label(name, f0["references"])
+      out_of = held.get(name)
+      lines.append(f"| {label} | - | {f0['psnr'][name]:.2f} | {f0['ssim'][name]:.4f} | "
+                   f"{'-' if out_of is None else format(out_of, '.2f')} | "
+                   f"{'-' if out_of is None else format(f0['psnr'][name] - out_of, '+.2f')} |")
+  for variant in dict.fromkeys(variant_of(r) for r in fitted):
+    rs = [r for r in fitted if variant_of(r) == variant]
+    lines.append(f"| {variant} (seeds {', '.join(str(r['seed']) for r in rs)}) | {len(rs)} | "
+                 f"{_mean_std([r['fit']['psnr']['model'] for r in rs])} | "
+                 f"{_mean_std([r['fit']['ssim']['model'] for r in rs], '.4f')} | "
+                 f"{_mean_std([r['metrics']['psnr']['model'] for r in rs])} | "
+                 f"{_mean_std([r['fit']['psnr']['model'] - r['metrics']['psnr']['model'] for r in rs])} |")
+  return lines + [""]
 
 
 def prediction_label(name: str, params: dict) -> str:
@@ -385,9 +498,7 @@ def command_of(records: list[dict]) -> str:
   if st.get("schedule", "constant") != "constant":
     parts.append(f"--schedule {st['schedule']}")
   parts += [f"--set {item}" for item in st.get("set", ())]
-  tag = records[0].get("tag") or ""
-  if st.get("infer_tag"):  # an inference-only variant of the run tagged before the '+'
-    tag = tag.rpartition("+")[0] if "+" in tag else ""
+  tag = trained_tag(records[0])
   if tag:
     parts.append(f"--tag {tag}")
   if st.get("infer_tag"):
@@ -414,6 +525,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--infer-set", action="append", default=[], metavar="KEY=VALUE",
                  help="an inference-only variant of finished runs (module docstring; repeatable)")
   p.add_argument("--infer-tag", default="", help="the name of the --infer-set variant")
+  p.add_argument("--fit", action="store_true",
+                 help="score finished records' selected checkpoints on their training data "
+                      "(module docstring), training nothing")
   p.add_argument("--report-only", action="store_true",
                  help="rewrite DIR/learned_vs_classical.md from its JSON, training nothing")
   p.add_argument("--merge", action="append", default=[], metavar="JSON_OR_DIR",
@@ -429,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.methods = [m for m in args.methods.split(",") if m]
   if args.set and not args.tag:
     p.error("--set needs --tag NAME (the variant's runs and rows are kept apart by it)")
-  if bool(args.infer_set) != bool(args.infer_tag):
+  if bool(args.infer_set) != bool(args.infer_tag) and not args.fit:
     p.error("--infer-set and --infer-tag NAME go together")
   return args
 
@@ -483,6 +597,17 @@ def main(argv=None) -> list[dict]:
       methods.insert(methods.index("ldm"), CEILING)  # its autoencoder trains first
     for method in methods:
       for seed in args.seeds:
+        if args.fit:
+          key = (task, method, infer_tag(args) if args.infer_tag else args.tag, seed)
+          rec = next((r for r in records if _key(r) == key), None)
+          if rec is None:
+            raise SystemExit(f"--fit: no finished record {task}/{method}"
+                             f"{f' [{key[2]}]' if key[2] else ''} seed {seed} in {path}")
+          if "fit" not in rec:
+            rec = {**rec, "fit": fit_one(rec, store, out)}
+            records = [r for r in records if _key(r) != key] + [rec]
+            save()
+          continue
         if args.infer_tag:
           trained = next((r for r in records if _key(r) == (task, method, args.tag, seed)
                           and r["settings"] == settings_of(args, method)), None)

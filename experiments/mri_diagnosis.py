@@ -10,8 +10,8 @@ per run:
 
 1. **Fit against generalisation.** The model (its validation-chosen checkpoint) and the look-up
    table (+ Gaussian) scored on the TRAINING hemisphere (in-sample for both: the table was fitted
-   there, the model trained there), through jaxvol.eval.evaluate with the evaluation region set to
-   the training region (written to the run's `eval_fit/`), beside the held-out hemisphere's
+   there, the model trained there), by learned_vs_classical's `--fit` scoring (`fit_one`, written
+   to the run's `eval_fit/`), beside the held-out hemisphere's
    scores. A model ahead in-sample and behind out of sample generalises worse than the table; a
    model behind in both underfits.
 2. **Intensity calibration.** A look-up table from the model's prediction to the target, fitted ON
@@ -46,39 +46,6 @@ import numpy as np
 import learned_vs_classical as lvc  # the sibling script (experiments/ is the script's path)
 
 TASK = "mri_t1_t2"
-FIT_DIR = "eval_fit"
-
-
-def run_args(record: dict, out: str) -> argparse.Namespace:
-  """learned_vs_classical's arguments that made `record` (its config is rebuilt from them)."""
-  st = record["settings"]
-  argv = ["--out", out, "--tasks", TASK, "--steps", str(st["steps"]),
-          "--validate-every", str(st["validate_every"]), "--patience", str(st["patience"]),
-          "--schedule", st.get("schedule", "constant")]
-  if st.get("lr"):
-    argv += ["--lr", str(st["lr"])]
-  for item in st.get("set", ()):
-    argv += ["--set", item]
-  if record.get("tag"):
-    argv += ["--tag", record["tag"]]
-  return lvc.parse_args(argv)
-
-
-def workdir_of(out: pathlib.Path, record: dict) -> pathlib.Path:
-  name = record["method"] + (f"-{record['tag']}" if record.get("tag") else "")
-  return out / "runs" / TASK / name / f"seed{record['seed']}"
-
-
-def fit_scores(config, workdir: pathlib.Path) -> dict:
-  """evaluate's metrics of the model and the references on the TRAINING region."""
-  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
-  summary_path = workdir / FIT_DIR / "summary.json"
-  if summary_path.is_file():
-    return json.loads(summary_path.read_text())["metrics"]
-  c = config
-  c.data.eval_region = c.data.train_region
-  c.eval.input_baseline = False
-  return evaluate.evaluate(c, str(workdir), out_name=FIT_DIR)["metrics"]
 
 
 def band_errors(preds: dict, target, mask) -> list[dict]:
@@ -121,10 +88,10 @@ def diagnose(record: dict, out: pathlib.Path, source) -> dict:
   from jaxvol.data import pipeline  # pylint: disable=g-import-not-at-top
   from jaxvol.data import store as store_lib  # pylint: disable=g-import-not-at-top
   from jaxvol.eval import metrics, references  # pylint: disable=g-import-not-at-top
-  args = run_args(record, str(out))
+  args = lvc.args_of(record, out)
   store_path = experiment.task_store(out, TASK, source)
   config = lvc.recipe(TASK, record["method"], store_path, record["seed"], args)
-  workdir = workdir_of(out, record)
+  workdir = lvc.workdir_of(out, record)
   if not (workdir / "eval" / "references.json").is_file():
     raise SystemExit(f"{workdir}: no eval/ with the look-up tables (eval/references.json); "
                      "this run's evaluation is missing or scored no references")
@@ -154,7 +121,7 @@ def diagnose(record: dict, out: pathlib.Path, source) -> dict:
   oracle_t1 = references.LUT().apply(x, references.fit_lut([references.Pair("o", x, y)]))
   held = {"model": scores(p), "lut_gaussian": scores(lutg),
           "model_recalibrated_oracle": scores(oracle_model), "t1_lut_oracle": scores(oracle_t1)}
-  fit = fit_scores(config, workdir)
+  fit = lvc.fit_one(record, store_path, out)
   ytr = t2[train_cut]
   mtr = metrics.body_mask(ytr)
   q = [1, 25, 50, 75, 99]
@@ -237,7 +204,7 @@ def main(argv=None) -> list[dict]:
   shared = lvc_dir / "runs" / TASK / lvc.REFERENCES_CACHE
   results = []
   for rec in records:
-    wd = workdir_of(lvc_dir, rec)
+    wd = lvc.workdir_of(lvc_dir, rec)
     if shared.exists() and not (wd / lvc.REFERENCES_CACHE).exists():
       shutil.copy(shared, wd / lvc.REFERENCES_CACHE)
     results.append(diagnose(rec, lvc_dir, args.source))

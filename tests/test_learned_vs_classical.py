@@ -2,6 +2,7 @@
 tiny run end to end (validation-selected checkpoint, whole region, references, table)."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -84,6 +85,24 @@ def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="no finished run"):
     exp.main(common[:-5] + ["3"] + common[-4:] + ["--infer-set", "eval.samples=2",
                                                   "--infer-tag", "s2"])
+  # In-sample scores (--fit) of seed 0 and of its flipped re-scoring: the training split's
+  # training region, the selected step, kept in the record and tabled; nothing trains.
+  fitted = exp.main(common + ["--fit"])
+  fitted = exp.main(common + ["--fit", "--infer-tag", "f"])
+  by_tag = {r["tag"]: r for r in fitted if r["seed"] == 0}
+  for tag, folder in (("", "eval_fit"), ("f", "eval_fit-f")):
+    fit = by_tag[tag]["fit"]
+    summary = json.loads((out / "runs" / "pet_denoise" / "ppdm" / "seed0" / folder /
+                          "summary.json").read_text())
+    assert summary["split"] == "train" and summary["region"] == {"2": [0.0, 0.6]}
+    assert summary["checkpoint_step"] == fit["step"] == by_tag[tag]["best_step"]
+    assert fit["psnr"] == summary["metrics"]["psnr"] and set(fit["psnr"]) >= {"model", "input",
+                                                                              "gaussian"}
+  assert by_tag[""]["fit"]["psnr"]["model"] != by_tag["f"]["fit"]["psnr"]["model"]
+  assert "fit" not in next(r for r in fitted if r["seed"] == 1 and r["tag"] == "")
+  assert "In-sample (`--fit`)" in (out / "learned_vs_classical.md").read_text()
+  with pytest.raises(SystemExit, match="no finished record"):
+    exp.main(common[:-5] + ["3"] + common[-4:] + ["--fit"])
 
 
 def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
@@ -115,6 +134,45 @@ def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
   assert "| ppdm | 1 | 28.00 |" in table and "| ppdm [mv] | 1 | 29.00 |" in table
   assert "| 27.50 |" in table  # the best validation PSNR, the column variants are chosen on
   assert "--set ppdm.max_var=0.1" in table and "--tag mv" in table
+
+
+def test_a_records_config_and_workdir_are_rebuilt_from_its_settings():
+  settings = {"steps": 4800, "validate_every": 400, "patience": 3, "lr": 0.0,
+              "schedule": "constant", "set": ["ppdm.loss=l2"]}
+  trained = {"task": "mri_t1_t2", "method": "ppdm", "tag": "l2", "seed": 2, "best_step": 800,
+             "settings": settings}
+  args = exp.args_of(trained, "OUT")
+  assert exp.settings_of(args, "ppdm") == settings and args.tag == "l2" and not args.infer_tag
+  c = exp.recipe("mri_t1_t2", "ppdm", "STORE", 2, args)
+  assert c.ppdm.loss == "l2" and c.train.steps == 4800 and c.seed == 2
+  assert str(exp.workdir_of(pathlib.Path("OUT"), trained)).endswith("runs/mri_t1_t2/ppdm-l2/seed2")
+  # A re-scoring (TAG+NAME) lives in the run TAG; its --infer-set comes back with it.
+  rescored = {**trained, "tag": "l2+f", "settings": {**settings, "infer_tag": "f",
+                                                      "infer_set": ["inference.flip_axes=(0,1,2)"]}}
+  args = exp.args_of(rescored, "OUT")
+  assert args.tag == "l2" and args.infer_tag == "f"
+  assert exp.overrides_of(args.infer_set) == {"inference.flip_axes": (0, 1, 2)}
+  assert exp.workdir_of(pathlib.Path("OUT"), rescored) == exp.workdir_of(pathlib.Path("OUT"), trained)
+  recipe_rescored = {**rescored, "tag": "f", "settings": {**rescored["settings"], "set": []}}
+  assert str(exp.workdir_of(pathlib.Path("OUT"), recipe_rescored)).endswith("ppdm/seed2")
+
+
+def test_fit_table_sets_in_sample_beside_held_out():
+  def rec(seed, fit_model, held_model):
+    return {"task": "ct_denoise", "method": "sparse", "tag": "", "seed": seed,
+            "references": {"gaussian": {"sigma": 0.5}},
+            "metrics": {"psnr": {"model": held_model, "input": 36.0, "gaussian": 34.0}},
+            "fit": {"split": "train", "region": {"2": [0, 0.6]}, "step": 4,
+                    "references": {"gaussian": {"sigma": 0.5}},
+                    "psnr": {"model": fit_model, "input": 35.0, "gaussian": 34.5},
+                    "ssim": {"model": 0.9, "input": 0.8, "gaussian": 0.85}}}
+  lines = exp.fit_table([rec(0, 35.5, 34.0), rec(1, 35.7, 34.4),
+                         {**rec(2, 0, 0), "fit": None}])
+  text = "\n".join(lines)
+  assert "split 'train'" in text
+  assert "| input (floor) | - | 35.00 | 0.8000 | 36.00 | -1.00 |" in text
+  assert "| sparse (seeds 0, 1) | 2 | 35.60 ± 0.10 | 0.9000 ± 0.0000 | 34.20 ± 0.20 | 1.40 ± 0.10 |" in text
+  assert exp.fit_table([{**rec(0, 1, 1), "fit": None}]) == []
 
 
 def test_merge_joins_runs_made_apart_and_a_later_record_replaces_its_key(tmp_path, monkeypatch):
