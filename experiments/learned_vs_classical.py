@@ -249,8 +249,8 @@ def trained_tag(record: dict) -> str:
 def workdir_of(out: pathlib.Path, record: dict) -> pathlib.Path:
   """The workdir of the training run behind a record."""
   tag = trained_tag(record)
-  return (pathlib.Path(out) / "runs" / record["task"] / (record["method"] + (f"-{tag}" if tag else ""))
-          / f"seed{record['seed']}")
+  name = record["method"] + (f"-{tag}" if tag else "")
+  return pathlib.Path(out) / "runs" / record["task"] / name / f"seed{record['seed']}"
 
 
 def args_of(record: dict, out) -> argparse.Namespace:
@@ -275,8 +275,7 @@ def args_of(record: dict, out) -> argparse.Namespace:
 def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
   """The in-sample scores of a finished record's selected checkpoint (module docstring, `--fit`):
   {"split", "region", "step", "references": {name: tuned parameters}, "psnr": {prediction: dB},
-  "ssim": {...}}. Reads a finished
-  `eval_fit` of the run instead of scoring again."""
+  "ssim": {...}}. Reads a finished `eval_fit` of the run instead of scoring again."""
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
   args = args_of(record, out)
   c = recipe(record["task"], record["method"], store, record["seed"], args)
@@ -467,11 +466,12 @@ def fit_table(rows: list[dict]) -> list[str]:
                    f"{'-' if out_of is None else format(f0['psnr'][name] - out_of, '+.2f')} |")
   for variant in dict.fromkeys(variant_of(r) for r in fitted):
     rs = [r for r in fitted if variant_of(r) == variant]
+    gap = [r["fit"]["psnr"]["model"] - r["metrics"]["psnr"]["model"] for r in rs]
     lines.append(f"| {variant} (seeds {', '.join(str(r['seed']) for r in rs)}) | {len(rs)} | "
                  f"{_mean_std([r['fit']['psnr']['model'] for r in rs])} | "
                  f"{_mean_std([r['fit']['ssim']['model'] for r in rs], '.4f')} | "
                  f"{_mean_std([r['metrics']['psnr']['model'] for r in rs])} | "
-                 f"{_mean_std([r['fit']['psnr']['model'] - r['metrics']['psnr']['model'] for r in rs])} |")
+                 f"{_mean_std(gap)} |")
   return lines + [""]
 
 
