@@ -463,7 +463,7 @@ def fit_table(rows: list[dict]) -> list[str]:
       out_of = held.get(name)
       lines.append(f"| {label} | - | {f0['psnr'][name]:.2f} | {f0['ssim'][name]:.4f} | "
                    f"{'-' if out_of is None else format(out_of, '.2f')} | "
-                   f"{'-' if out_of is None else format(f0['psnr'][name] - out_of, '+.2f')} |")
+                   f"{'-' if out_of is None else format(f0['psnr'][name] - out_of, '.2f')} |")
   for variant in dict.fromkeys(variant_of(r) for r in fitted):
     rs = [r for r in fitted if variant_of(r) == variant]
     gap = [r["fit"]["psnr"]["model"] - r["metrics"]["psnr"]["model"] for r in rs]
