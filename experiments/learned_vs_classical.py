@@ -349,6 +349,12 @@ def chosen_variants(rows: list[dict]) -> dict[str, str]:
   return out
 
 
+def tasks_of(records: list[dict]) -> list[str]:
+  """The tasks of `records` in TASKS order (a table's blocks do not move when runs merge)."""
+  present = dict.fromkeys(r["task"] for r in records)
+  return sorted(present, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS))
+
+
 def best_reference_of(record: dict) -> str | None:
   """The classical reference with the best test PSNR (one number per task: no seed)."""
   psnr = record["metrics"]["psnr"]
@@ -363,7 +369,7 @@ def headline(records: list[dict]) -> str:
   lines = ["| task | prediction | seeds | PSNR (dB) | SSIM | PSNR - best reference | "
            "selected steps |", "|---|---|---|---|---|---|---|"]
   commands = []
-  for task in dict.fromkeys(r["task"] for r in records):
+  for task in tasks_of(records):
     rows = [r for r in records if r["task"] == task]
     first = next((r for r in rows if r["method"] != CEILING), None)
     if first is None:
@@ -404,7 +410,7 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
            "Per task: the best classical reference (on the test region), the input, and for each "
            "method the variant with the best mean validation PSNR among those run with at least "
            "two seeds.", "", headline(records), ""]
-  for task in dict.fromkeys(r["task"] for r in records):
+  for task in tasks_of(records):
     rows = [r for r in records if r["task"] == task]
     first = next((r for r in rows if r["method"] != CEILING), rows[0])
     lines += [f"## {task}", "", f"Scored: split {first['split']!r}, region {first['region']}, "

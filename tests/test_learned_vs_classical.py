@@ -175,6 +175,11 @@ def test_fit_table_sets_in_sample_beside_held_out():
   assert exp.fit_table([{**rec(0, 1, 1), "fit": None}]) == []
 
 
+def test_blocks_keep_the_task_order_when_runs_merge():
+  records = [{"task": "mri_t1_t2"}, {"task": "zz_new"}, {"task": "demo"}, {"task": "ct_denoise"}]
+  assert exp.tasks_of(records) == ["demo", "ct_denoise", "mri_t1_t2", "zz_new"]
+
+
 def test_merge_joins_runs_made_apart_and_a_later_record_replaces_its_key(tmp_path, monkeypatch):
   def rec(tag, seed, psnr):
     return {"task": "demo", "method": "ppdm", "tag": tag, "seed": seed, "psnr": psnr}
