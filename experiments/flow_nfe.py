@@ -42,11 +42,11 @@ finished evaluations from DIR/flow_nfe.json, rewritten atomically after each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
 
@@ -125,13 +125,9 @@ def score(c, workdir: pathlib.Path, name: str, task_dir: pathlib.Path, reference
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
   c = c.copy_and_resolve_references()
   c.eval.references = "auto" if references else ""
-  shared = task_dir / lvc.REFERENCES_CACHE
-  if references and shared.exists():
-    shutil.copy(shared, workdir / lvc.REFERENCES_CACHE)
   t0 = time.time()
-  summary = evaluate.evaluate(c, str(workdir), out_name=name)
-  if references and (workdir / lvc.REFERENCES_CACHE).exists():
-    shutil.copy(workdir / lvc.REFERENCES_CACHE, shared)
+  with (lvc.task_references(task_dir, workdir) if references else contextlib.nullcontext()):
+    summary = evaluate.evaluate(c, str(workdir), out_name=name)
   m = summary["metrics"]
   return {"metrics": {k: m[k] for k in ("psnr", "ssim", "hfen")},
           "best_step": summary["checkpoint_step"], "checkpoint": summary["checkpoint"],

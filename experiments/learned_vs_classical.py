@@ -59,11 +59,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
 
@@ -84,13 +84,42 @@ CONFIGS = {"demo": ("ppdm_pet_denoise", "demo"), "pet_denoise": ("ppdm_pet_denoi
 # evaluation (decode(encode(TARGET))) is the ceiling row of any latent model.
 LDM_CONFIGS = {"pet_denoise": "ldm_pet_denoise", "mri_t1_t2": "ldm_mri_t1_t2"}
 CEILING = "autoencoder"
-REFERENCES_CACHE = "references_tuned.json"
 # `--fit`: the in-sample evaluation's folder in a run, and its references (the cheap ones of each
 # kind: a blur where the input shares the target's units, the look-up tables where it does not).
 FIT_DIR = "eval_fit"
 FIT_REFERENCES = {"mri_t1_t2": "lut,lut_gaussian"}
 FIT_REFERENCES_DEFAULT = "gaussian"
 log = logging.getLogger("jaxvol")
+
+
+def _read_cache(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text()) if path.is_file() else {}
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+@contextlib.contextmanager
+def task_references(task_dir: pathlib.Path, workdir: pathlib.Path):
+  """Shares the classical references' tuning between a task's runs. The tuning reads training
+  data only and is the same for every run of the task, so its cache (WORKDIR/references_tuned.json,
+  entries keyed by everything the tuning read) lives once in TASK_DIR: its entries join the run's
+  cache before an evaluation in the block, and the run's join it after."""
+  from jaxvol import fileio  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval.volumes import REFERENCES_CACHE  # pylint: disable=g-import-not-at-top
+  shared = pathlib.Path(task_dir) / REFERENCES_CACHE
+  local = pathlib.Path(workdir) / REFERENCES_CACHE
+
+  def join(src: pathlib.Path, dst: pathlib.Path):
+    entries, known = _read_cache(src), _read_cache(dst)
+    if entries.keys() - known.keys():
+      fileio.write_json_atomic(dst, {**known, **entries})
+
+  join(shared, local)
+  try:
+    yield
+  finally:  # a tuning that finished is shared even when the evaluation after it failed
+    join(local, shared)
 
 
 def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespace):
@@ -180,14 +209,8 @@ def run_one(task: str, method: str, seed: int, store: str, out: pathlib.Path,
   t0 = time.time()
   result = experiment.train(c, workdir, validate=evaluate.validator(c, str(workdir)))
   trained = time.time() - t0
-  # The references are tuned once per task (the tuning reads training data only, and the same
-  # for every run of the task): their cache travels between the task's workdirs.
-  shared = out / "runs" / task / REFERENCES_CACHE
-  if shared.exists():
-    shutil.copy(shared, workdir / REFERENCES_CACHE)
-  summary = evaluate.evaluate(c, str(workdir))
-  if (workdir / REFERENCES_CACHE).exists():
-    shutil.copy(workdir / REFERENCES_CACHE, shared)
+  with task_references(out / "runs" / task, workdir):
+    summary = evaluate.evaluate(c, str(workdir))
   progress = loop.read_progress(str(workdir))
   return {"task": task, "method": method, "tag": tag, "seed": seed, "steps": result["step"],
           "stopped": result.get("stopped"), "train_seconds": progress[-1]["seconds"]
@@ -226,10 +249,8 @@ def reevaluate_one(task: str, method: str, seed: int, store: str, out: pathlib.P
   params, step = volumes.load_params(c, str(workdir))
   validation = dict(evaluate.validator(c, str(workdir))(params, step), step=step)
   del params
-  shared = out / "runs" / task / REFERENCES_CACHE
-  if shared.exists():
-    shutil.copy(shared, workdir / REFERENCES_CACHE)
-  summary = evaluate.evaluate(c, str(workdir), out_name=f"eval-{args.infer_tag}")
+  with task_references(out / "runs" / task, workdir):
+    summary = evaluate.evaluate(c, str(workdir), out_name=f"eval-{args.infer_tag}")
   return {**{k: trained[k] for k in ("task", "method", "seed", "steps", "stopped",
                                      "train_seconds", "wall_seconds")},
           "tag": infer_tag(args), **scored(summary), "validation": [validation],
@@ -291,10 +312,8 @@ def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
   if path.is_file():
     summary = json.loads(path.read_text())
   else:
-    shared = out / "runs" / record["task"] / REFERENCES_CACHE
-    if shared.exists():
-      shutil.copy(shared, workdir / REFERENCES_CACHE)
-    summary = evaluate.evaluate(c, str(workdir), out_name=name)
+    with task_references(pathlib.Path(out) / "runs" / record["task"], workdir):
+      summary = evaluate.evaluate(c, str(workdir), out_name=name)
   if summary["checkpoint_step"] != record["best_step"]:
     raise SystemExit(f"{path}: scored step {summary['checkpoint_step']}, the record selected "
                      f"{record['best_step']}; remove {workdir / name} to score again")

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
 
 import numpy as np
@@ -201,12 +200,8 @@ def main(argv=None) -> list[dict]:
     raise SystemExit(f"no finished {TASK} runs of {args.methods} in {lvc_dir}")
   out = pathlib.Path(args.out or lvc_dir / "mri_diagnosis")
   out.mkdir(parents=True, exist_ok=True)
-  shared = lvc_dir / "runs" / TASK / lvc.REFERENCES_CACHE
   results = []
-  for rec in records:
-    wd = lvc.workdir_of(lvc_dir, rec)
-    if shared.exists() and not (wd / lvc.REFERENCES_CACHE).exists():
-      shutil.copy(shared, wd / lvc.REFERENCES_CACHE)
+  for rec in records:  # (fit_one shares the task's reference tuning with each run)
     results.append(diagnose(rec, lvc_dir, args.source))
     fileio.write_json_atomic(str(out / "mri_diagnosis.json"), {"runs": results})
   text = markdown(results)

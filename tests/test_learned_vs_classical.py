@@ -175,6 +175,26 @@ def test_fit_table_sets_in_sample_beside_held_out():
   assert exp.fit_table([{**rec(0, 1, 1), "fit": None}]) == []
 
 
+def test_a_tasks_runs_share_one_reference_tuning(tmp_path):
+  task_dir, run = tmp_path / "runs" / "pet_denoise", tmp_path / "runs" / "pet_denoise" / "m" / "s0"
+  run.mkdir(parents=True)
+  cache = "references_tuned.json"
+  (task_dir / cache).write_text(json.dumps({"a": {"gaussian": 1}}))
+  (run / cache).write_text(json.dumps({"own": {"gaussian": 2}}))
+  with exp.task_references(task_dir, run):
+    # the task's tunings join the run's own before it is evaluated
+    assert json.loads((run / cache).read_text()) == {"own": {"gaussian": 2}, "a": {"gaussian": 1}}
+    (run / cache).write_text(json.dumps({"own": {"gaussian": 2}, "a": {"gaussian": 1},
+                                         "new": {"gaussian": 3}}))
+  assert json.loads((task_dir / cache).read_text()) == {"a": {"gaussian": 1}, "own": {
+      "gaussian": 2}, "new": {"gaussian": 3}}
+  # a tuning finished before a failure is shared; a task without a cache starts one
+  (task_dir / cache).unlink()
+  with pytest.raises(RuntimeError), exp.task_references(task_dir, run):
+    raise RuntimeError("evaluation failed after the tuning")
+  assert set(json.loads((task_dir / cache).read_text())) == {"own", "a", "new"}
+
+
 def test_blocks_keep_the_task_order_when_runs_merge():
   records = [{"task": "mri_t1_t2"}, {"task": "zz_new"}, {"task": "demo"}, {"task": "ct_denoise"}]
   assert exp.tasks_of(records) == ["demo", "ct_denoise", "mri_t1_t2", "zz_new"]
