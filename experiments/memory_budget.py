@@ -4,7 +4,7 @@ Usage::
 
   python experiments/memory_budget.py --out DIR [--task mri_t1_t2|pet_denoise] [--steps N]
       [--width W] [--lr LR] [--sample-steps K] [--ppdm-sample-steps K] [--window-overlap O]
-      [--window-batch B] [--store STORE]
+      [--window-batch B] [--validations K] [--store STORE]
 
 The PPDM paper's claim: it "matches or outperforms full 3D diffusion while reducing training memory
 by up to an order of magnitude". Here the memory is fixed and quality is compared:
@@ -27,11 +27,15 @@ by up to an order of magnitude". Here the memory is fixed and quality is compare
                exceeds M). Sampled with
                config.inference.window = its training crop (the library's in-loop Gaussian-blended
                windows, --window-overlap).
-3. Evaluation: `jaxvol.eval.evaluate.evaluate` on the whole held-out region (the task's `heldout`
+3. Checkpoint: every method is validated K times (every steps / K steps, on the task's validation
+   set through the one inference path, no early stop: every method trains the same steps), and
+   the best step by validation PSNR is the one scored.
+4. Evaluation: `jaxvol.eval.evaluate.evaluate` on the whole held-out region (the task's `heldout`
    split, no sub-box): PSNR/SSIM in original units inside the target's body mask with the target
    preset's range (the summary's conventions), the input as a prediction where it shares the
-   target's units (PET; not MRI T1 -> T2), the training-target mean floor, and
-   seconds_per_volume (sampling, compilation excluded).
+   target's units (PET; not MRI T1 -> T2), the training-target mean floor, the classical
+   references tuned on the training region (--references), and seconds_per_volume (sampling,
+   compilation excluded).
 
 Tasks (stores built by tools/prepare_data.py into DIR/data/TASK unless --store is given):
   mri_t1_t2    stroke T1 -> T2, one subject at 1 mm (124x160x140): trained on RAS x in [0, 0.5)
@@ -106,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "the last one shifted back to end at the edge)")
   p.add_argument("--window-batch", type=int, default=4,
                  help="windows per network call (config.inference.batch)")
+  p.add_argument("--validations", type=int, default=4,
+                 help="validations per run (every steps / K steps); the best is scored")
   p.add_argument("--methods", default=",".join(METHODS),
                  help=f"comma-separated subset of {','.join(METHODS)} (ppdm_r4 sets the budget "
                  "and is always measured)")
@@ -121,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"unknown methods in {args.methods}; choose from {list(METHODS)}")
   if args.steps < 1 or args.width < 1 or not args.mults:
     p.error("--steps, --width must be positive and --mults non-empty")
+  if not 1 <= args.validations <= args.steps:
+    p.error(f"--validations must be in [1, --steps], got {args.validations}")
   if not 0.0 <= args.window_overlap < 1.0:
     p.error("--window-overlap must be in [0, 1)")
   return args
@@ -131,7 +139,8 @@ def settings_of(args: argparse.Namespace) -> dict:
   return {"task": args.task, "steps": args.steps, "width": args.width, "mults": list(args.mults),
           "lr": args.lr, "batch": 1, "sample_steps": args.sample_steps,
           "ppdm_sample_steps": args.ppdm_sample_steps, "window_overlap": args.window_overlap,
-          "window_batch": args.window_batch, "max_crop": args.max_crop}
+          "window_batch": args.window_batch, "max_crop": args.max_crop,
+          "validations": args.validations}
 
 
 def make_config(task: str, name: str, store: str, args: argparse.Namespace, crop=None):
@@ -171,10 +180,11 @@ def make_config(task: str, name: str, store: str, args: argparse.Namespace, crop
   t.learning_rate = args.lr
   t.warmup_steps = max(1, args.steps // 20)
   t.log_every = max(1, min(25, args.steps // 4))
-  t.checkpoint_every = args.steps if args.steps < 8 else args.steps // 4
+  t.validate_every = t.checkpoint_every = args.steps // args.validations
+  t.patience = 0  # the same steps for every method
   t.keep_checkpoints = 2
   t.time_limit_minutes = 0.0
-  c.eval.checkpoint_step = args.steps
+  c.eval.checkpoint = "best"
   c.eval.previews = True
   c.eval.max_box = ()  # the whole held-out region
   c.eval.references = args.references
@@ -367,7 +377,8 @@ def run_method(name: str, store: str, out: pathlib.Path, args: argparse.Namespac
     ckpt.close()
   if not (done and timing_path.is_file()):
     t0 = time.time()
-    result = experiment.train(config, workdir)
+    result = experiment.train(config, workdir,
+                              validate=evaluate_lib.validator(config, str(workdir)))
     if result["step"] < args.steps:
       raise SystemExit(f"{name}: training stopped at step {result['step']} of {args.steps}; run "
                        f"again to resume from {workdir}")
@@ -392,7 +403,8 @@ def run_method(name: str, store: str, out: pathlib.Path, args: argparse.Namespac
       "eval_shapes": [[b - a for a, b in box] for box in summary["boxes"].values()],
       "eval_region": summary["region"], "train_region": summary["train_region"],
       "split": summary["split"], "mask": summary["mask"],
-      "checkpoint_step": summary["checkpoint_step"], "workdir": str(workdir)})
+      "checkpoint_step": summary["checkpoint_step"],
+      "validation": loop.read_validation(str(workdir)), "workdir": str(workdir)})
   return rec
 
 
@@ -402,22 +414,23 @@ def _fmt(x, spec: str) -> str:
 
 def table(records, budget: dict) -> str:
   lines = ["| method | trained on | compiled train MiB | / budget | PSNR (dB) | SSIM "
-           "| train step (s) | sample (s/volume) | sampling |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| step | train step (s) | sample (s/volume) | sampling |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   first = records[0] if records else {}
   if first.get("input_psnr") is not None:
     lines.append(f"| input (no model) | - | - | - | {first['input_psnr']:.2f} "
-                 f"| {first['input_ssim']:.4f} | - | - | - |")
+                 f"| {first['input_ssim']:.4f} | - | - | - | - |")
   elif records:
-    lines.append("| input (no model) | - | - | - | not comparable | - | - | - | - |")
+    lines.append("| input (no model) | - | - | - | not comparable | - | - | - | - | - |")
   mean = next((r for r in records if r.get("train_mean_psnr") is not None), None)
   if mean is not None:
     lines.append(f"| training-target mean (ignores the input) | - | - | - "
-                 f"| {mean['train_mean_psnr']:.2f} | {mean['train_mean_ssim']:.4f} | - | - | - |")
+                 f"| {mean['train_mean_psnr']:.2f} | {mean['train_mean_ssim']:.4f} | - | - | - "
+                 "| - |")
   refs = next((r["references"] for r in records if r.get("references")), {})
   for name, entry in refs.items():
     lines.append(f"| {references_lib.table_label(name, entry)} | - | - | - | {entry['psnr']:.2f} "
-                 f"| {entry['ssim']:.4f} | - | - | - |")
+                 f"| {entry['ssim']:.4f} | - | - | - | - |")
   for r in records:
     label = f"ppdm r={r['factor']}" if r["factor"] > 1 else "full3d"
     if "psnr" not in r:
@@ -425,7 +438,8 @@ def table(records, budget: dict) -> str:
     lines.append(
         f"| {label} | {r['trained_on']} | {r['train_bytes'] / MIB:.1f} "
         f"| {r['train_bytes'] / budget['bytes']:.2f} | {_fmt(r.get('psnr'), '.2f')} "
-        f"| {_fmt(r.get('ssim'), '.4f')} | {_fmt(r.get('train_step_s'), '.3f')} "
+        f"| {_fmt(r.get('ssim'), '.4f')} | {_fmt(r.get('checkpoint_step'), 'd')} "
+        f"| {_fmt(r.get('train_step_s'), '.3f')} "
         f"| {_fmt(r.get('sample_s'), '.2f')} | {r['sampling']}, {r['sample_steps']} steps |")
   return "\n".join(lines)
 
@@ -450,6 +464,10 @@ def markdown(result: dict) -> str:
       f"(warm-up 5%), random flips. Sampling: PPDM {s['ppdm_sample_steps']} bridge steps on the "
       f"whole region; full3d {s['sample_steps']} DDIM steps in in-loop windows of its crop "
       f"(overlap {s['window_overlap']:g}).\n\n"
+      + (f"Checkpoint (column step): the best of {s['validations']} validations by PSNR on the "
+         f"task's validation set, every {s['steps'] // s['validations']} steps.\n\n"
+         if s.get("validations") else
+         "Checkpoint: the last step (measured before the runs validated).\n\n") +
       f"Split: {result['split']}.\n\nMachine: {machine_line}.\n\n"
       f"{table(result['records'], b)}\n\n"
       "PSNR/SSIM: jaxvol.eval.evaluate on the whole held-out region, original units, inside the "

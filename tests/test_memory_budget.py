@@ -17,7 +17,7 @@ SHAPE = (16, 16, 30)  # heldout PET split: train z [0, 18), evaluate z [18, 30) 
 # PPDM r=2 is left out here (time); its branch that does not fit the budget is tested alone.
 ARGS = ["--task", "pet_denoise", "--steps", "2", "--width", "4", "--mults", "1,2",
         "--sample-steps", "2", "--ppdm-sample-steps", "2", "--window-batch", "8",
-        "--methods", "ppdm_r4,full3d"]
+        "--methods", "ppdm_r4,full3d", "--validations", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,10 @@ def mb():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-  """Two training and one test PET 'subject' (smooth activity, noisy low-count input)."""
+  """Two training, one validation and one test PET 'subject' (smooth activity, noisy low-count
+  input)."""
   root = tmp_path_factory.mktemp("budget")
-  return write_pet_store(root, SHAPE, ["train", "train", "test"])
+  return write_pet_store(root, SHAPE, ["train", "train", "val", "test"])
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,7 @@ def test_records_and_outputs(run):
   assert list(records) == ["ppdm_r4", "full3d"]
   md = (out / "memory_budget.md").read_text()
   assert "Budget M" in md and "Machine:" in md and "Split:" in md
+  assert "the best of 2 validations by PSNR" in md
   for name, rec in records.items():
     assert rec["budget_bytes"] == result["budget"]["bytes"]
     assert rec["fits_budget"] == (rec["train_bytes"] <= rec["budget_bytes"])
@@ -98,6 +100,11 @@ def test_records_and_outputs(run):
       assert isinstance(rec[key], float) and np.isfinite(rec[key]), (name, key)
     assert rec["n_eval_volumes"] == 1 and rec["eval_shapes"] == [[16, 16, 12]]
     assert rec["split"] == "test" and rec["mask"] == "body" and rec["steps"] == 2
+    # validated at steps 1 and 2 on the validation split; the best of them is the one scored
+    val = rec["validation"]
+    assert [v["step"] for v in val] == [1, 2]
+    assert rec["checkpoint_step"] == max(val, key=lambda v: v["psnr"])["step"]
+    assert rec["checkpoint_step"] == val[-1]["best_step"]
   assert records["ppdm_r4"]["input_psnr"] == records["full3d"]["input_psnr"]
   assert records["ppdm_r4"]["trained_on"].startswith("whole training region")
   side = result["budget"]["full3d"]["crop"][0]
