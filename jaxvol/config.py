@@ -210,7 +210,13 @@ def base_config() -> ml_collections.ConfigDict:
   i.flip_axes = ()
 
   c.regression = r = ml_collections.ConfigDict()
-  r.loss = "l1"
+  r.loss = "l1"                # l1 | l2
+  # True: residual learning (Zhang et al., "Beyond a Gaussian Denoiser: Residual Learning of Deep
+  # CNN for Image Denoising", IEEE TIP 2017): the network predicts target - input and the first
+  # input is added back, so an untrained network starts near the input instead of near zero. For
+  # tasks whose input is normalised like the target (denoising); training refuses a store where
+  # it is not (jaxvol.train.loop.check_residual).
+  r.residual = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # -1: all devices not used by the other axes

@@ -202,16 +202,22 @@ class Wavelet(Full3D):
 
 
 class Regression(base.Method):
-  """The same U-Net as a one-pass regressor (time input fixed at 0)."""
+  """The same U-Net as a one-pass regressor (time input fixed at 0); with
+  config.regression.residual it predicts the difference to the first input, added back."""
 
-  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS  # no diffusion, no STM
+  # no diffusion, no STM; residual changes what the output means
+  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + ("regression.residual",)
 
   def __post_init__(self):
     self.net = base.build_unet(self.config.model, self.target_channels, self.dtype)
+    self.residual = bool(self.config.regression.get("residual", False))
 
   def _apply(self, params, y, train=False, rng=None):
     t = jnp.zeros((y.shape[0],), jnp.int32)
-    return self.net.apply(params, y, t, train=train, rngs={"dropout": rng} if train else None)
+    out = self.net.apply(params, y, t, train=train, rngs={"dropout": rng} if train else None)
+    if self.residual:  # the first input's channels, normalised like the target (check_residual)
+      out = out + y[..., :out.shape[-1]].astype(out.dtype)
+    return out
 
   def init(self, rng, batch):
     return self.net.init(rng, batch["cond"], jnp.zeros((batch["cond"].shape[0],), jnp.int32))

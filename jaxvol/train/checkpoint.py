@@ -44,8 +44,10 @@ log = logging.getLogger("jaxvol")
 # Fields added after checkpoints were written without them: (method, value an absent field had).
 # A PRDiT run saved before `prdit.layout` existed holds parameter layout 1.
 # What a model field absent from an older checkpoint's config means: field -> (the method it
-# applies to, None for any method; the value). Flow matching came after the noise diffusions.
-ABSENT_MEANS = {"prdit.layout": ("prdit", 1), "diffusion.objective": (None, "diffusion")}
+# applies to, None for any method; the value). Flow matching came after the noise diffusions,
+# residual regression after the plain one.
+ABSENT_MEANS = {"prdit.layout": ("prdit", 1), "diffusion.objective": (None, "diffusion"),
+                "regression.residual": ("regression", False)}
 HINTS = {"prdit.layout": "PRDiT parameter layout 1 predates the authors-parity rework "
                          "(jaxvol.models.prdit.LAYOUT_VERSION) and cannot be loaded by this "
                          "version: retrain, or use the jaxvol version that wrote it"}

@@ -137,6 +137,26 @@ def check_target_range(config, store_path: str) -> float | None:
   return peak
 
 
+def check_residual(config, store_path: str) -> None:
+  """Refuses a residual regressor (config.regression.residual adds the first input to the
+  network's output) on a store that normalises that input unlike the target: the sum would mix
+  two intensity scales. Compares the two presets of every training subject."""
+  if config.method != "regression" or not config.regression.get("residual", False):
+    return
+  store = store_lib.Store(store_path)
+  first, target = config.data.inputs[0], config.data.target
+  for s in store.subjects(config.data.train_split):
+    if first not in s["volumes"] or target not in s["volumes"]:
+      continue
+    a, b = store.preset(s["id"], first), store.preset(s["id"], target)
+    if a != b:
+      raise ValueError(
+          f"config.regression.residual adds the input {first!r} to the prediction, but "
+          f"{store.path} normalises it unlike the target {target!r} (subject {s['id']}: {a} vs "
+          f"{b}); residual learning needs one intensity preset for both (the target converted "
+          f"with ref={first} and no scale of its own): set regression.residual=False")
+
+
 def warn_inference_presets(config, store_path: str) -> None:
   """Says at training start when evaluation will refuse this store's presets (not for an
   unconditional model: it generates, and nothing predicts a target's scale)."""
@@ -501,6 +521,7 @@ def _train(config, workdir: str, validate) -> dict:
       positions=pipeline.position_axes(config.data), process_index=shard,
       process_count=num_shards, crops=config.data.get("crops", "random"))
   meta = run_meta(config, config.data.store)
+  check_residual(config, config.data.store)
   warn_inference_presets(config, config.data.store)
   check_target_range(config, config.data.store)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
