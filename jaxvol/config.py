@@ -80,6 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.layout = "jaxvol"
   m.init = "flax"              # flax (Flax's defaults) | torch (PyTorch's layer defaults, as the
   #                              authors' code starts: jaxvol.models.layers.torch_default_init)
+  # True: residual learning (Zhang et al., "Beyond a Gaussian Denoiser: Residual Learning of Deep
+  # CNN for Image Denoising", IEEE TIP 2017): the network's clean-image estimate is the first
+  # input plus the network's output, so an untrained network starts near the input instead of near
+  # zero and learns only the input's error. Regression's prediction, the x0 estimate of full3d
+  # and sparse (x0 parameterisation) and PPDM's bridge (jaxvol.methods.base.Method.RESIDUAL). For
+  # tasks whose input is normalised like the target (denoising); training refuses a store where
+  # it is not (jaxvol.train.loop.check_residual).
+  m.residual = False
 
   c.ppdm = p = ml_collections.ConfigDict()
   p.factor = (2, 2, 2)         # puzzle factor r per axis (rd, rh, rw), e.g. (1, 2, 2) if anisotropic
@@ -211,12 +219,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.regression = r = ml_collections.ConfigDict()
   r.loss = "l1"                # l1 | l2
-  # True: residual learning (Zhang et al., "Beyond a Gaussian Denoiser: Residual Learning of Deep
-  # CNN for Image Denoising", IEEE TIP 2017): the network predicts target - input and the first
-  # input is added back, so an untrained network starts near the input instead of near zero. For
-  # tasks whose input is normalised like the target (denoising); training refuses a store where
-  # it is not (jaxvol.train.loop.check_residual).
-  r.residual = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1             # -1: all devices not used by the other axes

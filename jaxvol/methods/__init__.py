@@ -49,7 +49,8 @@ def build(config, platform: str = "cpu") -> base.Method:
   """Builds the method named by `config.method` with the compute dtype for `platform`.
 
   Raises:
-    ValueError: an unknown method, or an objective (config.diffusion.objective) it does not offer.
+    ValueError: an unknown method, or an objective (config.diffusion.objective) or residual
+      learning (config.model.residual) it does not offer.
   """
   cls = method_class(config)
   objective = base.objective_of(config)
@@ -58,4 +59,8 @@ def build(config, platform: str = "cpu") -> base.Method:
     raise ValueError(f"method {config.method!r} does not train with diffusion.objective="
                      f"{objective!r} (it offers {cls.OBJECTIVES}); {objective!r} is available "
                      f"for {offered}")
+  if base.residual_of(config) and not cls.RESIDUAL:
+    offered = [m for m, c in METHODS.items() if c.RESIDUAL]
+    raise ValueError(f"method {config.method!r} does not offer residual learning "
+                     f"(config.model.residual); it is available for {offered}")
   return cls(config=config, dtype=base.resolve_dtype(config.compute_dtype, platform))

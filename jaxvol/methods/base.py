@@ -72,6 +72,19 @@ def flow_of(config):
   return flow_lib.FlowMatching(embed_t_scale=float(f.embed_t_scale))
 
 
+def residual_of(config) -> bool:
+  """config.model.residual (residual learning); a config saved while the option was
+  config.regression.residual (regression only) is read there."""
+  legacy = config.get("regression") or {}
+  return bool(config.model.get("residual", False) or legacy.get("residual", False))
+
+
+def add_input(out, y):
+  """Residual learning's estimate: the network's output plus the condition's first channels (as
+  many as `out` has), which are normalised like the target (jaxvol.train.loop.check_residual)."""
+  return out + y[..., :out.shape[-1]].astype(out.dtype)
+
+
 def resolve_dtype(name: str, platform: str):
   """'auto' -> bfloat16 on accelerators, float32 on CPU; otherwise the named dtype."""
   if name == "auto":
@@ -175,6 +188,10 @@ class Method:
   # The training objectives it offers (config.diffusion.objective; checked by jaxvol.methods.build):
   # its own ("diffusion", or none for a regressor) and "flow" where flow matching is available.
   OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion",)
+  # Whether it offers residual learning (config.model.residual, `residual_of`: its clean-image
+  # estimate is the first input plus the network's output; checked by jaxvol.methods.build). The
+  # field is then one of its model fields (`model_fields`).
+  RESIDUAL: ClassVar[bool] = False
 
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
@@ -185,7 +202,8 @@ class Method:
 
     Reads the config only; no network is built.
     """
-    return tuple(f for f in cls.MODEL_FIELDS
+    fields = cls.MODEL_FIELDS + (("model.residual",) if cls.RESIDUAL else ())
+    return tuple(f for f in fields
                  if f not in cls.SWITCHED_FIELDS or cls.SWITCHED_FIELDS[f](config))
 
   def __post_init__(self):

@@ -39,6 +39,7 @@ class Full3D(base.Method):
        "diffusion.parameterization"))}
   CLAMPS_X0 = True  # DDPM/DDIM clip x0_hat to config.diffusion.clip_x0 (also WDM, sparse)
   OBJECTIVES = ("diffusion", "flow")
+  RESIDUAL = True  # x0 = condition + network output (x0 parameterisation, noise diffusion only)
 
   def __post_init__(self):
     c = self.config.diffusion
@@ -46,6 +47,11 @@ class Full3D(base.Method):
                                                 c.parameterization)
     self.flow = base.flow_of(self.config)
     self.net = base.build_unet(self.config.model, self._out_channels(), self.dtype)
+    self.residual = self.RESIDUAL and base.residual_of(self.config)
+    if self.residual and (self.flow is not None or c.parameterization != "x0"):
+      raise ValueError("config.model.residual adds the condition to an x0 estimate: it needs "
+                       "diffusion.parameterization='x0' and diffusion.objective='diffusion' (got "
+                       f"{c.parameterization!r}, {base.objective_of(self.config)!r})")
 
   def _out_channels(self):
     return self.target_channels
@@ -63,8 +69,9 @@ class Full3D(base.Method):
   def _apply(self, params, z_t, zy, t, train=False, rng=None):
     rngs = {"dropout": rng} if train else None
     structure = zy if self.net.stm else None
-    return self.net.apply(params, jnp.concatenate([z_t, zy], -1), t, train=train, rngs=rngs,
-                          structure=structure)
+    out = self.net.apply(params, jnp.concatenate([z_t, zy], -1), t, train=train, rngs=rngs,
+                         structure=structure)
+    return base.add_input(out, zy) if self.residual else out
 
   def init(self, rng, batch):
     zy = self._to_domain(batch["cond"])
@@ -150,6 +157,7 @@ class Wavelet(Full3D):
 
   MODEL_FIELDS = Full3D.MODEL_FIELDS + ("wdm.lll_scale",)  # the scale of the bands it sees
   OBJECTIVES = ("diffusion",)
+  RESIDUAL = False  # (the bands' channel order differs from the condition's)
   # WDM (Friedrich et al., 2024) predicts the clean wavelet bands rather than the noise.
   CONFIG_DEFAULTS = {"diffusion.parameterization": "x0"}
   LOW_RESOLUTION = True  # the Haar bands are half the crop per axis
@@ -202,22 +210,21 @@ class Wavelet(Full3D):
 
 
 class Regression(base.Method):
-  """The same U-Net as a one-pass regressor (time input fixed at 0); with
-  config.regression.residual it predicts the difference to the first input, added back."""
+  """The same U-Net as a one-pass regressor (time input fixed at 0); with config.model.residual
+  it predicts the difference to the first input, added back."""
 
-  # no diffusion, no STM; residual changes what the output means
-  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + ("regression.residual",)
+  # no diffusion, no STM
+  MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS
+  RESIDUAL = True
 
   def __post_init__(self):
     self.net = base.build_unet(self.config.model, self.target_channels, self.dtype)
-    self.residual = bool(self.config.regression.get("residual", False))
+    self.residual = base.residual_of(self.config)
 
   def _apply(self, params, y, train=False, rng=None):
     t = jnp.zeros((y.shape[0],), jnp.int32)
     out = self.net.apply(params, y, t, train=train, rngs={"dropout": rng} if train else None)
-    if self.residual:  # the first input's channels, normalised like the target (check_residual)
-      out = out + y[..., :out.shape[-1]].astype(out.dtype)
-    return out
+    return base.add_input(out, y) if self.residual else out
 
   def init(self, rng, batch):
     return self.net.init(rng, batch["cond"], jnp.zeros((batch["cond"].shape[0],), jnp.int32))

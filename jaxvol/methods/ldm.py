@@ -36,6 +36,7 @@ class LatentDiffusion(baselines.Full3D):
   CLAMPS_X0 = False  # a latent has no [-1, 1] range to clamp to
   LOW_RESOLUTION = True  # the U-Net sees the latent: 1/factor of the crop per axis
   OBJECTIVES = ("diffusion", "flow")
+  RESIDUAL = False  # (a latent and the image condition live in different spaces)
 
   def __post_init__(self):
     super().__post_init__()

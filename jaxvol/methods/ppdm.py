@@ -28,6 +28,7 @@ class PPDM(base.Method):
   MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + (
       "ppdm.factor", "ppdm.num_steps", "ppdm.max_var")
   LOW_RESOLUTION = True  # r = 2: the network sees 1/2 of the crop per axis
+  RESIDUAL = True  # puzzle(x0 estimate) = puzzle(y) + network output
 
   def __post_init__(self):
     c = self.config.ppdm
@@ -35,15 +36,20 @@ class PPDM(base.Method):
     self.bridge = bridge_lib.BrownianBridge(num_steps=c.num_steps, max_var=c.max_var)
     n = self.factor[0] * self.factor[1] * self.factor[2]
     self.net = base.build_unet(self.config.model, self.target_channels * n, self.dtype)
+    self.residual = base.residual_of(self.config)
 
   def spatial_multiple(self):
     d = self.net.divisor
     return tuple(r * d for r in self.factor)
 
   def _denoise(self, params, x_t, y, t, train=False, rng=None):
+    """The puzzled x0 estimate."""
     inp = jnp.concatenate([puzzle_lib.puzzle(x_t, self.factor), puzzle_lib.puzzle(y, self.factor)], -1)
     rngs = {"dropout": rng} if train else None
-    return self.net.apply(params, inp, t, train=train, rngs=rngs)
+    out = self.net.apply(params, inp, t, train=train, rngs=rngs)
+    if self.residual:
+      out = base.add_input(out, puzzle_lib.puzzle(self._endpoint(y), self.factor))
+    return out
 
   def init(self, rng, batch):
     y = batch["cond"]

@@ -20,12 +20,14 @@ class PuzzleRegression(base.Method):
 
   # The puzzle factor sets the network's channels; no diffusion fields, no STM.
   MODEL_FIELDS = base.Method.MODEL_FIELDS + base.UNET_FIELDS + ("ppdm.factor",)
+  RESIDUAL = True  # as PPDM's
 
   def __post_init__(self):
     c = self.config.ppdm
     self.factor = puzzle_lib.as_factor(c.factor if isinstance(c.factor, int) else tuple(c.factor))
     n = self.factor[0] * self.factor[1] * self.factor[2]
     self.net = base.build_unet(self.config.model, self.target_channels * n, self.dtype)
+    self.residual = base.residual_of(self.config)
 
   def spatial_multiple(self):
     d = self.net.divisor
@@ -33,8 +35,11 @@ class PuzzleRegression(base.Method):
 
   def _apply(self, params, y, train=False, rng=None):
     t = jnp.zeros((y.shape[0],), jnp.int32)
-    return self.net.apply(params, puzzle_lib.puzzle(y, self.factor), t, train=train,
-                          rngs={"dropout": rng} if train else None)
+    yp = puzzle_lib.puzzle(y, self.factor)
+    out = self.net.apply(params, yp, t, train=train, rngs={"dropout": rng} if train else None)
+    if self.residual:  # the puzzled first input (its channels interleave with the others' in yp)
+      out = base.add_input(out, puzzle_lib.puzzle(y[..., :self.target_channels], self.factor))
+    return out
 
   def init(self, rng, batch):
     y = batch["cond"]

@@ -45,9 +45,13 @@ log = logging.getLogger("jaxvol")
 # A PRDiT run saved before `prdit.layout` existed holds parameter layout 1.
 # What a model field absent from an older checkpoint's config means: field -> (the method it
 # applies to, None for any method; the value). Flow matching came after the noise diffusions,
-# residual regression after the plain one.
+# residual learning after the plain networks.
 ABSENT_MEANS = {"prdit.layout": ("prdit", 1), "diffusion.objective": (None, "diffusion"),
-                "regression.residual": ("regression", False)}
+                "model.residual": (None, False)}
+# Model fields an older checkpoint's config holds under another name: field -> old name (read
+# before ABSENT_MEANS). Residual learning was config.regression.residual while only regression
+# offered it.
+RENAMED = {"model.residual": "regression.residual"}
 HINTS = {"prdit.layout": "PRDiT parameter layout 1 predates the authors-parity rework "
                          "(jaxvol.models.prdit.LAYOUT_VERSION) and cannot be loaded by this "
                          "version: retrain, or use the jaxvol version that wrote it"}
@@ -77,6 +81,8 @@ def check_same_model(meta: dict, config, directory: str, fields=None) -> None:
       tree = tree.get(part) if isinstance(tree, dict) else None
     if dotted == "ppdm.factor" and tree is not None:  # 2, [2] and [2, 2, 2] are one factor
       tree = [tree] * 3 if isinstance(tree, int) else list(tree) * (3 if len(tree) == 1 else 1)
+    if tree is None and root is saved and dotted in RENAMED and saved:
+      tree = get(saved, RENAMED[dotted])
     if tree is None and root is saved and dotted in ABSENT_MEANS and saved:
       method, value = ABSENT_MEANS[dotted]
       tree = value if method is None or saved.get("method") == method else None

@@ -138,10 +138,10 @@ def check_target_range(config, store_path: str) -> float | None:
 
 
 def check_residual(config, store_path: str) -> None:
-  """Refuses a residual regressor (config.regression.residual adds the first input to the
-  network's output) on a store that normalises that input unlike the target: the sum would mix
-  two intensity scales. Compares the two presets of every training subject."""
-  if config.method != "regression" or not config.regression.get("residual", False):
+  """Refuses residual learning (config.model.residual adds the first input to the network's
+  clean-image estimate) on a store that normalises that input unlike the target: the sum would
+  mix two intensity scales. Compares the two presets of every training subject."""
+  if not methods.base.residual_of(config):
     return
   store = store_lib.Store(store_path)
   first, target = config.data.inputs[0], config.data.target
@@ -151,10 +151,10 @@ def check_residual(config, store_path: str) -> None:
     a, b = store.preset(s["id"], first), store.preset(s["id"], target)
     if a != b:
       raise ValueError(
-          f"config.regression.residual adds the input {first!r} to the prediction, but "
+          f"config.model.residual adds the input {first!r} to the prediction, but "
           f"{store.path} normalises it unlike the target {target!r} (subject {s['id']}: {a} vs "
           f"{b}); residual learning needs one intensity preset for both (the target converted "
-          f"with ref={first} and no scale of its own): set regression.residual=False")
+          f"with ref={first} and no scale of its own): set model.residual=False")
 
 
 def warn_inference_presets(config, store_path: str) -> None:
