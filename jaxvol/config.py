@@ -84,9 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   # CNN for Image Denoising", IEEE TIP 2017): the network's clean-image estimate is the first
   # input plus the network's output, so an untrained network starts near the input instead of near
   # zero and learns only the input's error. Regression's prediction, the x0 estimate of full3d
-  # and sparse (x0 parameterisation) and PPDM's bridge (jaxvol.methods.base.Method.RESIDUAL). For
-  # tasks whose input is normalised like the target (denoising); training refuses a store where
-  # it is not (jaxvol.train.loop.check_residual).
+  # and sparse (x0 parameterisation), PPDM's and puzzle regression's (jaxvol.methods.base.
+  # Method.RESIDUAL; the others refuse it). For tasks whose input is normalised like the target
+  # (denoising); training refuses a store where it is not (jaxvol.train.loop.check_residual).
   m.residual = False
 
   c.ppdm = p = ml_collections.ConfigDict()
