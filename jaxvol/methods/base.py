@@ -210,6 +210,11 @@ class Method:
     """Subclasses build their network and diffusion here (dataclass hook)."""
 
   @property
+  def residual(self) -> bool:
+    """Whether its clean-image estimate adds the first input (`RESIDUAL` and the config's)."""
+    return self.RESIDUAL and residual_of(self.config)
+
+  @property
   def cond_channels(self) -> int:
     return len(self.config.data.inputs) + 3 * self.position_channels
 

@@ -47,7 +47,6 @@ class Full3D(base.Method):
                                                 c.parameterization)
     self.flow = base.flow_of(self.config)
     self.net = base.build_unet(self.config.model, self._out_channels(), self.dtype)
-    self.residual = self.RESIDUAL and base.residual_of(self.config)
     if self.residual and (self.flow is not None or c.parameterization != "x0"):
       raise ValueError("config.model.residual adds the condition to an x0 estimate: it needs "
                        "diffusion.parameterization='x0' and diffusion.objective='diffusion' (got "
@@ -219,7 +218,6 @@ class Regression(base.Method):
 
   def __post_init__(self):
     self.net = base.build_unet(self.config.model, self.target_channels, self.dtype)
-    self.residual = base.residual_of(self.config)
 
   def _apply(self, params, y, train=False, rng=None):
     t = jnp.zeros((y.shape[0],), jnp.int32)

@@ -36,7 +36,6 @@ class PPDM(base.Method):
     self.bridge = bridge_lib.BrownianBridge(num_steps=c.num_steps, max_var=c.max_var)
     n = self.factor[0] * self.factor[1] * self.factor[2]
     self.net = base.build_unet(self.config.model, self.target_channels * n, self.dtype)
-    self.residual = base.residual_of(self.config)
 
   def spatial_multiple(self):
     d = self.net.divisor

@@ -27,7 +27,6 @@ class PuzzleRegression(base.Method):
     self.factor = puzzle_lib.as_factor(c.factor if isinstance(c.factor, int) else tuple(c.factor))
     n = self.factor[0] * self.factor[1] * self.factor[2]
     self.net = base.build_unet(self.config.model, self.target_channels * n, self.dtype)
-    self.residual = base.residual_of(self.config)
 
   def spatial_multiple(self):
     d = self.net.divisor
