@@ -46,6 +46,14 @@ training volume). The record keeps it as `fit`, and the task's block gains an in
 beside the held-out PSNR: a model behind the input or the blur on its own training voxels
 underfits; one ahead in-sample and behind held-out generalises worse than the reference.
 
+Validation curves: every record keeps its run's validation history (validation PSNR every K
+steps on the validation set), and each task's block tables it for the headline variants (mean
+over seeds at each validated step); `DIR/learned_vs_classical_curves_TASK.png` plots it (band:
+the seeds' range). `--val-references` trains nothing: for the records named (as `--fit`) it
+scores the selected checkpoint on the validation set with the floors and the classical
+references (tuned on the training region as always) into the run's `eval_val/`, so that the
+curves stand beside what the references score on the same voxels.
+
 Everything resumes: training from its checkpoints, finished runs from DIR/learned_vs_classical.json
 (rewritten atomically after every run). Runs made apart (two processes, two machines: never two
 writers of one DIR) are joined with `--merge`. Writes DIR/learned_vs_classical.json and
@@ -89,6 +97,8 @@ CEILING = "autoencoder"
 FIT_DIR = "eval_fit"
 FIT_REFERENCES = {"mri_t1_t2": "lut,lut_gaussian"}
 FIT_REFERENCES_DEFAULT = "gaussian"
+# `--val-references`: the folder of a run's validation-set evaluation (model, floors, references).
+VAL_DIR = "eval_val"
 log = logging.getLogger("jaxvol")
 
 
@@ -323,6 +333,35 @@ def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
           "psnr": m["psnr"], "ssim": m["ssim"]}
 
 
+def val_references_one(record: dict, store: str, out: pathlib.Path) -> dict:
+  """The validation-set scores of a finished record's selected checkpoint, the floors and the
+  classical references (module docstring, `--val-references`): {"split", "region", "step",
+  "references": {name: tuned parameters}, "psnr": {prediction: dB}, "ssim": {...}}. Reads a
+  finished `eval_val` of the run instead of scoring again."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  args = args_of(record, out)
+  c = recipe(record["task"], record["method"], store, record["seed"], args)
+  for key, value in overrides_of(args.infer_set, "--infer-set").items():
+    set_field(c, key, value)
+  c.eval.checkpoint = str(record["best_step"])
+  val = evaluate.validation_config(c)
+  workdir = workdir_of(out, record)
+  name = VAL_DIR + (f"-{args.infer_tag}" if args.infer_tag else "")
+  path = workdir / name / "summary.json"
+  if path.is_file():
+    summary = json.loads(path.read_text())
+  else:
+    with task_references(pathlib.Path(out) / "runs" / record["task"], workdir):
+      summary = evaluate.evaluate(val, str(workdir), out_name=name)
+  if summary["checkpoint_step"] != record["best_step"]:
+    raise SystemExit(f"{path}: scored step {summary['checkpoint_step']}, the record selected "
+                     f"{record['best_step']}; remove {workdir / name} to score again")
+  m = summary["metrics"]
+  return {"split": summary["split"], "region": summary["region"], "step": record["best_step"],
+          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
+          "psnr": m["psnr"], "ssim": m["ssim"]}
+
+
 def settings_of(args: argparse.Namespace, method: str = "") -> dict:
   """The settings a run depends on (the autoencoder of `ldm` takes no --set: it is shared)."""
   settings = {k: getattr(args, k) for k in ("steps", "validate_every", "patience", "lr", "schedule")}
@@ -463,10 +502,124 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
                    f"{_mean_std(diff)} |")
     lines.append("")
     lines += fit_table(rows)
+    lines += curves_table(rows)
     for variant in dict.fromkeys(variant_of(r) for r in rows):
       lines.append(f"Command ({variant}): `{command_of([r for r in rows if variant_of(r) == variant])}`")
     lines.append("")
   return "\n".join(lines)
+
+
+def validation_set_of(record: dict) -> tuple[str, dict | None]:
+  """(split, region) of the validation set a record's run was selected on (its recipe's)."""
+  from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxvol.eval import volumes  # pylint: disable=g-import-not-at-top
+  args = args_of(record, "DIR")
+  c = recipe(record["task"], record["method"], "STORE", record["seed"], args)
+  val = evaluate.validation_config(c)
+  return val.eval.split, volumes.plain_region(val.data.eval_region)
+
+
+def curve_of(records: list[dict]) -> dict[int, list[float]]:
+  """{validated step: [validation PSNR of each record that validated there]}."""
+  out: dict[int, list[float]] = {}
+  for r in records:
+    for v in r.get("validation", ()):
+      if "psnr" in v:
+        out.setdefault(int(v["step"]), []).append(float(v["psnr"]))
+  return dict(sorted(out.items()))
+
+
+def val_reference_lines(rows: list[dict]) -> tuple[dict | None, list[tuple[str, float]]]:
+  """(the `--val-references` scores of a task, [(label, validation PSNR)] of its input and best
+  classical reference on the validation set); (None, []) when none was scored."""
+  scored = next((r for r in rows if r.get("val_scores")), None)
+  if scored is None:
+    return None, []
+  v = scored["val_scores"]
+  refs = [n for n in v["psnr"] if n not in ("model", "input", "train_mean")]
+  names = (["input"] if "input" in v["psnr"] else []) + (
+      [max(refs, key=lambda n: v["psnr"][n])] if refs else [])
+  return v, [(prediction_label(n, v["references"]), v["psnr"][n]) for n in names]
+
+
+def curve_groups(rows: list[dict]) -> dict[str, list[dict]]:
+  """{variant: its records} whose validation histories a task's curves show: each headline
+  variant's (`chosen_variants`), or for an inference-only variant (one validation of a finished
+  run) the training run it re-scored, whose history it is."""
+  groups = {}
+  for variant in chosen_variants(rows).values():
+    rs = [r for r in rows if variant_of(r) == variant]
+    if rs and rs[0]["settings"].get("infer_tag"):
+      trained = {"method": rs[0]["method"], "tag": trained_tag(rs[0])}
+      variant = variant_of(trained)
+      rs = [r for r in rows if variant_of(r) == variant]
+    rs = [r for r in rs if r.get("validation")]
+    if rs:
+      groups[variant] = rs
+  return groups
+
+
+def curves_table(rows: list[dict]) -> list[str]:
+  """A task's validation curves: for each headline variant (`chosen_variants`), the validation
+  PSNR at every validated step (mean over the seeds that validated there), beside the input's
+  and the best reference's on the same validation set where `--val-references` scored them."""
+  groups = curve_groups(rows)
+  if not groups:
+    return []
+  split, region = validation_set_of(next(iter(groups.values()))[0])
+  curves = {v: curve_of(rs) for v, rs in groups.items()}
+  steps = sorted({s for c in curves.values() for s in c})
+  lines = [f"Validation curves of the headline variants (of the run an inference-only variant "
+           f"re-scored): validation PSNR (dB) on split {split!r}, "
+           f"region {region} (the set checkpoints are chosen on), mean over the seeds that "
+           "validated at that step (seeds in brackets); plotted in "
+           f"`learned_vs_classical_curves_{rows[0]['task']}.png`.", ""]
+  scores, refs = val_reference_lines(rows)
+  if scores:
+    lines += ["On the same validation set (`--val-references`): " + "; ".join(
+        f"{label} {psnr:.2f} dB" for label, psnr in refs) + ".", ""]
+  lines += ["| step | " + " | ".join(f"{v} ({len(groups[v])})" for v in curves) + " |",
+            "|---:|" + "---:|" * len(curves)]
+  for step in steps:
+    cells = [f"{np.mean(c[step]):.2f}" + (f" ({len(c[step])})" if len(c[step]) != len(groups[v])
+                                          else "") if step in c else "" for v, c in curves.items()]
+    lines.append(f"| {step} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def write_curves(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+  """One figure per task, OUT/learned_vs_classical_curves_TASK.png: validation PSNR against the
+  training step for each headline variant (line: mean over seeds; band: their range), and the
+  input's and best reference's validation PSNR where `--val-references` scored them."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  for task in tasks_of(records):
+    rows = [r for r in records if r["task"] == task]
+    groups = curve_groups(rows)
+    if not groups:
+      continue
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for variant, rs in groups.items():
+      c = curve_of(rs)
+      x = np.array(list(c))
+      ax.plot(x, [np.mean(v) for v in c.values()], marker=".", label=f"{variant} ({len(rs)})")
+      ax.fill_between(x, [min(v) for v in c.values()], [max(v) for v in c.values()], alpha=0.2)
+    for (label, psnr), style in zip(val_reference_lines(rows)[1], (":", "--")):
+      ax.axhline(psnr, color="k", linestyle=style, linewidth=1, label=label)
+    split, region = validation_set_of(next(iter(groups.values()))[0])
+    ax.set(xlabel="training step", ylabel="validation PSNR (dB)",
+           title=f"{task}: validation split {split!r}, region {region}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = pathlib.Path(out) / f"learned_vs_classical_curves_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
 
 
 def fit_table(rows: list[dict]) -> list[str]:
@@ -553,6 +706,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--fit", action="store_true",
                  help="score finished records' selected checkpoints on their training data "
                       "(module docstring), training nothing")
+  p.add_argument("--val-references", action="store_true",
+                 help="score finished records' selected checkpoints, the floors and the "
+                      "references on the validation set (module docstring), training nothing")
   p.add_argument("--report-only", action="store_true",
                  help="rewrite DIR/learned_vs_classical.md from its JSON, training nothing")
   p.add_argument("--merge", action="append", default=[], metavar="JSON_OR_DIR",
@@ -568,7 +724,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.methods = [m for m in args.methods.split(",") if m]
   if args.set and not args.tag:
     p.error("--set needs --tag NAME (the variant's runs and rows are kept apart by it)")
-  if bool(args.infer_set) != bool(args.infer_tag) and not args.fit:
+  if args.fit and args.val_references:
+    p.error("--fit and --val-references: one at a time")
+  if bool(args.infer_set) != bool(args.infer_tag) and not (args.fit or args.val_references):
     p.error("--infer-set and --infer-tag NAME go together")
   return args
 
@@ -609,6 +767,7 @@ def main(argv=None) -> list[dict]:
   def save():
     fileio.write_json_atomic(str(path), {"records": records})
     fileio.write_text_atomic(str(out / "learned_vs_classical.md"), markdown(records, args))
+    write_curves(records, out)
 
   if args.merge:
     records = merge_records(records, *(_records_at(pathlib.Path(m)) for m in args.merge))
@@ -622,14 +781,16 @@ def main(argv=None) -> list[dict]:
       methods.insert(methods.index("ldm"), CEILING)  # its autoencoder trains first
     for method in methods:
       for seed in args.seeds:
-        if args.fit:
+        if args.fit or args.val_references:
           key = (task, method, infer_tag(args) if args.infer_tag else args.tag, seed)
           rec = next((r for r in records if _key(r) == key), None)
+          option = "--fit" if args.fit else "--val-references"
           if rec is None:
-            raise SystemExit(f"--fit: no finished record {task}/{method}"
+            raise SystemExit(f"{option}: no finished record {task}/{method}"
                              f"{f' [{key[2]}]' if key[2] else ''} seed {seed} in {path}")
-          if "fit" not in rec:
-            rec = {**rec, "fit": fit_one(rec, store, out)}
+          field, score = ("fit", fit_one) if args.fit else ("val_scores", val_references_one)
+          if field not in rec:
+            rec = {**rec, field: score(rec, store, out)}
             records = [r for r in records if _key(r) != key] + [rec]
             save()
           continue

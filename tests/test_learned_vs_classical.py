@@ -103,6 +103,21 @@ def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   assert "In-sample (`--fit`)" in (out / "learned_vs_classical.md").read_text()
   with pytest.raises(SystemExit, match="no finished record"):
     exp.main(common[:-5] + ["3"] + common[-4:] + ["--fit"])
+  # Validation-set scores (--val-references) of seed 0: the selected checkpoint scores on the
+  # validation set what the loop recorded for it there, beside the floors and the references.
+  scored = exp.main(common + ["--val-references"])
+  v = next(r for r in scored if r["seed"] == 0 and r["tag"] == "")["val_scores"]
+  summary = json.loads((out / "runs" / "pet_denoise" / "ppdm" / "seed0" / "eval_val" /
+                        "summary.json").read_text())
+  assert summary["split"] == "val" and v["split"] == "val" and v["step"] == records[0]["best_step"]
+  assert v["psnr"]["model"] == pytest.approx(next(
+      x["psnr"] for x in records[0]["validation"] if x["step"] == records[0]["best_step"]))
+  assert {"input", "gaussian"} <= set(v["psnr"])
+  page = (out / "learned_vs_classical.md").read_text()
+  assert "Validation curves" in page and "(`--val-references`): input (floor)" in page
+  assert (out / "learned_vs_classical_curves_pet_denoise.png").stat().st_size > 0
+  with pytest.raises(SystemExit):
+    exp.parse_args(common + ["--fit", "--val-references"])
 
 
 def test_set_overrides_the_recipe_and_tag_keeps_the_variant_apart():
@@ -291,3 +306,41 @@ def test_headline_takes_each_methods_variant_chosen_on_validation_not_on_test():
   assert "| demo | regression | 2 | 24.00 ± 0.00 |" in table
   assert ("- demo / ppdm [b]: `python experiments/learned_vs_classical.py --out DIR --tasks demo "
           "--methods ppdm --seeds 0,1,2 --steps 8 --validate-every 4 --patience 2 --tag b`" in table)
+
+
+def test_validation_curves_follow_the_headline_variants_and_their_trained_runs(tmp_path):
+  def rec(method, tag, seed, curve, infer=""):
+    settings = {"steps": 8, "validate_every": 4, "patience": 2, "lr": 0.0, "schedule": "constant"}
+    if infer:
+      settings.update(infer_tag=infer, infer_set=["inference.flip_axes=(0,)"])
+    return {"task": "pet_denoise", "method": method, "tag": tag, "seed": seed, "steps": 8,
+            "best_step": 8, "references": {"gaussian": {"sigma": 1.0}},
+            "metrics": {"psnr": {"model": 30.0, "input": 20.0, "gaussian": 25.0},
+                        "ssim": {"model": 0.8, "input": 0.5, "gaussian": 0.7}},
+            "validation": [{"step": s, "psnr": p} for s, p in curve], "settings": settings}
+
+  records = [rec("ppdm", "", 0, [(4, 20.0), (8, 22.0)]), rec("ppdm", "", 1, [(4, 21.0), (8, 24.0)]),
+             rec("ppdm", "", 2, [(4, 22.0)]),
+             # regression's headline is an inference-only re-scoring (one validation): its curve
+             # is the history of the run it re-scored
+             rec("regression", "", 0, [(4, 25.0), (8, 26.0)]),
+             rec("regression", "", 1, [(4, 25.0), (8, 26.0)]),
+             rec("regression", "f", 0, [(8, 30.0)], infer="f"),
+             rec("regression", "f", 1, [(8, 30.0)], infer="f")]
+  assert exp.chosen_variants(records)["regression"] == "regression [f]"
+  groups = exp.curve_groups(records)
+  assert list(groups) == ["ppdm", "regression"] and len(groups["regression"]) == 2
+  text = "\n".join(exp.curves_table(records))
+  assert "split 'val', region {'2': [0.6, 1.0]}" in text
+  assert "| 4 | 21.00 | 25.00 |" in text
+  assert "| 8 | 23.00 (2) | 26.00 |" in text  # seed 2 stopped at step 4
+  assert "--val-references" not in text  # none scored the references on validation yet
+  records[0] = {**records[0], "val_scores": {
+      "split": "val", "region": {"2": [0.6, 1.0]}, "step": 8,
+      "references": {"gaussian": {"sigma": 1.0}, "bm4d": {"sigma": 0.5}},
+      "psnr": {"model": 22.0, "input": 19.0, "gaussian": 24.0, "bm4d": 26.5},
+      "ssim": {"model": 0.8, "input": 0.5, "gaussian": 0.7, "bm4d": 0.9}}}
+  text = "\n".join(exp.curves_table(records))
+  assert "input (floor) 19.00 dB; BM4D (sigma 0.5, tuned on training data) 26.50 dB" in text
+  (path,) = exp.write_curves(records, tmp_path)
+  assert path.name == "learned_vs_classical_curves_pet_denoise.png" and path.stat().st_size > 0
