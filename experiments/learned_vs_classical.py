@@ -145,7 +145,7 @@ def recipe(task: str, method: str, store: str, seed: int, args: argparse.Namespa
                      else ("ldm_autoencoder", f"{task},{variant}"))
   c = experiment.packaged_config(name, variant)
   if method != c.method:
-    c.method = method
+    base.set_method(c, method)  # with its paper's choices (WDM: x0 prediction)
     if method == "regression":
       c.model.stm = False  # STM modulates a time embedding that a one-pass regressor lacks
     if task != "ct_denoise":

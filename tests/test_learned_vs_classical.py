@@ -29,6 +29,13 @@ def test_recipes_validate_on_voxels_neither_trained_nor_tested(task):
       assert not c.model.stm
 
 
+def test_another_method_takes_its_papers_choices_in_the_tasks_recipe():
+  args = exp.parse_args(["--out", "x"])
+  for task in ("pet_denoise", "mri_t1_t2"):
+    assert exp.recipe(task, "wdm", "STORE", 0, args).diffusion.parameterization == "x0"
+    assert exp.recipe(task, "full3d", "STORE", 0, args).diffusion.parameterization == "eps"
+
+
 @pytest.mark.slow  # training runs: `pytest -m 'not slow'` skips it
 def test_one_tiny_run_end_to_end(tmp_path, monkeypatch):
   (tmp_path / "data").mkdir()
