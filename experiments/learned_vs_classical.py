@@ -606,7 +606,8 @@ def write_curves(records: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
       x = np.array(list(c))
       ax.plot(x, [np.mean(v) for v in c.values()], marker=".", label=f"{variant} ({len(rs)})")
       ax.fill_between(x, [min(v) for v in c.values()], [max(v) for v in c.values()], alpha=0.2)
-    for (label, psnr), style in zip(val_reference_lines(rows)[1], (":", "--")):
+    for label, psnr in val_reference_lines(rows)[1]:  # the input dotted, the reference dashed
+      style = ":" if label == prediction_label("input", {}) else "--"
       ax.axhline(psnr, color="k", linestyle=style, linewidth=1, label=label)
     split, region = validation_set_of(next(iter(groups.values()))[0])
     ax.set(xlabel="training step", ylabel="validation PSNR (dB)",
