@@ -549,7 +549,7 @@ def curve_groups(rows: list[dict]) -> dict[str, list[dict]]:
   groups = {}
   for variant in chosen_variants(rows).values():
     rs = [r for r in rows if variant_of(r) == variant]
-    if rs and rs[0]["settings"].get("infer_tag"):
+    if rs and rs[0].get("settings", {}).get("infer_tag"):
       trained = {"method": rs[0]["method"], "tag": trained_tag(rs[0])}
       variant = variant_of(trained)
       rs = [r for r in rows if variant_of(r) == variant]
