@@ -303,21 +303,21 @@ def args_of(record: dict, out) -> argparse.Namespace:
   return parse_args(argv)
 
 
-def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
-  """The in-sample scores of a finished record's selected checkpoint (module docstring, `--fit`):
-  {"split", "region", "step", "references": {name: tuned parameters}, "psnr": {prediction: dB},
-  "ssim": {...}}. Reads a finished `eval_fit` of the run instead of scoring again."""
+def score_selected(record: dict, store: str, out: pathlib.Path, folder: str, elsewhere) -> dict:
+  """A finished record's selected checkpoint scored on other data: the record's config (its
+  inference-only overrides included) with `elsewhere(config) -> config` choosing the split, region
+  and references, evaluated into the run's `folder` (`folder-INFER_TAG` for an inference-only
+  variant); {"split", "region", "step", "references": {name: tuned parameters}, "psnr":
+  {prediction: dB}, "ssim": {...}}. Reads a finished evaluation there instead of scoring again."""
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
   args = args_of(record, out)
   c = recipe(record["task"], record["method"], store, record["seed"], args)
   for key, value in overrides_of(args.infer_set, "--infer-set").items():
     set_field(c, key, value)
   c.eval.checkpoint = str(record["best_step"])
-  c.eval.split = c.data.train_split
-  c.data.eval_region = c.data.train_region
-  c.eval.references = FIT_REFERENCES.get(record["task"], FIT_REFERENCES_DEFAULT)
+  c = elsewhere(c)
   workdir = workdir_of(out, record)
-  name = FIT_DIR + (f"-{args.infer_tag}" if args.infer_tag else "")
+  name = folder + (f"-{args.infer_tag}" if args.infer_tag else "")
   path = workdir / name / "summary.json"
   if path.is_file():
     summary = json.loads(path.read_text())
@@ -333,33 +333,22 @@ def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
           "psnr": m["psnr"], "ssim": m["ssim"]}
 
 
+def fit_one(record: dict, store: str, out: pathlib.Path) -> dict:
+  """The in-sample scores of a finished record's selected checkpoint (module docstring, `--fit`):
+  the training split's training region, with the cheap references (`score_selected`)."""
+  def in_sample(c):
+    c.eval.split = c.data.train_split
+    c.data.eval_region = c.data.train_region
+    c.eval.references = FIT_REFERENCES.get(record["task"], FIT_REFERENCES_DEFAULT)
+    return c
+  return score_selected(record, store, out, FIT_DIR, in_sample)
+
+
 def val_references_one(record: dict, store: str, out: pathlib.Path) -> dict:
   """The validation-set scores of a finished record's selected checkpoint, the floors and the
-  classical references (module docstring, `--val-references`): {"split", "region", "step",
-  "references": {name: tuned parameters}, "psnr": {prediction: dB}, "ssim": {...}}. Reads a
-  finished `eval_val` of the run instead of scoring again."""
+  classical references (module docstring, `--val-references`; `score_selected`)."""
   from jaxvol.eval import evaluate  # pylint: disable=g-import-not-at-top
-  args = args_of(record, out)
-  c = recipe(record["task"], record["method"], store, record["seed"], args)
-  for key, value in overrides_of(args.infer_set, "--infer-set").items():
-    set_field(c, key, value)
-  c.eval.checkpoint = str(record["best_step"])
-  val = evaluate.validation_config(c)
-  workdir = workdir_of(out, record)
-  name = VAL_DIR + (f"-{args.infer_tag}" if args.infer_tag else "")
-  path = workdir / name / "summary.json"
-  if path.is_file():
-    summary = json.loads(path.read_text())
-  else:
-    with task_references(pathlib.Path(out) / "runs" / record["task"], workdir):
-      summary = evaluate.evaluate(val, str(workdir), out_name=name)
-  if summary["checkpoint_step"] != record["best_step"]:
-    raise SystemExit(f"{path}: scored step {summary['checkpoint_step']}, the record selected "
-                     f"{record['best_step']}; remove {workdir / name} to score again")
-  m = summary["metrics"]
-  return {"split": summary["split"], "region": summary["region"], "step": record["best_step"],
-          "references": {n: e["params"] for n, e in summary.get("references", {}).items()},
-          "psnr": m["psnr"], "ssim": m["ssim"]}
+  return score_selected(record, store, out, VAL_DIR, evaluate.validation_config)
 
 
 def settings_of(args: argparse.Namespace, method: str = "") -> dict:
